@@ -1,0 +1,55 @@
+//! The library's error type. Every variant names the file, field or tensor at
+//! fault, so the binary can print it as it is.
+
+use std::path::PathBuf;
+
+/// Errors the library returns; the binary wraps them with `anyhow` context.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: {msg}")]
+    Image { path: PathBuf, msg: String },
+
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+
+    /// An invalid value in a configuration, named by its key path.
+    #[error("invalid `{field}`: {msg}")]
+    Invalid { field: String, msg: String },
+
+    #[error("checkpoint {path} does not fit the model:\n{report}")]
+    CheckpointMismatch { path: PathBuf, report: String },
+
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
+
+    #[error("{path}: {msg}")]
+    Input { path: PathBuf, msg: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Invalid {
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

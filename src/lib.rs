@@ -1,0 +1,13 @@
+//! hmsa-lab: *Hierarchical Multi-Scale Attention for Semantic Segmentation*
+//! (Tao, Sapra, Catanzaro 2020, arXiv 2005.10821) in candle, and the harness
+//! that reproduces its ablations.
+//!
+//! Data flows one way: config → data → model → train → eval → store → report.
+//! This crate is the library; `src/main.rs` is the `hmsa-lab` command line.
+
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod model;
+
+pub use error::{Error, Result};

@@ -1,0 +1,333 @@
+//! Scale fusion: one enum, one `fuse`, used by training and inference alike.
+//!
+//! Every rule takes the per-scale outputs of the shared network (logits `L_s`,
+//! aux logits `A_s`, each at its own input resolution) and returns one
+//! prediction at the 1.0x input resolution:
+//! - `Single`: the one scale, resized to the output size.
+//! - `Average` / `Max`: mean / per-pixel max of the softmax probabilities of
+//!   every scale resized to the output; returned as log-probabilities.
+//! - `Hierarchical`: the paper's recurrence, scales high to low (1.0 required):
+//!   first `P = L_s`; then for `s >= 1`: `P = a_s·L_s + (1 − a_s)·resize(P)`;
+//!   for `s < 1`: `P = up(a_s·L_s) + (1 − up(a_s))·P`. The same on aux.
+//! - `Explicit`: every scale's OCR features resized to the 1.0x feature map and
+//!   concatenated, one head gives a channel per scale, softmax across scales,
+//!   weighted sum of the predictions resized to 1.0x.
+
+use super::ocr::AttnHead;
+use super::resize::resize;
+use crate::{Error, Result};
+use candle_core::{ModuleT, Tensor};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// How predictions at several scales become one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fusion {
+    Single,
+    Average,
+    Max,
+    Explicit,
+    Hierarchical,
+}
+
+impl Fusion {
+    pub const ALL: [Fusion; 5] = [
+        Fusion::Single,
+        Fusion::Average,
+        Fusion::Max,
+        Fusion::Explicit,
+        Fusion::Hierarchical,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fusion::Single => "single",
+            Fusion::Average => "average",
+            Fusion::Max => "max",
+            Fusion::Explicit => "explicit",
+            Fusion::Hierarchical => "hierarchical",
+        }
+    }
+
+    /// Whether the per-scale forward must compute the one-channel attention.
+    pub fn needs_relative_attention(self) -> bool {
+        self == Fusion::Hierarchical
+    }
+
+    /// Checks a scale set against this rule; `field` names it in the error.
+    pub fn check_scales(self, scales: &[f64], field: &str) -> Result<()> {
+        if scales.is_empty() {
+            return Err(Error::invalid(field, "the scale set is empty"));
+        }
+        for (i, &s) in scales.iter().enumerate() {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(Error::invalid(
+                    field,
+                    format!("scale {s} is not a positive number"),
+                ));
+            }
+            if scales[..i].contains(&s) {
+                return Err(Error::invalid(field, format!("scale {s} is listed twice")));
+            }
+        }
+        match self {
+            Fusion::Single if scales.len() != 1 => Err(Error::invalid(
+                field,
+                format!("single-scale fusion takes one scale, got {}", scales.len()),
+            )),
+            Fusion::Hierarchical | Fusion::Explicit if !scales.contains(&1.0) => Err(Error::invalid(
+                field,
+                format!(
+                    "{} fusion needs 1.0 in the scale set (got {})",
+                    self.name(),
+                    format_scales(scales)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Fusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Fusion {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Fusion::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| format!("unknown fusion `{s}` (single, average, max, explicit, hierarchical)"))
+    }
+}
+
+/// A scale written as in the official code's output keys: `0.5`, `1.0`, `2.0`, `0.25`.
+pub fn format_scale(s: f64) -> String {
+    if s.fract() == 0.0 {
+        format!("{s:.1}")
+    } else {
+        format!("{s}")
+    }
+}
+
+pub fn format_scales(scales: &[f64]) -> String {
+    scales
+        .iter()
+        .map(|&s| format_scale(s))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses `0.5,1,2` into scales.
+pub fn parse_scales(s: &str) -> std::result::Result<Vec<f64>, String> {
+    s.split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<f64>()
+                .map_err(|_| format!("`{p}` is not a scale (expected e.g. 0.5,1.0,2.0)"))
+        })
+        .collect()
+}
+
+/// What one forward pass of the shared network gives at one scale.
+#[derive(Debug, Clone)]
+pub struct ScaleOutput {
+    pub scale: f64,
+    /// Semantic logits (N, K, H_s, W_s) at this scale's input resolution.
+    pub pred: Tensor,
+    /// Auxiliary logits, same shape.
+    pub aux: Tensor,
+    /// Relative attention `sigmoid(h(x_s))` (N, 1, H_s, W_s), when computed.
+    pub attn: Option<Tensor>,
+    /// OCR features (N, mid, H_s/4, W_s/4), read by explicit attention.
+    pub feats: Tensor,
+}
+
+/// The fused result.
+#[derive(Debug, Clone)]
+pub struct Fused {
+    /// (N, K, H, W) at the 1.0x input resolution; logits for single,
+    /// hierarchical and explicit fusion, log-probabilities for average and max.
+    pub pred: Tensor,
+    pub aux: Tensor,
+    /// Per scale (high to low), the weight map the fusion gave that scale's
+    /// prediction, at that scale's input resolution (empty for the baselines).
+    pub attn: Vec<(f64, Tensor)>,
+}
+
+fn sorted_high_to_low(outs: &[ScaleOutput]) -> Vec<&ScaleOutput> {
+    let mut v: Vec<&ScaleOutput> = outs.iter().collect();
+    v.sort_by(|a, b| b.scale.total_cmp(&a.scale));
+    v
+}
+
+fn size(t: &Tensor) -> Result<(usize, usize)> {
+    let (_, _, h, w) = t.dims4()?;
+    Ok((h, w))
+}
+
+impl Fusion {
+    /// Fuses per-scale outputs into a prediction of size `out_hw`.
+    /// `explicit` is the explicit-attention head (only for `Explicit`).
+    pub fn fuse(
+        self,
+        outs: &[ScaleOutput],
+        out_hw: (usize, usize),
+        explicit: Option<&AttnHead>,
+        train: bool,
+    ) -> Result<Fused> {
+        let scales: Vec<f64> = outs.iter().map(|o| o.scale).collect();
+        self.check_scales(&scales, "scales")?;
+        let (oh, ow) = out_hw;
+        let outs = sorted_high_to_low(outs);
+        match self {
+            Fusion::Single => {
+                let o = outs[0];
+                Ok(Fused {
+                    pred: resize(&o.pred, oh, ow)?,
+                    aux: resize(&o.aux, oh, ow)?,
+                    attn: vec![],
+                })
+            }
+            Fusion::Average | Fusion::Max => {
+                let reduce = |get: fn(&ScaleOutput) -> &Tensor| -> Result<Tensor> {
+                    let probs = outs
+                        .iter()
+                        .map(|o| candle_nn::ops::softmax(&resize(get(o), oh, ow)?, 1))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    let stacked = Tensor::stack(&probs, 0)?;
+                    let p = if self == Fusion::Average {
+                        stacked.mean(0)?
+                    } else {
+                        stacked.max(0)?
+                    };
+                    Ok(p.log()?)
+                };
+                Ok(Fused {
+                    pred: reduce(|o| &o.pred)?,
+                    aux: reduce(|o| &o.aux)?,
+                    attn: vec![],
+                })
+            }
+            Fusion::Hierarchical => hierarchical(&outs),
+            Fusion::Explicit => {
+                let head = explicit.ok_or_else(|| {
+                    Error::invalid(
+                        "model.fusion",
+                        "explicit fusion needs a model built for explicit attention",
+                    )
+                })?;
+                explicit_fuse(&outs, head, out_hw, train)
+            }
+        }
+    }
+}
+
+fn hierarchical(outs: &[&ScaleOutput]) -> Result<Fused> {
+    let attn_of = |o: &ScaleOutput| -> Result<Tensor> {
+        o.attn.clone().ok_or_else(|| {
+            Error::invalid(
+                "fusion",
+                format!(
+                    "hierarchical fusion needs the attention of scale {}",
+                    format_scale(o.scale)
+                ),
+            )
+        })
+    };
+    let first = outs[0];
+    let mut pred = first.pred.clone();
+    let mut aux = first.aux.clone();
+    let mut attn = vec![];
+    for o in &outs[1..] {
+        let a = attn_of(o)?;
+        attn.push((o.scale, a.clone()));
+        if o.scale >= 1.0 {
+            // Bring the running prediction down to this scale, then blend.
+            let (h, w) = size(&o.pred)?;
+            let one_minus = a.affine(-1.0, 1.0)?;
+            pred = (o.pred.broadcast_mul(&a)? + resize(&pred, h, w)?.broadcast_mul(&one_minus)?)?;
+            aux = (o.aux.broadcast_mul(&a)? + resize(&aux, h, w)?.broadcast_mul(&one_minus)?)?;
+        } else {
+            // Weight this (lower) scale at its own resolution, then bring it up.
+            let (h, w) = size(&pred)?;
+            let up_a = resize(&a, h, w)?;
+            let one_minus = up_a.affine(-1.0, 1.0)?;
+            pred = (resize(&o.pred.broadcast_mul(&a)?, h, w)? + pred.broadcast_mul(&one_minus)?)?;
+            aux = (resize(&o.aux.broadcast_mul(&a)?, h, w)? + aux.broadcast_mul(&one_minus)?)?;
+        }
+    }
+    Ok(Fused { pred, aux, attn })
+}
+
+fn explicit_fuse(
+    outs: &[&ScaleOutput],
+    head: &AttnHead,
+    out_hw: (usize, usize),
+    train: bool,
+) -> Result<Fused> {
+    let (oh, ow) = out_hw;
+    let one = outs
+        .iter()
+        .find(|o| o.scale == 1.0)
+        .expect("checked: 1.0 present");
+    let (fh, fw) = size(&one.feats)?;
+    let feats = outs
+        .iter()
+        .map(|o| resize(&o.feats, fh, fw))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    // (N, S·mid, h, w) -> (N, S, h, w), softmax across scales
+    let logits = head.forward_t(&Tensor::cat(&feats, 1)?, train)?;
+    let n_out = logits.dim(1)?;
+    if n_out != outs.len() {
+        return Err(Error::invalid(
+            "scales",
+            format!(
+                "the explicit attention head was built for {n_out} scales, got {}",
+                outs.len()
+            ),
+        ));
+    }
+    let weights = resize(&candle_nn::ops::softmax(&logits, 1)?, oh, ow)?;
+    let mut pred: Option<Tensor> = None;
+    let mut aux: Option<Tensor> = None;
+    let mut attn = vec![];
+    for (i, o) in outs.iter().enumerate() {
+        let w = weights.narrow(1, i, 1)?;
+        let p = resize(&o.pred, oh, ow)?.broadcast_mul(&w)?;
+        let a = resize(&o.aux, oh, ow)?.broadcast_mul(&w)?;
+        pred = Some(match pred {
+            None => p,
+            Some(acc) => (acc + p)?,
+        });
+        aux = Some(match aux {
+            None => a,
+            Some(acc) => (acc + a)?,
+        });
+        let (h, wd) = size(&o.pred)?;
+        attn.push((o.scale, resize(&w, h, wd)?));
+    }
+    Ok(Fused {
+        pred: pred.expect("at least one scale"),
+        aux: aux.expect("at least one scale"),
+        attn,
+    })
+}
+
+/// Averages a fused prediction with the one of the flipped input (already
+/// flipped back): log of the mean of the two softmax distributions.
+pub fn average_flip(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let pa = candle_nn::ops::softmax(a, 1)?;
+    let pb = candle_nn::ops::softmax(b, 1)?;
+    ((pa + pb)? * 0.5)?.log()
+}
+
+/// Class index per pixel: (N, K, H, W) -> (N, H, W) u32.
+pub fn argmax_classes(pred: &Tensor) -> candle_core::Result<Tensor> {
+    pred.argmax(1)
+}

@@ -1,0 +1,90 @@
+//! Small building blocks shared by the backbone, OCR and attention heads:
+//! convolutions, BatchNorm with PyTorch's parameter order, conv+BN(+ReLU)
+//! pairs and channel dropout.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Init, VarBuilder};
+
+/// `nn.Conv2d(cin, cout, k, stride, padding=k/2)`.
+pub fn conv(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: k / 2,
+        stride,
+        ..Default::default()
+    };
+    if bias {
+        candle_nn::conv2d(cin, cout, k, cfg, vb)
+    } else {
+        candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)
+    }
+}
+
+/// `nn.BatchNorm2d(c)` (eps 1e-5, momentum 0.1). The tensors are requested in
+/// PyTorch's state_dict order (weight, bias, running_mean, running_var) so that
+/// a recorded parameter list reads like the official one.
+pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    let weight = vb.get_with_hints(c, "weight", Init::Const(1.))?;
+    let bias = vb.get_with_hints(c, "bias", Init::Const(0.))?;
+    let mean = vb.get_with_hints(c, "running_mean", Init::Const(0.))?;
+    let var = vb.get_with_hints(c, "running_var", Init::Const(1.))?;
+    BatchNorm::new(c, mean, var, weight, bias, 1e-5)
+}
+
+/// Conv then BatchNorm, optionally ReLU. `conv_at`/`bn_at` are the state_dict
+/// segments of the two (`"0"`/`"1"` in a Sequential, `"1.0"` for the official
+/// `BNReLU` wrapper).
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+    relu: bool,
+}
+
+impl ConvBn {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        bias: bool,
+        relu: bool,
+        conv_at: &str,
+        bn_at: &str,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            conv: conv(cin, cout, k, stride, bias, vb.pp(conv_at))?,
+            bn: batch_norm(cout, vb.pp(bn_at))?,
+            relu,
+        })
+    }
+
+    /// The common `Sequential(conv, BN[, ReLU])` of the backbone: `.0`, `.1`.
+    pub fn seq(cin: usize, cout: usize, k: usize, stride: usize, relu: bool, vb: VarBuilder) -> Result<Self> {
+        Self::new(cin, cout, k, stride, false, relu, "0", "1", vb)
+    }
+}
+
+impl ModuleT for ConvBn {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.bn.forward_t(&self.conv.forward(x)?, train)?;
+        if self.relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// `nn.Dropout2d(p)`: zeroes whole channels in training, identity otherwise.
+pub fn dropout2d(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+    if !train || p == 0.0 {
+        return Ok(x.clone());
+    }
+    let (n, c, _, _) = x.dims4()?;
+    let keep = Tensor::rand(0f32, 1f32, (n, c, 1, 1), x.device())?
+        .ge(p as f32)?
+        .to_dtype(x.dtype())?;
+    x.broadcast_mul(&(keep / (1.0 - p))?)
+}

@@ -1,0 +1,320 @@
+//! The network of the paper: HRNetV2 + OCR with a scale-attention head
+//! (the official `MscaleOCR`), its configuration and presets, the scale
+//! fusions and checkpoint loading.
+//!
+//! - [`HmsaNet::forward_scale`] is the official `_fwd` on `ResizeX(x, s)`:
+//!   logits, aux logits and attention, each upsampled to that scale's input.
+//! - [`HmsaNet::forward`] runs the configured scales and fusion (training);
+//!   [`HmsaNet::infer`] any scale set, fusion and flip (evaluation).
+//! - Parameter names are the official state_dict's (`backbone.…`, `ocr.…`,
+//!   `scale_attn.…`), so official checkpoints load without renaming.
+
+pub mod checkpoint;
+pub mod flops;
+pub mod fusion;
+pub mod hrnet;
+pub mod layers;
+pub mod ocr;
+pub mod resize;
+
+pub use fusion::{Fused, Fusion, ScaleOutput};
+pub use hrnet::BackboneConfig;
+
+use crate::{Error, Result};
+use candle_core::{ModuleT, Tensor};
+use candle_nn::VarBuilder;
+use ocr::{AttnHead, Ocr};
+use resize::{resize, scaled_size};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Everything that fixes the network's parameters and its default fusion.
+/// Fields left out of a TOML file take the paper's values (HRNetV2-W48 + OCR).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub num_classes: usize,
+    pub backbone: BackboneConfig,
+    /// OCR MID_CHANNELS (512); the attention head reads this many channels.
+    pub ocr_mid_channels: usize,
+    /// OCR KEY_CHANNELS (256).
+    pub ocr_key_channels: usize,
+    /// SEGATTN_BOT_CH (256): bottleneck width of the attention head.
+    pub attn_bottleneck: usize,
+    /// The fusion the network is trained with.
+    pub fusion: Fusion,
+    /// The scales it is trained with ({0.5, 1.0} for hierarchical).
+    pub scales: Vec<f64>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self::w48()
+    }
+}
+
+/// Names accepted by [`ModelConfig::preset`].
+pub const PRESETS: [&str; 3] = ["w48", "w18", "small"];
+
+impl ModelConfig {
+    /// The paper's network: HRNetV2-W48, OCR 512/256, attention bottleneck 256.
+    pub fn w48() -> Self {
+        Self {
+            num_classes: 19,
+            backbone: BackboneConfig {
+                stem_width: 64,
+                layer1_planes: 64,
+                layer1_blocks: 4,
+                widths: [48, 96, 192, 384],
+                modules: [1, 4, 3],
+                blocks: [4, 4, 4],
+            },
+            ocr_mid_channels: 512,
+            ocr_key_channels: 256,
+            attn_bottleneck: 256,
+            fusion: Fusion::Hierarchical,
+            scales: vec![0.5, 1.0],
+        }
+    }
+
+    /// HRNetV2-W18 with the same heads.
+    pub fn w18() -> Self {
+        let mut c = Self::w48();
+        c.backbone.widths = [18, 36, 72, 144];
+        c
+    }
+
+    /// A narrow, shallow network for experiments on a 2-core CPU.
+    pub fn small() -> Self {
+        Self {
+            num_classes: 19,
+            backbone: BackboneConfig {
+                stem_width: 32,
+                layer1_planes: 16,
+                layer1_blocks: 1,
+                widths: [16, 32, 64, 128],
+                modules: [1, 1, 1],
+                blocks: [1, 1, 1],
+            },
+            ocr_mid_channels: 64,
+            ocr_key_channels: 32,
+            attn_bottleneck: 32,
+            fusion: Fusion::Hierarchical,
+            scales: vec![0.5, 1.0],
+        }
+    }
+
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "w48" => Ok(Self::w48()),
+            "w18" => Ok(Self::w18()),
+            "small" => Ok(Self::small()),
+            _ => Err(Error::invalid(
+                "preset",
+                format!("unknown preset `{name}` (known: {})", PRESETS.join(", ")),
+            )),
+        }
+    }
+
+    /// Reads a TOML model config; unknown keys and wrong types name the line.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        cfg.validate().map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let pos = |v: usize, f: &str| -> Result<()> {
+            if v == 0 {
+                Err(Error::invalid(f, "must be at least 1"))
+            } else {
+                Ok(())
+            }
+        };
+        pos(self.num_classes, "num_classes")?;
+        pos(self.ocr_mid_channels, "ocr_mid_channels")?;
+        pos(self.ocr_key_channels, "ocr_key_channels")?;
+        pos(self.attn_bottleneck, "attn_bottleneck")?;
+        let b = &self.backbone;
+        pos(b.stem_width, "backbone.stem_width")?;
+        pos(b.layer1_planes, "backbone.layer1_planes")?;
+        pos(b.layer1_blocks, "backbone.layer1_blocks")?;
+        for (i, &w) in b.widths.iter().enumerate() {
+            pos(w, &format!("backbone.widths[{i}]"))?;
+        }
+        for (i, &m) in b.modules.iter().enumerate() {
+            pos(m, &format!("backbone.modules[{i}]"))?;
+        }
+        self.fusion.check_scales(&self.scales, "scales")
+    }
+}
+
+/// The attention head, by the fusion it serves.
+#[derive(Debug, Clone)]
+enum ScaleAttn {
+    /// One channel, sigmoid: relative attention between adjacent scales.
+    Relative(AttnHead),
+    /// One channel per trained scale, softmax across scales.
+    Explicit(AttnHead),
+}
+
+/// HRNetV2-OCR with scale attention: the official `MscaleOCR`.
+#[derive(Debug, Clone)]
+pub struct HmsaNet {
+    cfg: ModelConfig,
+    backbone: hrnet::HrnetV2,
+    ocr: Ocr,
+    scale_attn: ScaleAttn,
+}
+
+impl HmsaNet {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let high = cfg.backbone.out_channels();
+        let mid = cfg.ocr_mid_channels;
+        let backbone = hrnet::HrnetV2::new(&cfg.backbone, vb.pp("backbone"))?;
+        let ocr = Ocr::new(high, mid, cfg.ocr_key_channels, cfg.num_classes, vb.pp("ocr"))?;
+        let va = vb.pp("scale_attn");
+        let scale_attn = if cfg.fusion == Fusion::Explicit {
+            let n = cfg.scales.len();
+            ScaleAttn::Explicit(AttnHead::new(mid * n, cfg.attn_bottleneck, n, va)?)
+        } else {
+            ScaleAttn::Relative(AttnHead::new(mid, cfg.attn_bottleneck, 1, va)?)
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            backbone,
+            ocr,
+            scale_attn,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The official `_fwd(ResizeX(x_1x, s))`: outputs upsampled from 1/4 to
+    /// the resized input's size. `with_attn` computes the relative attention.
+    pub fn forward_scale(&self, x_1x: &Tensor, s: f64, with_attn: bool, train: bool) -> Result<ScaleOutput> {
+        let (_, c, h, w) = x_1x.dims4()?;
+        if c != 3 {
+            return Err(Error::invalid("input", format!("expected 3 channels, got {c}")));
+        }
+        let (hs, ws) = scaled_size(h, w, s);
+        if hs < 4 || ws < 4 {
+            return Err(Error::invalid(
+                "scales",
+                format!("scale {s} turns a {h}x{w} input into {hs}x{ws}, too small for the network"),
+            ));
+        }
+        let x = resize(x_1x, hs, ws)?;
+        let high = self.backbone.forward_t(&x, train)?;
+        let o = self.ocr.forward_t(&high, train)?;
+        let attn = match (&self.scale_attn, with_attn) {
+            (ScaleAttn::Relative(head), true) => {
+                let a = candle_nn::ops::sigmoid(&head.forward_t(&o.feats, train)?)?;
+                Some(resize(&a, hs, ws)?)
+            }
+            _ => None,
+        };
+        Ok(ScaleOutput {
+            scale: s,
+            pred: resize(&o.cls, hs, ws)?,
+            aux: resize(&o.aux, hs, ws)?,
+            attn,
+            feats: o.feats,
+        })
+    }
+
+    /// Every scale's output, for fusing several ways (scales high to low).
+    /// The highest scale's attention is never used by the recurrence, so it
+    /// is not computed.
+    pub fn forward_scales(
+        &self,
+        x: &Tensor,
+        scales: &[f64],
+        with_attn: bool,
+        train: bool,
+    ) -> Result<Vec<ScaleOutput>> {
+        let mut sorted = scales.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        sorted
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| self.forward_scale(x, s, with_attn && i > 0, train))
+            .collect()
+    }
+
+    /// Fuses outputs computed by [`Self::forward_scales`].
+    pub fn fuse(
+        &self,
+        fusion: Fusion,
+        outs: &[ScaleOutput],
+        out_hw: (usize, usize),
+        train: bool,
+    ) -> Result<Fused> {
+        let explicit = match &self.scale_attn {
+            ScaleAttn::Explicit(h) => Some(h),
+            ScaleAttn::Relative(_) => None,
+        };
+        if fusion == Fusion::Explicit {
+            let mut got: Vec<f64> = outs.iter().map(|o| o.scale).collect();
+            let mut want = self.cfg.scales.clone();
+            got.sort_by(f64::total_cmp);
+            want.sort_by(f64::total_cmp);
+            if explicit.is_none() || got != want {
+                return Err(Error::invalid(
+                    "scales",
+                    format!(
+                        "explicit attention is fixed at training: this model was trained with {} fusion on {}, asked for explicit on {}",
+                        self.cfg.fusion,
+                        fusion::format_scales(&want),
+                        fusion::format_scales(&got)
+                    ),
+                ));
+            }
+        }
+        fusion.fuse(outs, out_hw, explicit, train)
+    }
+
+    /// The training forward: the configured scales and fusion.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Fused> {
+        Ok(self.infer(x, self.cfg.fusion, &self.cfg.scales, false, train)?.0)
+    }
+
+    /// Multi-scale forward with any fusion and optional flip averaging; also
+    /// returns the per-scale outputs of the unflipped input.
+    pub fn infer(
+        &self,
+        x: &Tensor,
+        fusion: Fusion,
+        scales: &[f64],
+        flip: bool,
+        train: bool,
+    ) -> Result<(Fused, Vec<ScaleOutput>)> {
+        fusion.check_scales(scales, "scales")?;
+        let (_, _, h, w) = x.dims4()?;
+        let with_attn = fusion.needs_relative_attention();
+        let outs = self.forward_scales(x, scales, with_attn, train)?;
+        let fused = self.fuse(fusion, &outs, (h, w), train)?;
+        if !flip {
+            return Ok((fused, outs));
+        }
+        let xf = x.flip(&[3])?;
+        let outs_f = self.forward_scales(&xf, scales, with_attn, train)?;
+        let ff = self.fuse(fusion, &outs_f, (h, w), train)?;
+        let fused = Fused {
+            pred: fusion::average_flip(&fused.pred, &ff.pred.flip(&[3])?)?,
+            aux: fusion::average_flip(&fused.aux, &ff.aux.flip(&[3])?)?,
+            attn: fused.attn,
+        };
+        Ok((fused, outs))
+    }
+}
