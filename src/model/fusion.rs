@@ -331,3 +331,184 @@ pub fn average_flip(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 pub fn argmax_classes(pred: &Tensor) -> candle_core::Result<Tensor> {
     pred.argmax(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// A (1, 2, h, w) logit map: channel 0 holds `v`, channel 1 holds `-v`, so
+    /// the attention must broadcast across channels.
+    fn logits(v: &[f64], h: usize, w: usize) -> Tensor {
+        let neg: Vec<f64> = v.iter().map(|x| -x).collect();
+        Tensor::from_slice(&[v, &neg[..]].concat(), (1, 2, h, w), &Device::Cpu).unwrap()
+    }
+
+    fn map(v: &[f64], h: usize, w: usize) -> Tensor {
+        Tensor::from_slice(v, (1, 1, h, w), &Device::Cpu).unwrap()
+    }
+
+    fn konst(v: f64, c: usize, h: usize, w: usize) -> Tensor {
+        Tensor::full(v, (1, c, h, w), &Device::Cpu).unwrap()
+    }
+
+    /// Aux logits are 10x the logits: the recurrence is linear in the logits
+    /// for fixed attention, so the fused aux must be 10x the fused prediction.
+    fn out(scale: f64, pred: Tensor, attn: Option<Tensor>) -> ScaleOutput {
+        ScaleOutput {
+            scale,
+            aux: (&pred * 10.0).unwrap(),
+            pred,
+            attn,
+            feats: konst(0.0, 1, 1, 1),
+        }
+    }
+
+    fn vals(t: &Tensor) -> Vec<f64> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn check(fused: &Fused, want_ch0: &[f64]) {
+        let p = vals(&fused.pred);
+        let a = vals(&fused.aux);
+        let n = want_ch0.len();
+        for i in 0..n {
+            assert!(
+                (p[i] - want_ch0[i]).abs() < 1e-12,
+                "pixel {i}: {} vs {}",
+                p[i],
+                want_ch0[i]
+            );
+            assert!((p[n + i] + want_ch0[i]).abs() < 1e-12, "channel 1, pixel {i}");
+            assert!((a[i] - 10.0 * want_ch0[i]).abs() < 1e-10, "aux pixel {i}");
+        }
+    }
+
+    #[test]
+    fn hierarchical_two_scales_by_hand() {
+        // P = up(a·L_0.5) + (1 − up(a))·L_1 with a = 0.25, L_0.5 = 8:
+        // 2 + 0.75·L_1.
+        let outs = [
+            out(1.0, logits(&[1., 2., 3., 4.], 2, 2), None),
+            out(0.5, logits(&[8.], 1, 1), Some(map(&[0.25], 1, 1))),
+        ];
+        let f = Fusion::Hierarchical.fuse(&outs, (2, 2), None, false).unwrap();
+        check(&f, &[2.75, 3.5, 4.25, 5.0]);
+        assert_eq!(f.attn.len(), 1);
+    }
+
+    #[test]
+    fn hierarchical_three_scales_both_branches_by_hand() {
+        // 2.0x (4x4) first; its 2x2 block means are 2, 4, 8, 6 (a 4 -> 2
+        // bilinear resize samples at 0.5 and 2.5: the mean of each pair).
+        #[rustfmt::skip]
+        let l2 = [0., 2., 4., 4.,
+                  2., 4., 4., 4.,
+                  8., 8., 6., 6.,
+                  8., 8., 6., 6.];
+        let a1 = [0.5, 1.0, 0.0, 0.25];
+        // s = 1.0: a·L_1 + (1 − a)·[2, 4, 8, 6] = [1.5, 2, 8, 5.5]
+        // s = 0.5: 0.25·8 + 0.75·that = [3.125, 3.5, 8, 6.125]
+        // Order of the input list must not matter.
+        let outs = [
+            out(0.5, logits(&[8.], 1, 1), Some(map(&[0.25], 1, 1))),
+            out(2.0, logits(&l2, 4, 4), None),
+            out(1.0, logits(&[1., 2., 3., 4.], 2, 2), Some(map(&a1, 2, 2))),
+        ];
+        let f = Fusion::Hierarchical.fuse(&outs, (2, 2), None, false).unwrap();
+        check(&f, &[3.125, 3.5, 8.0, 6.125]);
+        let order: Vec<f64> = f.attn.iter().map(|(s, _)| *s).collect();
+        assert_eq!(order, vec![1.0, 0.5]);
+    }
+
+    #[test]
+    fn hierarchical_four_scales_by_hand() {
+        // 1.0x is 8x8. 2.0: L = 4. 1.0: a = 0.5, L = 2 -> 3.
+        // 0.5: a = 0.5, L = 6 -> 3 + 0.5·3 = 4.5. 0.25: a = 0.2, L = 10 -> 2 + 0.8·4.5 = 5.6.
+        let l = |v: f64, n: usize| {
+            let t = konst(v, 1, n, n);
+            Tensor::cat(&[&t, &t.neg().unwrap()], 1).unwrap()
+        };
+        let outs = [
+            out(2.0, l(4.0, 16), None),
+            out(1.0, l(2.0, 8), Some(konst(0.5, 1, 8, 8))),
+            out(0.5, l(6.0, 4), Some(konst(0.5, 1, 4, 4))),
+            out(0.25, l(10.0, 2), Some(konst(0.2, 1, 2, 2))),
+        ];
+        let f = Fusion::Hierarchical.fuse(&outs, (8, 8), None, false).unwrap();
+        check(&f, &[5.6; 64]);
+    }
+
+    #[test]
+    fn average_and_max_of_probabilities_by_hand() {
+        let l3 = 3f64.ln();
+        let one = Tensor::from_slice(&[0.0, l3], (1, 2, 1, 1), &Device::Cpu).unwrap();
+        let half = Tensor::from_slice(&[l3, 0.0], (1, 2, 1, 1), &Device::Cpu).unwrap();
+        let outs = [out(1.0, one, None), out(0.5, half, None)];
+        // softmaxes [0.25, 0.75] and [0.75, 0.25]
+        let avg = vals(&Fusion::Average.fuse(&outs, (1, 1), None, false).unwrap().pred);
+        let max = vals(&Fusion::Max.fuse(&outs, (1, 1), None, false).unwrap().pred);
+        for v in avg {
+            assert!((v - 0.5f64.ln()).abs() < 1e-12);
+        }
+        for v in max {
+            assert!((v - 0.75f64.ln()).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn single_resizes_to_the_output() {
+        let outs = [out(0.5, logits(&[1., 3.], 1, 2), None)];
+        let f = Fusion::Single.fuse(&outs, (2, 4), None, false).unwrap();
+        // 2 -> 4 along the width: 1, 1.5, 2.5, 3 (rows repeat)
+        check(&f, &[1.0, 1.5, 2.5, 3.0, 1.0, 1.5, 2.5, 3.0]);
+    }
+
+    #[test]
+    fn flip_average_by_hand() {
+        let a = Tensor::from_slice(&[0.0f64, 0.0], (1, 2, 1, 1), &Device::Cpu).unwrap();
+        let b = Tensor::from_slice(&[3f64.ln(), 0.0], (1, 2, 1, 1), &Device::Cpu).unwrap();
+        let v = vals(&average_flip(&a, &b).unwrap());
+        assert!((v[0] - 0.625f64.ln()).abs() < 1e-12);
+        assert!((v[1] - 0.375f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn scale_sets_are_checked() {
+        let e = Fusion::Hierarchical
+            .check_scales(&[0.5, 2.0], "eval.scales")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("eval.scales") && e.to_string().contains("1.0"),
+            "{e}"
+        );
+        assert!(Fusion::Single.check_scales(&[0.5, 1.0], "s").is_err());
+        assert!(Fusion::Average.check_scales(&[1.0, 1.0], "s").is_err());
+        assert!(Fusion::Average.check_scales(&[0.0], "s").is_err());
+        assert!(Fusion::Average.check_scales(&[0.5, 2.0], "s").is_ok());
+        assert_eq!(parse_scales("0.5, 1,2").unwrap(), vec![0.5, 1.0, 2.0]);
+        assert!(parse_scales("0.5,x").is_err());
+        assert_eq!(format_scales(&[0.25, 0.5, 1.0, 2.0]), "0.25,0.5,1.0,2.0");
+        assert_eq!("hierarchical".parse::<Fusion>().unwrap(), Fusion::Hierarchical);
+        assert!("mean".parse::<Fusion>().is_err());
+    }
+
+    #[test]
+    fn hierarchical_gradients_reach_both_scales_and_the_attention() {
+        // P = up(a·L_lo) + (1 − up(a))·L_1, summed over a 2x2 map:
+        // dΣP/dL_1 = 1 − a = 0.75 per pixel; dΣP/dL_lo = 4a = 1;
+        // dΣP/da = 4·L_lo − ΣL_1 = 32 − 10 = 22 (one channel).
+        let l1 = Var::from_tensor(&map(&[1., 2., 3., 4.], 2, 2)).unwrap();
+        let lo = Var::from_tensor(&map(&[8.], 1, 1)).unwrap();
+        let a = Var::from_tensor(&map(&[0.25], 1, 1)).unwrap();
+        let outs = [
+            out(1.0, l1.as_tensor().clone(), None),
+            out(0.5, lo.as_tensor().clone(), Some(a.as_tensor().clone())),
+        ];
+        let f = Fusion::Hierarchical.fuse(&outs, (2, 2), None, true).unwrap();
+        let g = f.pred.sum_all().unwrap().backward().unwrap();
+        assert_eq!(vals(g.get(l1.as_tensor()).unwrap()), vec![0.75; 4]);
+        assert!((vals(g.get(lo.as_tensor()).unwrap())[0] - 1.0).abs() < 1e-12);
+        assert!((vals(g.get(a.as_tensor()).unwrap())[0] - 22.0).abs() < 1e-12);
+    }
+}

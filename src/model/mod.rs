@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod flops;
 pub mod fusion;
 pub mod hrnet;
+pub mod init;
 pub mod layers;
 pub mod ocr;
 pub mod resize;

@@ -256,7 +256,7 @@ mod tests {
         let x = t(&[10., 20., 40.], 1, 3);
         close(
             &vals(&resize(&x, 1, 5).unwrap()),
-            &[10., 14., 20., 28., 40.],
+            &[10., 14., 20., 32., 40.],
             1e-12,
         );
         // 8 -> 2 (0.25x): src = 1.5 and 5.5, i.e. not an area average.
