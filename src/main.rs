@@ -67,8 +67,8 @@ struct InferArgs {
     #[arg(long)]
     out: PathBuf,
     /// Inference scales, e.g. 0.5,1.0,2.0 (default: the model's training scales).
-    #[arg(long, value_parser = parse_scales)]
-    scales: Option<Vec<f64>>,
+    #[arg(long, value_parser = parse_scale_list)]
+    scales: Option<ScaleList>,
     /// single, average, max, explicit or hierarchical (default: the model's).
     #[arg(long)]
     fusion: Option<Fusion>,
@@ -90,6 +90,14 @@ struct ModelArgs {
     /// Input size for the FLOP count, HxW.
     #[arg(long, default_value = "1024x2048")]
     size: String,
+}
+
+/// A comma-separated scale set as one clap value.
+#[derive(Clone, Debug)]
+struct ScaleList(Vec<f64>);
+
+fn parse_scale_list(s: &str) -> std::result::Result<ScaleList, String> {
+    parse_scales(s).map(ScaleList)
 }
 
 fn device() -> Result<candle_core::Device> {
@@ -124,7 +132,7 @@ fn run(cli: Cli) -> Result<()> {
             let dev = device()?;
             let net = checkpoint::load(&cfg, &a.checkpoint, &dev)?;
             let opts = InferOptions {
-                scales: a.scales.unwrap_or_else(|| cfg.scales.clone()),
+                scales: a.scales.map_or_else(|| cfg.scales.clone(), |s| s.0),
                 fusion: a.fusion.unwrap_or(cfg.fusion),
                 flip: a.flip,
                 out_dir: a.out,
@@ -144,7 +152,11 @@ fn run(cli: Cli) -> Result<()> {
             let listing = checkpoint::state_dict_listing(&cfg)?;
             for (name, shape) in &listing {
                 let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-                println!("{name} {}", dims.join(","));
+                if dims.is_empty() {
+                    println!("{name}");
+                } else {
+                    println!("{name} {}", dims.join(","));
+                }
             }
             let params = checkpoint::parameter_count(&listing);
             let f = flops::count(&cfg, h, w)?;

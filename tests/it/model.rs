@@ -319,3 +319,38 @@ fn strided_conv_gradient_matches_finite_differences_on_even_sizes() {
         );
     }
 }
+
+#[test]
+fn official_style_pth_loads_with_wrapper_prefix_and_counters() {
+    // tests/data/make_pth.py wrote it: {"state_dict": {"module.<name>": ...},
+    // "epoch": 7, ...}, int64 num_batches_tracked, and tensor t of the listing
+    // holding sin(0.1 t + 0.01 j).
+    let cfg = tiny();
+    let path = data("tiny_official.pth");
+    let map = read_state_dict(&path).unwrap();
+    let spec = checkpoint::param_spec(&cfg).unwrap();
+    assert_eq!(map.len(), spec.len());
+    for (t, (name, shape)) in spec.iter().enumerate() {
+        let got = &map[name];
+        assert_eq!(got.dims(), shape.as_slice(), "{name}");
+        let v = vals(got);
+        for j in [0, v.len() / 2, v.len() - 1] {
+            let want = (0.1 * t as f64 + 0.01 * j as f64).sin() as f32;
+            assert!((v[j] - want).abs() < 1e-6, "{name}[{j}]: {} vs {want}", v[j]);
+        }
+    }
+    // The same weights through safetensors give the same network.
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("same.safetensors");
+    candle_core::safetensors::save(&map, &st).unwrap();
+    let a = checkpoint::load(&cfg, &path, &Device::Cpu).unwrap();
+    let b = checkpoint::load(&cfg, &st, &Device::Cpu).unwrap();
+    let x = image(32, 48, 21);
+    let (fa, _) = a
+        .infer(&x, Fusion::Hierarchical, &[0.5, 1.0], false, false)
+        .unwrap();
+    let (fb, _) = b
+        .infer(&x, Fusion::Hierarchical, &[0.5, 1.0], false, false)
+        .unwrap();
+    assert_eq!(vals(&fa.pred), vals(&fb.pred));
+}
