@@ -5,6 +5,7 @@
 //! Data flows one way: config → data → model → train → eval → store → report.
 //! This crate is the library; `src/main.rs` is the `hmsa-lab` command line.
 
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod eval;
