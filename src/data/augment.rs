@@ -243,7 +243,7 @@ mod tests {
 
     /// An image whose colour encodes its label: label k -> grey value 20·k.
     fn pattern(w: u32, h: u32) -> (RgbImage, GrayImage) {
-        let lab = GrayImage::from_fn(w, h, |x, y| Luma([((x / 7 + y / 5) % 10) as u8]));
+        let lab = GrayImage::from_fn(w, h, |x, y| Luma([((x / 23 + 3 * (y / 17)) % 10) as u8]));
         let img = RgbImage::from_fn(w, h, |x, y| {
             let v = lab.get_pixel(x, y)[0] * 20;
             Rgb([v, v, v])

@@ -64,8 +64,8 @@ impl Centroids {
                         }
                     }
                     for c in 0..k {
-                        if n[c] > 0 {
-                            by_class[c].push((i as u32, (sx[c] / n[c]) as u32, (sy[c] / n[c]) as u32));
+                        if let (Some(x), Some(y)) = (sx[c].checked_div(n[c]), sy[c].checked_div(n[c])) {
+                            by_class[c].push((i as u32, x as u32, y as u32));
                         }
                     }
                 }

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, helpers here, topics in modules.
 
 mod cli;
+mod data;
 mod model;
 
 use candle_core::{DType, Device, Tensor};

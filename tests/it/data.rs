@@ -1,0 +1,383 @@
+//! Datasets on disk, the synthetic benchmark, sampling and loading.
+
+use hmsa_lab::data::augment::AugmentConfig;
+use hmsa_lab::data::loader::Loader;
+use hmsa_lab::data::sampler::{epoch_plan, Centroids, SamplerConfig, Source};
+use hmsa_lab::data::synth::{self, SynthConfig};
+use hmsa_lab::data::{check, Dataset, Labels};
+use image::{GrayImage, Luma, Rgb, RgbImage};
+use std::path::Path;
+use std::sync::Arc;
+
+fn small_synth(dir: &Path, train: usize) -> SynthConfig {
+    let cfg = SynthConfig {
+        seed: 7,
+        height: 128,
+        width: 256,
+        train,
+        val: 2,
+        train_extra: 2,
+        unlabeled: 1,
+        blob_radius: 50,
+        ..Default::default()
+    };
+    synth::generate(&cfg, dir).unwrap();
+    cfg
+}
+
+#[test]
+fn synth_is_deterministic_resumable_and_guarded() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let cfg = small_synth(a.path(), 3);
+    small_synth(b.path(), 3);
+    let f = "leftImg8bit/train/synth/synth_000000_000002_leftImg8bit.png";
+    assert_eq!(
+        std::fs::read(a.path().join(f)).unwrap(),
+        std::fs::read(b.path().join(f)).unwrap()
+    );
+    let l = "gtFine/val/synth/synth_000000_000001_gtFine_labelIds.png";
+    assert_eq!(
+        std::fs::read(a.path().join(l)).unwrap(),
+        std::fs::read(b.path().join(l)).unwrap()
+    );
+    assert!(a
+        .path()
+        .join("gtCoarse/train_extra/synth/synth_000000_000001_gtCoarse_labelIds.png")
+        .exists());
+    assert!(a
+        .path()
+        .join("leftImg8bit/unlabeled/synth/synth_000000_000000_leftImg8bit.png")
+        .exists());
+    // An interrupted run (one image lost) is completed and nothing else rewritten.
+    std::fs::remove_file(a.path().join(f)).unwrap();
+    let w = synth::generate(&cfg, a.path()).unwrap();
+    assert_eq!((w.images, w.labels), (1, 1));
+    // Other options in the same folder are refused.
+    let other = SynthConfig { seed: 8, ..cfg };
+    let e = synth::generate(&other, a.path()).unwrap_err().to_string();
+    assert!(e.contains("synth.toml") && e.contains("other options"), "{e}");
+}
+
+#[test]
+fn synth_labels_are_official_ids_and_coarse_is_eroded() {
+    let d = tempfile::tempdir().unwrap();
+    small_synth(d.path(), 2);
+    let ds = Dataset::cityscapes(d.path(), "train", Labels::Fine).unwrap();
+    let allowed = synth::train_ids();
+    for i in 0..ds.len() {
+        let (_, lab) = ds.load(i).unwrap();
+        for p in lab.unwrap().pixels() {
+            assert!(allowed.contains(&p[0]), "train id {} not generated", p[0]);
+        }
+    }
+    let coarse = Dataset::cityscapes(d.path(), "train_extra", Labels::Coarse).unwrap();
+    let (_, lab) = coarse.load(0).unwrap();
+    let lab = lab.unwrap();
+    let ignore = lab.pixels().filter(|p| p[0] == 255).count();
+    assert!(ignore > lab.len() / 10, "coarse labels leave borders unlabelled");
+    // only the large classes: road, sidewalk, building, vegetation, terrain, sky
+    for p in lab.pixels() {
+        assert!([0, 1, 2, 8, 9, 10, 255].contains(&p[0]), "{}", p[0]);
+    }
+}
+
+#[test]
+fn synth_makes_scale_matter() {
+    // The two properties the ablation relies on, measured on fresh scenes.
+    let st = synth::stats(&SynthConfig::default(), 4);
+    assert!(
+        st.local_accuracy < 0.65,
+        "local classifier too good: {}",
+        st.local_accuracy
+    );
+    assert!(st.local_accuracy > 0.35);
+    let share = |n: &str| st.survival.iter().find(|(m, _, _)| m == n).unwrap().1;
+    assert!(share("pole") < 0.05, "poles survive 0.5x: {}", share("pole"));
+    assert!(
+        share("traffic sign") < 0.05,
+        "signs survive 0.5x: {}",
+        share("traffic sign")
+    );
+}
+
+fn write_gray(p: &Path, img: &GrayImage) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    img.save(p).unwrap();
+}
+
+fn write_rgb(p: &Path, img: &RgbImage) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    img.save(p).unwrap();
+}
+
+#[test]
+fn data_check_names_every_bad_file() {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path();
+    let img = RgbImage::from_pixel(8, 4, Rgb([10, 20, 30]));
+    let lab = GrayImage::from_pixel(8, 4, Luma([7]));
+    let im = |n: &str| r.join(format!("leftImg8bit/train/c/{n}_leftImg8bit.png"));
+    let gt = |n: &str| r.join(format!("gtFine/train/c/{n}_gtFine_labelIds.png"));
+    // good
+    write_rgb(&im("c_000000_000001"), &img);
+    write_gray(&gt("c_000000_000001"), &lab);
+    // image without label
+    write_rgb(&im("c_000000_000002"), &img);
+    // label without image
+    write_gray(&gt("c_000000_000003"), &lab);
+    // size mismatch
+    write_rgb(&im("c_000000_000004"), &img);
+    write_gray(&gt("c_000000_000004"), &GrayImage::from_pixel(4, 4, Luma([7])));
+    // unknown label id 77
+    write_rgb(&im("c_000000_000005"), &img);
+    write_gray(
+        &gt("c_000000_000005"),
+        &GrayImage::from_fn(8, 4, |x, _| Luma([if x == 0 { 77 } else { 26 }])),
+    );
+    // corrupt image
+    std::fs::write(im("c_000000_000006"), b"garbage").unwrap();
+    write_gray(&gt("c_000000_000006"), &lab);
+    // RGB label
+    write_rgb(&im("c_000000_000007"), &img);
+    write_rgb(&gt("c_000000_000007"), &img);
+
+    let ds = Dataset::cityscapes(r, "train", Labels::Fine).unwrap();
+    let rep = check::check(&ds);
+    let has = |name: &str, what: &str| {
+        rep.problems
+            .iter()
+            .any(|p| p.path.to_string_lossy().contains(name) && p.msg.contains(what))
+    };
+    assert!(
+        has("c_000000_000002_leftImg8bit", "no label"),
+        "{:?}",
+        rep.problems
+    );
+    assert!(has("c_000000_000003_gtFine", "no image"), "{:?}", rep.problems);
+    assert!(
+        has("c_000000_000004_gtFine", "4x4 but its image is 8x4"),
+        "{:?}",
+        rep.problems
+    );
+    assert!(
+        has("c_000000_000005_gtFine", "unknown label ids 77"),
+        "{:?}",
+        rep.problems
+    );
+    assert!(has("c_000000_000006_leftImg8bit", ""), "{:?}", rep.problems);
+    assert!(
+        has("c_000000_000007_gtFine", "8-bit grey or palette"),
+        "{:?}",
+        rep.problems
+    );
+    assert_eq!(rep.problems.len(), 6, "{:?}", rep.problems);
+    // road (labelId 7) in the good image; car (26) and ignore in #5
+    assert_eq!(rep.labelled, 2);
+    assert_eq!(rep.class_pixels[0], 32);
+    assert_eq!(rep.class_pixels[13], 28);
+    assert_eq!(rep.ignore_pixels, 4);
+
+    // The command exits non-zero, lists the files and does not panic.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_hmsa-lab"))
+        .args(["data", "check", r.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        out.contains("c_000000_000005_gtFine_labelIds.png: unknown label ids 77"),
+        "{out}"
+    );
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+}
+
+#[test]
+fn mapillary_palette_labels_map_through_the_config() {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path();
+    std::fs::write(
+        r.join("config.json"),
+        r#"{"labels": [
+            {"name": "construction--flat--road", "readable": "Road", "color": [128, 64, 128], "evaluate": true},
+            {"name": "void--unlabeled", "readable": "Unlabeled", "color": [0, 0, 0], "evaluate": false},
+            {"name": "object--vehicle--car", "readable": "Car", "color": [0, 0, 142], "evaluate": true}
+        ]}"#,
+    )
+    .unwrap();
+    write_rgb(
+        &r.join("training/images/abc.png"),
+        &RgbImage::from_pixel(400, 200, Rgb([1, 2, 3])),
+    );
+    // A palette PNG: indices 0, 1, 2 across the width.
+    let lp = r.join("training/labels/abc.png");
+    std::fs::create_dir_all(lp.parent().unwrap()).unwrap();
+    let mut enc = png::Encoder::new(
+        std::io::BufWriter::new(std::fs::File::create(&lp).unwrap()),
+        400,
+        200,
+    );
+    enc.set_color(png::ColorType::Indexed);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_palette(vec![128, 64, 128, 0, 0, 0, 0, 0, 142]);
+    let idx: Vec<u8> = (0..200).flat_map(|_| (0..400).map(|x| (x / 134) as u8)).collect();
+    enc.write_header().unwrap().write_image_data(&idx).unwrap();
+
+    let mut ds = Dataset::open(r, "train", Labels::Fine).unwrap();
+    assert_eq!(ds.classes.names, vec!["Road", "Car"]);
+    ds.long_edge = Some(200); // the paper resizes Vistas by the long edge
+    let (img, lab) = ds.load(0).unwrap();
+    assert_eq!(img.dimensions(), (200, 100));
+    let lab = lab.unwrap();
+    assert_eq!(lab.get_pixel(10, 50)[0], 0); // road
+    assert_eq!(lab.get_pixel(100, 50)[0], 255); // unlabeled: not evaluated
+    assert_eq!(lab.get_pixel(190, 50)[0], 1); // car
+    assert!(check::check(&ds).problems.is_empty());
+}
+
+#[test]
+fn class_uniform_sampling_hits_rare_classes_as_configured() {
+    let d = tempfile::tempdir().unwrap();
+    small_synth(d.path(), 6);
+    let ds = Dataset::cityscapes(d.path(), "train", Labels::Fine).unwrap();
+    let cache = d.path().join("cache/centroids.json");
+    let c = Centroids::load_or_compute(&ds, 64, &cache).unwrap();
+    assert!(cache.exists());
+    assert_eq!(Centroids::load_or_compute(&ds, 64, &cache).unwrap(), c);
+    let present = c.classes_present();
+    assert!(present.len() >= 9, "{present:?}");
+    let cfg = SamplerConfig {
+        class_uniform: 0.5,
+        tile: 64,
+        second_share: 0.0,
+    };
+    let src = Source {
+        dataset: &ds,
+        centroids: Some(&c),
+    };
+    let plan = epoch_plan(&src, None, &cfg, 8, 400, 1, 0).unwrap();
+    let items: Vec<_> = plan.iter().flatten().collect();
+    let uniform = items.iter().filter(|i| i.class.is_some()).count();
+    let share = uniform as f64 / items.len() as f64;
+    assert!((share - 0.5).abs() < 0.03, "class-uniform share {share}");
+    // Every present class, rare poles and signs included, is chosen about
+    // 1/K of the class-uniform draws, and its centroid lies on that class.
+    let k = present.len() as f64;
+    for &cl in &present {
+        let n = items.iter().filter(|i| i.class == Some(cl)).count() as f64;
+        assert!(
+            (n / uniform as f64 - 1.0 / k).abs() < 0.03,
+            "class {cl}: {n} of {uniform}"
+        );
+    }
+    let pole = 5;
+    let it = items.iter().find(|i| i.class == Some(pole)).unwrap();
+    let (_, lab) = ds.load(it.index).unwrap();
+    let (x, y) = it.centre.unwrap();
+    let lab = lab.unwrap();
+    let near = (x.saturating_sub(3)..x + 4).any(|xx| {
+        (y.saturating_sub(40)..(y + 40).min(lab.height()))
+            .any(|yy| xx < lab.width() && lab.get_pixel(xx, yy)[0] == pole as u8)
+    });
+    assert!(near, "pole centroid ({x}, {y}) is not on a pole");
+}
+
+#[test]
+fn mixed_batches_take_the_configured_share_from_the_second_source() {
+    let d = tempfile::tempdir().unwrap();
+    small_synth(d.path(), 2);
+    let fine = Dataset::cityscapes(d.path(), "train", Labels::Fine).unwrap();
+    let coarse = Dataset::cityscapes(d.path(), "train_extra", Labels::Coarse).unwrap();
+    let cfg = SamplerConfig {
+        class_uniform: 0.0,
+        tile: 64,
+        second_share: 0.5,
+    };
+    let plan = epoch_plan(
+        &Source {
+            dataset: &fine,
+            centroids: None,
+        },
+        Some(&Source {
+            dataset: &coarse,
+            centroids: None,
+        }),
+        &cfg,
+        4,
+        10,
+        3,
+        0,
+    )
+    .unwrap();
+    for b in &plan {
+        assert_eq!(b.iter().filter(|i| i.source == 1).count(), 2);
+    }
+}
+
+#[test]
+fn loader_delivers_the_same_batches_in_order_whatever_the_workers() {
+    let d = tempfile::tempdir().unwrap();
+    small_synth(d.path(), 4);
+    let ds = Dataset::cityscapes(d.path(), "train", Labels::Fine).unwrap();
+    let cfg = SamplerConfig {
+        class_uniform: 0.5,
+        tile: 64,
+        second_share: 0.0,
+    };
+    let c = Centroids::compute(&ds, 64).unwrap();
+    let plan = Arc::new(
+        epoch_plan(
+            &Source {
+                dataset: &ds,
+                centroids: Some(&c),
+            },
+            None,
+            &cfg,
+            2,
+            6,
+            5,
+            1,
+        )
+        .unwrap(),
+    );
+    let aug = AugmentConfig {
+        crop: [64, 128],
+        ..Default::default()
+    };
+    let sources = Arc::new(vec![ds]);
+    let collect = |workers: usize, start: usize| -> Vec<(usize, Vec<f32>, Vec<u32>)> {
+        Loader::spawn(
+            sources.clone(),
+            plan.clone(),
+            start,
+            aug.clone(),
+            11,
+            1,
+            workers,
+            2,
+        )
+        .map(|b| {
+            let b = b.unwrap();
+            assert_eq!(b.images.dims(), &[2, 3, 64, 128]);
+            (
+                b.index,
+                b.images.flatten_all().unwrap().to_vec1().unwrap(),
+                b.labels.flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect()
+    };
+    let one = collect(1, 0);
+    let three = collect(3, 0);
+    assert_eq!(
+        one.iter().map(|b| b.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4, 5]
+    );
+    assert_eq!(one, three);
+    // A resumed epoch starting at batch 4 sees batches 4 and 5 unchanged.
+    assert_eq!(collect(2, 4), one[4..].to_vec());
+    // Dropping a loader mid-epoch stops its workers.
+    let mut l = Loader::spawn(sources.clone(), plan.clone(), 0, aug.clone(), 11, 1, 2, 1);
+    assert!(l.next().is_some());
+    drop(l);
+}
