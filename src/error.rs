@@ -34,6 +34,10 @@ pub enum Error {
 
     #[error("{path}: {msg}")]
     Input { path: PathBuf, msg: String },
+
+    /// The loss became NaN or infinite: the run stops here.
+    #[error("the loss is {value} at step {step}: training diverged (lower train.optim.lr?)")]
+    NonFinite { step: usize, value: f32 },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -5,10 +5,13 @@
 //! Data flows one way: config → data → model → train → eval → store → report.
 //! This crate is the library; `src/main.rs` is the `hmsa-lab` command line.
 
+pub mod autolabel;
 pub mod bench;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod train;
 
 pub use error::{Error, Result};

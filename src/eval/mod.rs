@@ -1,4 +1,131 @@
-//! Evaluation: multi-scale inference over images and tensors, writing
-//! predictions, attention maps and raw dumps.
+//! Evaluation: multi-scale inference over a split with many scale sets,
+//! fusions and flips in one pass (each scale's outputs computed once per
+//! image and fused every requested way), metrics, and scoring a folder of
+//! labelIds predictions as the official Cityscapes script does.
 
+pub mod folder;
 pub mod infer;
+pub mod metrics;
+
+use crate::bench::{peak_rss_mib, reset_peak_rss};
+use crate::config::EvalSet;
+use crate::data::image::normalize;
+use crate::data::Dataset;
+use crate::model::{Fusion, HmsaNet, ScaleOutput};
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use metrics::{Confusion, Metrics};
+use serde::Serialize;
+use std::time::Instant;
+
+/// The outcome of one evaluation set over a split.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalResult {
+    pub set: EvalSet,
+    pub metrics: Metrics,
+    pub confusion: Confusion,
+    /// Per scale (high to low), the mean weight the fusion gave it.
+    pub attn_means: Vec<(f64, f64)>,
+    /// Forward time of the scales this set uses plus its fusion, per image.
+    pub ms_per_image: f64,
+    /// Peak resident memory of the whole pass (MiB), where measurable.
+    pub peak_mib: Option<f64>,
+    pub images: usize,
+}
+
+fn union_scales(sets: &[EvalSet]) -> Vec<f64> {
+    let mut v: Vec<f64> = sets.iter().flat_map(|s| s.scales.iter().copied()).collect();
+    v.sort_by(|a, b| b.total_cmp(a));
+    v.dedup();
+    v
+}
+
+/// Scores `sets` on every labelled image of `ds`.
+pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalSet], device: &Device) -> Result<Vec<EvalResult>> {
+    for (i, s) in sets.iter().enumerate() {
+        s.fusion
+            .check_scales(&s.scales, &format!("eval.sets[{i}].scales"))?;
+    }
+    let k = ds.classes.num_classes();
+    let scales = union_scales(sets);
+    let with_attn = sets.iter().any(|s| s.fusion.needs_relative_attention());
+    let any_flip = sets.iter().any(|s| s.flip);
+    let mut conf: Vec<Confusion> = sets.iter().map(|_| Confusion::new(k)).collect();
+    let mut attn_sum: Vec<Vec<(f64, f64)>> = sets.iter().map(|_| vec![]).collect();
+    let mut ms: Vec<f64> = vec![0.0; sets.len()];
+    let reset = reset_peak_rss();
+    let mut images = 0;
+    for i in 0..ds.len() {
+        let (img, label) = ds.load(i)?;
+        let Some(label) = label else { continue };
+        images += 1;
+        let x = normalize(&img, device)?;
+        let (_, _, h, w) = x.dims4()?;
+        let forward = |x: &Tensor| -> Result<(Vec<ScaleOutput>, Vec<f64>)> {
+            let mut outs = vec![];
+            let mut times = vec![];
+            for (j, &s) in scales.iter().enumerate() {
+                let t = Instant::now();
+                outs.push(net.forward_scale(x, s, with_attn && j > 0, false)?);
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok((outs, times))
+        };
+        let (outs, times) = forward(&x)?;
+        let flipped = if any_flip {
+            Some(forward(&x.flip(&[3])?)?)
+        } else {
+            None
+        };
+        for (si, set) in sets.iter().enumerate() {
+            let t = Instant::now();
+            let pick = |o: &[ScaleOutput]| -> Vec<ScaleOutput> {
+                o.iter()
+                    .filter(|o| set.scales.contains(&o.scale))
+                    .cloned()
+                    .collect()
+            };
+            let own: f64 = scales
+                .iter()
+                .zip(&times)
+                .filter(|(s, _)| set.scales.contains(s))
+                .map(|(_, t)| t * if set.flip { 2.0 } else { 1.0 })
+                .sum();
+            let fused = net.fuse(set.fusion, &pick(&outs), (h, w), false)?;
+            let pred = match (&flipped, set.flip) {
+                (Some((fo, _)), true) => {
+                    let ff = net.fuse(set.fusion, &pick(fo), (h, w), false)?;
+                    crate::model::fusion::average_flip(&fused.pred, &ff.pred.flip(&[3])?)?
+                }
+                _ => fused.pred.clone(),
+            };
+            let classes: Vec<u8> = pred.argmax(1)?.flatten_all()?.to_dtype(DType::U8)?.to_vec1()?;
+            conf[si].add(label.as_raw(), &classes);
+            if set.fusion == Fusion::Hierarchical || set.fusion == Fusion::Explicit {
+                for (j, (s, a)) in fused.attn.iter().enumerate() {
+                    let m = a.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    if attn_sum[si].len() <= j {
+                        attn_sum[si].push((*s, 0.0));
+                    }
+                    attn_sum[si][j].1 += m;
+                }
+            }
+            ms[si] += own + t.elapsed().as_secs_f64() * 1e3;
+        }
+    }
+    let peak = if reset { peak_rss_mib() } else { None };
+    let n = images.max(1) as f64;
+    Ok(sets
+        .iter()
+        .enumerate()
+        .map(|(si, set)| EvalResult {
+            set: set.clone(),
+            metrics: conf[si].metrics(),
+            confusion: conf[si].clone(),
+            attn_means: attn_sum[si].iter().map(|(s, v)| (*s, v / n)).collect(),
+            ms_per_image: ms[si] / n,
+            peak_mib: peak,
+            images,
+        })
+        .collect())
+}

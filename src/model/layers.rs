@@ -4,6 +4,9 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Init, VarBuilder};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::cell::RefCell;
 
 /// `nn.Conv2d(cin, cout, k, stride, padding=k/2)`.
 pub fn conv(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
@@ -77,14 +80,30 @@ impl ModuleT for ConvBn {
     }
 }
 
+thread_local! {
+    /// Dropout masks come from this generator (candle's CPU generator cannot
+    /// be seeded); the trainer reseeds it every step for exact resume.
+    static DROPOUT_RNG: RefCell<StdRng> = RefCell::new(StdRng::seed_from_u64(0));
+}
+
+/// Reseeds the dropout generator of the calling thread.
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = StdRng::seed_from_u64(seed));
+}
+
 /// `nn.Dropout2d(p)`: zeroes whole channels in training, identity otherwise.
 pub fn dropout2d(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if !train || p == 0.0 {
         return Ok(x.clone());
     }
     let (n, c, _, _) = x.dims4()?;
-    let keep = Tensor::rand(0f32, 1f32, (n, c, 1, 1), x.device())?
-        .ge(p as f32)?
-        .to_dtype(x.dtype())?;
-    x.broadcast_mul(&(keep / (1.0 - p))?)
+    let scale = 1.0 / (1.0 - p);
+    let keep: Vec<f32> = DROPOUT_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (0..n * c)
+            .map(|_| if r.random_bool(p) { 0.0 } else { scale as f32 })
+            .collect()
+    });
+    let keep = Tensor::from_vec(keep, (n, c, 1, 1), x.device())?.to_dtype(x.dtype())?;
+    x.broadcast_mul(&keep)
 }

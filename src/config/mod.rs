@@ -1,0 +1,246 @@
+//! The configuration of one run: model, data, training and evaluation, as
+//! the serde structs the library uses. A TOML file (or a suite's resolved
+//! variant) deserialises into [`RunConfig`]; unknown keys and wrong types are
+//! errors that name the file, line and key.
+
+use crate::data::augment::AugmentConfig;
+use crate::data::sampler::SamplerConfig;
+use crate::data::synth::SynthConfig;
+use crate::data::{Dataset, Labels};
+use crate::model::{Fusion, ModelConfig};
+use crate::train::loss::LossConfig;
+use crate::train::optim::OptimConfig;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything one training + evaluation run needs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+}
+
+/// Where the images come from and how crops are made.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A Cityscapes-layout (or Mapillary) dataset; absent = the synthetic
+    /// benchmark, generated on first use under `synth_dir`.
+    pub root: Option<PathBuf>,
+    pub synth_dir: PathBuf,
+    pub synth: SynthConfig,
+    pub train_split: String,
+    pub val_split: String,
+    /// Evaluate on the first N validation images only.
+    pub val_limit: Option<usize>,
+    pub augment: AugmentConfig,
+    pub sampler: SamplerConfig,
+    /// A second source for a share of every batch (auto-labels or coarse).
+    pub second: Option<SecondSource>,
+    pub workers: usize,
+    pub prefetch: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            root: None,
+            synth_dir: PathBuf::from("data/synth"),
+            synth: SynthConfig::default(),
+            train_split: "train".into(),
+            val_split: "val".into(),
+            val_limit: None,
+            augment: AugmentConfig::default(),
+            sampler: SamplerConfig::default(),
+            second: None,
+            workers: 1,
+            prefetch: 4,
+        }
+    }
+}
+
+/// A second dataset in the Cityscapes layout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecondSource {
+    pub root: PathBuf,
+    pub split: String,
+    /// `fine` (gtFine, e.g. auto-labels) or `coarse` (gtCoarse).
+    #[serde(default = "fine")]
+    pub labels: String,
+}
+
+fn fine() -> String {
+    "fine".into()
+}
+
+/// How long and how to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub seed: u64,
+    pub steps: usize,
+    pub batch: usize,
+    pub optim: OptimConfig,
+    pub loss: LossConfig,
+    /// Save a resumable checkpoint every N steps (and at the end).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            steps: 1000,
+            batch: 4,
+            optim: OptimConfig::default(),
+            loss: LossConfig::default(),
+            checkpoint_every: 100,
+        }
+    }
+}
+
+/// One evaluation: a scale set, a fusion, with or without flip.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSet {
+    pub scales: Vec<f64>,
+    pub fusion: Fusion,
+    #[serde(default)]
+    pub flip: bool,
+}
+
+/// The evaluations of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    pub sets: Vec<EvalSet>,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            sets: vec![EvalSet {
+                scales: vec![1.0],
+                fusion: Fusion::Single,
+                flip: false,
+            }],
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
+        let cfg: Self = toml::from_str(text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        cfg.validate().map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Checks what serde cannot: value ranges and cross-field rules.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate().map_err(|e| prefix("model", e))?;
+        self.data.augment.validate("data.augment")?;
+        if self.train.batch == 0 {
+            return Err(Error::invalid("train.batch", "must be at least 1"));
+        }
+        if self.train.steps == 0 {
+            return Err(Error::invalid("train.steps", "must be at least 1"));
+        }
+        if self.train.checkpoint_every == 0 {
+            return Err(Error::invalid("train.checkpoint_every", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.data.sampler.class_uniform) {
+            return Err(Error::invalid(
+                "data.sampler.class_uniform",
+                "is a share in [0, 1]",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.data.sampler.second_share) {
+            return Err(Error::invalid(
+                "data.sampler.second_share",
+                "is a share in [0, 1]",
+            ));
+        }
+        if let Some(s) = &self.data.second {
+            if s.labels != "fine" && s.labels != "coarse" {
+                return Err(Error::invalid("data.second.labels", "is `fine` or `coarse`"));
+            }
+        }
+        for (i, set) in self.eval.sets.iter().enumerate() {
+            let field = format!("eval.sets[{i}].scales");
+            set.fusion.check_scales(&set.scales, &field)?;
+            if set.fusion == Fusion::Explicit {
+                let mut a = set.scales.clone();
+                let mut b = self.model.scales.clone();
+                a.sort_by(f64::total_cmp);
+                b.sort_by(f64::total_cmp);
+                if self.model.fusion != Fusion::Explicit || a != b {
+                    return Err(Error::invalid(
+                        field,
+                        "explicit attention is evaluated on exactly the scales it was trained with",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The dataset root, generating the synthetic benchmark when needed.
+    pub fn data_root(&self) -> Result<PathBuf> {
+        match &self.data.root {
+            Some(r) => Ok(r.clone()),
+            None => {
+                crate::data::synth::generate(&self.data.synth, &self.data.synth_dir)?;
+                Ok(self.data.synth_dir.clone())
+            }
+        }
+    }
+
+    /// The training split and the second source, if any.
+    pub fn train_sources(&self) -> Result<Vec<Dataset>> {
+        let root = self.data_root()?;
+        let mut v = vec![Dataset::open(&root, &self.data.train_split, Labels::Fine)?];
+        if let Some(s) = &self.data.second {
+            let labels = if s.labels == "coarse" {
+                Labels::Coarse
+            } else {
+                Labels::Fine
+            };
+            v.push(Dataset::open(&s.root, &s.split, labels)?);
+        }
+        Ok(v)
+    }
+
+    pub fn val_dataset(&self) -> Result<Dataset> {
+        let mut ds = Dataset::open(&self.data_root()?, &self.data.val_split, Labels::Fine)?;
+        if let Some(n) = self.data.val_limit {
+            ds.samples.truncate(n);
+        }
+        Ok(ds)
+    }
+}
+
+fn prefix(p: &str, e: Error) -> Error {
+    match e {
+        Error::Invalid { field, msg } => Error::Invalid {
+            field: format!("{p}.{field}"),
+            msg,
+        },
+        e => e,
+    }
+}

@@ -1,0 +1,263 @@
+//! Training: the paper's recipe (SGD momentum 0.9, weight decay 5e-4,
+//! polynomial decay; main loss on the fused prediction, 0.4 x CE on the fused
+//! aux logits) over the network's own forward, with resumable checkpoints.
+//!
+//! - Modes follow the model config: `single` (one scale), `hierarchical`
+//!   ({0.5, 1.0}), `explicit` (every scale it will be evaluated on).
+//! - Step `s` uses batch `s mod B` of epoch `s div B` of the sampler's plan,
+//!   with its own seeds for augmentation and dropout; a checkpoint holds the
+//!   weights (with BN statistics), the momentum buffers and the step, which is
+//!   all the state there is, so a resumed run repeats the uninterrupted one.
+//! - Checkpoints are written to a fresh folder and then named in `latest`
+//!   (atomic rename), so a kill at any moment leaves the last good one.
+
+pub mod loss;
+pub mod optim;
+
+use crate::config::RunConfig;
+use crate::data::loader::{batch_seed, Loader};
+use crate::data::sampler::{epoch_plan, Centroids, Source};
+use crate::model::init::seeded_varbuilder;
+use crate::model::{layers, HmsaNet};
+use crate::{Error, Result};
+use candle_core::Device;
+use candle_nn::VarMap;
+use optim::{lr_at, Sgd};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f32,
+    pub main: f32,
+    pub aux: f32,
+    pub lr: f64,
+    pub secs: f64,
+}
+
+/// Hooks for whoever runs the training (the lab records steps in its
+/// database and stops on Ctrl-C).
+pub trait Observer {
+    fn on_step(&mut self, _m: &StepMetrics) -> Result<()> {
+        Ok(())
+    }
+    fn on_checkpoint(&mut self, _step: usize, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// Checked after every step; true saves a checkpoint and returns.
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// An observer that does nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// How a training call ended.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    /// Steps done in total (== config steps when finished).
+    pub step: usize,
+    pub finished: bool,
+    /// Steps run by this call, with their metrics.
+    pub steps: Vec<StepMetrics>,
+    /// The final weights (`model.safetensors` in the run folder) when finished.
+    pub weights: Option<PathBuf>,
+    pub resumed_from: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CkptState {
+    step: usize,
+}
+
+/// The latest complete checkpoint folder of a run, if any.
+pub fn latest_checkpoint(run_dir: &Path) -> Option<(usize, PathBuf)> {
+    let name = std::fs::read_to_string(run_dir.join("ckpt/latest")).ok()?;
+    let dir = run_dir.join("ckpt").join(name.trim());
+    let st: CkptState = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).ok()?).ok()?;
+    Some((st.step, dir))
+}
+
+fn write_checkpoint(run_dir: &Path, step: usize, vm: &VarMap, opt: &Sgd) -> Result<PathBuf> {
+    let ck = run_dir.join("ckpt");
+    let dir = ck.join(format!("step-{step:07}"));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    crate::model::checkpoint::save_varmap(vm, &dir.join("model.safetensors"))?;
+    opt.save(&dir.join("optim.safetensors"))?;
+    let st = serde_json::to_string(&CkptState { step }).expect("serialisable");
+    std::fs::write(dir.join("state.json"), st).map_err(|e| Error::io(&dir, e))?;
+    let tmp = ck.join("latest.tmp");
+    std::fs::write(&tmp, format!("step-{step:07}")).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, ck.join("latest")).map_err(|e| Error::io(&ck, e))?;
+    // Older checkpoints are no longer needed.
+    if let Ok(rd) = std::fs::read_dir(&ck) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() && p != dir {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+    }
+    Ok(dir)
+}
+
+/// Trains (or resumes) the run whose folder is `run_dir`.
+pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<TrainReport> {
+    cfg.validate()?;
+    let t = &cfg.train;
+    let dev = Device::Cpu;
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let mut vm = VarMap::new();
+    let net = HmsaNet::new(&cfg.model, seeded_varbuilder(&vm, t.seed, &dev))?;
+    let vars: Vec<_> = vm
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut opt = Sgd::new(vars, &t.optim);
+    let mut start = 0;
+    let resumed_from = latest_checkpoint(run_dir);
+    if let Some((step, dir)) = &resumed_from {
+        vm.load(dir.join("model.safetensors"))
+            .map_err(|e| Error::Checkpoint {
+                path: dir.join("model.safetensors"),
+                msg: e.to_string(),
+            })?;
+        opt.load(&dir.join("optim.safetensors"))?;
+        start = *step;
+        tracing::info!(step, "resuming");
+    }
+
+    let sources = cfg.train_sources()?;
+    let cache = |ds: &crate::data::Dataset, tag: &str| {
+        ds.root.join(".hmsa-cache").join(format!(
+            "centroids-{}-{tag}-{}.json",
+            ds.split, cfg.data.sampler.tile
+        ))
+    };
+    let mut cents = Vec::with_capacity(sources.len());
+    for (i, ds) in sources.iter().enumerate() {
+        cents.push(if cfg.data.sampler.class_uniform > 0.0 {
+            Some(Centroids::load_or_compute(
+                ds,
+                cfg.data.sampler.tile,
+                &cache(ds, &i.to_string()),
+            )?)
+        } else {
+            None
+        });
+    }
+    let per_epoch = sources[0].len().div_ceil(t.batch).max(1);
+    let sources = Arc::new(sources);
+
+    let bar = indicatif::ProgressBar::new(t.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {per_sec} {msg} (eta {eta})")
+            .expect("template"),
+    );
+    if std::env::var_os("HMSA_NO_PROGRESS").is_some() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_position(start as u64);
+
+    let mut report = TrainReport {
+        step: start,
+        finished: false,
+        steps: vec![],
+        weights: None,
+        resumed_from: resumed_from.map(|(s, _)| s),
+    };
+    let mut step = start;
+    'epochs: while step < t.steps {
+        let epoch = (step / per_epoch) as u64;
+        let first = step % per_epoch;
+        let primary = Source {
+            dataset: &sources[0],
+            centroids: cents[0].as_ref(),
+        };
+        let second = sources.get(1).map(|d| Source {
+            dataset: d,
+            centroids: cents[1].as_ref(),
+        });
+        let plan = epoch_plan(
+            &primary,
+            second.as_ref(),
+            &cfg.data.sampler,
+            t.batch,
+            per_epoch,
+            t.seed,
+            epoch,
+        )?;
+        let loader = Loader::spawn(
+            sources.clone(),
+            Arc::new(plan),
+            first,
+            cfg.data.augment.clone(),
+            t.seed,
+            epoch,
+            cfg.data.workers,
+            cfg.data.prefetch,
+        );
+        for batch in loader {
+            let batch = batch?;
+            let t0 = Instant::now();
+            layers::seed_dropout(batch_seed(t.seed ^ 0xD50F, epoch, batch.index));
+            let lr = lr_at(&t.optim, step, t.steps);
+            let (fused, outs) = net.infer(&batch.images, cfg.model.fusion, &cfg.model.scales, false, true)?;
+            let parts = loss::combined(&t.loss, &fused, &outs, &batch.labels)?;
+            let value = parts
+                .total
+                .to_dtype(candle_core::DType::F32)?
+                .to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(Error::NonFinite { step, value });
+            }
+            let grads = parts.total.backward()?;
+            opt.step(&grads, lr)?;
+            step += 1;
+            let m = StepMetrics {
+                step,
+                loss: value,
+                main: parts.main,
+                aux: parts.aux,
+                lr,
+                secs: t0.elapsed().as_secs_f64(),
+            };
+            obs.on_step(&m)?;
+            report.steps.push(m);
+            bar.set_position(step as u64);
+            bar.set_message(format!("loss {value:.4} lr {lr:.2e}"));
+            tracing::debug!(step, loss = value, lr, "step");
+            let stop = obs.should_stop();
+            if step % t.checkpoint_every == 0 || step == t.steps || stop {
+                let dir = write_checkpoint(run_dir, step, &vm, &opt)?;
+                obs.on_checkpoint(step, &dir)?;
+            }
+            if stop {
+                report.step = step;
+                bar.abandon_with_message(format!("stopped at step {step}"));
+                return Ok(report);
+            }
+            if step >= t.steps {
+                break 'epochs;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let weights = run_dir.join("model.safetensors");
+    let tmp = run_dir.join("model.safetensors.tmp");
+    crate::model::checkpoint::save_varmap(&vm, &tmp)?;
+    std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
+    report.step = step;
+    report.finished = true;
+    report.weights = Some(weights);
+    Ok(report)
+}
