@@ -36,7 +36,7 @@ pub fn threshold_labels(probs: &Tensor, threshold: f64) -> Result<Vec<u8>> {
     Ok(top
         .iter()
         .zip(arg)
-        .map(|(&p, a)| if (p as f64) >= threshold { a } else { IGNORE })
+        .map(|(&p, a)| if p >= threshold as f32 { a } else { IGNORE })
         .collect())
 }
 

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use hmsa_lab::config::RunConfig;
 use hmsa_lab::data::synth::{self, SynthConfig};
 use hmsa_lab::data::{check, Dataset, Labels};
 use hmsa_lab::eval::infer::{infer_all, read_inputs, InferOptions};
@@ -32,6 +33,58 @@ enum Cmd {
     /// Dataset tools.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Train one run config (resumes from the run folder's last checkpoint), then evaluate.
+    Train(TrainArgs),
+    /// Score a folder of labelIds predictions against Cityscapes ground truth.
+    Eval(EvalArgs),
+    /// Label images with a teacher; low-confidence pixels become ignore.
+    Autolabel(AutolabelArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Run config TOML ([model], [data], [train], [eval]).
+    #[arg(long)]
+    config: PathBuf,
+    /// Run folder: checkpoints, final weights, evaluation JSON.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    pred_dir: PathBuf,
+    #[arg(long)]
+    gt_dir: PathBuf,
+    /// table or json
+    #[arg(long, default_value = "table")]
+    format: String,
+}
+
+#[derive(Args)]
+struct AutolabelArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Teacher weights.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Dataset root (Cityscapes layout) holding the images to label.
+    #[arg(long)]
+    data: PathBuf,
+    /// Split to label.
+    #[arg(long, default_value = "train_extra")]
+    split: String,
+    #[arg(long, value_parser = parse_scale_list)]
+    scales: Option<ScaleList>,
+    #[arg(long)]
+    fusion: Option<Fusion>,
+    /// Pixels whose top probability is below this become ignore.
+    #[arg(long, default_value_t = 0.9)]
+    threshold: f64,
+    /// Output root (Cityscapes layout: leftImg8bit + gtFine).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -284,6 +337,82 @@ fn data_check(dir: &std::path::Path, splits: &[String]) -> Result<bool> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Train(a) => {
+            let cfg = RunConfig::from_toml_file(&a.config)?;
+            let report = hmsa_lab::train::train(&cfg, &a.out, &mut hmsa_lab::train::Quiet)?;
+            let weights = report.weights.context("training did not finish")?;
+            let net = checkpoint::load(&cfg.model, &weights, &device()?)?;
+            let results = hmsa_lab::eval::evaluate(&net, &cfg.val_dataset()?, &cfg.eval.sets, &device()?)?;
+            let path = a.out.join("eval.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&results)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            for r in &results {
+                println!(
+                    "{:<13} {:<20} flip={:<5} mIoU {:.4}  pixel acc {:.4}  {:.0} ms/image",
+                    r.set.fusion.name(),
+                    hmsa_lab::model::fusion::format_scales(&r.set.scales),
+                    r.set.flip,
+                    r.metrics.miou,
+                    r.metrics.pixel_acc,
+                    r.ms_per_image
+                );
+            }
+        }
+        Cmd::Eval(a) => {
+            let (m, n) = hmsa_lab::eval::folder::score_folders(&a.pred_dir, &a.gt_dir)?;
+            let names: Vec<&str> = hmsa_lab::data::cityscapes::CLASSES
+                .iter()
+                .map(|c| c.name)
+                .collect();
+            match a.format.as_str() {
+                "json" => {
+                    let per: serde_json::Map<String, serde_json::Value> = names
+                        .iter()
+                        .zip(&m.iou)
+                        .map(|(n, v)| (n.to_string(), v.map_or(serde_json::Value::Null, |v| v.into())))
+                        .collect();
+                    let out = serde_json::json!({"miou": m.miou, "images": n, "pixel_acc": m.pixel_acc, "iou": per});
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                }
+                "table" => {
+                    let mut t = comfy_table::Table::new();
+                    t.set_header(vec!["class", "IoU"]);
+                    for (name, v) in names.iter().zip(&m.iou) {
+                        t.add_row(vec![
+                            name.to_string(),
+                            v.map_or("-".into(), |v| format!("{:.4}", v)),
+                        ]);
+                    }
+                    println!(
+                        "{t}\nmIoU {:.4} over {n} images (pixel accuracy {:.4})",
+                        m.miou, m.pixel_acc
+                    );
+                }
+                f => bail!("--format {f}: expected table or json"),
+            }
+        }
+        Cmd::Autolabel(a) => {
+            let cfg = a.net.resolve()?;
+            let dev = device()?;
+            let net = checkpoint::load(&cfg, &a.checkpoint, &dev)?;
+            let ds = Dataset::open(&a.data, &a.split, Labels::None)?;
+            let scales = a.scales.map_or_else(|| cfg.scales.clone(), |s| s.0);
+            let fusion = a.fusion.unwrap_or(cfg.fusion);
+            let s = hmsa_lab::autolabel::autolabel(&net, &ds, &scales, fusion, a.threshold, &a.out, &dev)?;
+            let total = (s.kept.iter().sum::<u64>() + s.dropped).max(1) as f64;
+            println!("{} images labelled into {}", s.images, a.out.display());
+            for (c, k) in hmsa_lab::data::cityscapes::CLASSES.iter().zip(&s.kept) {
+                if *k > 0 {
+                    println!("  {:<14} {:>6.2}% of pixels", c.name, 100.0 * *k as f64 / total);
+                }
+            }
+            println!(
+                "  {:<14} {:>6.2}% of pixels (below {})",
+                "ignored",
+                100.0 * s.dropped as f64 / total,
+                a.threshold
+            );
+        }
         Cmd::Synth(a) => synth(a)?,
         Cmd::Data(DataCmd::Check { dir, split }) => {
             if !data_check(&dir, &split)? {

@@ -3,6 +3,7 @@
 mod cli;
 mod data;
 mod model;
+mod train;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;

@@ -1,0 +1,346 @@
+//! Training end to end on tiny data: overfitting, RMI, exact resume, the
+//! evaluator, folder scoring and auto-labelling.
+
+use super::*;
+use hmsa_lab::config::{EvalSet, RunConfig};
+use hmsa_lab::train::{train, Observer, Quiet, StepMetrics};
+use image::{GrayImage, Luma, Rgb, RgbImage};
+use std::path::Path;
+
+/// One 64x128 street-like image with four large regions (sky, building,
+/// road, car) and its labelIds, written in the Cityscapes layout as both the
+/// train and the val split.
+fn blocks_dataset(root: &Path) {
+    let (w, h) = (128u32, 64u32);
+    let lab = GrayImage::from_fn(w, h, |x, y| {
+        Luma([if y < 16 {
+            23 // sky
+        } else if y < 36 {
+            11 // building
+        } else if (40..60).contains(&x) && y < 52 {
+            26 // car
+        } else {
+            7 // road
+        }])
+    });
+    let img = RgbImage::from_fn(w, h, |x, y| {
+        let n = ((x * 7 + y * 13) % 11) as u8;
+        match lab.get_pixel(x, y)[0] {
+            23 => Rgb([110 + n, 150 + n, 210]),
+            11 => Rgb([120 + n, 100 + n, 90 + n]),
+            26 => Rgb([30, 40 + n, 160]),
+            _ => Rgb([80 + n, 80 + n, 85 + n]),
+        }
+    });
+    for split in ["train", "val"] {
+        let i = root.join(format!("leftImg8bit/{split}/c/c_000000_000000_leftImg8bit.png"));
+        let l = root.join(format!("gtFine/{split}/c/c_000000_000000_gtFine_labelIds.png"));
+        std::fs::create_dir_all(i.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(l.parent().unwrap()).unwrap();
+        img.save(&i).unwrap();
+        lab.save(&l).unwrap();
+    }
+}
+
+fn overfit_config(root: &Path) -> RunConfig {
+    let text = format!(
+        r#"
+[model]
+ocr_mid_channels = 32
+ocr_key_channels = 16
+attn_bottleneck = 16
+fusion = "single"
+scales = [1.0]
+[model.backbone]
+stem_width = 16
+layer1_planes = 8
+layer1_blocks = 1
+widths = [16, 16, 32, 32]
+modules = [1, 1, 1]
+blocks = [1, 1, 1]
+
+[data]
+root = "{}"
+[data.augment]
+crop = [64, 128]
+scale_min = 1.0
+scale_max = 1.0
+flip = false
+blur = 0.0
+color_jitter = 0.0
+[data.sampler]
+class_uniform = 0.0
+
+[train]
+steps = 60
+batch = 1
+checkpoint_every = 1000
+[train.optim]
+lr = 0.02
+poly_power = 1.0
+[train.loss]
+main = "ce"
+"#,
+        root.display()
+    );
+    RunConfig::from_toml_str(&text, Path::new("overfit.toml")).unwrap()
+}
+
+#[test]
+fn a_small_model_overfits_one_image() {
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset(d.path());
+    let cfg = overfit_config(d.path());
+    let r = train(&cfg, &d.path().join("run"), &mut Quiet).unwrap();
+    assert!(r.finished && r.step == 60);
+    let net =
+        hmsa_lab::model::checkpoint::load(&cfg.model, r.weights.as_ref().unwrap(), &candle_core::Device::Cpu)
+            .unwrap();
+    let res = hmsa_lab::eval::evaluate(
+        &net,
+        &cfg.val_dataset().unwrap(),
+        &cfg.eval.sets,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let first = r.steps[0].loss;
+    let last = r.steps.last().unwrap().loss;
+    assert!(
+        res[0].metrics.miou > 0.9,
+        "mIoU {} (loss {first} -> {last})",
+        res[0].metrics.miou
+    );
+}
+
+#[test]
+fn rmi_is_finite_and_decreases() {
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset(d.path());
+    let mut cfg = overfit_config(d.path());
+    cfg.train.loss.main = hmsa_lab::train::loss::MainLoss::Rmi;
+    cfg.train.steps = 30;
+    let r = train(&cfg, &d.path().join("run"), &mut Quiet).unwrap();
+    let main: Vec<f32> = r.steps.iter().map(|s| s.main).collect();
+    assert!(main.iter().all(|v| v.is_finite()));
+    let head: f32 = main[..5].iter().sum::<f32>() / 5.0;
+    let tail: f32 = main[main.len() - 5..].iter().sum::<f32>() / 5.0;
+    assert!(tail < head * 0.8, "RMI {head} -> {tail}");
+}
+
+/// Stops after `at` steps, like Ctrl-C.
+struct StopAt(usize, usize);
+impl Observer for StopAt {
+    fn on_step(&mut self, m: &StepMetrics) -> hmsa_lab::Result<()> {
+        self.1 = m.step;
+        Ok(())
+    }
+    fn should_stop(&self) -> bool {
+        self.1 >= self.0
+    }
+}
+
+#[test]
+fn resuming_repeats_the_uninterrupted_run_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset(d.path());
+    let mut cfg = overfit_config(d.path());
+    // every source of randomness on: scale, flip, blur, jitter, class-uniform
+    // crops, dropout; hierarchical two-scale training with RMI.
+    cfg.data.augment = hmsa_lab::data::augment::AugmentConfig {
+        crop: [64, 64],
+        ..Default::default()
+    };
+    cfg.data.sampler.class_uniform = 0.5;
+    cfg.data.sampler.tile = 32;
+    cfg.model.fusion = hmsa_lab::model::Fusion::Hierarchical;
+    cfg.model.scales = vec![0.5, 1.0];
+    cfg.train.loss.main = hmsa_lab::train::loss::MainLoss::Rmi;
+    cfg.train.batch = 2;
+    cfg.train.steps = 6;
+    cfg.train.checkpoint_every = 2;
+    let whole = train(&cfg, &d.path().join("a"), &mut Quiet).unwrap();
+    let b = d.path().join("b");
+    let part = train(&cfg, &b, &mut StopAt(3, 0)).unwrap();
+    assert!(!part.finished && part.step == 3);
+    let rest = train(&cfg, &b, &mut Quiet).unwrap();
+    assert_eq!(rest.resumed_from, Some(3));
+    let a: Vec<f32> = whole.steps.iter().map(|s| s.loss).collect();
+    let mut bb: Vec<f32> = part.steps.iter().map(|s| s.loss).collect();
+    bb.extend(rest.steps.iter().map(|s| s.loss));
+    assert_eq!(a, bb, "loss curves differ");
+    let wa = std::fs::read(d.path().join("a/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ");
+}
+
+#[test]
+fn a_nan_loss_stops_with_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset(d.path());
+    let mut cfg = overfit_config(d.path());
+    cfg.train.optim.lr = 1e12;
+    cfg.train.steps = 20;
+    let e = train(&cfg, &d.path().join("run"), &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("training diverged") && e.contains("at step"), "{e}");
+}
+
+#[test]
+fn evaluation_sets_share_one_pass_and_match_single_runs() {
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset(d.path());
+    let cfg = overfit_config(d.path());
+    let (_, net) = fresh(
+        &{
+            let mut m = cfg.model.clone();
+            m.fusion = hmsa_lab::model::Fusion::Hierarchical;
+            m.scales = vec![0.5, 1.0];
+            m
+        },
+        3,
+    );
+    let ds = cfg.val_dataset().unwrap();
+    let set = |s: &[f64], f, flip| EvalSet {
+        scales: s.to_vec(),
+        fusion: f,
+        flip,
+    };
+    use hmsa_lab::model::Fusion::*;
+    let sets = vec![
+        set(&[1.0], Single, false),
+        set(&[0.5, 1.0, 2.0], Average, true),
+        set(&[0.5, 1.0], Hierarchical, false),
+        set(&[0.25, 0.5, 1.0, 2.0], Hierarchical, false),
+    ];
+    let dev = candle_core::Device::Cpu;
+    let together = hmsa_lab::eval::evaluate(&net, &ds, &sets, &dev).unwrap();
+    for (i, s) in sets.iter().enumerate() {
+        let alone = hmsa_lab::eval::evaluate(&net, &ds, std::slice::from_ref(s), &dev).unwrap();
+        assert_eq!(alone[0].confusion, together[i].confusion, "set {i}");
+    }
+    // hierarchical sets report one mean attention per non-top scale
+    assert_eq!(
+        together[3].attn_means.iter().map(|a| a.0).collect::<Vec<_>>(),
+        vec![1.0, 0.5, 0.25]
+    );
+    let total: u64 = together[0].confusion.m.iter().sum();
+    assert_eq!(total, 64 * 128);
+}
+
+fn gray(p: &Path, w: u32, h: u32, v: &[u8]) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    GrayImage::from_raw(w, h, v.to_vec()).unwrap().save(p).unwrap();
+}
+
+#[test]
+fn folder_scoring_agrees_with_a_hand_computed_case() {
+    let d = tempfile::tempdir().unwrap();
+    let (gt, pr) = (d.path().join("gt"), d.path().join("pred"));
+    // image a (2x2): gt road, road, car, void(0); pred road, car, car, road
+    gray(
+        &gt.join("x/x_000001_000002_gtFine_labelIds.png"),
+        2,
+        2,
+        &[7, 7, 26, 0],
+    );
+    gray(
+        &pr.join("x_000001_000002_leftImg8bit_pred.png"),
+        2,
+        2,
+        &[7, 26, 26, 7],
+    );
+    // image b (2x1): gt road, sky; pred ground (labelId 6, not evaluated), sky
+    gray(&gt.join("y/y_000003_000004_gtFine_labelIds.png"), 2, 1, &[7, 23]);
+    gray(&pr.join("sub/y_000003_000004.png"), 2, 1, &[6, 23]);
+    // road: tp 1, fn 2 (one predicted car, one "ground"), fp 0 (the void pixel
+    // does not count) -> 1/3. car: tp 1, fp 1 -> 1/2. sky: 1.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_hmsa-lab"))
+        .args([
+            "eval",
+            "--pred-dir",
+            pr.to_str().unwrap(),
+            "--gt-dir",
+            gt.to_str().unwrap(),
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let iou = |n: &str| v["iou"][n].as_f64();
+    assert!((iou("road").unwrap() - 1.0 / 3.0).abs() < 1e-9, "{v}");
+    assert!((iou("car").unwrap() - 0.5).abs() < 1e-9);
+    assert!((iou("sky").unwrap() - 1.0).abs() < 1e-9);
+    assert_eq!(iou("bicycle"), None);
+    assert!((v["miou"].as_f64().unwrap() - (1.0 / 3.0 + 0.5 + 1.0) / 3.0).abs() < 1e-9);
+    // a ground-truth file without its prediction is named
+    gray(&gt.join("z/z_000005_000006_gtFine_labelIds.png"), 2, 1, &[7, 7]);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_hmsa-lab"))
+        .args([
+            "eval",
+            "--pred-dir",
+            pr.to_str().unwrap(),
+            "--gt-dir",
+            gt.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("z_000005_000006_gtFine_labelIds.png") && e.contains("no prediction"),
+        "{e}"
+    );
+}
+
+#[test]
+fn autolabel_writes_a_cityscapes_layout_the_sampler_reads() {
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset(d.path());
+    let cfg = overfit_config(d.path());
+    let r = train(&cfg, &d.path().join("run"), &mut Quiet).unwrap();
+    let toml = d.path().join("model.toml");
+    std::fs::write(&toml, toml::to_string(&cfg.model).unwrap()).unwrap();
+    let out = d.path().join("auto");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_hmsa-lab"))
+        .args([
+            "autolabel",
+            "--config",
+            toml.to_str().unwrap(),
+            "--checkpoint",
+            r.weights.as_ref().unwrap().to_str().unwrap(),
+            "--data",
+            d.path().to_str().unwrap(),
+            "--split",
+            "val",
+            "--scales",
+            "1.0",
+            "--fusion",
+            "single",
+            "--threshold",
+            "0.9",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ds = hmsa_lab::data::Dataset::cityscapes(&out, "val", hmsa_lab::data::Labels::Fine).unwrap();
+    assert_eq!(ds.len(), 1);
+    let (_, lab) = ds.load(0).unwrap();
+    let lab = lab.unwrap();
+    let kept = lab.pixels().filter(|p| p[0] != 255).count();
+    // an overfitted teacher is confident on most pixels, and right where it is
+    assert!(kept > lab.len() / 2, "kept {kept} of {}", lab.len());
+    let truth = hmsa_lab::data::Dataset::cityscapes(d.path(), "val", hmsa_lab::data::Labels::Fine).unwrap();
+    let (_, t) = truth.load(0).unwrap();
+    let right = lab
+        .pixels()
+        .zip(t.unwrap().pixels())
+        .filter(|(a, b)| a[0] != 255 && a[0] == b[0])
+        .count();
+    assert!(right as f64 > 0.95 * kept as f64);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ignored"));
+}
