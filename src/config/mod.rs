@@ -83,7 +83,9 @@ fn fine() -> String {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     pub seed: u64,
+    /// Optimiser steps; `epochs`, when set, replaces it by epochs x batches per epoch.
     pub steps: usize,
+    pub epochs: Option<usize>,
     pub batch: usize,
     pub optim: OptimConfig,
     pub loss: LossConfig,
@@ -96,6 +98,7 @@ impl Default for TrainConfig {
         Self {
             seed: 0,
             steps: 1000,
+            epochs: None,
             batch: 4,
             optim: OptimConfig::default(),
             loss: LossConfig::default(),
@@ -158,7 +161,7 @@ impl RunConfig {
         if self.train.batch == 0 {
             return Err(Error::invalid("train.batch", "must be at least 1"));
         }
-        if self.train.steps == 0 {
+        if self.train.steps == 0 || self.train.epochs == Some(0) {
             return Err(Error::invalid("train.steps", "must be at least 1"));
         }
         if self.train.checkpoint_every == 0 {

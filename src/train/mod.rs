@@ -156,9 +156,10 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
         });
     }
     let per_epoch = sources[0].len().div_ceil(t.batch).max(1);
+    let total = t.epochs.map_or(t.steps, |e| e * per_epoch);
     let sources = Arc::new(sources);
 
-    let bar = indicatif::ProgressBar::new(t.steps as u64);
+    let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {per_sec} {msg} (eta {eta})")
             .expect("template"),
@@ -176,7 +177,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
         resumed_from: resumed_from.map(|(s, _)| s),
     };
     let mut step = start;
-    'epochs: while step < t.steps {
+    'epochs: while step < total {
         let epoch = (step / per_epoch) as u64;
         let first = step % per_epoch;
         let primary = Source {
@@ -210,7 +211,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             let batch = batch?;
             let t0 = Instant::now();
             layers::seed_dropout(batch_seed(t.seed ^ 0xD50F, epoch, batch.index));
-            let lr = lr_at(&t.optim, step, t.steps);
+            let lr = lr_at(&t.optim, step, total);
             let (fused, outs) = net.infer(&batch.images, cfg.model.fusion, &cfg.model.scales, false, true)?;
             let parts = loss::combined(&t.loss, &fused, &outs, &batch.labels)?;
             let value = parts
@@ -237,7 +238,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             bar.set_message(format!("loss {value:.4} lr {lr:.2e}"));
             tracing::debug!(step, loss = value, lr, "step");
             let stop = obs.should_stop();
-            if step % t.checkpoint_every == 0 || step == t.steps || stop {
+            if step % t.checkpoint_every == 0 || step == total || stop {
                 let dir = write_checkpoint(run_dir, step, &vm, &opt)?;
                 obs.on_checkpoint(step, &dir)?;
             }
@@ -246,7 +247,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
                 bar.abandon_with_message(format!("stopped at step {step}"));
                 return Ok(report);
             }
-            if step >= t.steps {
+            if step >= total {
                 break 'epochs;
             }
         }
