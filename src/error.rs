@@ -35,6 +35,10 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Input { path: PathBuf, msg: String },
 
+    /// The results database refused an operation.
+    #[error("results database: {0}")]
+    Store(String),
+
     /// The loss became NaN or infinite: the run stops here.
     #[error("the loss is {value} at step {step}: training diverged (lower train.optim.lr?)")]
     NonFinite { step: usize, value: f32 },

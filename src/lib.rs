@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod store;
 pub mod train;
 
 pub use error::{Error, Result};
