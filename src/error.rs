@@ -35,6 +35,10 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Input { path: PathBuf, msg: String },
 
+    /// A report or figure could not be written.
+    #[error("report: {0}")]
+    Report(String),
+
     /// The results database refused an operation.
     #[error("results database: {0}")]
     Store(String),

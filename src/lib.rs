@@ -11,7 +11,9 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod lab;
 pub mod model;
+pub mod report;
 pub mod store;
 pub mod train;
 

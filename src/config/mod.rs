@@ -3,6 +3,8 @@
 //! variant) deserialises into [`RunConfig`]; unknown keys and wrong types are
 //! errors that name the file, line and key.
 
+pub mod suite;
+
 use crate::data::augment::AugmentConfig;
 use crate::data::sampler::SamplerConfig;
 use crate::data::synth::SynthConfig;

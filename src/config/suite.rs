@@ -1,0 +1,403 @@
+//! Experiment suites: a TOML file with `[suite]`, `[defaults]` (a
+//! [`RunConfig`]) and `[[variant]]` entries that override keys of the
+//! defaults, list their evaluations, sweep axes and name a teacher. A suite
+//! expands into a plan of runs (variant x sweep point x seed) in dependency
+//! order, each with its resolved config and config hash.
+//!
+//! Errors name the file, the line of the offending section and the key:
+//! unknown keys and wrong types, hierarchical scale sets without 1.0, a
+//! teacher that does not exist, a dependency cycle.
+
+use super::{EvalSet, RunConfig};
+use crate::model::Fusion;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use toml::{Spanned, Table, Value};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuiteFile {
+    suite: SuiteHeader,
+    #[serde(default)]
+    defaults: Option<Spanned<Table>>,
+    #[serde(default)]
+    variant: Vec<Spanned<VariantSpec>>,
+}
+
+/// `[suite]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteHeader {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Free text naming the dataset (the data itself is `[defaults.data]`).
+    #[serde(default)]
+    pub dataset: String,
+    #[serde(default = "one_seed")]
+    pub seeds: Vec<u64>,
+    /// The variant the others are compared with (default: the first).
+    #[serde(default)]
+    pub baseline: Option<String>,
+    /// Where run folders go, relative to the working directory.
+    #[serde(default = "runs_dir")]
+    pub runs_dir: PathBuf,
+}
+
+fn one_seed() -> Vec<u64> {
+    vec![0]
+}
+
+fn runs_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+
+/// What a student variant does with its teacher.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutolabelSpec {
+    /// Split of the training dataset to label.
+    #[serde(default = "extra")]
+    pub split: String,
+    #[serde(default = "ninety")]
+    pub threshold: f64,
+    /// Teacher inference scales and fusion (default: the teacher's own).
+    pub scales: Option<Vec<f64>>,
+    pub fusion: Option<Fusion>,
+    /// Share of each batch from the auto-labelled images.
+    #[serde(default = "half")]
+    pub share: f64,
+}
+
+fn extra() -> String {
+    "train_extra".into()
+}
+fn ninety() -> f64 {
+    0.9
+}
+fn half() -> f64 {
+    0.5
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VariantSpec {
+    name: String,
+    #[serde(default)]
+    description: String,
+    model: Option<Table>,
+    data: Option<Table>,
+    train: Option<Table>,
+    eval: Option<Vec<EvalSet>>,
+    #[serde(default)]
+    sweep: BTreeMap<String, Vec<Value>>,
+    teacher: Option<String>,
+    autolabel: Option<AutolabelSpec>,
+}
+
+/// One run of the plan.
+#[derive(Clone, Debug)]
+pub struct PlannedRun {
+    /// Variant name with its sweep point, e.g. `hier[lr=0.02]`.
+    pub variant: String,
+    /// The `[[variant]]` it comes from.
+    pub base: String,
+    pub seed: u64,
+    pub config: RunConfig,
+    pub hash: String,
+    /// The teacher's planned run (same seed), index into the plan.
+    pub teacher: Option<usize>,
+    pub autolabel: Option<AutolabelSpec>,
+}
+
+/// A parsed suite and its plan.
+#[derive(Clone, Debug)]
+pub struct Suite {
+    pub file: PathBuf,
+    pub header: SuiteHeader,
+    pub baseline: String,
+    pub runs: Vec<PlannedRun>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Deep merge: tables merge key by key, anything else replaces.
+fn merge(base: &mut Table, over: &Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Sets `a.b.c = v` in a table, creating tables on the way.
+pub fn set_path(t: &mut Table, path: &str, v: Value) -> Result<()> {
+    let parts: Vec<&str> = path.split('.').collect();
+    let mut cur = t;
+    for p in &parts[..parts.len() - 1] {
+        let e = cur
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        cur = match e {
+            Value::Table(t) => t,
+            _ => return Err(Error::invalid(path, format!("`{p}` is not a table"))),
+        };
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), v);
+    Ok(())
+}
+
+/// Parses `key.path=value` (value as TOML, else as a string).
+pub fn parse_set(s: &str) -> Result<(String, Value)> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| Error::invalid("--set", format!("`{s}`: expected key.path=value")))?;
+    let v = v.trim();
+    let value = toml::from_str::<Table>(&format!("x = {v}"))
+        .ok()
+        .and_then(|mut t| t.remove("x"))
+        .unwrap_or_else(|| Value::String(v.to_string()));
+    Ok((k.trim().to_string(), value))
+}
+
+fn short(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(short).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// blake3 of the canonical config without its seed and evaluations, plus
+/// what a student inherits (its teacher's hash and the auto-label spec).
+pub fn config_hash(cfg: &RunConfig, teacher_hash: Option<&str>, al: Option<&AutolabelSpec>) -> String {
+    let mut c = cfg.clone();
+    c.train.seed = 0;
+    c.eval.sets.clear();
+    let canon = serde_json::json!({"config": c, "teacher": teacher_hash, "autolabel": al});
+    blake3::hash(canon.to_string().as_bytes()).to_hex().to_string()
+}
+
+impl Suite {
+    /// Reads, validates and expands a suite file; `sets` are `--set` overrides.
+    pub fn load(path: &Path, sets: &[(String, Value)]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg_err = |line: Option<usize>, msg: String| Error::Config {
+            path: match line {
+                Some(l) => PathBuf::from(format!("{}:{l}", path.display())),
+                None => path.to_path_buf(),
+            },
+            msg,
+        };
+        let file: SuiteFile = toml::from_str(&text).map_err(|e| {
+            let line = e.span().map(|s| line_of(&text, s.start));
+            cfg_err(line, e.message().to_string())
+        })?;
+        if file.suite.seeds.is_empty() {
+            return Err(cfg_err(None, "suite.seeds is empty".into()));
+        }
+        let (defaults, defaults_line) = match &file.defaults {
+            Some(d) => (d.get_ref().clone(), Some(line_of(&text, d.span().start))),
+            None => (Table::new(), None),
+        };
+        // The defaults alone must be a valid run config.
+        RunConfig::deserialize(Value::Table(defaults.clone()))
+            .map_err(|e| cfg_err(defaults_line, format!("[defaults]: {}", e.message())))?;
+        if file.variant.is_empty() {
+            return Err(cfg_err(None, "a suite needs at least one [[variant]]".into()));
+        }
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, v) in file.variant.iter().enumerate() {
+            let line = line_of(&text, v.span().start);
+            if names.insert(v.get_ref().name.clone(), i).is_some() {
+                return Err(cfg_err(
+                    Some(line),
+                    format!("variant `{}` is defined twice", v.get_ref().name),
+                ));
+            }
+        }
+        let baseline = file
+            .suite
+            .baseline
+            .clone()
+            .unwrap_or_else(|| file.variant[0].get_ref().name.clone());
+        if !names.contains_key(&baseline) {
+            return Err(cfg_err(
+                None,
+                format!("suite.baseline `{baseline}` is not a variant"),
+            ));
+        }
+        // Dependency order (teachers first), with unknown teachers and cycles reported.
+        let mut order = vec![];
+        let mut state = vec![0u8; file.variant.len()]; // 0 new, 1 visiting, 2 done
+        fn visit(
+            i: usize,
+            vs: &[Spanned<VariantSpec>],
+            names: &HashMap<String, usize>,
+            state: &mut [u8],
+            order: &mut Vec<usize>,
+            chain: &mut Vec<String>,
+        ) -> std::result::Result<(), String> {
+            if state[i] == 2 {
+                return Ok(());
+            }
+            let v = vs[i].get_ref();
+            chain.push(v.name.clone());
+            if state[i] == 1 {
+                return Err(format!("dependency cycle: {}", chain.join(" -> ")));
+            }
+            state[i] = 1;
+            if let Some(t) = &v.teacher {
+                let j = *names.get(t).ok_or_else(|| {
+                    format!("variant `{}` names teacher `{t}`, which does not exist", v.name)
+                })?;
+                visit(j, vs, names, state, order, chain)?;
+            }
+            state[i] = 2;
+            chain.pop();
+            order.push(i);
+            Ok(())
+        }
+        for i in 0..file.variant.len() {
+            let line = line_of(&text, file.variant[i].span().start);
+            visit(i, &file.variant, &names, &mut state, &mut order, &mut vec![])
+                .map_err(|m| cfg_err(Some(line), m))?;
+        }
+
+        let mut runs: Vec<PlannedRun> = vec![];
+        let mut first_run_of: HashMap<String, Vec<usize>> = HashMap::new();
+        for &vi in &order {
+            let spanned = &file.variant[vi];
+            let v = spanned.get_ref();
+            let line = Some(line_of(&text, spanned.span().start));
+            let verr = |msg: String| cfg_err(line, format!("variant `{}`: {msg}", v.name));
+            let mut base = defaults.clone();
+            for (section, over) in [("model", &v.model), ("data", &v.data), ("train", &v.train)] {
+                if let Some(o) = over {
+                    let mut t = Table::new();
+                    t.insert(section.into(), Value::Table(o.clone()));
+                    RunConfig::deserialize(Value::Table(t))
+                        .map_err(|e| verr(format!("{section}: {}", e.message())))?;
+                    let mut wrap = Table::new();
+                    wrap.insert(section.into(), Value::Table(o.clone()));
+                    merge(&mut base, &wrap);
+                }
+            }
+            if v.autolabel.is_some() && v.teacher.is_none() {
+                return Err(verr("`autolabel` needs a `teacher`".into()));
+            }
+            // Sweep: the cross product of every axis.
+            let mut points: Vec<Vec<(String, Value)>> = vec![vec![]];
+            for (key, values) in &v.sweep {
+                if values.is_empty() {
+                    return Err(verr(format!("sweep axis `{key}` has no values")));
+                }
+                points = points
+                    .into_iter()
+                    .flat_map(|p| {
+                        values.iter().map(move |val| {
+                            let mut q = p.clone();
+                            q.push((key.clone(), val.clone()));
+                            q
+                        })
+                    })
+                    .collect();
+            }
+            for point in points {
+                let mut t = base.clone();
+                for (k, val) in &point {
+                    set_path(&mut t, k, val.clone()).map_err(|e| verr(e.to_string()))?;
+                }
+                for (k, val) in sets {
+                    set_path(&mut t, k, val.clone()).map_err(|e| verr(format!("--set: {e}")))?;
+                }
+                let mut cfg =
+                    RunConfig::deserialize(Value::Table(t)).map_err(|e| verr(e.message().to_string()))?;
+                if let Some(ev) = &v.eval {
+                    cfg.eval.sets = ev.clone();
+                }
+                let name = if point.is_empty() {
+                    v.name.clone()
+                } else {
+                    let tags: Vec<String> = point
+                        .iter()
+                        .map(|(k, val)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), short(val)))
+                        .collect();
+                    format!("{}[{}]", v.name, tags.join(","))
+                };
+                for &seed in &file.suite.seeds {
+                    let mut c = cfg.clone();
+                    c.train.seed = seed;
+                    c.validate().map_err(|e| verr(e.to_string()))?;
+                    let teacher = match &v.teacher {
+                        None => None,
+                        Some(t) => {
+                            let cands: Vec<usize> = first_run_of
+                                .get(t)
+                                .map(|ix| ix.iter().copied().filter(|&j| runs[j].seed == seed).collect())
+                                .unwrap_or_default();
+                            match cands.as_slice() {
+                                [one] => Some(*one),
+                                _ => {
+                                    return Err(verr(format!(
+                                        "teacher `{t}` must give exactly one run per seed (it has {} for seed {seed})",
+                                        cands.len()
+                                    )))
+                                }
+                            }
+                        }
+                    };
+                    let hash = config_hash(&c, teacher.map(|j| runs[j].hash.as_str()), v.autolabel.as_ref());
+                    first_run_of.entry(v.name.clone()).or_default().push(runs.len());
+                    runs.push(PlannedRun {
+                        variant: name.clone(),
+                        base: v.name.clone(),
+                        seed,
+                        config: c,
+                        hash,
+                        teacher,
+                        autolabel: v.autolabel.clone(),
+                    });
+                }
+            }
+            let _ = &v.description;
+        }
+        Ok(Self {
+            file: path.to_path_buf(),
+            header: file.suite,
+            baseline,
+            runs,
+        })
+    }
+
+    /// The run folder of a planned run.
+    pub fn run_dir(&self, r: &PlannedRun) -> PathBuf {
+        let safe: String = r
+            .variant
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.header
+            .runs_dir
+            .join(&self.header.name)
+            .join(format!("{safe}-{}-s{}", &r.hash[..10], r.seed))
+    }
+
+    /// The default database: `<suite file stem>.db` beside the suite.
+    pub fn default_db(&self) -> PathBuf {
+        self.file.with_extension("db")
+    }
+}

@@ -1,0 +1,332 @@
+//! Running a suite: every planned run in dependency order, recorded in the
+//! results store.
+//!
+//! - A FINISHED run with the same config hash and seed is not trained again
+//!   (`force` retrains); evaluations it lacks are added.
+//! - A run is claimed in the database before it starts, so two `hmsa-lab
+//!   run` processes never execute it twice; a RUNNING run whose heartbeat is
+//!   stale is taken over and resumes from its last checkpoint.
+//! - A failing run is recorded FAILED with its error and the suite goes on
+//!   (`fail_fast` stops). Ctrl-C saves a checkpoint and marks the run KILLED.
+//! - A student (a variant with a teacher) first auto-labels the teacher's
+//!   images into its run folder, then trains with them as a second source.
+
+use crate::config::suite::{PlannedRun, Suite};
+use crate::config::{RunConfig, SecondSource};
+use crate::data::{Dataset, Labels};
+use crate::model::checkpoint;
+use crate::store::{Provenance, Status, Store};
+use crate::train::{Observer, StepMetrics};
+use crate::{Error, Result};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::runtime::Runtime;
+
+/// How to run a suite.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub force: bool,
+    pub fail_fast: bool,
+    /// A RUNNING run whose heartbeat is older than this is taken over.
+    pub stale_ms: i64,
+    pub heartbeat_ms: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            force: false,
+            fail_fast: false,
+            stale_ms: 60_000,
+            heartbeat_ms: 5_000,
+        }
+    }
+}
+
+/// What happened to each planned run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Already finished with every evaluation.
+    Done,
+    /// Finished earlier; missing evaluations were added.
+    Evaluated,
+    Trained,
+    /// Another process holds it.
+    Busy,
+    Failed(String),
+    Killed,
+}
+
+/// Where this process runs: git commit, host, versions.
+pub fn provenance() -> Provenance {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    Provenance {
+        git_commit: git(&["rev-parse", "HEAD"]),
+        git_dirty: git(&["status", "--porcelain"]).map(|s| !s.is_empty()),
+        host: std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into()),
+        versions: format!("hmsa-lab {}, candle 0.11", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+/// The flattened config as (key, value) params.
+pub fn flatten(cfg: &RunConfig) -> Vec<(String, String)> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&p, x, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut out = vec![];
+    walk("", &serde_json::to_value(cfg).expect("serialisable"), &mut out);
+    out
+}
+
+fn digest(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| blake3::hash(&b).to_hex().to_string())
+        .unwrap_or_default()
+}
+
+/// Records steps and heartbeats, and relays Ctrl-C.
+struct LabObserver<'a> {
+    rt: &'a Runtime,
+    store: &'a Store,
+    id: i64,
+    who: &'a str,
+    stop: &'a AtomicBool,
+}
+
+impl Observer for LabObserver<'_> {
+    fn on_step(&mut self, m: &StepMetrics) -> Result<()> {
+        let s = m.step as i64;
+        self.rt.block_on(self.store.log_metrics(
+            self.id,
+            &[
+                ("loss", s, m.loss as f64),
+                ("loss_main", s, m.main as f64),
+                ("loss_aux", s, m.aux as f64),
+                ("lr", s, m.lr),
+                ("step_secs", s, m.secs),
+            ],
+        ))?;
+        self.rt.block_on(self.store.heartbeat(self.id, self.who, Some(s)))
+    }
+
+    fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs every planned run of `suite`; returns each run's outcome.
+pub fn run_suite(
+    rt: &Runtime,
+    store: &Store,
+    suite: &Suite,
+    opts: &RunOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<(String, u64, Outcome)>> {
+    let h = &suite.header;
+    rt.block_on(store.upsert_suite(
+        &h.name,
+        &h.description,
+        &suite.file.display().to_string(),
+        &suite.baseline,
+    ))?;
+    let prov = provenance();
+    let who = format!("{}:{}:{}", prov.host, std::process::id(), crate::store::now_ms());
+    let mut out = vec![];
+    for r in &suite.runs {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let outcome = match run_one(rt, store, suite, r, opts, &who, &prov, &stop) {
+            Ok(o) => o,
+            Err(e) => {
+                if let Some(row) = rt.block_on(store.find_run(&h.name, &r.variant, &r.hash, r.seed))? {
+                    rt.block_on(store.end_run(row.id, &who, Status::Failed, Some(&format!("{e:#}"))))?;
+                }
+                tracing::error!(variant = %r.variant, seed = r.seed, "run failed: {e}");
+                if opts.fail_fast {
+                    return Err(e);
+                }
+                Outcome::Failed(e.to_string())
+            }
+        };
+        eprintln!("{} seed {}: {:?}", r.variant, r.seed, outcome);
+        out.push((r.variant.clone(), r.seed, outcome));
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    rt: &Runtime,
+    store: &Store,
+    suite: &Suite,
+    r: &PlannedRun,
+    opts: &RunOptions,
+    who: &str,
+    prov: &Provenance,
+    stop: &Arc<AtomicBool>,
+) -> Result<Outcome> {
+    let h = &suite.header;
+    let run_dir = suite.run_dir(r);
+    let json = serde_json::to_string(&r.config).expect("serialisable");
+    let row = rt.block_on(store.ensure_run(
+        &h.name,
+        &r.variant,
+        &json,
+        &r.hash,
+        r.seed,
+        &run_dir.display().to_string(),
+    ))?;
+    let done = row.status == Status::Finished.as_str();
+    let evaluated = rt.block_on(store.evaluated(row.id))?;
+    let missing: Vec<_> = r
+        .config
+        .eval
+        .sets
+        .iter()
+        .filter(|s| {
+            !evaluated.iter().any(|(sc, f, fl)| {
+                *sc == crate::model::fusion::format_scales(&s.scales) && f == s.fusion.name() && *fl == s.flip
+            })
+        })
+        .cloned()
+        .collect();
+    if done && !opts.force && missing.is_empty() {
+        return Ok(Outcome::Done);
+    }
+    if !rt.block_on(store.claim(row.id, who, opts.stale_ms, opts.force || done, prov))? {
+        return Ok(Outcome::Busy);
+    }
+    // Heartbeat while this run is held.
+    let hb = {
+        let (store, who, id, every) = (store.clone(), who.to_string(), row.id, opts.heartbeat_ms);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(every)).await;
+                let _ = store.heartbeat(id, &who, None).await;
+            }
+        })
+    };
+    let result = (|| -> Result<Outcome> {
+        let dev = Device::Cpu;
+        let weights = run_dir.join("model.safetensors");
+        let (outcome, step, sets) = if done && !opts.force {
+            (Outcome::Evaluated, row.step, missing)
+        } else {
+            if opts.force && done {
+                let _ = std::fs::remove_dir_all(&run_dir);
+            }
+            let mut cfg = r.config.clone();
+            if let Some(t) = r.teacher {
+                cfg = with_autolabels(rt, store, suite, r, t, cfg, &run_dir)?;
+            }
+            rt.block_on(store.write_params(row.id, &flatten(&cfg)))?;
+            let mut obs = LabObserver {
+                rt,
+                store,
+                id: row.id,
+                who,
+                stop,
+            };
+            let rep = crate::train::train(&cfg, &run_dir, &mut obs)?;
+            if !rep.finished {
+                rt.block_on(store.end_run(row.id, who, Status::Killed, Some("interrupted")))?;
+                return Ok(Outcome::Killed);
+            }
+            (Outcome::Trained, rep.step as i64, r.config.eval.sets.clone())
+        };
+        let net = checkpoint::load(&r.config.model, &weights, &dev)?;
+        let evals = crate::eval::evaluate(&net, &r.config.val_dataset()?, &sets, &dev)?;
+        let arts = vec![(
+            "weights".to_string(),
+            weights.display().to_string(),
+            digest(&weights),
+        )];
+        rt.block_on(store.finish_run(row.id, who, step, &evals, &arts))?;
+        Ok(outcome)
+    })();
+    hb.abort();
+    result
+}
+
+/// Labels the teacher's images into `run_dir/autolabel` (skipped when a
+/// previous attempt completed it) and adds them as the second source.
+fn with_autolabels(
+    rt: &Runtime,
+    store: &Store,
+    suite: &Suite,
+    r: &PlannedRun,
+    teacher: usize,
+    mut cfg: RunConfig,
+    run_dir: &Path,
+) -> Result<RunConfig> {
+    let t = &suite.runs[teacher];
+    let row = rt
+        .block_on(store.find_run(&suite.header.name, &t.variant, &t.hash, t.seed))?
+        .filter(|row| row.status == Status::Finished.as_str())
+        .ok_or_else(|| {
+            Error::invalid(
+                "teacher",
+                format!("teacher `{}` (seed {}) has not finished", t.variant, t.seed),
+            )
+        })?;
+    let spec = r
+        .autolabel
+        .clone()
+        .unwrap_or(crate::config::suite::AutolabelSpec {
+            split: "train_extra".into(),
+            threshold: 0.9,
+            scales: None,
+            fusion: None,
+            share: 0.5,
+        });
+    let out: PathBuf = run_dir.join("autolabel");
+    let marker = out.join("complete");
+    if !marker.exists() {
+        let dev = Device::Cpu;
+        let net = checkpoint::load(
+            &t.config.model,
+            &PathBuf::from(&row.run_dir).join("model.safetensors"),
+            &dev,
+        )?;
+        let ds = Dataset::open(&cfg.data_root()?, &spec.split, Labels::None)?;
+        let scales = spec
+            .scales
+            .clone()
+            .unwrap_or_else(|| t.config.model.scales.clone());
+        let fusion = spec.fusion.unwrap_or(t.config.model.fusion);
+        let s = crate::autolabel::autolabel(&net, &ds, &scales, fusion, spec.threshold, &out, &dev)?;
+        tracing::info!(images = s.images, "auto-labelled");
+        std::fs::write(&marker, format!("{}\n", s.images)).map_err(|e| Error::io(&marker, e))?;
+    }
+    cfg.data.second = Some(SecondSource {
+        root: out,
+        split: spec.split.clone(),
+        labels: "fine".into(),
+    });
+    cfg.data.sampler.second_share = spec.share;
+    Ok(cfg)
+}

@@ -1,0 +1,423 @@
+//! Figures of a report, each as PNG and SVG: training curves, mIoU per
+//! evaluation with error bars, per-class IoU bars, a confusion heat map; and
+//! attention maps per scale for a few validation images (PNG).
+
+use super::{AggRow, SuiteSummary};
+use crate::data::cityscapes::CLASSES;
+use crate::eval::metrics::Confusion;
+use crate::store::{Status, Store};
+use crate::{Error, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+
+/// Registers the embedded font once (plotters' ab_glyph backend has none).
+pub fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+fn perr(e: impl std::fmt::Display) -> Error {
+    Error::Report(e.to_string())
+}
+
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+/// Draws with `f` into `<stem>.png` and `<stem>.svg`.
+fn both(
+    dir: &Path,
+    stem: &str,
+    size: (u32, u32),
+    png_fn: impl Fn(&DrawingArea<BitMapBackend, Shift>) -> Result<()>,
+    svg_fn: impl Fn(&DrawingArea<SVGBackend, Shift>) -> Result<()>,
+) -> Result<Vec<PathBuf>> {
+    let png = dir.join(format!("{stem}.png"));
+    let svg = dir.join(format!("{stem}.svg"));
+    {
+        let root = BitMapBackend::new(&png, size).into_drawing_area();
+        root.fill(&WHITE).map_err(perr)?;
+        png_fn(&root)?;
+        root.present().map_err(perr)?;
+    }
+    {
+        let root = SVGBackend::new(&svg, size).into_drawing_area();
+        root.fill(&WHITE).map_err(perr)?;
+        svg_fn(&root)?;
+        root.present().map_err(perr)?;
+    }
+    Ok(vec![png, svg])
+}
+
+/// Mean loss per step over the seeds of each variant.
+async fn curves(store: &Store, s: &SuiteSummary) -> Result<Vec<(String, Vec<(f64, f64)>)>> {
+    let mut by_var: BTreeMap<String, BTreeMap<i64, Vec<f64>>> = BTreeMap::new();
+    for r in &s.runs {
+        for (step, v) in store.metric(r.id, "loss").await? {
+            if v.is_finite() {
+                by_var
+                    .entry(r.variant.clone())
+                    .or_default()
+                    .entry(step)
+                    .or_default()
+                    .push(v);
+            }
+        }
+    }
+    let order = super::variant_order(&s.runs);
+    Ok(order
+        .into_iter()
+        .filter_map(|v| {
+            by_var.remove(&v).map(|m| {
+                let pts = m
+                    .into_iter()
+                    .map(|(k, xs)| (k as f64, xs.iter().sum::<f64>() / xs.len() as f64))
+                    .collect();
+                (v, pts)
+            })
+        })
+        .collect())
+}
+
+struct Data {
+    curves: Vec<(String, Vec<(f64, f64)>)>,
+    rows: Vec<AggRow>,
+    classes: Vec<(String, Vec<Option<f64>>)>,
+    confusion: Option<(String, Confusion)>,
+}
+
+fn draw_curves<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
+    let xmax = d
+        .curves
+        .iter()
+        .flat_map(|c| c.1.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let ymax = d
+        .curves
+        .iter()
+        .flat_map(|c| c.1.iter().map(|p| p.1))
+        .fold(0.1, f64::max);
+    let mut ch = ChartBuilder::on(root)
+        .caption("training loss (mean over seeds)", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..xmax, 0.0..ymax * 1.05)
+        .map_err(perr)?;
+    ch.configure_mesh()
+        .x_desc("step")
+        .y_desc("loss")
+        .draw()
+        .map_err(perr)?;
+    for (i, (name, pts)) in d.curves.iter().enumerate() {
+        let c = PALETTE[i % PALETTE.len()];
+        ch.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+            .map_err(perr)?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
+    }
+    ch.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(perr)?;
+    Ok(())
+}
+
+fn draw_miou<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
+    let n = d.rows.len().max(1);
+    let lo = d.rows.iter().map(|r| r.mean - r.std).fold(1.0, f64::min).max(0.0) * 100.0;
+    let hi = d.rows.iter().map(|r| r.mean + r.std).fold(0.0, f64::max).min(1.0) * 100.0;
+    let pad = ((hi - lo) * 0.15).max(1.0);
+    let mut ch = ChartBuilder::on(root)
+        .caption("mIoU per evaluation (mean ± std over seeds)", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(170)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0..n, (lo - pad).max(0.0)..(hi + pad).min(100.0))
+        .map_err(perr)?;
+    let labels: Vec<String> = d
+        .rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}{}",
+                r.key.variant,
+                r.key.fusion,
+                r.key.scales,
+                if r.key.flip { " flip" } else { "" }
+            )
+        })
+        .collect();
+    ch.configure_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|i| labels.get(*i).cloned().unwrap_or_default())
+        .x_label_style(("sans-serif", 12).into_font().transform(FontTransform::Rotate90))
+        .y_desc("mIoU %")
+        .draw()
+        .map_err(perr)?;
+    let variants = variant_order_rows(&d.rows);
+    ch.draw_series(d.rows.iter().enumerate().map(|(i, r)| {
+        let c = PALETTE[variants.iter().position(|v| *v == r.key.variant).unwrap_or(0) % PALETTE.len()];
+        ErrorBar::new_vertical(
+            i,
+            100.0 * (r.mean - r.std),
+            100.0 * r.mean,
+            100.0 * (r.mean + r.std),
+            c.filled(),
+            8,
+        )
+    }))
+    .map_err(perr)?;
+    Ok(())
+}
+
+fn draw_classes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
+    let k = CLASSES.len();
+    let present: Vec<usize> = (0..k)
+        .filter(|&c| {
+            d.classes
+                .iter()
+                .any(|(_, v)| v.get(c).copied().flatten().is_some())
+        })
+        .collect();
+    let groups = present.len().max(1);
+    let nv = d.classes.len().max(1);
+    let mut ch = ChartBuilder::on(root)
+        .caption(
+            "per-class IoU (first evaluation of each variant)",
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(90)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..groups as f64, 0.0..100.0)
+        .map_err(perr)?;
+    ch.configure_mesh()
+        .x_labels(groups)
+        .disable_x_mesh()
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            present
+                .get(i)
+                .map(|&c| CLASSES[c].name.to_string())
+                .unwrap_or_default()
+        })
+        .x_label_style(("sans-serif", 12).into_font().transform(FontTransform::Rotate90))
+        .y_desc("IoU %")
+        .draw()
+        .map_err(perr)?;
+    for (vi, (name, vals)) in d.classes.iter().enumerate() {
+        let c = PALETTE[vi % PALETTE.len()];
+        let w = 0.8 / nv as f64;
+        ch.draw_series(present.iter().enumerate().filter_map(|(g, &cl)| {
+            vals.get(cl).copied().flatten().map(|v| {
+                let x0 = g as f64 + 0.1 + vi as f64 * w;
+                Rectangle::new([(x0, 0.0), (x0 + w, 100.0 * v)], c.filled())
+            })
+        }))
+        .map_err(perr)?
+        .label(name.clone())
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
+    }
+    ch.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(perr)?;
+    Ok(())
+}
+
+fn draw_confusion<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
+    let Some((title, conf)) = &d.confusion else {
+        return Ok(());
+    };
+    let k = conf.k;
+    let present: Vec<usize> = (0..k).filter(|&g| (0..=k).any(|p| conf.at(g, p) > 0)).collect();
+    let n = present.len().max(1);
+    let mut ch = ChartBuilder::on(root)
+        .caption(
+            format!("confusion (rows: ground truth, row-normalised) — {title}"),
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(90)
+        .y_label_area_size(100)
+        .build_cartesian_2d(0..n, 0..n)
+        .map_err(perr)?;
+    let name = |i: &usize| {
+        present
+            .get(*i)
+            .map(|&c| CLASSES[c].name.to_string())
+            .unwrap_or_default()
+    };
+    ch.configure_mesh()
+        .disable_mesh()
+        .x_labels(n)
+        .y_labels(n)
+        .x_label_formatter(&name)
+        .y_label_formatter(&|i| name(&(n - 1 - *i)))
+        .x_label_style(("sans-serif", 12).into_font().transform(FontTransform::Rotate90))
+        .x_desc("prediction")
+        .draw()
+        .map_err(perr)?;
+    ch.draw_series(present.iter().enumerate().flat_map(|(gi, &g)| {
+        let row: u64 = (0..=k).map(|p| conf.at(g, p)).sum();
+        present.iter().enumerate().map(move |(pi, &p)| {
+            let v = conf.at(g, p) as f64 / row.max(1) as f64;
+            let c = RGBColor((255.0 * (1.0 - v)) as u8, (255.0 * (1.0 - 0.6 * v)) as u8, 255);
+            Rectangle::new([(pi, n - 1 - gi), (pi + 1, n - gi)], c.filled())
+        })
+    }))
+    .map_err(perr)?;
+    Ok(())
+}
+
+/// Variant order of aggregated rows.
+pub(super) fn variant_order_rows(rows: &[AggRow]) -> Vec<String> {
+    let mut v: Vec<String> = vec![];
+    for r in rows {
+        if !v.contains(&r.key.variant) {
+            v.push(r.key.variant.clone());
+        }
+    }
+    v
+}
+
+/// Draws every figure into `dir`; returns the files.
+pub async fn draw_all(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
+    register_font();
+    let mut classes: Vec<(String, Vec<Option<f64>>)> = vec![];
+    for r in &s.rows {
+        if !classes.iter().any(|(v, _)| *v == r.key.variant) {
+            classes.push((r.key.variant.clone(), r.class_iou.clone()));
+        }
+    }
+    // Confusion of the best row, summed over its seeds.
+    let best = s.rows.iter().max_by(|a, b| a.mean.total_cmp(&b.mean));
+    let confusion = best.map(|b| {
+        let mut total: Option<Confusion> = None;
+        for (run, e) in &s.evals {
+            if run.variant == b.key.variant
+                && e.scales == b.key.scales
+                && e.fusion == b.key.fusion
+                && e.flip == b.key.flip
+            {
+                if let Ok(c) = serde_json::from_str::<Confusion>(&e.confusion) {
+                    match &mut total {
+                        None => total = Some(c),
+                        Some(t) => t.merge(&c),
+                    }
+                }
+            }
+        }
+        (
+            format!("{} {} {}", b.key.variant, b.key.fusion, b.key.scales),
+            total,
+        )
+    });
+    let data = Data {
+        curves: curves(store, s).await?,
+        rows: s.rows.clone(),
+        classes,
+        confusion: confusion.and_then(|(t, c)| c.map(|c| (t, c))),
+    };
+    let mut files = vec![];
+    files.extend(both(
+        dir,
+        "training_curves",
+        (900, 500),
+        |r| draw_curves(r, &data),
+        |r| draw_curves(r, &data),
+    )?);
+    files.extend(both(
+        dir,
+        "miou",
+        (1000, 600),
+        |r| draw_miou(r, &data),
+        |r| draw_miou(r, &data),
+    )?);
+    files.extend(both(
+        dir,
+        "class_iou",
+        (1100, 550),
+        |r| draw_classes(r, &data),
+        |r| draw_classes(r, &data),
+    )?);
+    if data.confusion.is_some() {
+        files.extend(both(
+            dir,
+            "confusion",
+            (750, 700),
+            |r| draw_confusion(r, &data),
+            |r| draw_confusion(r, &data),
+        )?);
+    }
+    files.extend(attention_maps(s, dir)?);
+    Ok(files)
+}
+
+/// Attention per scale of the first attention-fused evaluation, from its
+/// first finished run, on the first two validation images.
+fn attention_maps(s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
+    let Some(row) = s
+        .rows
+        .iter()
+        .find(|r| r.key.fusion == "hierarchical" || r.key.fusion == "explicit")
+    else {
+        return Ok(vec![]);
+    };
+    let Some(run) = s
+        .runs
+        .iter()
+        .find(|r| r.variant == row.key.variant && r.status == Status::Finished.as_str())
+    else {
+        return Ok(vec![]);
+    };
+    let cfg: crate::config::RunConfig = serde_json::from_str(&run.config_json).map_err(perr)?;
+    let weights = Path::new(&run.run_dir).join("model.safetensors");
+    if !weights.exists() {
+        return Ok(vec![]);
+    }
+    let dev = candle_core::Device::Cpu;
+    let net = crate::model::checkpoint::load(&cfg.model, &weights, &dev)?;
+    let mut ds = cfg.val_dataset()?;
+    ds.samples.truncate(2);
+    let scales = crate::model::fusion::parse_scales(&row.key.scales).map_err(perr)?;
+    let fusion: crate::model::Fusion = row.key.fusion.parse().map_err(perr)?;
+    let mut files = vec![];
+    for i in 0..ds.len() {
+        let (img, _) = ds.load(i)?;
+        let x = crate::data::image::normalize(&img, &dev)?;
+        let (fused, _) = net.infer(&x, fusion, &scales, false, false)?;
+        let p = dir.join(format!("attention_{}_{}_input.png", i, ds.samples[i].name));
+        img.save(&p).map_err(perr)?;
+        files.push(p);
+        for (sc, a) in &fused.attn {
+            let (_, _, h, w) = a.dims4()?;
+            let v: Vec<f32> = a.flatten_all()?.to_vec1()?;
+            let p = dir.join(format!(
+                "attention_{}_{}_scale_{}.png",
+                i,
+                ds.samples[i].name,
+                crate::model::fusion::format_scale(*sc)
+            ));
+            crate::data::image::write_unit_map(&p, &v, h, w)?;
+            files.push(p);
+        }
+    }
+    Ok(files)
+}

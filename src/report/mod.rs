@@ -1,0 +1,387 @@
+//! Reports: aggregate a suite's evaluations over seeds (mean, std, n; delta
+//! and Welch p-value against the baseline variant), render them as
+//! comfy-table tables on the terminal and Markdown/HTML in
+//! `reports/<suite>/`, and draw the figures with plotters (PNG and SVG, text
+//! from the embedded DejaVu Sans, so no system fonts are needed).
+
+pub mod figures;
+pub mod stats;
+
+use crate::data::cityscapes::CLASSES;
+use crate::store::{EvalRow, RunRow, Status, Store};
+use crate::{Error, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The key of one evaluation across seeds.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct EvalKey {
+    pub variant: String,
+    pub scales: String,
+    pub fusion: String,
+    pub flip: bool,
+}
+
+/// One row of the ablation table.
+#[derive(Clone, Debug, Serialize)]
+pub struct AggRow {
+    pub key: EvalKey,
+    pub mean: f64,
+    pub std: f64,
+    pub n: usize,
+    /// mean − baseline mean, Welch p-value (None without two seeds a side).
+    pub delta: Option<f64>,
+    pub p: Option<f64>,
+    pub values: Vec<f64>,
+    pub class_iou: Vec<Option<f64>>,
+    pub ms_per_image: f64,
+    pub peak_mib: Option<f64>,
+    pub attn_means: Vec<(f64, f64)>,
+}
+
+/// Everything a report shows about a suite.
+#[derive(Clone, Debug, Serialize)]
+pub struct SuiteSummary {
+    pub suite: String,
+    pub baseline: String,
+    pub rows: Vec<AggRow>,
+    pub runs: Vec<RunRow>,
+    #[serde(skip)]
+    pub evals: Vec<(RunRow, EvalRow)>,
+}
+
+/// Variant order: as first seen in the run table (the suite's order).
+fn variant_order(runs: &[RunRow]) -> Vec<String> {
+    let mut v: Vec<String> = vec![];
+    for r in runs {
+        if !v.contains(&r.variant) {
+            v.push(r.variant.clone());
+        }
+    }
+    v
+}
+
+/// Aggregates a suite's finished runs.
+pub async fn summarise(store: &Store, suite: &str) -> Result<SuiteSummary> {
+    let runs = store
+        .runs(&crate::store::RunFilter {
+            suite: Some(suite.to_string()),
+            ..Default::default()
+        })
+        .await?;
+    if runs.is_empty() {
+        return Err(Error::invalid(
+            "--suite",
+            format!("no runs of suite `{suite}` in this database"),
+        ));
+    }
+    let baseline = store.suite_baseline(suite).await?.unwrap_or_default();
+    let mut evals = vec![];
+    for r in runs.iter().filter(|r| r.status == Status::Finished.as_str()) {
+        for e in store.evaluations(r.id).await? {
+            evals.push((r.clone(), e));
+        }
+    }
+    let mut groups: BTreeMap<EvalKey, Vec<&EvalRow>> = BTreeMap::new();
+    let mut order: Vec<EvalKey> = vec![];
+    for (r, e) in &evals {
+        let k = EvalKey {
+            variant: r.variant.clone(),
+            scales: e.scales.clone(),
+            fusion: e.fusion.clone(),
+            flip: e.flip,
+        };
+        if !groups.contains_key(&k) {
+            order.push(k.clone());
+        }
+        groups.entry(k).or_default().push(e);
+    }
+    let vorder = variant_order(&runs);
+    order.sort_by_key(|k| vorder.iter().position(|v| *v == k.variant));
+    // The baseline reference: the same evaluation of the baseline variant,
+    // else the baseline's first evaluation.
+    let base_first = order.iter().find(|k| k.variant == baseline).cloned();
+    let values = |k: &EvalKey| -> Vec<f64> {
+        groups
+            .get(k)
+            .map(|v| v.iter().map(|e| e.miou).collect())
+            .unwrap_or_default()
+    };
+    let mut rows = vec![];
+    for k in &order {
+        let es = &groups[k];
+        let v = values(k);
+        let (mean, std, n) = stats::mean_std(&v);
+        let same = EvalKey {
+            variant: baseline.clone(),
+            ..k.clone()
+        };
+        let reference = if groups.contains_key(&same) {
+            Some(same)
+        } else {
+            base_first.clone()
+        };
+        let (delta, p) = match reference.filter(|r| r.variant != k.variant) {
+            Some(r) => {
+                let b = values(&r);
+                (
+                    Some(mean - stats::mean_std(&b).0),
+                    stats::welch(&v, &b).map(|w| w.2),
+                )
+            }
+            None => (None, None),
+        };
+        let kcls = es
+            .iter()
+            .map(|e| serde_json::from_str::<Vec<Option<f64>>>(&e.class_iou).unwrap_or_default())
+            .collect::<Vec<_>>();
+        let ncls = kcls.iter().map(|c| c.len()).max().unwrap_or(0);
+        let class_iou = (0..ncls)
+            .map(|c| {
+                let xs: Vec<f64> = kcls.iter().filter_map(|v| v.get(c).copied().flatten()).collect();
+                (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+            })
+            .collect();
+        let attn: Vec<Vec<(f64, f64)>> = es
+            .iter()
+            .map(|e| serde_json::from_str(&e.attn_means).unwrap_or_default())
+            .collect();
+        let attn_means = attn
+            .first()
+            .map(|first| {
+                first
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (s, _))| {
+                        let xs: Vec<f64> = attn.iter().filter_map(|a| a.get(i).map(|x| x.1)).collect();
+                        (*s, xs.iter().sum::<f64>() / xs.len().max(1) as f64)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        rows.push(AggRow {
+            key: k.clone(),
+            mean,
+            std,
+            n,
+            delta,
+            p,
+            values: v,
+            class_iou,
+            ms_per_image: es.iter().map(|e| e.ms_per_image).sum::<f64>() / es.len() as f64,
+            peak_mib: es.iter().filter_map(|e| e.peak_mib).reduce(f64::max),
+            attn_means,
+        });
+    }
+    Ok(SuiteSummary {
+        suite: suite.to_string(),
+        baseline,
+        rows,
+        runs,
+        evals,
+    })
+}
+
+fn pm(mean: f64, std: f64) -> String {
+    format!("{:.2} ± {:.2}", 100.0 * mean, 100.0 * std)
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map_or("–".into(), f)
+}
+
+/// The ablation table: header and rows of text cells.
+pub fn ablation_table(s: &SuiteSummary) -> (Vec<String>, Vec<Vec<String>>) {
+    let head = [
+        "variant",
+        "scales",
+        "fusion",
+        "flip",
+        "mIoU % (mean ± std)",
+        "n",
+        "Δ vs baseline",
+        "p (Welch)",
+        "ms/image",
+    ]
+    .map(String::from)
+    .to_vec();
+    let rows = s
+        .rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.key.variant.clone(),
+                r.key.scales.clone(),
+                r.key.fusion.clone(),
+                if r.key.flip { "yes".into() } else { "no".into() },
+                pm(r.mean, r.std),
+                r.n.to_string(),
+                opt(r.delta, |d| format!("{:+.2}", 100.0 * d)),
+                opt(r.p, |p| format!("{p:.3}")),
+                format!("{:.0}", r.ms_per_image),
+            ]
+        })
+        .collect();
+    (head, rows)
+}
+
+/// Per-class IoU of each variant's first evaluation.
+pub fn class_table(s: &SuiteSummary) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut firsts: Vec<&AggRow> = vec![];
+    for r in &s.rows {
+        if !firsts.iter().any(|f| f.key.variant == r.key.variant) {
+            firsts.push(r);
+        }
+    }
+    let present: Vec<usize> = (0..CLASSES.len())
+        .filter(|&c| {
+            firsts
+                .iter()
+                .any(|r| r.class_iou.get(c).copied().flatten().is_some())
+        })
+        .collect();
+    let mut head = vec!["variant (first evaluation)".to_string()];
+    head.extend(present.iter().map(|&c| CLASSES[c].name.to_string()));
+    let rows = firsts
+        .iter()
+        .map(|r| {
+            let mut row = vec![format!("{} {} {}", r.key.variant, r.key.fusion, r.key.scales)];
+            row.extend(present.iter().map(|&c| {
+                opt(r.class_iou.get(c).copied().flatten(), |v| {
+                    format!("{:.1}", 100.0 * v)
+                })
+            }));
+            row
+        })
+        .collect();
+    (head, rows)
+}
+
+/// comfy-table rendering for the terminal.
+pub fn terminal_table(head: &[String], rows: &[Vec<String>]) -> String {
+    let mut t = comfy_table::Table::new();
+    t.set_header(head.to_vec());
+    for r in rows {
+        t.add_row(r.clone());
+    }
+    t.to_string()
+}
+
+/// Markdown rendering (pipes escaped).
+pub fn markdown_table(head: &[String], rows: &[Vec<String>]) -> String {
+    let esc = |s: &String| s.replace('|', "\\|");
+    let mut out = format!(
+        "| {} |\n|{}\n",
+        head.iter().map(esc).collect::<Vec<_>>().join(" | "),
+        "---|".repeat(head.len())
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} |\n",
+            r.iter().map(esc).collect::<Vec<_>>().join(" | ")
+        ));
+    }
+    out
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+fn html_table(head: &[String], rows: &[Vec<String>]) -> String {
+    let mut out = String::from("<table>\n<tr>");
+    for h in head {
+        out.push_str(&format!("<th>{}</th>", html_escape(h)));
+    }
+    out.push_str("</tr>\n");
+    for r in rows {
+        out.push_str("<tr>");
+        for c in r {
+            out.push_str(&format!("<td>{}</td>", html_escape(c)));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
+    out
+}
+
+/// Extra sections a caller adds to a report (e.g. the paper comparison).
+#[derive(Default, Clone, Debug)]
+pub struct Extra {
+    /// (title, Markdown body, header + rows of a table)
+    pub sections: Vec<(String, String, Option<(Vec<String>, Vec<Vec<String>>)>)>,
+}
+
+/// Writes `index.md`, `index.html` and the figures into `out`; returns the
+/// files written.
+pub async fn write_report(store: &Store, suite: &str, out: &Path, extra: &Extra) -> Result<Vec<PathBuf>> {
+    let s = summarise(store, suite).await?;
+    std::fs::create_dir_all(out.join("figures")).map_err(|e| Error::io(out, e))?;
+    let figs = figures::draw_all(store, &s, &out.join("figures")).await?;
+    let (ah, ar) = ablation_table(&s);
+    let (ch, cr) = class_table(&s);
+    let finished = s
+        .runs
+        .iter()
+        .filter(|r| r.status == Status::Finished.as_str())
+        .count();
+    let intro = format!(
+        "Suite `{}`: {} runs ({} finished). Baseline variant: `{}`. mIoU in %, mean ± sample std over seeds; \
+         Δ against the baseline's same evaluation (or its first); p from Welch's t-test.\n",
+        s.suite,
+        s.runs.len(),
+        finished,
+        s.baseline
+    );
+    let mut md = format!(
+        "# Report: {}\n\n{intro}\n## Ablation\n\n{}\n",
+        s.suite,
+        markdown_table(&ah, &ar)
+    );
+    let mut html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{0}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body><h1>Report: {0}</h1><p>{1}</p><h2>Ablation</h2>{2}",
+        html_escape(&s.suite),
+        html_escape(&intro),
+        html_table(&ah, &ar)
+    );
+    for (title, body, table) in &extra.sections {
+        md.push_str(&format!("\n## {title}\n\n{body}\n"));
+        html.push_str(&format!(
+            "<h2>{}</h2><p>{}</p>",
+            html_escape(title),
+            html_escape(body)
+        ));
+        if let Some((h, r)) = table {
+            md.push_str(&format!("\n{}\n", markdown_table(h, r)));
+            html.push_str(&html_table(h, r));
+        }
+    }
+    md.push_str(&format!(
+        "\n## Per-class IoU (%)\n\n{}\n## Figures\n\n",
+        markdown_table(&ch, &cr)
+    ));
+    html.push_str(&format!(
+        "<h2>Per-class IoU (%)</h2>{}<h2>Figures</h2>",
+        html_table(&ch, &cr)
+    ));
+    for f in &figs {
+        if f.extension().and_then(|e| e.to_str()) == Some("png") {
+            let rel = format!("figures/{}", f.file_name().and_then(|n| n.to_str()).unwrap_or(""));
+            let name = f.file_stem().and_then(|n| n.to_str()).unwrap_or("");
+            md.push_str(&format!("![{name}]({rel})\n\n"));
+            html.push_str(&format!(
+                "<h3>{}</h3><img src=\"{rel}\" alt=\"{0}\">",
+                html_escape(name)
+            ));
+        }
+    }
+    html.push_str("</body></html>\n");
+    let mdp = out.join("index.md");
+    let htp = out.join("index.html");
+    std::fs::write(&mdp, md).map_err(|e| Error::io(&mdp, e))?;
+    std::fs::write(&htp, html).map_err(|e| Error::io(&htp, e))?;
+    let mut files = vec![mdp, htp];
+    files.extend(figs);
+    Ok(files)
+}
