@@ -3,13 +3,19 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use hmsa_lab::config::suite::Suite;
 use hmsa_lab::config::RunConfig;
 use hmsa_lab::data::synth::{self, SynthConfig};
 use hmsa_lab::data::{check, Dataset, Labels};
 use hmsa_lab::eval::infer::{infer_all, read_inputs, InferOptions};
+use hmsa_lab::lab::{run_suite, Outcome, RunOptions};
 use hmsa_lab::model::fusion::parse_scales;
 use hmsa_lab::model::{checkpoint, flops, Fusion, ModelConfig};
+use hmsa_lab::report;
+use hmsa_lab::store::{RunFilter, Status, Store};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +45,112 @@ enum Cmd {
     Eval(EvalArgs),
     /// Label images with a teacher; low-confidence pixels become ignore.
     Autolabel(AutolabelArgs),
+    /// Train and evaluate every run of an experiment suite, recorded in the results database.
+    Run(RunArgs),
+    /// List runs.
+    Runs(RunsArgs),
+    /// Show one run: config, evaluations, artifacts.
+    Show {
+        run: i64,
+        #[command(flatten)]
+        db: DbArg,
+    },
+    /// Compare runs: only what differs, with deltas against the first.
+    Compare {
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<i64>,
+        #[command(flatten)]
+        db: DbArg,
+    },
+    /// Run SQL on a read-only connection to the results database.
+    Query {
+        sql: String,
+        #[command(flatten)]
+        db: DbArg,
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Delete runs from the database (their files stay until `gc`).
+    Rm {
+        #[arg(required = true)]
+        runs: Vec<i64>,
+        #[command(flatten)]
+        db: DbArg,
+    },
+    /// Remove artifacts and run folders that no run refers to.
+    Gc {
+        #[command(flatten)]
+        db: DbArg,
+        /// Run folders root to sweep.
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+    },
+    /// Write reports/<suite>/ (index.md, index.html, figures) and print the tables.
+    Report {
+        #[arg(long)]
+        suite: String,
+        #[command(flatten)]
+        db: DbArg,
+        /// Output folder (default reports/<suite>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `--db URL`: a SQLite file path or sqlite:// URL.
+#[derive(Args, Clone)]
+struct DbArg {
+    /// Results database (default: experiments/<suite>.db, or $HMSA_DB).
+    #[arg(long)]
+    db: Option<String>,
+}
+
+impl DbArg {
+    fn url(&self, suite: Option<&str>) -> String {
+        self.db
+            .clone()
+            .or_else(|| std::env::var("HMSA_DB").ok())
+            .unwrap_or_else(|| format!("experiments/{}.db", suite.unwrap_or("ablation")))
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The suite file, e.g. experiments/ablation.toml.
+    suite: PathBuf,
+    /// Results database (default: the suite file with .db).
+    #[arg(long)]
+    db: Option<String>,
+    /// Print the plan (every run, its config hash, whether it is done) and stop.
+    #[arg(long)]
+    dry_run: bool,
+    /// Override a key of every run, e.g. --set train.steps=10 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Retrain runs that are already finished.
+    #[arg(long)]
+    force: bool,
+    /// Stop at the first failing run.
+    #[arg(long)]
+    fail_fast: bool,
+    /// Seconds without a heartbeat after which a RUNNING run is taken over.
+    #[arg(long, default_value_t = 60)]
+    stale_after: u64,
+}
+
+#[derive(Args)]
+struct RunsArgs {
+    #[arg(long)]
+    suite: Option<String>,
+    #[arg(long)]
+    variant: Option<String>,
+    #[arg(long)]
+    status: Option<String>,
+    /// table, csv, md or json
+    #[arg(long, default_value = "table")]
+    format: String,
+    #[command(flatten)]
+    db: DbArg,
 }
 
 #[derive(Args)]
@@ -335,8 +447,356 @@ fn data_check(dir: &std::path::Path, splits: &[String]) -> Result<bool> {
     Ok(clean)
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}
+
+/// Prints rows in one of the listing formats.
+fn print_rows(format: &str, head: &[String], rows: &[Vec<String>]) -> Result<()> {
+    match format {
+        "table" => println!("{}", report::terminal_table(head, rows)),
+        "md" => print!("{}", report::markdown_table(head, rows)),
+        "csv" => {
+            let esc = |s: &String| {
+                if s.contains([',', '"', '\n']) {
+                    format!("\"{}\"", s.replace('"', "\"\""))
+                } else {
+                    s.clone()
+                }
+            };
+            println!("{}", head.iter().map(esc).collect::<Vec<_>>().join(","));
+            for r in rows {
+                println!("{}", r.iter().map(esc).collect::<Vec<_>>().join(","));
+            }
+        }
+        "json" => {
+            let v: Vec<serde_json::Map<String, serde_json::Value>> = rows
+                .iter()
+                .map(|r| {
+                    head.iter()
+                        .cloned()
+                        .zip(r.iter().map(|c| serde_json::Value::from(c.clone())))
+                        .collect()
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        f => bail!("--format {f}: expected table, csv, md or json"),
+    }
+    Ok(())
+}
+
+fn ms_to_text(ms: Option<i64>) -> String {
+    ms.map_or("–".into(), |m| format!("{:.1}s", m as f64 / 1000.0))
+}
+
+fn run_suite_cmd(a: RunArgs) -> Result<()> {
+    let sets = a
+        .sets
+        .iter()
+        .map(|s| hmsa_lab::config::suite::parse_set(s))
+        .collect::<hmsa_lab::Result<Vec<_>>>()?;
+    let suite = Suite::load(&a.suite, &sets)?;
+    let url =
+        a.db.clone()
+            .unwrap_or_else(|| suite.default_db().display().to_string());
+    let rt = runtime()?;
+    let store = rt.block_on(Store::open(&url))?;
+    if a.dry_run {
+        let mut rows = vec![];
+        for r in &suite.runs {
+            let row = rt.block_on(store.find_run(&suite.header.name, &r.variant, &r.hash, r.seed))?;
+            rows.push(vec![
+                r.variant.clone(),
+                r.seed.to_string(),
+                r.hash[..12].to_string(),
+                r.teacher.map_or("".into(), |t| suite.runs[t].variant.clone()),
+                row.map_or("new".into(), |x| x.status),
+                suite.run_dir(r).display().to_string(),
+            ]);
+        }
+        let head = [
+            "variant",
+            "seed",
+            "config hash",
+            "teacher",
+            "status",
+            "run folder",
+        ]
+        .map(String::from);
+        println!("{}", report::terminal_table(&head, &rows));
+        println!("database: {url}");
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupt: saving a checkpoint, then stopping");
+                stop.store(true, Ordering::Relaxed);
+            }
+        });
+    }
+    let opts = RunOptions {
+        force: a.force,
+        fail_fast: a.fail_fast,
+        stale_ms: a.stale_after as i64 * 1000,
+        ..Default::default()
+    };
+    let out = run_suite(&rt, &store, &suite, &opts, stop.clone())?;
+    let failed = out.iter().filter(|o| matches!(o.2, Outcome::Failed(_))).count();
+    let busy = out.iter().filter(|o| o.2 == Outcome::Busy).count();
+    println!(
+        "{}: {} runs, {} trained, {} evaluated, {} already done, {} held elsewhere, {} failed{}",
+        suite.header.name,
+        out.len(),
+        out.iter().filter(|o| o.2 == Outcome::Trained).count(),
+        out.iter().filter(|o| o.2 == Outcome::Evaluated).count(),
+        out.iter().filter(|o| o.2 == Outcome::Done).count(),
+        busy,
+        failed,
+        if stop.load(Ordering::Relaxed) {
+            " (interrupted)"
+        } else {
+            ""
+        }
+    );
+    if failed > 0 {
+        bail!("{failed} run(s) failed: `hmsa-lab runs --status failed --db {url}` shows why");
+    }
+    if stop.load(Ordering::Relaxed) {
+        bail!("interrupted; run the same command again to resume");
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Run(a) => run_suite_cmd(a)?,
+        Cmd::Runs(a) => {
+            let rt = runtime()?;
+            let store = rt.block_on(Store::open(&a.db.url(a.suite.as_deref())))?;
+            let filter = RunFilter {
+                suite: a.suite.clone(),
+                variant: a.variant.clone(),
+                status: a.status.as_deref().map(Status::parse).transpose()?,
+            };
+            let mut rows = vec![];
+            for r in rt.block_on(store.runs(&filter))? {
+                let evals = rt.block_on(store.evaluations(r.id))?;
+                let head = evals.first().map_or("–".into(), |e| {
+                    format!("{:.2} ({} {})", 100.0 * e.miou, e.fusion, e.scales)
+                });
+                rows.push(vec![
+                    r.id.to_string(),
+                    r.suite,
+                    r.variant,
+                    r.seed.to_string(),
+                    r.status,
+                    r.step.to_string(),
+                    head,
+                    r.config_hash[..12].to_string(),
+                    ms_to_text(r.end_ms.zip(r.start_ms).map(|(e, s)| e - s)),
+                ]);
+            }
+            let head = [
+                "id",
+                "suite",
+                "variant",
+                "seed",
+                "status",
+                "step",
+                "mIoU % (first eval)",
+                "config hash",
+                "time",
+            ]
+            .map(String::from);
+            print_rows(&a.format, &head, &rows)?;
+        }
+        Cmd::Show { run, db } => {
+            let rt = runtime()?;
+            let store = rt.block_on(Store::open(&db.url(None)))?;
+            let r = rt
+                .block_on(store.run(run))?
+                .with_context(|| format!("no run {run}"))?;
+            println!(
+                "run {} — suite {}, variant {}, seed {}",
+                r.id, r.suite, r.variant, r.seed
+            );
+            println!(
+                "status {} at step {}; config hash {}",
+                r.status, r.step, r.config_hash
+            );
+            println!(
+                "git {} {}; host {}; {}",
+                r.git_commit.as_deref().unwrap_or("?"),
+                if r.git_dirty == Some(true) { "(dirty)" } else { "" },
+                r.host.as_deref().unwrap_or("?"),
+                r.versions.as_deref().unwrap_or("")
+            );
+            println!("folder {}", r.run_dir);
+            if let Some(e) = &r.error {
+                println!("error: {e}");
+            }
+            let mut rows = vec![];
+            for e in rt.block_on(store.evaluations(run))? {
+                rows.push(vec![
+                    e.scales,
+                    e.fusion,
+                    e.flip.to_string(),
+                    format!("{:.2}", 100.0 * e.miou),
+                    format!("{:.2}", 100.0 * e.pixel_acc),
+                    format!("{:.2}", 100.0 * e.mean_class_acc),
+                    format!("{:.0}", e.ms_per_image),
+                    e.peak_mib.map_or("–".into(), |m| format!("{m:.0}")),
+                    e.attn_means,
+                ]);
+            }
+            let head = [
+                "scales",
+                "fusion",
+                "flip",
+                "mIoU %",
+                "pixel acc %",
+                "class acc %",
+                "ms/image",
+                "peak MiB",
+                "mean attention",
+            ]
+            .map(String::from);
+            println!("{}", report::terminal_table(&head, &rows));
+            for (k, p, d) in rt.block_on(store.artifacts(run))? {
+                println!("artifact {k}: {p} ({})", &d[..d.len().min(12)]);
+            }
+            let loss = rt.block_on(store.metric(run, "loss"))?;
+            if let (Some(f), Some(l)) = (loss.first(), loss.last()) {
+                println!("loss {:.4} at step {} -> {:.4} at step {}", f.1, f.0, l.1, l.0);
+            }
+            for (k, v) in rt.block_on(store.params(run))? {
+                println!("  {k} = {v}");
+            }
+        }
+        Cmd::Compare { runs, db } => {
+            let rt = runtime()?;
+            let store = rt.block_on(Store::open(&db.url(None)))?;
+            let mut params = vec![];
+            let mut evals = vec![];
+            for id in &runs {
+                rt.block_on(store.run(*id))?
+                    .with_context(|| format!("no run {id}"))?;
+                params.push(
+                    rt.block_on(store.params(*id))?
+                        .into_iter()
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                );
+                evals.push(rt.block_on(store.evaluations(*id))?);
+            }
+            let keys: std::collections::BTreeSet<&String> = params.iter().flat_map(|p| p.keys()).collect();
+            let mut rows = vec![];
+            for k in keys {
+                let vals: Vec<String> = params
+                    .iter()
+                    .map(|p| p.get(k).cloned().unwrap_or_else(|| "–".into()))
+                    .collect();
+                if vals.iter().any(|v| *v != vals[0]) {
+                    let mut row = vec![k.clone()];
+                    row.extend(vals);
+                    rows.push(row);
+                }
+            }
+            let mut head = vec!["param".to_string()];
+            head.extend(runs.iter().map(|r| format!("run {r}")));
+            println!("{}", report::terminal_table(&head, &rows));
+            let mut erows = vec![];
+            for e0 in &evals[0] {
+                let mut row = vec![
+                    format!("{} {} flip={}", e0.fusion, e0.scales, e0.flip),
+                    format!("{:.2}", 100.0 * e0.miou),
+                ];
+                for other in &evals[1..] {
+                    row.push(
+                        other
+                            .iter()
+                            .find(|e| e.scales == e0.scales && e.fusion == e0.fusion && e.flip == e0.flip)
+                            .map_or("–".into(), |e| {
+                                format!("{:.2} ({:+.2})", 100.0 * e.miou, 100.0 * (e.miou - e0.miou))
+                            }),
+                    );
+                }
+                erows.push(row);
+            }
+            let mut head = vec!["evaluation".to_string(), format!("run {} mIoU %", runs[0])];
+            head.extend(runs[1..].iter().map(|r| format!("run {r} (Δ)")));
+            println!("{}", report::terminal_table(&head, &erows));
+        }
+        Cmd::Query { sql, db, format } => {
+            let rt = runtime()?;
+            let store = rt.block_on(Store::open_read_only(&db.url(None)))?;
+            let (cols, rows) = rt.block_on(store.query(&sql))?;
+            print_rows(&format, &cols, &rows)?;
+        }
+        Cmd::Rm { runs, db } => {
+            let rt = runtime()?;
+            let store = rt.block_on(Store::open(&db.url(None)))?;
+            let n = rt.block_on(store.delete_runs(&runs))?;
+            println!("deleted {n} run(s); `hmsa-lab gc` removes their files");
+        }
+        Cmd::Gc { db, runs_dir } => {
+            let rt = runtime()?;
+            let store = rt.block_on(Store::open(&db.url(None)))?;
+            let mut removed = 0;
+            for (id, path) in rt.block_on(store.orphan_artifacts())? {
+                let p = PathBuf::from(&path);
+                if p.exists() {
+                    std::fs::remove_file(&p).with_context(|| format!("removing {path}"))?;
+                }
+                rt.block_on(store.delete_artifact(id))?;
+                removed += 1;
+            }
+            let known: std::collections::HashSet<PathBuf> = rt
+                .block_on(store.run_dirs())?
+                .into_iter()
+                .map(PathBuf::from)
+                .collect();
+            let mut dirs = 0;
+            if runs_dir.is_dir() {
+                for suite_dir in std::fs::read_dir(&runs_dir)?.flatten() {
+                    if !suite_dir.path().is_dir() {
+                        continue;
+                    }
+                    for d in std::fs::read_dir(suite_dir.path())?.flatten() {
+                        let p = d.path();
+                        if p.is_dir() && !known.contains(&p) {
+                            std::fs::remove_dir_all(&p)
+                                .with_context(|| format!("removing {}", p.display()))?;
+                            dirs += 1;
+                        }
+                    }
+                }
+            }
+            println!("removed {removed} artifact(s) and {dirs} run folder(s) no run refers to");
+        }
+        Cmd::Report { suite, db, out } => {
+            let rt = runtime()?;
+            let store = rt.block_on(Store::open(&db.url(Some(&suite))))?;
+            let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&suite));
+            let files = rt.block_on(report::write_report(
+                &store,
+                &suite,
+                &out,
+                &report::Extra::default(),
+            ))?;
+            let s = rt.block_on(report::summarise(&store, &suite))?;
+            let (h, r) = report::ablation_table(&s);
+            println!("{}", report::terminal_table(&h, &r));
+            let (h, r) = report::class_table(&s);
+            println!("{}", report::terminal_table(&h, &r));
+            println!("wrote {} files into {}", files.len(), out.display());
+        }
         Cmd::Train(a) => {
             let cfg = RunConfig::from_toml_file(&a.config)?;
             let report = hmsa_lab::train::train(&cfg, &a.out, &mut hmsa_lab::train::Quiet)?;

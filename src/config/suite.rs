@@ -14,16 +14,16 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use toml::{Spanned, Table, Value};
+use toml::{Table, Value};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SuiteFile {
     suite: SuiteHeader,
     #[serde(default)]
-    defaults: Option<Spanned<Table>>,
+    defaults: Option<Value>,
     #[serde(default)]
-    variant: Vec<Spanned<VariantSpec>>,
+    variant: Vec<VariantSpec>,
 }
 
 /// `[suite]`.
@@ -203,9 +203,16 @@ impl Suite {
         if file.suite.seeds.is_empty() {
             return Err(cfg_err(None, "suite.seeds is empty".into()));
         }
-        let (defaults, defaults_line) = match &file.defaults {
-            Some(d) => (d.get_ref().clone(), Some(line_of(&text, d.span().start))),
-            None => (Table::new(), None),
+        // Lines of the sections, for messages: `[defaults` and each `[[variant]]`.
+        let line_at = |pat: &str, nth: usize| -> Option<usize> {
+            text.match_indices(pat).nth(nth).map(|(o, _)| line_of(&text, o))
+        };
+        let defaults_line = line_at("[defaults", 0);
+        let variant_line = |i: usize| line_at("[[variant]]", i);
+        let defaults = match &file.defaults {
+            Some(Value::Table(t)) => t.clone(),
+            Some(_) => return Err(cfg_err(defaults_line, "[defaults] must be a table".into())),
+            None => Table::new(),
         };
         // The defaults alone must be a valid run config.
         RunConfig::deserialize(Value::Table(defaults.clone()))
@@ -215,11 +222,10 @@ impl Suite {
         }
         let mut names: HashMap<String, usize> = HashMap::new();
         for (i, v) in file.variant.iter().enumerate() {
-            let line = line_of(&text, v.span().start);
-            if names.insert(v.get_ref().name.clone(), i).is_some() {
+            if names.insert(v.name.clone(), i).is_some() {
                 return Err(cfg_err(
-                    Some(line),
-                    format!("variant `{}` is defined twice", v.get_ref().name),
+                    variant_line(i),
+                    format!("variant `{}` is defined twice", v.name),
                 ));
             }
         }
@@ -227,7 +233,7 @@ impl Suite {
             .suite
             .baseline
             .clone()
-            .unwrap_or_else(|| file.variant[0].get_ref().name.clone());
+            .unwrap_or_else(|| file.variant[0].name.clone());
         if !names.contains_key(&baseline) {
             return Err(cfg_err(
                 None,
@@ -239,7 +245,7 @@ impl Suite {
         let mut state = vec![0u8; file.variant.len()]; // 0 new, 1 visiting, 2 done
         fn visit(
             i: usize,
-            vs: &[Spanned<VariantSpec>],
+            vs: &[VariantSpec],
             names: &HashMap<String, usize>,
             state: &mut [u8],
             order: &mut Vec<usize>,
@@ -248,7 +254,7 @@ impl Suite {
             if state[i] == 2 {
                 return Ok(());
             }
-            let v = vs[i].get_ref();
+            let v = &vs[i];
             chain.push(v.name.clone());
             if state[i] == 1 {
                 return Err(format!("dependency cycle: {}", chain.join(" -> ")));
@@ -266,17 +272,15 @@ impl Suite {
             Ok(())
         }
         for i in 0..file.variant.len() {
-            let line = line_of(&text, file.variant[i].span().start);
             visit(i, &file.variant, &names, &mut state, &mut order, &mut vec![])
-                .map_err(|m| cfg_err(Some(line), m))?;
+                .map_err(|m| cfg_err(variant_line(i), m))?;
         }
 
         let mut runs: Vec<PlannedRun> = vec![];
         let mut first_run_of: HashMap<String, Vec<usize>> = HashMap::new();
         for &vi in &order {
-            let spanned = &file.variant[vi];
-            let v = spanned.get_ref();
-            let line = Some(line_of(&text, spanned.span().start));
+            let v = &file.variant[vi];
+            let line = variant_line(vi);
             let verr = |msg: String| cfg_err(line, format!("variant `{}`: {msg}", v.name));
             let mut base = defaults.clone();
             for (section, over) in [("model", &v.model), ("data", &v.data), ("train", &v.train)] {

@@ -51,7 +51,7 @@ impl AugmentConfig {
         if self.crop[0] == 0 || self.crop[1] == 0 {
             return bad("crop", "must be positive");
         }
-        if self.crop[0] % 32 != 0 || self.crop[1] % 32 != 0 {
+        if !self.crop[0].is_multiple_of(32) || !self.crop[1].is_multiple_of(32) {
             // candle 0.11's strided-conv backward is wrong on mixed-parity
             // sizes; multiples of 32 keep every level of HRNet even.
             return bad("crop", "height and width must be multiples of 32");

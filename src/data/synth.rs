@@ -218,7 +218,7 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
         for x in 0..w {
             let (p, id) = if y < curb {
                 let mut p = side.at(&mut rng, x, y);
-                if x % 16 == 0 || (y - ground) % 12 == 0 {
+                if x.is_multiple_of(16) || (y - ground).is_multiple_of(12) {
                     p = [
                         clamp8(p[0] as f32 - 25.0),
                         clamp8(p[1] as f32 - 25.0),

@@ -142,13 +142,6 @@ fn draw_miou<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Res
     let lo = d.rows.iter().map(|r| r.mean - r.std).fold(1.0, f64::min).max(0.0) * 100.0;
     let hi = d.rows.iter().map(|r| r.mean + r.std).fold(0.0, f64::max).min(1.0) * 100.0;
     let pad = ((hi - lo) * 0.15).max(1.0);
-    let mut ch = ChartBuilder::on(root)
-        .caption("mIoU per evaluation (mean ± std over seeds)", ("sans-serif", 20))
-        .margin(10)
-        .x_label_area_size(170)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0..n, (lo - pad).max(0.0)..(hi + pad).min(100.0))
-        .map_err(perr)?;
     let labels: Vec<String> = d
         .rows
         .iter()
@@ -162,18 +155,36 @@ fn draw_miou<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Res
             )
         })
         .collect();
+    // One row per evaluation, top to bottom in table order.
+    let mut ch = ChartBuilder::on(root)
+        .caption("mIoU per evaluation (mean ± std over seeds)", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(330)
+        .build_cartesian_2d((lo - pad).max(0.0)..(hi + pad).min(100.0), -0.5..n as f64 - 0.5)
+        .map_err(perr)?;
     ch.configure_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|i| labels.get(*i).cloned().unwrap_or_default())
-        .x_label_style(("sans-serif", 12).into_font().transform(FontTransform::Rotate90))
-        .y_desc("mIoU %")
+        .y_labels(n)
+        .disable_y_mesh()
+        .y_label_formatter(&|y| {
+            let i = y.round();
+            if (y - i).abs() > 1e-6 || i < 0.0 {
+                return String::new();
+            }
+            labels
+                .get(n.saturating_sub(1 + i as usize))
+                .cloned()
+                .unwrap_or_default()
+        })
+        .x_desc("mIoU %")
         .draw()
         .map_err(perr)?;
     let variants = variant_order_rows(&d.rows);
     ch.draw_series(d.rows.iter().enumerate().map(|(i, r)| {
         let c = PALETTE[variants.iter().position(|v| *v == r.key.variant).unwrap_or(0) % PALETTE.len()];
-        ErrorBar::new_vertical(
-            i,
+        let y = (n - 1 - i) as f64;
+        ErrorBar::new_horizontal(
+            y,
             100.0 * (r.mean - r.std),
             100.0 * r.mean,
             100.0 * (r.mean + r.std),

@@ -306,11 +306,14 @@ fn html_table(head: &[String], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A table as header and rows of text cells.
+pub type TextTable = (Vec<String>, Vec<Vec<String>>);
+
 /// Extra sections a caller adds to a report (e.g. the paper comparison).
 #[derive(Default, Clone, Debug)]
 pub struct Extra {
-    /// (title, Markdown body, header + rows of a table)
-    pub sections: Vec<(String, String, Option<(Vec<String>, Vec<Vec<String>>)>)>,
+    /// (title, Markdown body, optional table)
+    pub sections: Vec<(String, String, Option<TextTable>)>,
 }
 
 /// Writes `index.md`, `index.html` and the figures into `out`; returns the
