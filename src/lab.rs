@@ -217,6 +217,26 @@ fn run_one(
     if done && !opts.force && missing.is_empty() {
         return Ok(Outcome::Done);
     }
+    // A student waits for its teacher: busy while the teacher runs elsewhere.
+    if let Some(t) = r.teacher {
+        let tr = &suite.runs[t];
+        let trow = rt.block_on(store.find_run(&h.name, &tr.variant, &tr.hash, tr.seed))?;
+        match trow.map(|x| x.status) {
+            Some(s) if s == Status::Finished.as_str() => {}
+            Some(s) if s == Status::Running.as_str() => return Ok(Outcome::Busy),
+            other => {
+                return Err(Error::invalid(
+                    "teacher",
+                    format!(
+                        "teacher `{}` (seed {}) has not finished ({})",
+                        tr.variant,
+                        tr.seed,
+                        other.unwrap_or_else(|| "never run".into())
+                    ),
+                ))
+            }
+        }
+    }
     if !rt.block_on(store.claim(row.id, who, opts.stale_ms, opts.force || done, prov))? {
         return Ok(Outcome::Busy);
     }

@@ -2,6 +2,7 @@
 
 mod cli;
 mod data;
+mod lab;
 mod model;
 mod train;
 

@@ -1,0 +1,424 @@
+//! The lab: suite files, the plan, running suites into a database, kill -9
+//! and Ctrl-C mid-run, two processes at once, queries and reports.
+
+use hmsa_lab::config::suite::{parse_set, Suite};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hmsa-lab"));
+    c.env("HMSA_NO_PROGRESS", "1");
+    c
+}
+
+fn quick() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments/quick.toml")
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const HEAD: &str = r#"
+[suite]
+name = "t"
+seeds = [0, 1]
+
+[defaults.model]
+fusion = "single"
+scales = [1.0]
+"#;
+
+#[test]
+fn suite_errors_name_file_line_and_key() {
+    let d = tempfile::tempdir().unwrap();
+    let err = |body: &str| {
+        Suite::load(&write(d.path(), "s.toml", &format!("{HEAD}{body}")), &[])
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err("[[variant]]\nname = \"a\"\nmodel = { widht = 3 }\n");
+    assert!(
+        e.contains("s.toml:9") && e.contains("widht") && e.contains("variant `a`"),
+        "{e}"
+    );
+    let e = err("[[variant]]\nname = \"a\"\ntrain = { steps = \"ten\" }\n");
+    assert!(e.contains("s.toml:9") && e.contains("invalid type"), "{e}");
+    let e = err("[[variant]]\nname = \"a\"\nmodel = { fusion = \"hierarchical\", scales = [0.5, 2.0] }\n");
+    assert!(e.contains("needs 1.0"), "{e}");
+    let e = err("[[variant]]\nname = \"a\"\nteacher = \"nobody\"\n");
+    assert!(e.contains("teacher `nobody`, which does not exist"), "{e}");
+    let e = err("[[variant]]\nname = \"a\"\nteacher = \"b\"\n[[variant]]\nname = \"b\"\nteacher = \"a\"\n");
+    assert!(e.contains("dependency cycle: a -> b -> a"), "{e}");
+    let e = err("[[variant]]\nname = \"a\"\nbogus = 1\n");
+    assert!(e.contains("s.toml:1") && e.contains("bogus"), "{e}");
+    let e = Suite::load(
+        &write(
+            d.path(),
+            "t.toml",
+            "[suite]\nname = \"x\"\n[defaults.train]\nstepz = 3\n[[variant]]\nname = \"a\"\n",
+        ),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("t.toml:3") && e.contains("stepz"), "{e}");
+}
+
+#[test]
+fn plan_expands_sweeps_and_seeds_in_dependency_order() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "s.toml",
+        &format!(
+            "{HEAD}[[variant]]\nname = \"student\"\nteacher = \"teach\"\n\n[[variant]]\nname = \"teach\"\nsweep = {{ \"train.optim.lr\" = [0.01], \"train.batch\" = [2] }}\n\n[[variant]]\nname = \"lr\"\nsweep = {{ \"train.optim.lr\" = [0.01, 0.02] }}\n"
+        ),
+    );
+    let s = Suite::load(&p, &[parse_set("train.steps=7").unwrap()]).unwrap();
+    let names: Vec<(String, u64)> = s.runs.iter().map(|r| (r.variant.clone(), r.seed)).collect();
+    assert_eq!(
+        names,
+        vec![
+            ("teach[batch=2,lr=0.01]".into(), 0),
+            ("teach[batch=2,lr=0.01]".into(), 1),
+            ("student".into(), 0),
+            ("student".into(), 1),
+            ("lr[lr=0.01]".into(), 0),
+            ("lr[lr=0.01]".into(), 1),
+            ("lr[lr=0.02]".into(), 0),
+            ("lr[lr=0.02]".into(), 1),
+        ]
+    );
+    assert!(
+        s.runs.iter().all(|r| r.config.train.steps == 7),
+        "--set applies to every run"
+    );
+    // The teacher of the seed-1 student is the seed-1 teacher.
+    assert_eq!(s.runs[3].teacher, Some(1));
+    // The hash leaves out the seed and depends on everything else.
+    assert_eq!(s.runs[4].hash, s.runs[5].hash);
+    assert_ne!(s.runs[4].hash, s.runs[6].hash);
+    assert_eq!(s.runs[4].config.train.optim.lr, 0.01);
+    assert_eq!(s.runs[5].config.train.seed, 1);
+    assert_eq!(s.baseline, "student");
+}
+
+/// Copies quick.toml into `dir` and runs commands from there, so data,
+/// runs and the database land in the temporary folder.
+fn quick_in(dir: &Path) -> PathBuf {
+    let p = dir.join("quick.toml");
+    std::fs::copy(quick(), &p).unwrap();
+    p
+}
+
+fn sqlite(db: &Path, sql: &str) -> String {
+    let o = bin()
+        .args(["query", sql, "--db", db.to_str().unwrap(), "--format", "csv"])
+        .output()
+        .unwrap();
+    ok(o)
+}
+
+#[test]
+fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
+    let d = tempfile::tempdir().unwrap();
+    let suite = quick_in(d.path());
+    let out = ok(bin()
+        .current_dir(d.path())
+        .args(["run", suite.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(out.contains("10 runs, 10 trained"), "{out}");
+    let db = d.path().join("quick.db");
+    assert!(db.exists(), "the database sits beside the suite");
+    let again = ok(bin()
+        .current_dir(d.path())
+        .args(["run", suite.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(
+        again.contains("0 trained, 0 evaluated, 10 already done"),
+        "{again}"
+    );
+    // every finished run has every evaluation its variant lists: 4+1+3+1+1 per seed
+    let n = sqlite(&db, "SELECT COUNT(*) AS n FROM evaluations");
+    assert_eq!(n.lines().nth(1).unwrap(), "20");
+    let runs = ok(bin()
+        .args([
+            "runs",
+            "--db",
+            db.to_str().unwrap(),
+            "--status",
+            "finished",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_str(&runs).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 10);
+    // compare shows only what differs
+    let cmp = ok(bin()
+        .args(["compare", "1", "5", "--db", db.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(
+        cmp.contains("model.fusion") && !cmp.contains("train.batch"),
+        "{cmp}"
+    );
+    // the report
+    let rep = d.path().join("rep");
+    let o = ok(bin()
+        .current_dir(d.path())
+        .args([
+            "report",
+            "--suite",
+            "quick",
+            "--db",
+            db.to_str().unwrap(),
+            "--out",
+            rep.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap());
+    assert!(o.contains("hierarchical+auto"));
+    for f in [
+        "index.md",
+        "index.html",
+        "figures/miou.png",
+        "figures/miou.svg",
+        "figures/training_curves.png",
+        "figures/class_iou.svg",
+        "figures/confusion.png",
+    ] {
+        assert!(rep.join(f).exists(), "{f} missing");
+    }
+    let md = std::fs::read_to_string(rep.join("index.md")).unwrap();
+    assert!(md.contains("| baseline | 1.0 | single | no |"), "{md}");
+    assert!(md.contains("![miou](figures/miou.png)"));
+    // a write through `query` is refused
+    let o = bin()
+        .args(["query", "DELETE FROM runs", "--db", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("readonly"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        sqlite(&db, "SELECT COUNT(*) FROM runs").lines().nth(1).unwrap(),
+        "10"
+    );
+    // rm + gc remove a run's files
+    let dir = sqlite(&db, "SELECT run_dir FROM runs WHERE id = 1")
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(d.path().join(&dir).exists());
+    ok(bin()
+        .current_dir(d.path())
+        .args(["rm", "1", "--db", db.to_str().unwrap()])
+        .output()
+        .unwrap());
+    let g = ok(bin()
+        .current_dir(d.path())
+        .args(["gc", "--db", db.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(g.contains("removed 1 artifact(s) and 1 run folder(s)"), "{g}");
+    assert!(!d.path().join(&dir).exists());
+}
+
+fn wait_for(db: &Path, sql: &str, limit: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if db.exists() {
+            let o = bin()
+                .args(["query", sql, "--db", db.to_str().unwrap(), "--format", "csv"])
+                .output()
+                .unwrap();
+            if o.status.success()
+                && String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .nth(1)
+                    .is_some_and(|l| l != "0")
+            {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn kill_9_mid_run_loses_nothing_and_the_rerun_finishes() {
+    let d = tempfile::tempdir().unwrap();
+    let suite = quick_in(d.path());
+    let db = d.path().join("quick.db");
+    let mut child = bin()
+        .current_dir(d.path())
+        .args([
+            "run",
+            suite.to_str().unwrap(),
+            "--set",
+            "train.steps=24",
+            "--set",
+            "train.checkpoint_every=4",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until one run is finished and another is past its first checkpoint.
+    let ready = wait_for(
+        &db,
+        "SELECT COUNT(*) FROM runs r WHERE r.status = 'RUNNING' AND r.step > 4 AND EXISTS (SELECT 1 FROM runs f WHERE f.status = 'FINISHED')",
+        Duration::from_secs(120),
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(ready, "the suite never got mid-run");
+    assert_eq!(
+        sqlite(&db, "PRAGMA integrity_check").lines().nth(1).unwrap(),
+        "ok"
+    );
+    // Every FINISHED run has its evaluations and weights; nothing else claims to be done.
+    let bad = sqlite(
+        &db,
+        "SELECT COUNT(*) FROM runs r WHERE r.status = 'FINISHED' AND (NOT EXISTS (SELECT 1 FROM evaluations e WHERE e.run_id = r.id) OR NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.run_id = r.id))",
+    );
+    assert_eq!(bad.lines().nth(1).unwrap(), "0");
+    let before = sqlite(&db, "SELECT id, end_ms, (SELECT GROUP_CONCAT(miou) FROM evaluations e WHERE e.run_id = r.id) FROM runs r WHERE status = 'FINISHED' ORDER BY id");
+    let killed = sqlite(&db, "SELECT id FROM runs WHERE status = 'RUNNING'");
+    assert_eq!(killed.lines().count(), 2, "{killed}");
+    // The rerun takes over the stale run, resumes it and finishes the suite.
+    let out = bin()
+        .current_dir(d.path())
+        .args([
+            "run",
+            suite.to_str().unwrap(),
+            "--set",
+            "train.steps=24",
+            "--set",
+            "train.checkpoint_every=4",
+            "--stale-after",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    let text = ok(out);
+    assert!(text.contains("10 runs"), "{text}");
+    assert_eq!(
+        sqlite(&db, "SELECT COUNT(*) FROM runs WHERE status = 'FINISHED'")
+            .lines()
+            .nth(1)
+            .unwrap(),
+        "10"
+    );
+    // Results recorded before the kill are untouched.
+    let after = sqlite(&db, "SELECT id, end_ms, (SELECT GROUP_CONCAT(miou) FROM evaluations e WHERE e.run_id = r.id) FROM runs r WHERE status = 'FINISHED' ORDER BY id");
+    for line in before.lines().skip(1) {
+        assert!(after.lines().any(|l| l == line), "{line} changed");
+    }
+    // The resumed run logged each step once.
+    let dup = sqlite(&db, "SELECT COUNT(*) FROM (SELECT run_id, step FROM metrics WHERE key = 'loss' GROUP BY run_id, step HAVING COUNT(*) > 1)");
+    assert_eq!(dup.lines().nth(1).unwrap(), "0");
+}
+
+#[test]
+fn ctrl_c_marks_the_run_killed_and_it_resumes() {
+    let d = tempfile::tempdir().unwrap();
+    let suite = quick_in(d.path());
+    let db = d.path().join("quick.db");
+    let child = bin()
+        .current_dir(d.path())
+        .args(["run", suite.to_str().unwrap(), "--set", "train.steps=400"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(
+        &db,
+        "SELECT COUNT(*) FROM runs WHERE status = 'RUNNING' AND step > 3",
+        Duration::from_secs(60)
+    ));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"));
+    let row = sqlite(&db, "SELECT status, step FROM runs WHERE id = 1");
+    let line = row.lines().nth(1).unwrap();
+    assert!(line.starts_with("KILLED,"), "{line}");
+    let step: usize = line.split(',').nth(1).unwrap().parse().unwrap();
+    // its checkpoint was saved at the step it stopped
+    let dir = sqlite(&db, "SELECT run_dir FROM runs WHERE id = 1")
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let latest = std::fs::read_to_string(d.path().join(dir).join("ckpt/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("step-{step:07}"));
+}
+
+#[test]
+fn two_processes_never_run_the_same_run_twice() {
+    let d = tempfile::tempdir().unwrap();
+    let suite = quick_in(d.path());
+    // Generate the data first so both start training at once.
+    ok(bin()
+        .current_dir(d.path())
+        .args(["run", suite.to_str().unwrap(), "--dry-run"])
+        .output()
+        .unwrap());
+    let spawn = || {
+        bin()
+            .current_dir(d.path())
+            .args(["run", suite.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    for o in [&a, &b] {
+        assert!(
+            !String::from_utf8_lossy(&o.stderr).contains("Failed"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let trained = |o: &Output| {
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .filter(|l| l.ends_with(": Trained"))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let (ta, tb) = (trained(&a), trained(&b));
+    assert_eq!(ta.len() + tb.len(), 10, "a: {ta:?}\nb: {tb:?}");
+    for l in &ta {
+        assert!(!tb.contains(l), "{l} trained twice");
+    }
+}
