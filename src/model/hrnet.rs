@@ -10,10 +10,11 @@
 //! - The four branch outputs are upsampled to 1/4 and concatenated
 //!   (48+96+192+384 = 720 channels for W48).
 
+use super::conv::Conv;
 use super::layers::{batch_norm, conv, ConvBn};
 use super::resize::{resize, resize_as};
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, Conv2d, VarBuilder};
+use candle_nn::{BatchNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// Widths, block and module counts of the backbone.
@@ -43,9 +44,9 @@ impl BackboneConfig {
 
 #[derive(Debug, Clone)]
 struct BasicBlock {
-    conv1: Conv2d,
+    conv1: Conv,
     bn1: BatchNorm,
-    conv2: Conv2d,
+    conv2: Conv,
     bn2: BatchNorm,
 }
 
@@ -70,11 +71,11 @@ impl ModuleT for BasicBlock {
 
 #[derive(Debug, Clone)]
 struct Bottleneck {
-    conv1: Conv2d,
+    conv1: Conv,
     bn1: BatchNorm,
-    conv2: Conv2d,
+    conv2: Conv,
     bn2: BatchNorm,
-    conv3: Conv2d,
+    conv3: Conv,
     bn3: BatchNorm,
     downsample: Option<ConvBn>,
 }

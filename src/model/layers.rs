@@ -2,24 +2,17 @@
 //! convolutions, BatchNorm with PyTorch's parameter order, conv+BN(+ReLU)
 //! pairs and channel dropout.
 
+use super::conv::Conv;
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Init, VarBuilder};
+use candle_nn::{BatchNorm, Init, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
 
-/// `nn.Conv2d(cin, cout, k, stride, padding=k/2)`.
-pub fn conv(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    if bias {
-        candle_nn::conv2d(cin, cout, k, cfg, vb)
-    } else {
-        candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)
-    }
+/// `nn.Conv2d(cin, cout, k, stride, padding=k/2)`; strided layers take our
+/// backward (see `conv.rs`).
+pub fn conv(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv> {
+    Conv::new(cin, cout, k, stride, bias, vb)
 }
 
 /// `nn.BatchNorm2d(c)` (eps 1e-5, momentum 0.1). The tensors are requested in
@@ -38,7 +31,7 @@ pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
 /// `BNReLU` wrapper).
 #[derive(Debug, Clone)]
 pub struct ConvBn {
-    conv: Conv2d,
+    conv: Conv,
     bn: BatchNorm,
     relu: bool,
 }

@@ -10,6 +10,7 @@
 //!   `scale_attn.…`), so official checkpoints load without renaming.
 
 pub mod checkpoint;
+pub mod conv;
 pub mod flops;
 pub mod fusion;
 pub mod hrnet;

@@ -10,9 +10,10 @@
 //!   conv to one channel, sigmoid); the explicit variant reads all scales'
 //!   features at once and gives one channel per scale (softmax outside).
 
+use super::conv::Conv;
 use super::layers::{conv, dropout2d, ConvBn};
 use candle_core::{Module, ModuleT, Result, Tensor, D};
-use candle_nn::{BatchNorm, Conv2d, VarBuilder};
+use candle_nn::{BatchNorm, VarBuilder};
 
 /// The official `_ObjectAttentionBlock` (scale 1).
 #[derive(Debug, Clone)]
@@ -79,8 +80,8 @@ pub struct Ocr {
     conv3x3_ocr: ConvBn,
     distri: ObjectAttention,
     conv_bn_dropout: ConvBn,
-    cls_head: Conv2d,
-    aux_head: (Conv2d, BatchNorm, Conv2d),
+    cls_head: Conv,
+    aux_head: (Conv, BatchNorm, Conv),
 }
 
 impl Ocr {
@@ -128,7 +129,7 @@ impl Ocr {
 pub struct AttnHead {
     conv0: ConvBn,
     conv1: ConvBn,
-    conv2: Conv2d,
+    conv2: Conv,
 }
 
 impl AttnHead {
