@@ -78,3 +78,184 @@ pub fn time_forward(
         peak_mib: if reset { peak_rss_mib() } else { None },
     })
 }
+
+/// One benchmark case, run in its own process so its peak memory is its own.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum Case {
+    /// Inference forward of a preset at (h, w).
+    Forward {
+        preset: String,
+        fusion: Fusion,
+        scales: Vec<f64>,
+        size: (usize, usize),
+        reps: usize,
+    },
+    /// One training step (forward, RMI + aux CE, backward, SGD) of the small
+    /// preset on a (batch, crop) batch.
+    TrainStep {
+        preset: String,
+        fusion: Fusion,
+        scales: Vec<f64>,
+        crop: (usize, usize),
+        batch: usize,
+        reps: usize,
+    },
+    /// f32 matmul (n x n x n).
+    Matmul { n: usize, reps: usize },
+    /// conv2d forward (cin -> cout, k x k) on (1, cin, h, w).
+    Conv {
+        cin: usize,
+        cout: usize,
+        k: usize,
+        size: (usize, usize),
+        reps: usize,
+    },
+}
+
+/// What a case measured.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Measured {
+    pub name: String,
+    pub params: String,
+    pub min_ms: f64,
+    pub median_ms: f64,
+    pub peak_mib: Option<f64>,
+    /// A derived figure (GFLOP/s for kernels), with its unit.
+    pub value: Option<f64>,
+    pub unit: String,
+}
+
+fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    f()?; // warm-up
+    let mut t = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok((t[0], t[t.len() / 2]))
+}
+
+impl Case {
+    /// Runs the case in this process.
+    pub fn run(&self) -> Result<Measured> {
+        let dev = Device::Cpu;
+        let reset = reset_peak_rss();
+        let (name, params, (min, med), value, unit) = match self {
+            Case::Forward { preset, fusion, scales, size, reps } => {
+                let r = time_forward(preset, *fusion, scales, false, *size, *reps)?;
+                let p = format!("{preset} {fusion} {} {}x{}", crate::model::fusion::format_scales(scales), size.0, size.1);
+                (format!("{preset}/{fusion}"), p, (r.min_ms, r.median_ms), None, String::new())
+            }
+            Case::TrainStep { preset, fusion, scales, crop, batch, reps } => {
+                let mut cfg = ModelConfig::preset(preset)?;
+                cfg.fusion = *fusion;
+                cfg.scales = scales.clone();
+                let vm = candle_nn::VarMap::new();
+                let net = HmsaNet::new(&cfg, seeded_varbuilder(&vm, 0, &dev))?;
+                let vars: Vec<_> = vm.data().lock().expect("varmap").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                let mut opt = crate::train::optim::Sgd::new(vars, &Default::default());
+                let x = Tensor::randn(0f32, 1., (*batch, 3, crop.0, crop.1), &dev)?;
+                let y = Tensor::zeros((*batch, crop.0, crop.1), candle_core::DType::U32, &dev)?;
+                let loss_cfg = crate::train::loss::LossConfig::default();
+                let t = timed(*reps, || {
+                    let (f, outs) = net.infer(&x, *fusion, scales, false, true)?;
+                    let l = crate::train::loss::combined(&loss_cfg, &f, &outs, &y)?;
+                    let g = l.total.backward()?;
+                    opt.step(&g, 1e-3)
+                })?;
+                let p = format!("{preset} {fusion} {} batch {batch} crop {}x{}", crate::model::fusion::format_scales(scales), crop.0, crop.1);
+                (fusion.name().to_string(), p, t, None, String::new())
+            }
+            Case::Matmul { n, reps } => {
+                let a = Tensor::randn(0f32, 1., (*n, *n), &dev)?;
+                let b = Tensor::randn(0f32, 1., (*n, *n), &dev)?;
+                let t = timed(*reps, || {
+                    a.matmul(&b)?;
+                    Ok(())
+                })?;
+                let gflops = 2.0 * (*n as f64).powi(3) / (t.0 * 1e-3) / 1e9;
+                (format!("matmul {n}"), format!("{n}x{n}x{n} f32"), t, Some(gflops), "GFLOP/s".to_string())
+            }
+            Case::Conv { cin, cout, k, size, reps } => {
+                let x = Tensor::randn(0f32, 1., (1, *cin, size.0, size.1), &dev)?;
+                let w = Tensor::randn(0f32, 1., (*cout, *cin, *k, *k), &dev)?;
+                let t = timed(*reps, || {
+                    x.conv2d(&w, k / 2, 1, 1, 1)?;
+                    Ok(())
+                })?;
+                let flops = 2.0 * (*cin * *cout * k * k * size.0 * size.1) as f64;
+                (
+                    format!("conv {k}x{k} {cin}->{cout}"),
+                    format!("{k}x{k} {cin}->{cout} at {}x{}", size.0, size.1),
+                    t,
+                    Some(flops / (t.0 * 1e-3) / 1e9),
+                    "GFLOP/s".to_string(),
+                )
+            }
+        };
+        Ok(Measured {
+            name,
+            params,
+            min_ms: min,
+            median_ms: med,
+            peak_mib: if reset { peak_rss_mib() } else { None },
+            value,
+            unit,
+        })
+    }
+}
+
+/// The cases of a suite: `model`, `train`, `kernels` (`full` adds the w48
+/// sizes of the issue, minutes each on 2 cores).
+pub fn suite_cases(suite: &str, full: bool) -> Option<Vec<Case>> {
+    let f = |preset: &str, fusion, scales: &[f64], size, reps| Case::Forward {
+        preset: preset.into(),
+        fusion,
+        scales: scales.to_vec(),
+        size,
+        reps,
+    };
+    Some(match suite {
+        "model" => {
+            let mut v = vec![
+                f("small", Fusion::Single, &[1.0], (256, 512), 3),
+                f("small", Fusion::Average, &[0.5, 1.0, 2.0], (256, 512), 3),
+                f("small", Fusion::Explicit, &[0.5, 1.0, 2.0], (256, 512), 3),
+                f("small", Fusion::Hierarchical, &[0.5, 1.0], (256, 512), 3),
+                f("small", Fusion::Hierarchical, &[0.5, 1.0, 2.0], (256, 512), 3),
+                f("small", Fusion::Hierarchical, &[0.25, 0.5, 1.0, 2.0], (256, 512), 3),
+            ];
+            if full {
+                v.push(f("w48", Fusion::Single, &[1.0], (512, 1024), 1));
+                v.push(f("w48", Fusion::Hierarchical, &[0.5, 1.0, 2.0], (512, 1024), 1));
+                v.push(f("w48", Fusion::Hierarchical, &[0.5, 1.0, 2.0], (1024, 2048), 1));
+            }
+            v
+        }
+        "train" => [
+            (Fusion::Single, vec![1.0]),
+            (Fusion::Hierarchical, vec![0.5, 1.0]),
+            (Fusion::Explicit, vec![0.5, 1.0, 2.0]),
+        ]
+        .into_iter()
+        .map(|(fusion, scales)| Case::TrainStep {
+            preset: "small".into(),
+            fusion,
+            scales,
+            crop: (96, 192),
+            batch: 4,
+            reps: 3,
+        })
+        .collect(),
+        "kernels" => vec![
+            Case::Matmul { n: 1024, reps: 5 },
+            Case::Conv { cin: 64, cout: 64, k: 3, size: (128, 256), reps: 3 },
+            Case::Conv { cin: 32, cout: 32, k: 3, size: (64, 128), reps: 5 },
+            Case::Conv { cin: 128, cout: 128, k: 3, size: (16, 32), reps: 5 },
+            Case::Conv { cin: 240, cout: 64, k: 3, size: (64, 128), reps: 3 },
+        ],
+        _ => return None,
+    })
+}

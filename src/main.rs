@@ -85,6 +85,8 @@ enum Cmd {
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
     },
+    /// Benchmarks (not tests): model, train, kernels; one process per case; stored in the database.
+    Bench(BenchArgs),
     /// Write reports/<suite>/ (index.md, index.html, figures) and print the tables.
     Report {
         #[arg(long)]
@@ -95,6 +97,23 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Suites: model, train, kernels (default: all three).
+    suites: Vec<String>,
+    /// Add the w48 cases at 512x1024 and 1024x2048 (minutes each on 2 cores).
+    #[arg(long)]
+    full: bool,
+    /// table or json
+    #[arg(long, default_value = "table")]
+    format: String,
+    #[command(flatten)]
+    db: DbArg,
+    /// Run one case given as JSON in this process (used by the parent).
+    #[arg(long, hide = true)]
+    case: Option<String>,
 }
 
 /// `--db URL`: a SQLite file path or sqlite:// URL.
@@ -574,8 +593,84 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(c) = a.case {
+        let case: hmsa_lab::bench::Case = serde_json::from_str(&c)?;
+        println!("{}", serde_json::to_string(&case.run()?)?);
+        return Ok(());
+    }
+    let suites = if a.suites.is_empty() {
+        vec!["model".to_string(), "train".into(), "kernels".into()]
+    } else {
+        a.suites.clone()
+    };
+    let threads = rayon::current_num_threads();
+    let mach = machine();
+    let rt = runtime()?;
+    let store = rt.block_on(Store::open(&a.db.url(None)))?;
+    let exe = std::env::current_exe()?;
+    let mut rows = vec![];
+    let mut all = vec![];
+    for suite in &suites {
+        let cases = hmsa_lab::bench::suite_cases(suite, a.full)
+            .with_context(|| format!("unknown bench suite `{suite}` (model, train, kernels)"))?;
+        for c in cases {
+            let out = std::process::Command::new(&exe)
+                .args(["bench", "--case", &serde_json::to_string(&c)?])
+                .output()?;
+            if !out.status.success() {
+                bail!("benchmark case failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let m: hmsa_lab::bench::Measured = serde_json::from_slice(&out.stdout)?;
+            rt.block_on(store.add_benchmark(&hmsa_lab::store::BenchRow {
+                suite: suite.clone(),
+                name: m.name.clone(),
+                params: m.params.clone(),
+                min_ms: Some(m.min_ms),
+                median_ms: Some(m.median_ms),
+                peak_mib: m.peak_mib,
+                value: m.value,
+                unit: m.unit.clone(),
+                threads: threads as i64,
+                machine: mach.clone(),
+            }))?;
+            rows.push(vec![
+                suite.clone(),
+                m.params.clone(),
+                format!("{:.1}", m.min_ms),
+                format!("{:.1}", m.median_ms),
+                m.peak_mib.map_or("–".into(), |p| format!("{p:.0}")),
+                m.value.map_or("".into(), |v| format!("{v:.1} {}", m.unit)),
+            ]);
+            all.push((suite.clone(), m));
+        }
+    }
+    if a.format == "json" {
+        let v: Vec<serde_json::Value> = all
+            .iter()
+            .map(|(s, m)| serde_json::json!({"suite": s, "case": m, "threads": threads, "machine": mach}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let head = ["suite", "case", "min ms", "median ms", "peak MiB", "rate"].map(String::from);
+        println!("{}", report::terminal_table(&head, &rows));
+        println!("{threads} threads; {mach}; warm-up 1, min and median of the repetitions; one process per case");
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Bench(a) => bench(a)?,
         Cmd::Run(a) => run_suite_cmd(a)?,
         Cmd::Runs(a) => {
             let rt = runtime()?;
@@ -784,17 +879,18 @@ fn run(cli: Cli) -> Result<()> {
             let rt = runtime()?;
             let store = rt.block_on(Store::open(&db.url(Some(&suite))))?;
             let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&suite));
-            let files = rt.block_on(report::write_report(
-                &store,
-                &suite,
-                &out,
-                &report::Extra::default(),
-            ))?;
+            let files = rt.block_on(report::write_report(&store, &suite, &out))?;
             let s = rt.block_on(report::summarise(&store, &suite))?;
             let (h, r) = report::ablation_table(&s);
             println!("{}", report::terminal_table(&h, &r));
             let (h, r) = report::class_table(&s);
             println!("{}", report::terminal_table(&h, &r));
+            if let Some((text, (h, r))) = report::paper::comparison(&s) {
+                println!("{}\n{text}", report::terminal_table(&h, &r));
+            }
+            if let Some((text, (h, r))) = rt.block_on(report::efficiency(&store, &s))? {
+                println!("{}\n{text}", report::terminal_table(&h, &r));
+            }
             println!("wrote {} files into {}", files.len(), out.display());
         }
         Cmd::Train(a) => {

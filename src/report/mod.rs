@@ -5,6 +5,7 @@
 //! from the embedded DejaVu Sans, so no system fonts are needed).
 
 pub mod figures;
+pub mod paper;
 pub mod stats;
 
 use crate::data::cityscapes::CLASSES;
@@ -316,10 +317,58 @@ pub struct Extra {
     pub sections: Vec<(String, String, Option<TextTable>)>,
 }
 
+/// Median training step time per variant (from the `step_secs` metrics)
+/// and the benchmark's peak memory: the paper's efficiency claim.
+pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(String, TextTable)>> {
+    let mut rows = vec![];
+    let mut med = BTreeMap::new();
+    for v in variant_order(&s.runs) {
+        let mut xs = vec![];
+        let mut scales = String::new();
+        for r in s.runs.iter().filter(|r| r.variant == v) {
+            xs.extend(store.metric(r.id, "step_secs").await?.into_iter().map(|x| x.1).filter(|x| x.is_finite()));
+            if let Ok(c) = serde_json::from_str::<crate::config::RunConfig>(&r.config_json) {
+                scales = format!("{} {}", c.model.fusion, crate::model::fusion::format_scales(&c.model.scales));
+            }
+        }
+        if xs.is_empty() {
+            continue;
+        }
+        xs.sort_by(f64::total_cmp);
+        let m = xs[xs.len() / 2];
+        med.insert(v.clone(), m);
+        rows.push(vec![v, scales, format!("{m:.3}"), xs.len().to_string()]);
+    }
+    let (Some(e), Some(h)) = (med.get("explicit"), med.get("hierarchical")) else {
+        return Ok(None);
+    };
+    let mut text = format!(
+        "Training cost measured on the same model and crop (median seconds per step over every step of every seed,          from the `step_secs` metrics): explicit {{0.5, 1.0, 2.0}} / hierarchical {{0.5, 1.0}} = {:.2}x (theory: 5.25 / 1.25 = 4.2x).",
+        e / h
+    );
+    if let Some(b) = med.get("baseline") {
+        text.push_str(&format!(" Hierarchical / single-scale = {:.2}x (theory 1.25x).", h / b));
+    }
+    let bench = store.benchmarks("train").await?;
+    let mem = |name: &str| bench.iter().rev().find(|b| b.name == name).and_then(|b| b.peak_mib);
+    if let (Some(me), Some(mh)) = (mem("explicit"), mem("hierarchical")) {
+        text.push_str(&format!(
+            " Peak memory of a training step (`hmsa-lab bench train`, one process per mode): explicit {me:.0} MiB, hierarchical {mh:.0} MiB, {:.2}x.",
+            me / mh
+        ));
+    }
+    let head = ["variant", "training fusion and scales", "median s/step", "steps"].map(String::from).to_vec();
+    Ok(Some((text, (head, rows))))
+}
+
 /// Writes `index.md`, `index.html` and the figures into `out`; returns the
 /// files written.
-pub async fn write_report(store: &Store, suite: &str, out: &Path, extra: &Extra) -> Result<Vec<PathBuf>> {
+pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBuf>> {
     let s = summarise(store, suite).await?;
+    let mut extra = paper::extra(&s);
+    if let Some((text, table)) = efficiency(store, &s).await? {
+        extra.sections.push(("Efficiency".into(), text, Some(table)));
+    }
     std::fs::create_dir_all(out.join("figures")).map_err(|e| Error::io(out, e))?;
     let figs = figures::draw_all(store, &s, &out.join("figures")).await?;
     let (ah, ar) = ablation_table(&s);

@@ -650,6 +650,30 @@ impl Store {
         Ok(())
     }
 
+    /// Benchmarks of one suite, oldest first.
+    pub async fn benchmarks(&self, suite: &str) -> Result<Vec<BenchRow>> {
+        let rows = sqlx::query("SELECT * FROM benchmarks WHERE suite = ? ORDER BY id")
+            .bind(suite)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| BenchRow {
+                suite: r.get("suite"),
+                name: r.get("name"),
+                params: r.get("params"),
+                min_ms: r.get("min_ms"),
+                median_ms: r.get("median_ms"),
+                peak_mib: r.get("peak_mib"),
+                value: r.get("value"),
+                unit: r.get("unit"),
+                threads: r.get("threads"),
+                machine: r.get("machine"),
+            })
+            .collect())
+    }
+
     /// Runs any SQL and returns column names and rows rendered as text. On
     /// a read-only store a write fails with SQLite's own error.
     pub async fn query(&self, sql: &str) -> Result<(Vec<String>, Vec<Vec<String>>)> {

@@ -154,9 +154,9 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         again.contains("0 trained, 0 evaluated, 10 already done"),
         "{again}"
     );
-    // every finished run has every evaluation its variant lists: 4+1+3+1+1 per seed
+    // every finished run has every evaluation its variant lists: 4+1+3+2+1 per seed
     let n = sqlite(&db, "SELECT COUNT(*) AS n FROM evaluations");
-    assert_eq!(n.lines().nth(1).unwrap(), "20");
+    assert_eq!(n.lines().nth(1).unwrap(), "22");
     let runs = ok(bin()
         .args([
             "runs",
@@ -210,6 +210,10 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
     let md = std::fs::read_to_string(rep.join("index.md")).unwrap();
     assert!(md.contains("| baseline | 1.0 | single | no |"), "{md}");
     assert!(md.contains("![miou](figures/miou.png)"));
+    // the paper's numbers beside ours, and the efficiency claim
+    assert!(md.contains("The paper's ablations beside ours"), "{md}");
+    assert!(md.contains("| hierarchical − averaging, {0.5, 1, 2} (Mapillary: 51.6 − 49.4) | +2.2 |"), "{md}");
+    assert!(md.contains("explicit {0.5, 1.0, 2.0} / hierarchical {0.5, 1.0} ="), "{md}");
     // a write through `query` is refused
     let o = bin()
         .args(["query", "DELETE FROM runs", "--db", db.to_str().unwrap()])
@@ -421,4 +425,22 @@ fn two_processes_never_run_the_same_run_twice() {
     for l in &ta {
         assert!(!tb.contains(l), "{l} trained twice");
     }
+}
+
+#[test]
+fn bench_runs_each_case_in_its_own_process_and_stores_it() {
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("b.db");
+    let out = ok(bin().args(["bench", "kernels", "--db", db.to_str().unwrap(), "--format", "json"]).output().unwrap());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let cases = v.as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    assert_eq!(cases[0]["case"]["unit"], "GFLOP/s");
+    assert!(cases[0]["case"]["value"].as_f64().unwrap() > 0.0);
+    assert!(cases[0]["machine"].as_str().unwrap().contains("cores"));
+    let n = sqlite(&db, "SELECT COUNT(*) FROM benchmarks WHERE suite = 'kernels' AND median_ms > 0");
+    assert_eq!(n.lines().nth(1).unwrap(), "5");
+    let e = bin().args(["bench", "nonsense", "--db", db.to_str().unwrap()]).output().unwrap();
+    assert_eq!(e.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("unknown bench suite `nonsense`"));
 }
