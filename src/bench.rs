@@ -143,18 +143,48 @@ impl Case {
         let dev = Device::Cpu;
         let reset = reset_peak_rss();
         let (name, params, (min, med), value, unit) = match self {
-            Case::Forward { preset, fusion, scales, size, reps } => {
+            Case::Forward {
+                preset,
+                fusion,
+                scales,
+                size,
+                reps,
+            } => {
                 let r = time_forward(preset, *fusion, scales, false, *size, *reps)?;
-                let p = format!("{preset} {fusion} {} {}x{}", crate::model::fusion::format_scales(scales), size.0, size.1);
-                (format!("{preset}/{fusion}"), p, (r.min_ms, r.median_ms), None, String::new())
+                let p = format!(
+                    "{preset} {fusion} {} {}x{}",
+                    crate::model::fusion::format_scales(scales),
+                    size.0,
+                    size.1
+                );
+                (
+                    format!("{preset}/{fusion}"),
+                    p,
+                    (r.min_ms, r.median_ms),
+                    None,
+                    String::new(),
+                )
             }
-            Case::TrainStep { preset, fusion, scales, crop, batch, reps } => {
+            Case::TrainStep {
+                preset,
+                fusion,
+                scales,
+                crop,
+                batch,
+                reps,
+            } => {
                 let mut cfg = ModelConfig::preset(preset)?;
                 cfg.fusion = *fusion;
                 cfg.scales = scales.clone();
                 let vm = candle_nn::VarMap::new();
                 let net = HmsaNet::new(&cfg, seeded_varbuilder(&vm, 0, &dev))?;
-                let vars: Vec<_> = vm.data().lock().expect("varmap").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                let vars: Vec<_> = vm
+                    .data()
+                    .lock()
+                    .expect("varmap")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
                 let mut opt = crate::train::optim::Sgd::new(vars, &Default::default());
                 let x = Tensor::randn(0f32, 1., (*batch, 3, crop.0, crop.1), &dev)?;
                 let y = Tensor::zeros((*batch, crop.0, crop.1), candle_core::DType::U32, &dev)?;
@@ -165,7 +195,12 @@ impl Case {
                     let g = l.total.backward()?;
                     opt.step(&g, 1e-3)
                 })?;
-                let p = format!("{preset} {fusion} {} batch {batch} crop {}x{}", crate::model::fusion::format_scales(scales), crop.0, crop.1);
+                let p = format!(
+                    "{preset} {fusion} {} batch {batch} crop {}x{}",
+                    crate::model::fusion::format_scales(scales),
+                    crop.0,
+                    crop.1
+                );
                 (fusion.name().to_string(), p, t, None, String::new())
             }
             Case::Matmul { n, reps } => {
@@ -176,9 +211,21 @@ impl Case {
                     Ok(())
                 })?;
                 let gflops = 2.0 * (*n as f64).powi(3) / (t.0 * 1e-3) / 1e9;
-                (format!("matmul {n}"), format!("{n}x{n}x{n} f32"), t, Some(gflops), "GFLOP/s".to_string())
+                (
+                    format!("matmul {n}"),
+                    format!("{n}x{n}x{n} f32"),
+                    t,
+                    Some(gflops),
+                    "GFLOP/s".to_string(),
+                )
             }
-            Case::Conv { cin, cout, k, size, reps } => {
+            Case::Conv {
+                cin,
+                cout,
+                k,
+                size,
+                reps,
+            } => {
                 let x = Tensor::randn(0f32, 1., (1, *cin, size.0, size.1), &dev)?;
                 let w = Tensor::randn(0f32, 1., (*cout, *cin, *k, *k), &dev)?;
                 let t = timed(*reps, || {
@@ -225,7 +272,13 @@ pub fn suite_cases(suite: &str, full: bool) -> Option<Vec<Case>> {
                 f("small", Fusion::Explicit, &[0.5, 1.0, 2.0], (256, 512), 3),
                 f("small", Fusion::Hierarchical, &[0.5, 1.0], (256, 512), 3),
                 f("small", Fusion::Hierarchical, &[0.5, 1.0, 2.0], (256, 512), 3),
-                f("small", Fusion::Hierarchical, &[0.25, 0.5, 1.0, 2.0], (256, 512), 3),
+                f(
+                    "small",
+                    Fusion::Hierarchical,
+                    &[0.25, 0.5, 1.0, 2.0],
+                    (256, 512),
+                    3,
+                ),
             ];
             if full {
                 v.push(f("w48", Fusion::Single, &[1.0], (512, 1024), 1));
@@ -251,10 +304,34 @@ pub fn suite_cases(suite: &str, full: bool) -> Option<Vec<Case>> {
         .collect(),
         "kernels" => vec![
             Case::Matmul { n: 1024, reps: 5 },
-            Case::Conv { cin: 64, cout: 64, k: 3, size: (128, 256), reps: 3 },
-            Case::Conv { cin: 32, cout: 32, k: 3, size: (64, 128), reps: 5 },
-            Case::Conv { cin: 128, cout: 128, k: 3, size: (16, 32), reps: 5 },
-            Case::Conv { cin: 240, cout: 64, k: 3, size: (64, 128), reps: 3 },
+            Case::Conv {
+                cin: 64,
+                cout: 64,
+                k: 3,
+                size: (128, 256),
+                reps: 3,
+            },
+            Case::Conv {
+                cin: 32,
+                cout: 32,
+                k: 3,
+                size: (64, 128),
+                reps: 5,
+            },
+            Case::Conv {
+                cin: 128,
+                cout: 128,
+                k: 3,
+                size: (16, 32),
+                reps: 5,
+            },
+            Case::Conv {
+                cin: 240,
+                cout: 64,
+                k: 3,
+                size: (64, 128),
+                reps: 3,
+            },
         ],
         _ => return None,
     })

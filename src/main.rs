@@ -596,7 +596,11 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{cpu}, {cores} cores")
@@ -663,7 +667,9 @@ fn bench(a: BenchArgs) -> Result<()> {
     } else {
         let head = ["suite", "case", "min ms", "median ms", "peak MiB", "rate"].map(String::from);
         println!("{}", report::terminal_table(&head, &rows));
-        println!("{threads} threads; {mach}; warm-up 1, min and median of the repetitions; one process per case");
+        println!(
+            "{threads} threads; {mach}; warm-up 1, min and median of the repetitions; one process per case"
+        );
     }
     Ok(())
 }

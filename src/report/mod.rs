@@ -326,9 +326,20 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
         let mut xs = vec![];
         let mut scales = String::new();
         for r in s.runs.iter().filter(|r| r.variant == v) {
-            xs.extend(store.metric(r.id, "step_secs").await?.into_iter().map(|x| x.1).filter(|x| x.is_finite()));
+            xs.extend(
+                store
+                    .metric(r.id, "step_secs")
+                    .await?
+                    .into_iter()
+                    .map(|x| x.1)
+                    .filter(|x| x.is_finite()),
+            );
             if let Ok(c) = serde_json::from_str::<crate::config::RunConfig>(&r.config_json) {
-                scales = format!("{} {}", c.model.fusion, crate::model::fusion::format_scales(&c.model.scales));
+                scales = format!(
+                    "{} {}",
+                    c.model.fusion,
+                    crate::model::fusion::format_scales(&c.model.scales)
+                );
             }
         }
         if xs.is_empty() {
@@ -347,17 +358,28 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
         e / h
     );
     if let Some(b) = med.get("baseline") {
-        text.push_str(&format!(" Hierarchical / single-scale = {:.2}x (theory 1.25x).", h / b));
+        text.push_str(&format!(
+            " Hierarchical / single-scale = {:.2}x (theory 1.25x).",
+            h / b
+        ));
     }
     let bench = store.benchmarks("train").await?;
-    let mem = |name: &str| bench.iter().rev().find(|b| b.name == name).and_then(|b| b.peak_mib);
+    let mem = |name: &str| {
+        bench
+            .iter()
+            .rev()
+            .find(|b| b.name == name)
+            .and_then(|b| b.peak_mib)
+    };
     if let (Some(me), Some(mh)) = (mem("explicit"), mem("hierarchical")) {
         text.push_str(&format!(
             " Peak memory of a training step (`hmsa-lab bench train`, one process per mode): explicit {me:.0} MiB, hierarchical {mh:.0} MiB, {:.2}x.",
             me / mh
         ));
     }
-    let head = ["variant", "training fusion and scales", "median s/step", "steps"].map(String::from).to_vec();
+    let head = ["variant", "training fusion and scales", "median s/step", "steps"]
+        .map(String::from)
+        .to_vec();
     Ok(Some((text, (head, rows))))
 }
 

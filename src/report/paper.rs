@@ -88,13 +88,21 @@ pub fn verdict(paper: f64, delta: f64, p: Option<f64>) -> &'static str {
 /// The comparison table and a paragraph in words; None when the suite
 /// lacks the variants (not an ablation suite).
 pub fn comparison(s: &SuiteSummary) -> Option<(String, TextTable)> {
-    let head = ["effect", "paper (points)", "ours (points, mean ± std)", "p (Welch)", "verdict"]
-        .map(String::from)
-        .to_vec();
+    let head = [
+        "effect",
+        "paper (points)",
+        "ours (points, mean ± std)",
+        "p (Welch)",
+        "verdict",
+    ]
+    .map(String::from)
+    .to_vec();
     let mut rows = vec![];
     let mut words = vec![];
-    let mut effects: Vec<(String, f64, Ev, Ev)> =
-        EFFECTS.iter().map(|(n, p, a, b)| (n.to_string(), *p, *a, *b)).collect();
+    let mut effects: Vec<(String, f64, Ev, Ev)> = EFFECTS
+        .iter()
+        .map(|(n, p, a, b)| (n.to_string(), *p, *a, *b))
+        .collect();
     effects.insert(
         5,
         (
@@ -139,7 +147,8 @@ pub fn comparison(s: &SuiteSummary) -> Option<(String, TextTable)> {
 pub fn extra(s: &SuiteSummary) -> Extra {
     let mut e = Extra::default();
     if let Some((text, table)) = comparison(s) {
-        e.sections.push(("The paper's ablations beside ours".into(), text, Some(table)));
+        e.sections
+            .push(("The paper's ablations beside ours".into(), text, Some(table)));
     }
     e
 }

@@ -212,8 +212,14 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
     assert!(md.contains("![miou](figures/miou.png)"));
     // the paper's numbers beside ours, and the efficiency claim
     assert!(md.contains("The paper's ablations beside ours"), "{md}");
-    assert!(md.contains("| hierarchical − averaging, {0.5, 1, 2} (Mapillary: 51.6 − 49.4) | +2.2 |"), "{md}");
-    assert!(md.contains("explicit {0.5, 1.0, 2.0} / hierarchical {0.5, 1.0} ="), "{md}");
+    assert!(
+        md.contains("| hierarchical − averaging, {0.5, 1, 2} (Mapillary: 51.6 − 49.4) | +2.2 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("explicit {0.5, 1.0, 2.0} / hierarchical {0.5, 1.0} ="),
+        "{md}"
+    );
     // a write through `query` is refused
     let o = bin()
         .args(["query", "DELETE FROM runs", "--db", db.to_str().unwrap()])
@@ -431,16 +437,32 @@ fn two_processes_never_run_the_same_run_twice() {
 fn bench_runs_each_case_in_its_own_process_and_stores_it() {
     let d = tempfile::tempdir().unwrap();
     let db = d.path().join("b.db");
-    let out = ok(bin().args(["bench", "kernels", "--db", db.to_str().unwrap(), "--format", "json"]).output().unwrap());
+    let out = ok(bin()
+        .args([
+            "bench",
+            "kernels",
+            "--db",
+            db.to_str().unwrap(),
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap());
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let cases = v.as_array().unwrap();
     assert_eq!(cases.len(), 5);
     assert_eq!(cases[0]["case"]["unit"], "GFLOP/s");
     assert!(cases[0]["case"]["value"].as_f64().unwrap() > 0.0);
     assert!(cases[0]["machine"].as_str().unwrap().contains("cores"));
-    let n = sqlite(&db, "SELECT COUNT(*) FROM benchmarks WHERE suite = 'kernels' AND median_ms > 0");
+    let n = sqlite(
+        &db,
+        "SELECT COUNT(*) FROM benchmarks WHERE suite = 'kernels' AND median_ms > 0",
+    );
     assert_eq!(n.lines().nth(1).unwrap(), "5");
-    let e = bin().args(["bench", "nonsense", "--db", db.to_str().unwrap()]).output().unwrap();
+    let e = bin()
+        .args(["bench", "nonsense", "--db", db.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(e.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&e.stderr).contains("unknown bench suite `nonsense`"));
 }
