@@ -96,6 +96,9 @@ enum Cmd {
         /// Output folder (default reports/<suite>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also rewrite the results section of this README (between its markers).
+        #[arg(long)]
+        readme: Option<PathBuf>,
     },
 }
 
@@ -881,7 +884,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("removed {removed} artifact(s) and {dirs} run folder(s) no run refers to");
         }
-        Cmd::Report { suite, db, out } => {
+        Cmd::Report { suite, db, out, readme } => {
             let rt = runtime()?;
             let store = rt.block_on(Store::open(&db.url(Some(&suite))))?;
             let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&suite));
@@ -891,11 +894,21 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", report::terminal_table(&h, &r));
             let (h, r) = report::class_table(&s);
             println!("{}", report::terminal_table(&h, &r));
-            if let Some((text, (h, r))) = report::paper::comparison(&s) {
-                println!("{}\n{text}", report::terminal_table(&h, &r));
+            let paper = report::paper::comparison(&s);
+            if let Some((text, (h, r))) = &paper {
+                println!("{}\n{text}", report::terminal_table(h, r));
             }
-            if let Some((text, (h, r))) = rt.block_on(report::efficiency(&store, &s))? {
-                println!("{}\n{text}", report::terminal_table(&h, &r));
+            let eff = rt.block_on(report::efficiency(&store, &s))?;
+            if let Some((text, (h, r))) = &eff {
+                println!("{}\n{text}", report::terminal_table(h, r));
+            }
+            if let Some(readme) = readme {
+                let base = readme.parent().unwrap_or(std::path::Path::new(""));
+                let fig = out.join("figures/miou.png");
+                let rel = fig.strip_prefix(base).unwrap_or(&fig).display().to_string();
+                let section = report::readme_section(&s, paper.as_ref(), eff.as_ref(), &rel);
+                report::update_readme(&readme, &section)?;
+                println!("updated {}", readme.display());
             }
             println!("wrote {} files into {}", files.len(), out.display());
         }
