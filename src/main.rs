@@ -884,7 +884,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("removed {removed} artifact(s) and {dirs} run folder(s) no run refers to");
         }
-        Cmd::Report { suite, db, out, readme } => {
+        Cmd::Report {
+            suite,
+            db,
+            out,
+            readme,
+        } => {
             let rt = runtime()?;
             let store = rt.block_on(Store::open(&db.url(Some(&suite))))?;
             let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&suite));

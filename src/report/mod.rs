@@ -467,7 +467,12 @@ pub const README_END: &str = "<!-- results:end -->";
 /// Replaces the text between the README markers with the suite's tables,
 /// the comparison with the paper and the main figure (a path relative to the
 /// README).
-pub fn readme_section(s: &SuiteSummary, paper: Option<&(String, TextTable)>, eff: Option<&(String, TextTable)>, figure: &str) -> String {
+pub fn readme_section(
+    s: &SuiteSummary,
+    paper: Option<&(String, TextTable)>,
+    eff: Option<&(String, TextTable)>,
+    figure: &str,
+) -> String {
     let (ah, ar) = ablation_table(s);
     let mut out = format!(
         "{README_BEGIN}\n\nSuite `{}`, {} finished runs; mIoU in % on the synthetic validation split, mean ± std over seeds.\n\n{}",
@@ -498,4 +503,35 @@ pub fn update_readme(readme: &Path, section: &str) -> Result<()> {
     let tmp = readme.with_extension("md.tmp");
     std::fs::write(&tmp, new).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, readme).map_err(|e| Error::io(readme, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readme_section_is_replaced_between_markers_only() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("README.md");
+        std::fs::write(
+            &p,
+            format!("# T\n\nbefore\n{README_BEGIN}\nold\n{README_END}\nafter\n"),
+        )
+        .unwrap();
+        update_readme(&p, &format!("{README_BEGIN}\nnew table\n{README_END}")).unwrap();
+        let t = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(
+            t,
+            format!("# T\n\nbefore\n{README_BEGIN}\nnew table\n{README_END}\nafter\n")
+        );
+        std::fs::write(&p, "no markers\n").unwrap();
+        let e = update_readme(&p, "x").unwrap_err().to_string();
+        assert!(e.contains("README.md") && e.contains("no results markers"), "{e}");
+    }
+
+    #[test]
+    fn markdown_tables_escape_pipes() {
+        let t = markdown_table(&["a".into(), "b".into()], &[vec!["x|y".into(), "1".into()]]);
+        assert_eq!(t, "| a | b |\n|---|---|\n| x\\|y | 1 |\n");
+    }
 }
