@@ -1,0 +1,337 @@
+"""An independent PyTorch implementation of the network (HRNetV2 + OCR +
+scale attention, the official MscaleOCR structure and state_dict names) for
+two checks that need PyTorch, run where PyTorch is installed:
+
+  parity   load weights and an input written by hmsa-lab (npz), run every
+           scale and the hierarchical fusion, and compare with the tensors
+           `hmsa-lab infer --dump` wrote (max abs difference per tensor).
+  bench    CPU inference latency of the same network and input with a given
+           number of threads (for the comparison with `hmsa-lab bench`).
+
+usage: python3 tools/torch_reference.py parity WEIGHTS.safetensors INPUT.safetensors DUMP.safetensors CONFIG.json
+       python3 tools/torch_reference.py bench CONFIG.json THREADS H W SCALES FUSION
+
+CONFIG.json is the model config as serde writes it (hmsa-lab's ModelConfig).
+"""
+import json
+import sys
+import time
+
+import struct
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def load_safetensors(path):
+    """name -> numpy array (f32/f64/i64/u32), read by hand: 8-byte header
+    length, JSON header, raw little-endian data."""
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    base = 8 + n
+    types = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "U32": np.uint32, "U8": np.uint8}
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        out[name] = np.frombuffer(raw[base + a : base + b], dtype=types[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def up(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_x(x, s):
+    return F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False, recompute_scale_factor=True)
+
+
+def bn(c):
+    return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn1 = bn(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = bn(c)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + x)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, planes):
+        super().__init__()
+        cout = planes * 4
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = bn(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = bn(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = bn(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), bn(cout)) if cin != cout else None
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+
+def conv_bn(cin, cout, k, s, relu):
+    layers = [nn.Conv2d(cin, cout, k, s, k // 2, bias=False), bn(cout)]
+    if relu:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class HrModule(nn.Module):
+    def __init__(self, widths, blocks):
+        super().__init__()
+        nb = len(widths)
+        self.branches = nn.ModuleList([nn.Sequential(*[BasicBlock(w) for _ in range(blocks)]) for w in widths])
+        self.fuse_layers = nn.ModuleList()
+        for i in range(nb):
+            row = nn.ModuleList()
+            for j in range(nb):
+                if j > i:
+                    row.append(conv_bn(widths[j], widths[i], 1, 1, False))
+                elif j == i:
+                    row.append(None)
+                else:
+                    chain = []
+                    for k in range(i - j):
+                        last = k == i - j - 1
+                        chain.append(conv_bn(widths[j], widths[i] if last else widths[j], 3, 2, not last))
+                    row.append(nn.Sequential(*chain))
+            self.fuse_layers.append(row)
+
+    def forward(self, xs):
+        xs = [b(x) for b, x in zip(self.branches, xs)]
+        out = []
+        for i, row in enumerate(self.fuse_layers):
+            y = None
+            for j, op in enumerate(row):
+                if j == i:
+                    t = xs[j]
+                elif j > i:
+                    t = up(op(xs[j]), xs[i].shape[-2:])
+                else:
+                    t = op(xs[j])
+                y = t if y is None else y + t
+            out.append(F.relu(y))
+        return out
+
+
+class HRNetV2(nn.Module):
+    def __init__(self, b):
+        super().__init__()
+        s = b["stem_width"]
+        self.conv1 = nn.Conv2d(3, s, 3, 2, 1, bias=False)
+        self.bn1 = bn(s)
+        self.conv2 = nn.Conv2d(s, s, 3, 2, 1, bias=False)
+        self.bn2 = bn(s)
+        layers, cin = [], s
+        for _ in range(b["layer1_blocks"]):
+            layers.append(Bottleneck(cin, b["layer1_planes"]))
+            cin = b["layer1_planes"] * 4
+        self.layer1 = nn.Sequential(*layers)
+        pre = [cin]
+        for st in range(3):
+            cur = b["widths"][: st + 2]
+            trans = nn.ModuleList()
+            for i, c in enumerate(cur):
+                if i < len(pre):
+                    trans.append(conv_bn(pre[i], c, 3, 1, True) if pre[i] != c else None)
+                else:
+                    steps = i + 1 - len(pre)
+                    trans.append(nn.Sequential(*[
+                        conv_bn(pre[-1], c if j == steps - 1 else pre[-1], 3, 2, True) for j in range(steps)
+                    ]))
+            setattr(self, "transition%d" % (st + 1), trans)
+            setattr(self, "stage%d" % (st + 2), nn.Sequential(*[HrModule(cur, b["blocks"][st]) for _ in range(b["modules"][st])]))
+            pre = cur
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        ys = [self.layer1(x)]
+        for st in range(3):
+            trans = getattr(self, "transition%d" % (st + 1))
+            xs = []
+            for i, t in enumerate(trans):
+                src = ys[i] if i < len(ys) else ys[-1]
+                xs.append(t(src) if t is not None else src)
+            ys = getattr(self, "stage%d" % (st + 2))(xs)
+        h, w = ys[0].shape[-2:]
+        return torch.cat([ys[0]] + [up(y, (h, w)) for y in ys[1:]], 1)
+
+
+def bn_relu(c):
+    return nn.Sequential(bn(c), nn.ReLU())
+
+
+class ObjectAttention(nn.Module):
+    def __init__(self, c, key):
+        super().__init__()
+        self.key = key
+        self.f_pixel = nn.Sequential(nn.Conv2d(c, key, 1, bias=False), bn_relu(key), nn.Conv2d(key, key, 1, bias=False), bn_relu(key))
+        self.f_object = nn.Sequential(nn.Conv2d(c, key, 1, bias=False), bn_relu(key), nn.Conv2d(key, key, 1, bias=False), bn_relu(key))
+        self.f_down = nn.Sequential(nn.Conv2d(c, key, 1, bias=False), bn_relu(key))
+        self.f_up = nn.Sequential(nn.Conv2d(key, c, 1, bias=False), bn_relu(c))
+
+    def forward(self, x, proxy):
+        n, _, h, w = x.shape
+        q = self.f_pixel(x).view(n, self.key, -1).permute(0, 2, 1)
+        k = self.f_object(proxy).view(n, self.key, -1)
+        v = self.f_down(proxy).view(n, self.key, -1).permute(0, 2, 1)
+        sim = F.softmax(torch.matmul(q, k) * self.key ** -0.5, dim=-1)
+        ctx = torch.matmul(sim, v).permute(0, 2, 1).contiguous().view(n, self.key, h, w)
+        return self.f_up(ctx)
+
+
+class OCR(nn.Module):
+    def __init__(self, high, mid, key, k):
+        super().__init__()
+        self.conv3x3_ocr = nn.Sequential(nn.Conv2d(high, mid, 3, 1, 1), bn_relu(mid))
+        self.ocr_distri_head = nn.Module()
+        self.ocr_distri_head.object_context_block = ObjectAttention(mid, key)
+        self.ocr_distri_head.conv_bn_dropout = nn.Sequential(nn.Conv2d(2 * mid, mid, 1, bias=False), bn_relu(mid), nn.Dropout2d(0.05))
+        self.cls_head = nn.Conv2d(mid, k, 1)
+        self.aux_head = nn.Sequential(nn.Conv2d(high, high, 1), bn_relu(high), nn.Conv2d(high, k, 1))
+
+    def forward(self, high):
+        feats = self.conv3x3_ocr(high)
+        aux = self.aux_head(high)
+        n, k, h, w = aux.shape
+        probs = F.softmax(aux.view(n, k, -1), dim=2)
+        f = feats.view(n, feats.shape[1], -1).permute(0, 2, 1)
+        proxy = torch.matmul(probs, f).permute(0, 2, 1).unsqueeze(3)
+        ctx = self.ocr_distri_head.object_context_block(feats, proxy)
+        y = self.ocr_distri_head.conv_bn_dropout(torch.cat([ctx, feats], 1))
+        return self.cls_head(y), aux, y
+
+
+class Net(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        b = cfg["backbone"]
+        high, mid = sum(b["widths"]), cfg["ocr_mid_channels"]
+        self.backbone = HRNetV2(b)
+        self.ocr = OCR(high, mid, cfg["ocr_key_channels"], cfg["num_classes"])
+        bot = cfg["attn_bottleneck"]
+        n = len(cfg["scales"]) if cfg["fusion"] == "explicit" else 1
+        self.scale_attn = nn.Module()
+        self.scale_attn.conv0 = nn.Conv2d(mid * n, bot, 3, 1, 1, bias=False)
+        self.scale_attn.bn0 = bn(bot)
+        self.scale_attn.conv1 = nn.Conv2d(bot, bot, 3, 1, 1, bias=False)
+        self.scale_attn.bn1 = bn(bot)
+        self.scale_attn.conv2 = nn.Conv2d(bot, n, 1, bias=False)
+
+    def attn(self, feats):
+        a = self.scale_attn
+        y = F.relu(a.bn0(a.conv0(feats)))
+        y = F.relu(a.bn1(a.conv1(y)))
+        return a.conv2(y)
+
+    def fwd(self, x):
+        cls, aux, feats = self.ocr(self.backbone(x))
+        size = x.shape[-2:]
+        return up(cls, size), up(aux, size), up(torch.sigmoid(self.attn(feats)), size)
+
+    def hierarchical(self, x1, scales):
+        pred = aux = None
+        per = {}
+        for s in sorted(scales, reverse=True):
+            x = resize_x(x1, s) if s != 1.0 else x1
+            cls, ax, a = self.fwd(x)
+            per[s] = (cls, a)
+            if pred is None:
+                pred, aux = cls, ax
+            elif s >= 1.0:
+                pred = a * cls + (1 - a) * up(pred, cls.shape[-2:])
+                aux = a * ax + (1 - a) * up(aux, cls.shape[-2:])
+            else:
+                cls, ax = a * cls, a * ax
+                cls, ax, a = up(cls, pred.shape[-2:]), up(ax, pred.shape[-2:]), up(a, pred.shape[-2:])
+                pred = cls + (1 - a) * pred
+                aux = ax + (1 - a) * aux
+        return pred, aux, per
+
+
+def build(cfg_path, weights=None):
+    cfg = json.load(open(cfg_path))
+    net = Net(cfg).eval()
+    if weights is not None:
+        w = load_safetensors(weights)
+        sd = net.state_dict()
+        missing = [k for k in sd if not k.endswith("num_batches_tracked") and k not in w]
+        unexpected = [k for k in w if k not in sd]
+        assert not missing and not unexpected, (missing[:5], unexpected[:5])
+        net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in w.items()}, strict=False)
+    return cfg, net
+
+
+def parity(weights, inp, dump, cfg_path):
+    cfg, net = build(cfg_path, weights)
+    x = torch.from_numpy(load_safetensors(inp)["image"].copy())
+    d = load_safetensors(dump)
+    with torch.no_grad():
+        pred, aux, per = net.hierarchical(x, [0.5, 1.0, 2.0])
+    worst = 0.0
+    checks = [("pred", pred), ("aux", aux)]
+    for s, (cls, a) in per.items():
+        key = ("%.1f" % s) if float(s).is_integer() else str(s)
+        checks.append(("pred_" + key, cls))
+        if "attn_" + key in d:
+            checks.append(("attn_" + key, a))
+    for name, t in checks:
+        ref = d[name]
+        diff = float(np.abs(ref - t.numpy()).max())
+        scale = float(np.abs(ref).max())
+        worst = max(worst, diff / max(scale, 1e-6))
+        print("%-10s shape %-18s max|ours - torch| %.3e (max|value| %.3e)" % (name, tuple(ref.shape), diff, scale))
+    print("worst relative difference: %.3e" % worst)
+    return 0 if worst < 1e-3 else 1
+
+
+def bench(cfg_path, threads, h, w, scales, fusion):
+    torch.set_num_threads(int(threads))
+    cfg, net = build(cfg_path)
+    x = torch.randn(1, 3, int(h), int(w))
+    scales = [float(s) for s in scales.split(",")]
+    with torch.no_grad():
+        def run():
+            if fusion == "hierarchical":
+                net.hierarchical(x, scales)
+            else:
+                for s in scales:
+                    net.fwd(resize_x(x, s) if s != 1.0 else x)
+        run()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    print("torch %s threads=%s %sx%s %s %s: min %.1f ms, median %.1f ms" % (torch.__version__, threads, h, w, fusion, scales, times[0], times[len(times) // 2]))
+    return 0
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "parity":
+        sys.exit(parity(*sys.argv[2:6]))
+    elif cmd == "bench":
+        sys.exit(bench(*sys.argv[2:8]))
+    else:
+        print(__doc__)
+        sys.exit(2)
