@@ -207,37 +207,40 @@ fn draw_classes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> 
         .collect();
     let groups = present.len().max(1);
     let nv = d.classes.len().max(1);
+    // One row per class (top to bottom), one bar per variant inside it.
     let mut ch = ChartBuilder::on(root)
         .caption(
             "per-class IoU (first evaluation of each variant)",
             ("sans-serif", 20),
         )
         .margin(10)
-        .x_label_area_size(90)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..groups as f64, 0.0..100.0)
+        .x_label_area_size(35)
+        .y_label_area_size(110)
+        .build_cartesian_2d(0.0..100.0, -0.5..groups as f64 - 0.5)
         .map_err(perr)?;
     ch.configure_mesh()
-        .x_labels(groups)
-        .disable_x_mesh()
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
+        .y_labels(groups)
+        .disable_y_mesh()
+        .y_label_formatter(&|y| {
+            let i = y.round();
+            if (y - i).abs() > 1e-6 || i < 0.0 {
+                return String::new();
+            }
             present
-                .get(i)
+                .get(groups.saturating_sub(1 + i as usize))
                 .map(|&c| CLASSES[c].name.to_string())
                 .unwrap_or_default()
         })
-        .x_label_style(("sans-serif", 12).into_font().transform(FontTransform::Rotate90))
-        .y_desc("IoU %")
+        .x_desc("IoU %")
         .draw()
         .map_err(perr)?;
+    let h = 0.8 / nv as f64;
     for (vi, (name, vals)) in d.classes.iter().enumerate() {
         let c = PALETTE[vi % PALETTE.len()];
-        let w = 0.8 / nv as f64;
         ch.draw_series(present.iter().enumerate().filter_map(|(g, &cl)| {
             vals.get(cl).copied().flatten().map(|v| {
-                let x0 = g as f64 + 0.1 + vi as f64 * w;
-                Rectangle::new([(x0, 0.0), (x0 + w, 100.0 * v)], c.filled())
+                let y0 = (groups - 1 - g) as f64 + 0.4 - (vi + 1) as f64 * h;
+                Rectangle::new([(0.0, y0), (100.0 * v, y0 + h)], c.filled())
             })
         }))
         .map_err(perr)?
@@ -245,6 +248,7 @@ fn draw_classes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> 
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
     }
     ch.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
@@ -259,19 +263,30 @@ fn draw_confusion<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -
     let k = conf.k;
     let present: Vec<usize> = (0..k).filter(|&g| (0..=k).any(|p| conf.at(g, p) > 0)).collect();
     let n = present.len().max(1);
+    let span = -0.5..n as f64 - 0.5;
     let mut ch = ChartBuilder::on(root)
         .caption(
-            format!("confusion (rows: ground truth, row-normalised) — {title}"),
+            format!("confusion, rows = ground truth, row-normalised: {title}"),
             ("sans-serif", 16),
         )
         .margin(10)
-        .x_label_area_size(90)
+        .x_label_area_size(45)
         .y_label_area_size(100)
-        .build_cartesian_2d(0..n, 0..n)
+        .build_cartesian_2d(span.clone(), span)
         .map_err(perr)?;
-    let name = |i: &usize| {
+    // Class i sits at integer position i (row i from the top).
+    let name = |v: f64, flip: bool| -> String {
+        let i = v.round();
+        if (v - i).abs() > 1e-6 || i < 0.0 {
+            return String::new();
+        }
+        let idx = if flip {
+            n.saturating_sub(1 + i as usize)
+        } else {
+            i as usize
+        };
         present
-            .get(*i)
+            .get(idx)
             .map(|&c| CLASSES[c].name.to_string())
             .unwrap_or_default()
     };
@@ -279,9 +294,17 @@ fn draw_confusion<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -
         .disable_mesh()
         .x_labels(n)
         .y_labels(n)
-        .x_label_formatter(&name)
-        .y_label_formatter(&|i| name(&(n - 1 - *i)))
-        .x_label_style(("sans-serif", 12).into_font().transform(FontTransform::Rotate90))
+        .x_label_formatter(&|x| {
+            // columns are narrow: abbreviate
+            let s = name(*x, false);
+            if s.chars().count() > 8 {
+                format!("{}.", s.chars().take(7).collect::<String>())
+            } else {
+                s
+            }
+        })
+        .y_label_formatter(&|y| name(*y, true))
+        .x_label_style(("sans-serif", 10))
         .x_desc("prediction")
         .draw()
         .map_err(perr)?;
@@ -290,7 +313,8 @@ fn draw_confusion<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -
         present.iter().enumerate().map(move |(pi, &p)| {
             let v = conf.at(g, p) as f64 / row.max(1) as f64;
             let c = RGBColor((255.0 * (1.0 - v)) as u8, (255.0 * (1.0 - 0.6 * v)) as u8, 255);
-            Rectangle::new([(pi, n - 1 - gi), (pi + 1, n - gi)], c.filled())
+            let (x, y) = (pi as f64, (n - 1 - gi) as f64);
+            Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], c.filled())
         })
     }))
     .map_err(perr)?;
