@@ -514,25 +514,31 @@ fn round_trip(img: &RgbImage) -> Vec<[f32; 3]> {
 /// Measures the benchmark's two properties on `n` scenes per split (train
 /// scenes fit the classifier, val scenes score it).
 pub fn stats(cfg: &SynthConfig, n: usize) -> Stats {
-    let mut sums = [[0f64; 6]; 2];
-    let mut counts = [0usize; 2];
-    let step = 3;
-    for i in 0..n {
-        let s = render(cfg, "train", i);
-        for y in (0..cfg.height).step_by(step) {
-            for x in (0..cfg.width).step_by(step) {
+    // (class 0 = vegetation / 1 = terrain, 7x7 patch features) on a grid.
+    let samples = |s: &Scene| -> Vec<(usize, [f64; 6])> {
+        let mut v = vec![];
+        for y in (0..cfg.height).step_by(3) {
+            for x in (0..cfg.width).step_by(3) {
                 let k = match s.label_ids.get_pixel(x, y)[0] {
                     ids::VEGETATION => 0,
                     ids::TERRAIN => 1,
                     _ => continue,
                 };
                 if let Some(f) = patch_features(&s.image, x, y) {
-                    for (a, b) in sums[k].iter_mut().zip(f) {
-                        *a += b;
-                    }
-                    counts[k] += 1;
+                    v.push((k, f));
                 }
             }
+        }
+        v
+    };
+    let mut sums = [[0f64; 6]; 2];
+    let mut counts = [0usize; 2];
+    for i in 0..n {
+        for (k, f) in samples(&render(cfg, "train", i)) {
+            for (a, b) in sums[k].iter_mut().zip(f) {
+                *a += b;
+            }
+            counts[k] += 1;
         }
     }
     let means: Vec<[f64; 6]> = (0..2)
@@ -548,20 +554,11 @@ pub fn stats(cfg: &SynthConfig, n: usize) -> Stats {
     let mut kept = [0usize; 3];
     for i in 0..n {
         let s = render(cfg, "val", i);
-        for y in (0..cfg.height).step_by(step) {
-            for x in (0..cfg.width).step_by(step) {
-                let k = match s.label_ids.get_pixel(x, y)[0] {
-                    ids::VEGETATION => 0,
-                    ids::TERRAIN => 1,
-                    _ => continue,
-                };
-                if let Some(f) = patch_features(&s.image, x, y) {
-                    let d = |m: &[f64; 6]| m.iter().zip(&f).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
-                    let guess = if d(&means[0]) <= d(&means[1]) { 0 } else { 1 };
-                    right += usize::from(guess == k);
-                    total += 1;
-                }
-            }
+        for (k, f) in samples(&s) {
+            let d = |m: &[f64; 6]| m.iter().zip(&f).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
+            let guess = if d(&means[0]) <= d(&means[1]) { 0 } else { 1 };
+            right += usize::from(guess == k);
+            total += 1;
         }
         // Survival: the thin structure is visible after the round trip if the
         // image differs from the same round trip of the scene without it.

@@ -105,17 +105,17 @@ fn draw_curves<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> R
         .iter()
         .flat_map(|c| c.1.iter().map(|p| p.0))
         .fold(1.0, f64::max);
-    let ymax = d
-        .curves
-        .iter()
-        .flat_map(|c| c.1.iter().map(|p| p.1))
-        .fold(0.1, f64::max);
+    // RMI's log-det term makes the loss negative as it learns: span the data.
+    let ys = || d.curves.iter().flat_map(|c| c.1.iter().map(|p| p.1));
+    let (ymin, ymax) = (ys().fold(f64::MAX, f64::min), ys().fold(f64::MIN, f64::max));
+    let (ymin, ymax) = if ymin < ymax { (ymin, ymax) } else { (0.0, 1.0) };
+    let pad = 0.05 * (ymax - ymin);
     let mut ch = ChartBuilder::on(root)
         .caption("training loss (mean over seeds)", ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)
-        .build_cartesian_2d(0.0..xmax, 0.0..ymax * 1.05)
+        .build_cartesian_2d(0.0..xmax, (ymin - pad)..(ymax + pad))
         .map_err(perr)?;
     ch.configure_mesh()
         .x_desc("step")

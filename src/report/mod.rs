@@ -354,7 +354,7 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
         return Ok(None);
     };
     let mut text = format!(
-        "Training cost measured on the same model and crop (median seconds per step over every step of every seed,          from the `step_secs` metrics): explicit {{0.5, 1.0, 2.0}} / hierarchical {{0.5, 1.0}} = {:.2}x (theory: 5.25 / 1.25 = 4.2x).",
+        "Training cost measured on the same model and crop (median seconds per step over every step of every seed, from the `step_secs` metrics): explicit {{0.5, 1.0, 2.0}} / hierarchical {{0.5, 1.0}} = {:.2}x (theory: 5.25 / 1.25 = 4.2x).",
         e / h
     );
     if let Some(b) = med.get("baseline") {

@@ -91,7 +91,7 @@ pub fn comparison(s: &SuiteSummary) -> Option<(String, TextTable)> {
     let head = [
         "effect",
         "paper (points)",
-        "ours (points, mean ± std)",
+        "ours (points, ± s.e.)",
         "p (Welch)",
         "verdict",
     ]
