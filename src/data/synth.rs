@@ -371,14 +371,19 @@ pub fn stem(i: usize) -> String {
     format!("synth_{:06}_{:06}", i / 100, i % 100)
 }
 
+/// Writes a PNG atomically (a temporary name of this process, then a
+/// rename), so a reader, or a second process generating the same folder,
+/// never sees half a file.
 fn save(path: &Path, f: impl FnOnce(&Path) -> image::ImageResult<()>) -> Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
-    f(path).map_err(|e| Error::Image {
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    f(&tmp).map_err(|e| Error::Image {
         path: path.to_path_buf(),
         msg: e.to_string(),
-    })
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// What [`generate`] wrote.
@@ -431,15 +436,19 @@ pub fn generate(cfg: &SynthConfig, root: &Path) -> Result<Written> {
                 } else {
                     scene.label_ids.clone()
                 };
-                save(lp, |p| lab.save(p))?;
+                save(lp, |p| lab.save_with_format(p, image::ImageFormat::Png))?;
                 n.labels += 1;
             }
             // The image goes last: its presence marks the pair complete.
-            save(&img_path, |p| scene.image.save(p))?;
+            save(&img_path, |p| {
+                scene.image.save_with_format(p, image::ImageFormat::Png)
+            })?;
             n.images += 1;
         }
     }
-    std::fs::write(&stamp, text).map_err(|e| Error::io(&stamp, e))?;
+    let tmp = stamp.with_extension(format!("toml.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &stamp).map_err(|e| Error::io(&stamp, e))?;
     Ok(n)
 }
 
