@@ -65,3 +65,19 @@ impl Error {
         }
     }
 }
+
+/// Parses TOML into `T` and validates it; every failure names `path` (and,
+/// from toml, the line and key).
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &std::path::Path,
+    validate: impl FnOnce(&T) -> Result<()>,
+) -> Result<T> {
+    let config_err = |msg: String| Error::Config {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let cfg: T = toml::from_str(text).map_err(|e| config_err(e.to_string()))?;
+    validate(&cfg).map_err(|e| config_err(e.to_string()))?;
+    Ok(cfg)
+}

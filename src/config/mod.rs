@@ -140,15 +140,7 @@ impl Default for EvalConfig {
 
 impl RunConfig {
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
-        let cfg: Self = toml::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
-        cfg.validate().map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
-        Ok(cfg)
+        crate::error::parse_toml(text, path, Self::validate)
     }
 
     pub fn from_toml_file(path: &Path) -> Result<Self> {

@@ -121,15 +121,7 @@ impl ModelConfig {
     /// Reads a TOML model config; unknown keys and wrong types name the line.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
-        cfg.validate().map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
-        Ok(cfg)
+        crate::error::parse_toml(&text, path, Self::validate)
     }
 
     pub fn validate(&self) -> Result<()> {
