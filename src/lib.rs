@@ -18,3 +18,18 @@ pub mod store;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// Fixes candle's CPU thread count for the life of the process; call it
+/// first thing in `main`, before any thread starts.
+///
+/// candle 0.11 asks for its thread count before every matmul and, when
+/// `RAYON_NUM_THREADS` is unset, recounts the physical cores by reading and
+/// parsing `/proc/cpuinfo` each time (a visible share of a training step in
+/// `perf`). Setting the variable once to the same count removes that cost
+/// and changes nothing else.
+pub fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}

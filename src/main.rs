@@ -1046,6 +1046,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    hmsa_lab::fix_thread_count();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
