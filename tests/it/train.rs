@@ -72,7 +72,7 @@ color_jitter = 0.0
 class_uniform = 0.0
 
 [train]
-steps = 60
+steps = 100
 batch = 1
 checkpoint_every = 1000
 [train.optim]
@@ -92,7 +92,7 @@ fn a_small_model_overfits_one_image() {
     blocks_dataset(d.path());
     let cfg = overfit_config(d.path());
     let r = train(&cfg, &d.path().join("run"), &mut Quiet).unwrap();
-    assert!(r.finished && r.step == 60);
+    assert!(r.finished && r.step == 100);
     let net =
         hmsa_lab::model::checkpoint::load(&cfg.model, r.weights.as_ref().unwrap(), &candle_core::Device::Cpu)
             .unwrap();
