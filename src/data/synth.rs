@@ -7,11 +7,14 @@
 //!   ellipse's border (dark blue-green for vegetation, ochre for terrain)
 //!   tells them apart. Interior pixels up to `blob_radius` away from the ring
 //!   need a receptive field the small network only has at a lower scale.
-//! - **Vanishing structures.** `pole` (1–2 px wide) and `traffic sign`
-//!   (small squares) are drawn as ±A modulation of the background whose sign
+//! - **Vanishing structures.** `pole` (5–8 px wide, one or two output
+//!   pixels of the stride-4 network at 1.0x) and `traffic sign` (12–18 px
+//!   squares) are drawn as ±A modulation of the background whose sign
 //!   alternates every row (and every column for signs): the 2x2 averages a
-//!   0.5x bilinear downscale takes cancel it exactly, so they exist only at
-//!   1.0x and above. Distant `person`s are plain but a few pixels tall.
+//!   0.5x bilinear downscale takes cancel it exactly. Signs exist only at
+//!   1.0x and above; poles keep a faint dark tint at 0.5x (where they are
+//!   half an output pixel wide) and are resolved best at 2.0x. Distant
+//!   `person`s are plain, 8–23 px tall.
 //! - The rest (sky, buildings, sidewalk, road, cars) is easy scenery.
 //!
 //! `synth --stats` measures both properties (see [`stats`]).
@@ -56,7 +59,7 @@ impl Default for SynthConfig {
             train_extra: 120,
             unlabeled: 0,
             blob_radius: 100,
-            thin_amplitude: 50,
+            thin_amplitude: 70,
             coarse_erosion: 6,
         }
     }
@@ -94,6 +97,9 @@ pub struct Scene {
     pub without_thin: RgbImage,
     pub label_ids: GrayImage,
 }
+
+/// The dark grey poles are blended toward (40% of their colour).
+const POLE_TINT: [f32; 3] = [45.0, 45.0, 55.0];
 
 fn clamp8(v: f32) -> u8 {
     v.round().clamp(0.0, 255.0) as u8
@@ -286,9 +292,9 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
         }
     }
     // Distant people on the sidewalk: a few pixels, plain colours.
-    for _ in 0..rng.random_range(2..=8) {
-        let ph = rng.random_range(0.03 * hf..0.07 * hf).max(4.0) as u32;
-        let pw = (ph / 3).max(2);
+    for _ in 0..rng.random_range(3..=8) {
+        let ph = rng.random_range(0.10 * hf..0.18 * hf).max(8.0) as u32;
+        let pw = (ph * 2 / 5).max(4);
         let feet = rng.random_range(ground + 2..curb.max(ground + 3));
         let px0 = rng.random_range(0..w - pw);
         let shirt = [
@@ -309,14 +315,38 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
     // column for signs), aligned to even coordinates so that the 2x2 averages
     // of a 0.5x downscale cancel it.
     let a = cfg.thin_amplitude as f32;
+    // Each pixel is set from the scene without thin structures (overlaps
+    // overwrite), poles first tinted toward dark grey (a faint cue that
+    // survives downscaling, as a real pole's colour does; signs have none).
+    // The amplitude is A, or less where a colour of the aligned 2x2 block is
+    // within A of 0 or 255: one amplitude per block keeps the block's sum
+    // exact (no clipping, no residue after the 2x2 averages).
+    let base = |x: u32, y: u32, tint: bool| -> [f32; 3] {
+        let p = without_thin.get_pixel(x, y).0.map(|c| c as f32);
+        if tint {
+            [0, 1, 2].map(|c| (0.6 * p[c] + 0.4 * POLE_TINT[c]).round())
+        } else {
+            p
+        }
+    };
     let modulate = |img: &mut RgbImage, lab: &mut GrayImage, x: u32, y: u32, sign: f32, id: u8| {
-        let p = img.get_pixel(x, y).0;
-        img.put_pixel(x, y, Rgb(p.map(|c| clamp8(c as f32 + sign * a))));
+        let tint = id == ids::POLE;
+        let (bx, by) = (x & !1, y & !1);
+        let mut room = a;
+        for yy in by..(by + 2).min(h) {
+            for xx in bx..(bx + 2).min(w) {
+                for c in base(xx, yy, tint) {
+                    room = room.min(c).min(255.0 - c);
+                }
+            }
+        }
+        let p = base(x, y, tint);
+        img.put_pixel(x, y, Rgb(p.map(|c| clamp8(c + sign * room))));
         lab.put_pixel(x, y, Luma([id]));
     };
-    for _ in 0..rng.random_range(2..=6) {
-        let pw = rng.random_range(1..=2u32);
-        let x = rng.random_range(1..w - 3);
+    for _ in 0..rng.random_range(3..=7) {
+        let pw = rng.random_range(5..=8u32);
+        let x = rng.random_range(1..w - 8);
         let foot = rng.random_range(ground + 2..curb.max(ground + 3)) & !1;
         let ph = (rng.random_range(0.15 * hf..0.35 * hf) as u32) & !1;
         let top = foot.saturating_sub(ph) & !1;
@@ -327,7 +357,7 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
             }
         }
         if rng.random_bool(0.6) {
-            let side = (rng.random_range(4..=7u32)) & !1;
+            let side = (rng.random_range(12..=18u32)) & !1;
             let sx = (x.saturating_sub(side / 2)) & !1;
             let sy = top.saturating_sub(side) & !1;
             for y in sy..sy + side {

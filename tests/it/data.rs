@@ -93,12 +93,16 @@ fn synth_makes_scale_matter() {
     );
     assert!(st.local_accuracy > 0.35);
     let share = |n: &str| st.survival.iter().find(|(m, _, _)| m == n).unwrap().1;
-    assert!(share("pole") < 0.05, "poles survive 0.5x: {}", share("pole"));
+    // Signs are pure ±A modulation: a 0.5x round trip removes them (a few
+    // pixels where a sign meets a pole keep a residue).
     assert!(
         share("traffic sign") < 0.05,
         "signs survive 0.5x: {}",
         share("traffic sign")
     );
+    // Poles keep their faint tint and persons are plain: both stay visible.
+    assert!(share("pole") > 0.5, "pole tint lost: {}", share("pole"));
+    assert!(share("person") > 0.5, "persons lost: {}", share("person"));
 }
 
 fn write_gray(p: &Path, img: &GrayImage) {
