@@ -90,8 +90,8 @@ pub enum Case {
         size: (usize, usize),
         reps: usize,
     },
-    /// One training step (forward, RMI + aux CE, backward, SGD) of the small
-    /// preset on a (batch, crop) batch.
+    /// One training step (forward, CE + 0.4 aux CE as the ablation trains,
+    /// backward, SGD) of a preset on a (batch, crop) batch.
     TrainStep {
         preset: String,
         fusion: Fusion,
@@ -102,12 +102,14 @@ pub enum Case {
     },
     /// f32 matmul (n x n x n).
     Matmul { n: usize, reps: usize },
-    /// conv2d forward (cin -> cout, k x k) on (1, cin, h, w).
+    /// conv2d forward (cin -> cout, k x k) on (1, cin, h, w): ours
+    /// (`model::conv`, what the network runs) or candle's own.
     Conv {
         cin: usize,
         cout: usize,
         k: usize,
         size: (usize, usize),
+        candle: bool,
         reps: usize,
     },
 }
@@ -188,7 +190,10 @@ impl Case {
                 let mut opt = crate::train::optim::Sgd::new(vars, &Default::default());
                 let x = Tensor::randn(0f32, 1., (*batch, 3, crop.0, crop.1), &dev)?;
                 let y = Tensor::zeros((*batch, crop.0, crop.1), candle_core::DType::U32, &dev)?;
-                let loss_cfg = crate::train::loss::LossConfig::default();
+                let loss_cfg = crate::train::loss::LossConfig {
+                    main: crate::train::loss::MainLoss::Ce,
+                    ..Default::default()
+                };
                 let t = timed(*reps, || {
                     let (f, outs) = net.infer(&x, *fusion, scales, false, true)?;
                     let l = crate::train::loss::combined(&loss_cfg, &f, &outs, &y)?;
@@ -224,17 +229,23 @@ impl Case {
                 cout,
                 k,
                 size,
+                candle,
                 reps,
             } => {
                 let x = Tensor::randn(0f32, 1., (1, *cin, size.0, size.1), &dev)?;
                 let w = Tensor::randn(0f32, 1., (*cout, *cin, *k, *k), &dev)?;
                 let t = timed(*reps, || {
-                    x.conv2d(&w, k / 2, 1, 1, 1)?;
+                    if *candle {
+                        x.conv2d(&w, k / 2, 1, 1, 1)?;
+                    } else {
+                        crate::model::conv::conv2d(&x, &w, k / 2, 1)?;
+                    }
                     Ok(())
                 })?;
                 let flops = 2.0 * (*cin * *cout * k * k * size.0 * size.1) as f64;
+                let who = if *candle { "candle" } else { "ours" };
                 (
-                    format!("conv {k}x{k} {cin}->{cout}"),
+                    format!("conv {k}x{k} {cin}->{cout} {who}"),
                     format!("{k}x{k} {cin}->{cout} at {}x{}", size.0, size.1),
                     t,
                     Some(flops / (t.0 * 1e-3) / 1e9),
@@ -297,42 +308,32 @@ pub fn suite_cases(suite: &str, full: bool) -> Option<Vec<Case>> {
             preset: "small".into(),
             fusion,
             scales,
-            crop: (96, 192),
+            crop: (128, 256),
             batch: 4,
             reps: 3,
         })
         .collect(),
-        "kernels" => vec![
-            Case::Matmul { n: 1024, reps: 5 },
-            Case::Conv {
-                cin: 64,
-                cout: 64,
-                k: 3,
-                size: (128, 256),
-                reps: 3,
-            },
-            Case::Conv {
-                cin: 32,
-                cout: 32,
-                k: 3,
-                size: (64, 128),
-                reps: 5,
-            },
-            Case::Conv {
-                cin: 128,
-                cout: 128,
-                k: 3,
-                size: (16, 32),
-                reps: 5,
-            },
-            Case::Conv {
-                cin: 240,
-                cout: 64,
-                k: 3,
-                size: (64, 128),
-                reps: 3,
-            },
-        ],
+        "kernels" => {
+            let mut v = vec![Case::Matmul { n: 1024, reps: 5 }];
+            for (cin, cout, k, size, reps) in [
+                (64, 64, 3, (128, 256), 3),
+                (32, 32, 3, (64, 128), 5),
+                (128, 128, 3, (16, 32), 5),
+                (240, 64, 3, (64, 128), 3),
+            ] {
+                for candle in [false, true] {
+                    v.push(Case::Conv {
+                        cin,
+                        cout,
+                        k,
+                        size,
+                        candle,
+                        reps,
+                    });
+                }
+            }
+            v
+        }
         _ => return None,
     })
 }

@@ -55,6 +55,21 @@ impl Conv {
     }
 }
 
+impl Conv {
+    /// `conv(x)·scale + shift` per output channel, computed as one
+    /// convolution with the scale folded into the weights (inference-time
+    /// BatchNorm folding, see `layers::ConvBn`).
+    pub fn forward_folded(&self, x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+        let cout = self.weight.dim(0)?;
+        let w = self.weight.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+        let b = match &self.bias {
+            Some(b) => (shift + (b * scale)?)?,
+            None => shift.clone(),
+        };
+        conv2d(x, &w, self.padding, self.stride)?.broadcast_add(&b.reshape((1, cout, 1, 1))?)
+    }
+}
+
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = conv2d(x, &self.weight, self.padding, self.stride)?;

@@ -10,11 +10,10 @@
 //! - The four branch outputs are upsampled to 1/4 and concatenated
 //!   (48+96+192+384 = 720 channels for W48).
 
-use super::conv::Conv;
-use super::layers::{batch_norm, conv, ConvBn};
+use super::layers::ConvBn;
 use super::resize::{resize, resize_as};
-use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, VarBuilder};
+use candle_core::{ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// Widths, block and module counts of the backbone.
@@ -44,39 +43,31 @@ impl BackboneConfig {
 
 #[derive(Debug, Clone)]
 struct BasicBlock {
-    conv1: Conv,
-    bn1: BatchNorm,
-    conv2: Conv,
-    bn2: BatchNorm,
+    cb1: ConvBn,
+    cb2: ConvBn,
 }
 
 impl BasicBlock {
     fn new(c: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv1: conv(c, c, 3, 1, false, vb.pp("conv1"))?,
-            bn1: batch_norm(c, vb.pp("bn1"))?,
-            conv2: conv(c, c, 3, 1, false, vb.pp("conv2"))?,
-            bn2: batch_norm(c, vb.pp("bn2"))?,
+            cb1: ConvBn::new(c, c, 3, 1, false, true, "conv1", "bn1", vb.clone())?,
+            cb2: ConvBn::new(c, c, 3, 1, false, false, "conv2", "bn2", vb)?,
         })
     }
 }
 
 impl ModuleT for BasicBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        let y = self.cb2.forward_t(&self.cb1.forward_t(x, train)?, train)?;
         (y + x)?.relu()
     }
 }
 
 #[derive(Debug, Clone)]
 struct Bottleneck {
-    conv1: Conv,
-    bn1: BatchNorm,
-    conv2: Conv,
-    bn2: BatchNorm,
-    conv3: Conv,
-    bn3: BatchNorm,
+    cb1: ConvBn,
+    cb2: ConvBn,
+    cb3: ConvBn,
     downsample: Option<ConvBn>,
 }
 
@@ -85,14 +76,11 @@ impl Bottleneck {
 
     fn new(cin: usize, planes: usize, vb: VarBuilder) -> Result<Self> {
         let cout = planes * Self::EXPANSION;
-        // Field order is creation order, which is PyTorch's listing order.
+        // Creation order is PyTorch's listing order (conv1, bn1, conv2, ...).
         Ok(Self {
-            conv1: conv(cin, planes, 1, 1, false, vb.pp("conv1"))?,
-            bn1: batch_norm(planes, vb.pp("bn1"))?,
-            conv2: conv(planes, planes, 3, 1, false, vb.pp("conv2"))?,
-            bn2: batch_norm(planes, vb.pp("bn2"))?,
-            conv3: conv(planes, cout, 1, 1, false, vb.pp("conv3"))?,
-            bn3: batch_norm(cout, vb.pp("bn3"))?,
+            cb1: ConvBn::new(cin, planes, 1, 1, false, true, "conv1", "bn1", vb.clone())?,
+            cb2: ConvBn::new(planes, planes, 3, 1, false, true, "conv2", "bn2", vb.clone())?,
+            cb3: ConvBn::new(planes, cout, 1, 1, false, false, "conv3", "bn3", vb.clone())?,
             downsample: if cin != cout {
                 Some(ConvBn::seq(cin, cout, 1, 1, false, vb.pp("downsample"))?)
             } else {
@@ -104,9 +92,9 @@ impl Bottleneck {
 
 impl ModuleT for Bottleneck {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?.relu()?;
-        let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
+        let y = self.cb1.forward_t(x, train)?;
+        let y = self.cb2.forward_t(&y, train)?;
+        let y = self.cb3.forward_t(&y, train)?;
         let skip = match &self.downsample {
             Some(d) => d.forward_t(x, train)?,
             None => x.clone(),

@@ -63,8 +63,22 @@ impl ConvBn {
 }
 
 impl ModuleT for ConvBn {
+    /// Training: conv, then BatchNorm on batch statistics. Inference: one
+    /// convolution with BatchNorm folded in (`w·γ/σ`, `β − μ·γ/σ`, with
+    /// `σ = sqrt(running_var + eps)`), which saves the four element-wise
+    /// passes of a separate BatchNorm over the activation.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn.forward_t(&self.conv.forward(x)?, train)?;
+        let y = if train {
+            self.bn.forward_t(&self.conv.forward(x)?, true)?
+        } else {
+            let (gamma, beta) = self
+                .bn
+                .weight_and_bias()
+                .ok_or_else(|| candle_core::Error::Msg("BatchNorm without affine parameters".into()))?;
+            let scale = (gamma / (self.bn.running_var() + self.bn.eps())?.sqrt()?)?;
+            let shift = (beta - (self.bn.running_mean() * &scale)?)?;
+            self.conv.forward_folded(x, &scale, &shift)?
+        };
         if self.relu {
             y.relu()
         } else {
@@ -99,4 +113,54 @@ pub fn dropout2d(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     });
     let keep = Tensor::from_vec(keep, (n, c, 1, 1), x.device())?.to_dtype(x.dtype())?;
     x.broadcast_mul(&keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    /// Folded inference against the plain formula, per element in f64:
+    /// `γ·(conv(x) + b − μ)/sqrt(var + eps) + β`, then ReLU.
+    #[test]
+    fn folded_batch_norm_matches_conv_then_batch_norm() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let (cin, cout) = (3, 4);
+        let cb = ConvBn::new(cin, cout, 3, 2, true, true, "c", "b", vb).unwrap();
+        // Non-trivial statistics and affine parameters.
+        let set = |name: &str, v: &[f32]| {
+            let data = vm.data().lock().unwrap();
+            data[name].set(&Tensor::new(v, &dev).unwrap()).unwrap();
+        };
+        set("b.running_mean", &[0.5, -1.0, 0.0, 2.0]);
+        set("b.running_var", &[4.0, 0.25, 1.0, 9.0]);
+        set("b.weight", &[1.5, -0.5, 1.0, 2.0]);
+        set("b.bias", &[0.1, 0.2, -0.3, 0.0]);
+        let x = Tensor::randn(0f32, 1., (2, cin, 7, 6), &dev).unwrap();
+        let got: Vec<f32> = cb
+            .forward_t(&x, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let y = cb.conv.forward(&x).unwrap();
+        let (n, _, h, w) = y.dims4().unwrap();
+        let yv: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let (mean, var, g, b) = (
+            [0.5, -1.0, 0.0, 2.0],
+            [4.0, 0.25, 1.0, 9.0],
+            [1.5, -0.5, 1.0, 2.0],
+            [0.1, 0.2, -0.3, 0.0],
+        );
+        assert_eq!(got.len(), n * cout * h * w);
+        for (i, (&a, &c)) in got.iter().zip(&yv).enumerate() {
+            let ch = (i / (h * w)) % cout;
+            let want = (g[ch] * (c as f64 - mean[ch]) / (var[ch] + 1e-5f64).sqrt() + b[ch]).max(0.0);
+            assert!((a as f64 - want).abs() < 1e-4, "{i}: {a} vs {want}");
+        }
+    }
 }

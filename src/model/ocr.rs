@@ -13,7 +13,7 @@
 use super::conv::Conv;
 use super::layers::{conv, dropout2d, ConvBn};
 use candle_core::{Module, ModuleT, Result, Tensor, D};
-use candle_nn::{BatchNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// The official `_ObjectAttentionBlock` (scale 1).
 #[derive(Debug, Clone)]
@@ -81,7 +81,7 @@ pub struct Ocr {
     distri: ObjectAttention,
     conv_bn_dropout: ConvBn,
     cls_head: Conv,
-    aux_head: (Conv, BatchNorm, Conv),
+    aux_head: (ConvBn, Conv),
 }
 
 impl Ocr {
@@ -94,8 +94,7 @@ impl Ocr {
             conv_bn_dropout: conv_bn_relu_1x1(2 * mid, mid, "0", "1", &vd.pp("conv_bn_dropout"))?,
             cls_head: conv(mid, classes, 1, 1, true, vb.pp("cls_head"))?,
             aux_head: (
-                conv(high, high, 1, 1, true, va.pp("0"))?,
-                super::layers::batch_norm(high, va.pp("1.0"))?,
+                ConvBn::new(high, high, 1, 1, true, true, "0", "1.0", va.clone())?,
                 conv(high, classes, 1, 1, true, va.pp("2"))?,
             ),
         })
@@ -103,8 +102,8 @@ impl Ocr {
 
     pub fn forward_t(&self, high: &Tensor, train: bool) -> Result<OcrOut> {
         let feats = self.conv3x3_ocr.forward_t(high, train)?;
-        let (c0, bn, c2) = &self.aux_head;
-        let aux = c2.forward(&bn.forward_t(&c0.forward(high)?, train)?.relu()?)?;
+        let (c0, c2) = &self.aux_head;
+        let aux = c2.forward(&c0.forward_t(high, train)?)?;
         // SpatialGather: softmax over pixels of each class map, then pool.
         let (n, k, h, w) = aux.dims4()?;
         let c = feats.dim(1)?;
