@@ -246,7 +246,7 @@ impl Case {
                 let who = if *candle { "candle" } else { "ours" };
                 (
                     format!("conv {k}x{k} {cin}->{cout} {who}"),
-                    format!("{k}x{k} {cin}->{cout} at {}x{}", size.0, size.1),
+                    format!("{k}x{k} {cin}->{cout} at {}x{} ({who})", size.0, size.1),
                     t,
                     Some(flops / (t.0 * 1e-3) / 1e9),
                     "GFLOP/s".to_string(),
