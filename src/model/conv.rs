@@ -12,8 +12,11 @@
 //!   row is a shifted, strided copy of one input plane, rayon over input
 //!   channels), then `y = W·col` with `W` as (Cout, K): the product lands in
 //!   NCHW order directly. 1x1 stride-1 layers use `x` itself as `col`;
-//! - weight gradient: `gW = Σ_b gY_b·col_bᵀ` (one gemm per item, accumulated);
+//! - weight gradient: `gW = Σ_b gY_b·col_bᵀ` (gemms accumulated);
 //! - input gradient: `gX_b = col2im(Wᵀ·gY_b)`, the scatter-add of im2col.
+//!
+//! `col` is built for a tile of output rows at a time (about 2 MB), so that
+//! it stays in cache between being written and being read by the gemm.
 //!
 //! The gemms are the `gemm` crate's (the one candle's matmul uses), with
 //! transposes expressed as strides. Other devices use candle's `conv2d`.
@@ -148,27 +151,29 @@ impl Geom {
     }
 }
 
-/// `col[(c·k + ky)·k + kx][oy·Wo + ox] = x[c][oy·s + ky − p][ox·s + kx − p]`
-/// (zero outside) for one batch item.
-fn im2col<T: WithDType>(g: &Geom, x: &[T], col: &mut [T]) {
-    let (k, l) = (g.k, g.ho * g.wo);
-    col.par_chunks_mut(k * k * l)
+/// `col[(c·k + ky)·k + kx][(oy − r0)·Wo + ox] = x[c][oy·s + ky − p][ox·s + kx − p]`
+/// (zero outside) for one batch item and the output rows `r0..r1`.
+fn im2col<T: WithDType>(g: &Geom, x: &[T], rows: std::ops::Range<usize>, col: &mut [T]) {
+    let (k, l) = (g.k, rows.len() * g.wo);
+    let zero = T::from_f64(0.0);
+    col[..g.cin * k * k * l]
+        .par_chunks_mut(k * k * l)
         .zip(x.par_chunks(g.h * g.w))
         .for_each(|(block, plane)| {
             for ky in 0..k {
-                let rows = g.valid(ky, g.h, g.ho);
+                let valid_rows = g.valid(ky, g.h, g.ho);
                 for kx in 0..k {
                     let cols = g.valid(kx, g.w, g.wo);
                     let row = &mut block[(ky * k + kx) * l..(ky * k + kx + 1) * l];
-                    for oy in 0..g.ho {
-                        let dst = &mut row[oy * g.wo..(oy + 1) * g.wo];
-                        if !rows.contains(&oy) || cols.is_empty() {
-                            dst.fill(T::from_f64(0.0));
+                    for oy in rows.clone() {
+                        let dst = &mut row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo];
+                        if !valid_rows.contains(&oy) || cols.is_empty() {
+                            dst.fill(zero);
                             continue;
                         }
                         let src = &plane[(oy * g.s + ky - g.p) * g.w..];
-                        dst[..cols.start].fill(T::from_f64(0.0));
-                        dst[cols.end..].fill(T::from_f64(0.0));
+                        dst[..cols.start].fill(zero);
+                        dst[cols.end..].fill(zero);
                         let x0 = cols.start * g.s + kx - g.p;
                         if g.s == 1 {
                             dst[cols.clone()].copy_from_slice(&src[x0..x0 + cols.len()]);
@@ -183,23 +188,26 @@ fn im2col<T: WithDType>(g: &Geom, x: &[T], col: &mut [T]) {
         });
 }
 
-/// The adjoint of [`im2col`]: adds every `col` entry back onto the input
-/// position it was read from, for one batch item.
-fn col2im<T: WithDType>(g: &Geom, col: &[T], x: &mut [T]) {
-    let (k, l) = (g.k, g.ho * g.wo);
+/// The adjoint of [`im2col`] for the output rows `r0..r1`: adds every `col`
+/// entry onto the input position it was read from (the caller zeroes `x`
+/// once; neighbouring row tiles add onto shared input rows).
+fn col2im<T: WithDType>(g: &Geom, col: &[T], rows: std::ops::Range<usize>, x: &mut [T]) {
+    let (k, l) = (g.k, rows.len() * g.wo);
     x.par_chunks_mut(g.h * g.w)
-        .zip(col.par_chunks(k * k * l))
+        .zip(col[..g.cin * k * k * l].par_chunks(k * k * l))
         .for_each(|(plane, block)| {
-            plane.fill(T::from_f64(0.0));
             for ky in 0..k {
-                let rows = g.valid(ky, g.h, g.ho);
+                let valid_rows = g.valid(ky, g.h, g.ho);
                 for kx in 0..k {
                     let cols = g.valid(kx, g.w, g.wo);
+                    if cols.is_empty() {
+                        continue;
+                    }
                     let row = &block[(ky * k + kx) * l..(ky * k + kx + 1) * l];
-                    for oy in rows.clone() {
-                        let src = &row[oy * g.wo..(oy + 1) * g.wo];
+                    for oy in rows.start.max(valid_rows.start)..rows.end.min(valid_rows.end) {
+                        let src = &row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo];
                         let dst = &mut plane[(oy * g.s + ky - g.p) * g.w..];
-                        let x0 = cols.start.wrapping_mul(g.s).wrapping_add(kx).wrapping_sub(g.p);
+                        let x0 = cols.start * g.s + kx - g.p;
                         for (i, v) in src[cols.clone()].iter().enumerate() {
                             dst[x0 + i * g.s] += *v;
                         }
@@ -207,6 +215,16 @@ fn col2im<T: WithDType>(g: &Geom, col: &[T], x: &mut [T]) {
                 }
             }
         });
+}
+
+/// Output-row tiles whose `col` (K × rows·Wo) stays within about 2 MB of
+/// f32, so that building it and the gemm reading it stay in cache; a full
+/// `col` of a 64-channel 3x3 layer at 128x256 would be 75 MB.
+fn row_tiles(g: &Geom) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let (kk, _) = g.kl();
+    let per = ((1usize << 19) / (kk * g.wo).max(1)).clamp(1, g.ho);
+    let ho = g.ho;
+    (0..ho.div_ceil(per)).map(move |t| t * per..((t + 1) * per).min(ho))
 }
 
 /// A row-major matrix view: element (i, j) at `ptr + i·rs + j·cs`.
@@ -224,17 +242,27 @@ fn mat<T>(s: &[T], rs: usize, cs: usize) -> Mat<T> {
     }
 }
 
-/// `dst (m×n, row-major) = [dst +] a (m×k) · b (k×n)`.
-fn gemm<T: WithDType>(dst: &mut [T], m: usize, n: usize, kk: usize, a: Mat<T>, b: Mat<T>, accumulate: bool) {
-    assert!(dst.len() >= m * n);
+/// `dst (m×n, row stride dst_rs) = [dst +] a (m×k) · b (k×n)`.
+#[allow(clippy::too_many_arguments)]
+fn gemm<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    m: usize,
+    n: usize,
+    kk: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+) {
+    assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
     let threads = if m * n * kk >= 1 << 16 {
         gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: `dst` holds m·n elements; `a` and `b` come from slices of at
-    // least m·k and k·n elements with the strides given (checked by callers'
-    // shapes), and nothing else aliases `dst`.
+    // SAFETY: `dst` holds the m×n block at row stride dst_rs (asserted);
+    // `a` and `b` come from slices that hold m×k and k×n elements at the
+    // strides given (the callers' shapes), and nothing else aliases `dst`.
     unsafe {
         gemm::gemm(
             m,
@@ -242,7 +270,7 @@ fn gemm<T: WithDType>(dst: &mut [T], m: usize, n: usize, kk: usize, a: Mat<T>, b
             kk,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             a.ptr,
             a.cs,
@@ -297,19 +325,19 @@ struct Conv2d {
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (kk, l) = g.kl();
     let mut y = vec![T::from_f64(0.0); g.n * g.cout * l];
-    let mut col = if g.is_pointwise() {
-        vec![]
-    } else {
-        vec![T::from_f64(0.0); kk * l]
-    };
+    let mut col = vec![];
     for (xb, yb) in x.chunks(g.cin * g.h * g.w).zip(y.chunks_mut(g.cout * l)) {
-        let c: &[T] = if g.is_pointwise() {
-            xb
-        } else {
-            im2col(g, xb, &mut col);
-            &col
-        };
-        gemm(yb, g.cout, l, kk, mat(w, kk, 1), mat(c, l, 1), false);
+        if g.is_pointwise() {
+            gemm(yb, l, g.cout, l, kk, mat(w, kk, 1), mat(xb, l, 1), false);
+            continue;
+        }
+        for rows in row_tiles(g) {
+            let lt = rows.len() * g.wo;
+            col.resize(kk * lt, T::from_f64(0.0));
+            im2col(g, xb, rows.clone(), &mut col);
+            let dst = &mut yb[rows.start * g.wo..];
+            gemm(dst, l, g.cout, lt, kk, mat(w, kk, 1), mat(&col, lt, 1), false);
+        }
     }
     y
 }
@@ -377,18 +405,28 @@ struct InputGrad {
 fn input_grad<T: WithDType>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
     let (kk, l) = g.kl();
     let mut gx = vec![T::from_f64(0.0); g.n * g.cin * g.h * g.w];
-    let mut gcol = if g.is_pointwise() {
-        vec![]
-    } else {
-        vec![T::from_f64(0.0); kk * l]
-    };
+    let mut gcol = vec![];
     for (gyb, gxb) in gy.chunks(g.cout * l).zip(gx.chunks_mut(g.cin * g.h * g.w)) {
         // Wᵀ (K × Cout): element (i, j) = W[j·K + i]
         if g.is_pointwise() {
-            gemm(gxb, kk, l, g.cout, mat(w, 1, kk), mat(gyb, l, 1), false);
-        } else {
-            gemm(&mut gcol, kk, l, g.cout, mat(w, 1, kk), mat(gyb, l, 1), false);
-            col2im(g, &gcol, gxb);
+            gemm(gxb, l, kk, l, g.cout, mat(w, 1, kk), mat(gyb, l, 1), false);
+            continue;
+        }
+        for rows in row_tiles(g) {
+            let lt = rows.len() * g.wo;
+            gcol.resize(kk * lt, T::from_f64(0.0));
+            let src = &gyb[rows.start * g.wo..];
+            gemm(
+                &mut gcol,
+                lt,
+                kk,
+                lt,
+                g.cout,
+                mat(w, 1, kk),
+                mat(src, l, 1),
+                false,
+            );
+            col2im(g, &gcol, rows, gxb);
         }
     }
     gx
@@ -428,20 +466,33 @@ struct WeightGrad {
 fn weight_grad<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
     let (kk, l) = g.kl();
     let mut gw = vec![T::from_f64(0.0); g.cout * kk];
-    let mut col = if g.is_pointwise() {
-        vec![]
-    } else {
-        vec![T::from_f64(0.0); kk * l]
-    };
-    for (b, (xb, gyb)) in x.chunks(g.cin * g.h * g.w).zip(gy.chunks(g.cout * l)).enumerate() {
-        let c: &[T] = if g.is_pointwise() {
-            xb
-        } else {
-            im2col(g, xb, &mut col);
-            &col
-        };
-        // colᵀ (L × K): element (i, j) = col[j·L + i]
-        gemm(&mut gw, g.cout, kk, l, mat(gyb, l, 1), mat(c, 1, l), b > 0);
+    let mut col = vec![];
+    let mut first = true;
+    for (xb, gyb) in x.chunks(g.cin * g.h * g.w).zip(gy.chunks(g.cout * l)) {
+        if g.is_pointwise() {
+            // xᵀ (L × K): element (i, j) = x[j·L + i]
+            gemm(&mut gw, kk, g.cout, kk, l, mat(gyb, l, 1), mat(xb, 1, l), !first);
+            first = false;
+            continue;
+        }
+        for rows in row_tiles(g) {
+            let lt = rows.len() * g.wo;
+            col.resize(kk * lt, T::from_f64(0.0));
+            im2col(g, xb, rows.clone(), &mut col);
+            // colᵀ (Lt × K): element (i, j) = col[j·Lt + i]
+            let src = &gyb[rows.start * g.wo..];
+            gemm(
+                &mut gw,
+                kk,
+                g.cout,
+                kk,
+                lt,
+                mat(src, l, 1),
+                mat(&col, 1, lt),
+                !first,
+            );
+            first = false;
+        }
     }
     gw
 }
@@ -552,6 +603,9 @@ mod tests {
             ((2, 32, 16, 24), 48, 3, 1, 1),
             ((2, 32, 16, 24), 48, 3, 1, 2),
             ((2, 32, 16, 24), 48, 1, 0, 1),
+            // several row tiles (see `row_tiles`)
+            ((2, 64, 64, 66), 8, 3, 1, 1),
+            ((2, 64, 64, 66), 8, 3, 1, 2),
         ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1., xs, &dev).unwrap()).unwrap();
             let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (cout, xs.1, k, k), &dev).unwrap()).unwrap();
@@ -640,6 +694,7 @@ mod tests {
             ((1, 4, 7, 6), 3, 1, 0, 1),
             ((1, 4, 7, 6), 3, 1, 0, 2),
             ((1, 2, 2, 3), 3, 3, 1, 2),
+            ((1, 64, 40, 66), 4, 3, 1, 1),
         ] {
             let x = Tensor::randn(0f32, 1., xs, &dev).unwrap();
             let w = Tensor::randn(0f32, 1., (cout, xs.1, k, k), &dev).unwrap();
