@@ -55,7 +55,21 @@ pub fn time_forward(
     }
     let dev = Device::Cpu;
     let vm = candle_nn::VarMap::new();
-    let net = HmsaNet::new(&cfg, seeded_varbuilder(&vm, 0, &dev))?;
+    HmsaNet::new(&cfg, seeded_varbuilder(&vm, 0, &dev))?;
+    // Inference runs on plain tensors, as after loading a checkpoint: on the
+    // VarMap's variables every op would record its inputs for backprop and
+    // keep them alive until the forward returns.
+    let frozen: std::collections::HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .expect("varmap")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let net = HmsaNet::new(
+        &cfg,
+        candle_nn::VarBuilder::from_tensors(frozen, candle_core::DType::F32, &dev),
+    )?;
     let x = Tensor::zeros((1, 3, size.0, size.1), candle_core::DType::F32, &dev)?;
     let reset = reset_peak_rss();
     net.infer(&x, fusion, scales, flip, false)?; // warm-up

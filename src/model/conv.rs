@@ -61,12 +61,15 @@ impl Conv {
 impl Conv {
     /// `conv(x)·scale + shift` per output channel, computed as one
     /// convolution with the scale folded into the weights (inference-time
-    /// BatchNorm folding, see `layers::ConvBn`).
+    /// BatchNorm folding, see `layers::ConvBn`); no gradient flows.
     pub fn forward_folded(&self, x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
         let cout = self.weight.dim(0)?;
-        let w = self.weight.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+        let w = self
+            .weight
+            .detach()
+            .broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
         let b = match &self.bias {
-            Some(b) => (shift + (b * scale)?)?,
+            Some(b) => (shift + (b.detach() * scale)?)?,
             None => shift.clone(),
         };
         conv2d(x, &w, self.padding, self.stride)?.broadcast_add(&b.reshape((1, cout, 1, 1))?)

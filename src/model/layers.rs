@@ -71,12 +71,17 @@ impl ModuleT for ConvBn {
         let y = if train {
             self.bn.forward_t(&self.conv.forward(x)?, true)?
         } else {
+            // Detached: candle_nn's BatchNorm keeps its running statistics
+            // as `Var`s, so without this every inference activation would
+            // record its inputs for backprop and stay alive until the
+            // forward returns (massif: most of the peak memory).
             let (gamma, beta) = self
                 .bn
                 .weight_and_bias()
                 .ok_or_else(|| candle_core::Error::Msg("BatchNorm without affine parameters".into()))?;
-            let scale = (gamma / (self.bn.running_var() + self.bn.eps())?.sqrt()?)?;
-            let shift = (beta - (self.bn.running_mean() * &scale)?)?;
+            let var = self.bn.running_var().detach();
+            let scale = (gamma.detach() / (var + self.bn.eps())?.sqrt()?)?;
+            let shift = (beta.detach() - (self.bn.running_mean().detach() * &scale)?)?;
             self.conv.forward_folded(x, &scale, &shift)?
         };
         if self.relu {
