@@ -21,7 +21,9 @@
 //! The gemms are the `gemm` crate's (the one candle's matmul uses), with
 //! transposes expressed as strides. Other devices use candle's `conv2d`.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, WithDType,
+};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
@@ -59,10 +61,18 @@ impl Conv {
 }
 
 impl Conv {
-    /// `conv(x)·scale + shift` per output channel, computed as one
-    /// convolution with the scale folded into the weights (inference-time
-    /// BatchNorm folding, see `layers::ConvBn`); no gradient flows.
-    pub fn forward_folded(&self, x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    /// `act(conv(x)·scale + shift [+ residual])` per output channel,
+    /// computed as one convolution with the scale folded into the weights
+    /// and the rest in its epilogue (inference-time BatchNorm folding, see
+    /// `layers::ConvBn`); no gradient flows.
+    pub fn forward_folded(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor> {
         let cout = self.weight.dim(0)?;
         let w = self
             .weight
@@ -72,7 +82,7 @@ impl Conv {
             Some(b) => (shift + (b.detach() * scale)?)?,
             None => shift.clone(),
         };
-        conv2d(x, &w, self.padding, self.stride)?.broadcast_add(&b.reshape((1, cout, 1, 1))?)
+        conv2d_act(x, &w, &b, self.padding, self.stride, residual, relu)
     }
 }
 
@@ -93,6 +103,41 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
             .apply_op2(&w.contiguous()?, Conv2d { padding, stride })
     } else {
         x.conv2d(w, padding, stride, 1, 1)
+    }
+}
+
+/// Inference: `act(conv2d(x, w) + b [+ residual])`, the bias, residual and
+/// ReLU applied to each tile of the output while it is in cache (one pass
+/// and no temporaries instead of three candle ops). No gradient flows.
+pub fn conv2d_act(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    padding: usize,
+    stride: usize,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let op = Conv2dAct {
+            padding,
+            stride,
+            residual: residual.map(|r| r.contiguous()).transpose()?,
+            relu,
+        };
+        x.contiguous()?
+            .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op)
+    } else {
+        let y = conv2d(x, w, padding, stride)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+        let y = match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -325,13 +370,58 @@ struct Conv2d {
     stride: usize,
 }
 
-fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+/// What the inference convolution does to its output while it is still in
+/// cache: `y = act(y + bias[c] [+ residual])`.
+struct Epilogue<'a, T> {
+    bias: &'a [T],
+    residual: Option<&'a [T]>,
+    relu: bool,
+}
+
+impl<T: WithDType> Epilogue<'_, T> {
+    /// Applies to the output positions `cols` (a range of `Ho·Wo`) of every
+    /// channel of batch item `b`, whose output is `yb`.
+    fn apply(&self, g: &Geom, b: usize, yb: &mut [T], cols: std::ops::Range<usize>) {
+        let l = g.ho * g.wo;
+        let zero = T::from_f64(0.0);
+        yb.par_chunks_mut(l).enumerate().for_each(|(c, plane)| {
+            let bias = self.bias[c];
+            let out = &mut plane[cols.clone()];
+            match self.residual {
+                Some(r) => {
+                    let at = (b * g.cout + c) * l;
+                    let r = &r[at + cols.start..at + cols.end];
+                    for (v, r) in out.iter_mut().zip(r) {
+                        *v += bias + *r;
+                    }
+                }
+                None => out.iter_mut().for_each(|v| *v += bias),
+            }
+            if self.relu {
+                out.iter_mut().for_each(|v| {
+                    if *v < zero {
+                        *v = zero
+                    }
+                });
+            }
+        });
+    }
+}
+
+fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogue<T>>) -> Vec<T> {
     let (kk, l) = g.kl();
     let mut y = vec![T::from_f64(0.0); g.n * g.cout * l];
     let mut col = vec![];
-    for (xb, yb) in x.chunks(g.cin * g.h * g.w).zip(y.chunks_mut(g.cout * l)) {
+    for (b, (xb, yb)) in x
+        .chunks(g.cin * g.h * g.w)
+        .zip(y.chunks_mut(g.cout * l))
+        .enumerate()
+    {
         if g.is_pointwise() {
             gemm(yb, l, g.cout, l, kk, mat(w, kk, 1), mat(xb, l, 1), false);
+            if let Some(e) = epi {
+                e.apply(g, b, yb, 0..l);
+            }
             continue;
         }
         for rows in row_tiles(g) {
@@ -340,6 +430,9 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
             im2col(g, xb, rows.clone(), &mut col);
             let dst = &mut yb[rows.start * g.wo..];
             gemm(dst, l, g.cout, lt, kk, mat(w, kk, 1), mat(&col, lt, 1), false);
+            if let Some(e) = epi {
+                e.apply(g, b, yb, rows.start * g.wo..rows.end * g.wo);
+            }
         }
     }
     y
@@ -364,8 +457,8 @@ impl CustomOp2 for Conv2d {
             l1,
             s2,
             l2,
-            |x, w| Ok((forward(&g, x, w), shape.clone())),
-            |x, w| Ok((forward(&g, x, w), shape.clone())),
+            |x, w| Ok((forward(&g, x, w, None), shape.clone())),
+            |x, w| Ok((forward(&g, x, w, None), shape.clone())),
         )
     }
 
@@ -395,6 +488,74 @@ impl CustomOp2 for Conv2d {
             },
         )?;
         Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// The inference convolution with its epilogue: `act(conv(x, w) + b [+ r])`
+/// over (x, w, b); no backward (inference runs on detached weights).
+struct Conv2dAct {
+    padding: usize,
+    stride: usize,
+    residual: Option<Tensor>,
+    relu: bool,
+}
+
+impl Conv2dAct {
+    fn run<T: WithDType>(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(x.1.shape(), w.1.shape(), self.stride, self.padding)?;
+        let bias = slice_of(T::cpu_storage_as_slice(b.0)?, b.1)?;
+        if bias.len() != g.cout {
+            candle_core::bail!("conv2d: bias of {} for {} output channels", bias.len(), g.cout);
+        }
+        let shape = Shape::from((g.n, g.cout, g.ho, g.wo));
+        let guard = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match &guard {
+            Some((st, l)) => match &**st {
+                candle_core::Storage::Cpu(s) => {
+                    if l.shape() != &shape {
+                        candle_core::bail!("conv2d: residual {:?} for output {shape:?}", l.shape());
+                    }
+                    Some(slice_of(T::cpu_storage_as_slice(s)?, l)?)
+                }
+                _ => candle_core::bail!("conv2d: residual on another device"),
+            },
+            None => None,
+        };
+        let epi = Epilogue {
+            bias,
+            residual,
+            relu: self.relu,
+        };
+        let xs = slice_of(T::cpu_storage_as_slice(x.0)?, x.1)?;
+        let ws = slice_of(T::cpu_storage_as_slice(w.0)?, w.1)?;
+        Ok((T::to_cpu_storage_owned(forward(&g, xs, ws, Some(&epi))), shape))
+    }
+}
+
+impl CustomOp3 for Conv2dAct {
+    fn name(&self) -> &'static str {
+        "conv2d-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match s1 {
+            CpuStorage::F32(_) => self.run::<f32>((s1, l1), (s2, l2), (s3, l3)),
+            CpuStorage::F64(_) => self.run::<f64>((s1, l1), (s2, l2), (s3, l3)),
+            _ => candle_core::bail!("conv2d: f32 or f64 only"),
+        }
     }
 }
 
@@ -713,6 +874,53 @@ mod tests {
             assert_eq!(got.len(), want.len());
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "{a} vs {b} for {xs:?} k{k} p{p} s{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_epilogue_matches_the_definition() {
+        let dev = Device::Cpu;
+        // Several row tiles (64 channels, 40 rows), pointwise, strided, batch 2.
+        for (xs, cout, k, p, s) in [
+            ((2, 3, 9, 10), 5, 3, 1, 1),
+            ((1, 64, 40, 66), 4, 3, 1, 1),
+            ((2, 4, 7, 6), 3, 1, 0, 1),
+            ((1, 3, 9, 10), 5, 3, 1, 2),
+        ] {
+            let x = Tensor::randn(0f32, 1., xs, &dev).unwrap();
+            let w = Tensor::randn(0f32, 1., (cout, xs.1, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let bv: Vec<f32> = b.to_vec1().unwrap();
+            let plain = naive(&xv, xs, &wv, cout, k, p, s);
+            let l = plain.len() / (xs.0 * cout);
+            let (ho, wo) = ((xs.2 + 2 * p - k) / s + 1, (xs.3 + 2 * p - k) / s + 1);
+            let out_shape = (xs.0, cout, ho, wo);
+            let r = Tensor::randn(0f32, 1., out_shape, &dev).unwrap();
+            let rv: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
+            for (residual, relu) in [(false, false), (false, true), (true, true)] {
+                let got: Vec<f32> = conv2d_act(&x, &w, &b, p, s, residual.then_some(&r), relu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(got.len(), plain.len());
+                for (i, (a, y)) in got.iter().zip(&plain).enumerate() {
+                    let mut want = y + bv[(i / l) % cout];
+                    if residual {
+                        want += rv[i];
+                    }
+                    if relu {
+                        want = want.max(0.0);
+                    }
+                    assert!(
+                        (a - want).abs() < 1e-4,
+                        "{a} vs {want} at {i} for {xs:?} k{k} s{s}"
+                    );
+                }
             }
         }
     }

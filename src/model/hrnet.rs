@@ -58,8 +58,8 @@ impl BasicBlock {
 
 impl ModuleT for BasicBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.cb2.forward_t(&self.cb1.forward_t(x, train)?, train)?;
-        (y + x)?.relu()
+        self.cb2
+            .forward_residual(&self.cb1.forward_t(x, train)?, x, train)
     }
 }
 
@@ -94,12 +94,11 @@ impl ModuleT for Bottleneck {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.cb1.forward_t(x, train)?;
         let y = self.cb2.forward_t(&y, train)?;
-        let y = self.cb3.forward_t(&y, train)?;
         let skip = match &self.downsample {
             Some(d) => d.forward_t(x, train)?,
             None => x.clone(),
         };
-        (y + skip)?.relu()
+        self.cb3.forward_residual(&y, &skip, train)
     }
 }
 

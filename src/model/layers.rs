@@ -62,28 +62,44 @@ impl ConvBn {
     }
 }
 
-impl ModuleT for ConvBn {
-    /// Training: conv, then BatchNorm on batch statistics. Inference: one
-    /// convolution with BatchNorm folded in (`w·γ/σ`, `β − μ·γ/σ`, with
-    /// `σ = sqrt(running_var + eps)`), which saves the four element-wise
-    /// passes of a separate BatchNorm over the activation.
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = if train {
-            self.bn.forward_t(&self.conv.forward(x)?, true)?
+impl ConvBn {
+    /// `relu(self(x) + residual)`, the end of a residual block; at inference
+    /// the add and the ReLU run in the convolution's epilogue.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            (self.forward_t(x, true)? + residual)?.relu()
         } else {
-            // Detached: candle_nn's BatchNorm keeps its running statistics
-            // as `Var`s, so without this every inference activation would
-            // record its inputs for backprop and stay alive until the
-            // forward returns (massif: most of the peak memory).
-            let (gamma, beta) = self
-                .bn
-                .weight_and_bias()
-                .ok_or_else(|| candle_core::Error::Msg("BatchNorm without affine parameters".into()))?;
-            let var = self.bn.running_var().detach();
-            let scale = (gamma.detach() / (var + self.bn.eps())?.sqrt()?)?;
-            let shift = (beta.detach() - (self.bn.running_mean().detach() * &scale)?)?;
-            self.conv.forward_folded(x, &scale, &shift)?
-        };
+            self.folded(x, Some(residual), true)
+        }
+    }
+
+    /// Inference: one convolution with BatchNorm folded in (`w·γ/σ`,
+    /// `β − μ·γ/σ`, with `σ = sqrt(running_var + eps)`), the shift, residual
+    /// and ReLU in its epilogue: no separate passes over the activation.
+    fn folded(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        // Detached: candle_nn's BatchNorm keeps its running statistics as
+        // `Var`s, so without this every inference activation would record
+        // its inputs for backprop and stay alive until the forward returns
+        // (massif: most of the peak memory).
+        let (gamma, beta) = self
+            .bn
+            .weight_and_bias()
+            .ok_or_else(|| candle_core::Error::Msg("BatchNorm without affine parameters".into()))?;
+        let var = self.bn.running_var().detach();
+        let scale = (gamma.detach() / (var + self.bn.eps())?.sqrt()?)?;
+        let shift = (beta.detach() - (self.bn.running_mean().detach() * &scale)?)?;
+        self.conv.forward_folded(x, &scale, &shift, residual, relu)
+    }
+}
+
+impl ModuleT for ConvBn {
+    /// Training: conv, then BatchNorm on batch statistics (then ReLU if
+    /// asked). Inference: [`ConvBn::folded`].
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            return self.folded(x, None, self.relu);
+        }
+        let y = self.bn.forward_t(&self.conv.forward(x)?, true)?;
         if self.relu {
             y.relu()
         } else {
