@@ -116,6 +116,14 @@ pub enum Case {
     },
     /// f32 matmul (n x n x n).
     Matmul { n: usize, reps: usize },
+    /// The training loader (decode, class-uniform crop, augment, batch) on
+    /// the default synthetic dataset: `batches` batches per repetition.
+    Loader {
+        workers: usize,
+        batch: usize,
+        batches: usize,
+        reps: usize,
+    },
     /// conv2d forward (cin -> cout, k x k) on (1, cin, h, w): ours
     /// (`model::conv`, what the network runs) or candle's own.
     Conv {
@@ -167,6 +175,10 @@ impl Case {
                 reps,
             } => {
                 let r = time_forward(preset, *fusion, scales, false, *size, *reps)?;
+                let mut cfg = ModelConfig::preset(preset)?;
+                cfg.fusion = *fusion;
+                cfg.scales = scales.clone();
+                let flops = crate::model::flops::count(&cfg, size.0, size.1)?.fused;
                 let p = format!(
                     "{preset} {fusion} {} {}x{}",
                     crate::model::fusion::format_scales(scales),
@@ -177,8 +189,8 @@ impl Case {
                     format!("{preset}/{fusion}"),
                     p,
                     (r.min_ms, r.median_ms),
-                    None,
-                    String::new(),
+                    Some(flops as f64 / (r.min_ms * 1e-3) / 1e9),
+                    "GFLOP/s".to_string(),
                 )
             }
             Case::TrainStep {
@@ -238,6 +250,25 @@ impl Case {
                     "GFLOP/s".to_string(),
                 )
             }
+            Case::Loader {
+                workers,
+                batch,
+                batches,
+                reps,
+            } => {
+                let t = time_loader(*workers, *batch, *batches, *reps)?;
+                let aug = crate::data::augment::AugmentConfig::default();
+                (
+                    format!("loader {workers} worker(s)"),
+                    format!(
+                        "{workers} worker(s), batch {batch}, crop {}x{}, synthetic",
+                        aug.crop[0], aug.crop[1]
+                    ),
+                    t,
+                    Some((batch * batches) as f64 / (t.0 * 1e-3)),
+                    "images/s".to_string(),
+                )
+            }
             Case::Conv {
                 cin,
                 cout,
@@ -279,7 +310,57 @@ impl Case {
     }
 }
 
-/// The cases of a suite: `model`, `train`, `kernels` (`full` adds the w48
+/// Milliseconds (min, median) to load `batches` batches with the training
+/// loader (default augmentation) from a freshly generated synthetic dataset
+/// in a temporary folder, removed afterwards.
+fn time_loader(workers: usize, batch: usize, batches: usize, reps: usize) -> Result<(f64, f64)> {
+    use crate::data::loader::Loader;
+    use crate::data::sampler::{epoch_plan, Centroids, SamplerConfig, Source};
+    use crate::data::{synth, Dataset, Labels};
+    use std::sync::Arc;
+
+    /// Removes the folder when the case ends, however it ends.
+    struct TempDir(std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = TempDir(std::env::temp_dir().join(format!("hmsa-bench-data-{}", std::process::id())));
+    let cfg = synth::SynthConfig {
+        train: 24,
+        val: 0,
+        train_extra: 0,
+        ..Default::default()
+    };
+    synth::generate(&cfg, &dir.0)?;
+    let ds = Dataset::cityscapes(&dir.0, "train", Labels::Fine)?;
+    let cents = Centroids::compute(&ds, 256)?;
+    let source = Source {
+        dataset: &ds,
+        centroids: Some(&cents),
+    };
+    let plan = Arc::new(epoch_plan(
+        &source,
+        None,
+        &SamplerConfig::default(),
+        batch,
+        batches,
+        0,
+        0,
+    )?);
+    let sources = Arc::new(vec![ds.clone()]);
+    let aug = crate::data::augment::AugmentConfig::default();
+    timed(reps, || {
+        let loader = Loader::spawn(sources.clone(), plan.clone(), 0, aug.clone(), 0, 0, workers, 4);
+        for b in loader {
+            b?;
+        }
+        Ok(())
+    })
+}
+
+/// The cases of a suite: `model`, `train`, `data`, `kernels` (`full` adds the w48
 /// sizes of the issue, minutes each on 2 cores).
 pub fn suite_cases(suite: &str, full: bool) -> Option<Vec<Case>> {
     let f = |preset: &str, fusion, scales: &[f64], size, reps| Case::Forward {
@@ -327,6 +408,15 @@ pub fn suite_cases(suite: &str, full: bool) -> Option<Vec<Case>> {
             reps: 3,
         })
         .collect(),
+        "data" => [1, 2]
+            .into_iter()
+            .map(|workers| Case::Loader {
+                workers,
+                batch: 4,
+                batches: 12,
+                reps: 3,
+            })
+            .collect(),
         "kernels" => {
             let mut v = vec![Case::Matmul { n: 1024, reps: 5 }];
             for (cin, cout, k, size, reps) in [

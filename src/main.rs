@@ -85,7 +85,7 @@ enum Cmd {
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
     },
-    /// Benchmarks (not tests): model, train, kernels; one process per case; stored in the database.
+    /// Benchmarks (not tests): model, train, data, kernels; one process per case; stored in the database.
     Bench(BenchArgs),
     /// Write reports/<suite>/ (index.md, index.html, figures) and print the tables.
     Report {
@@ -104,7 +104,7 @@ enum Cmd {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Suites: model, train, kernels (default: all three).
+    /// Suites: model, train, data, kernels (default: all four).
     suites: Vec<String>,
     /// Add the w48 cases at 512x1024 and 1024x2048 (minutes each on 2 cores).
     #[arg(long)]
@@ -616,7 +616,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     let suites = if a.suites.is_empty() {
-        vec!["model".to_string(), "train".into(), "kernels".into()]
+        vec![
+            "model".to_string(),
+            "train".into(),
+            "data".into(),
+            "kernels".into(),
+        ]
     } else {
         a.suites.clone()
     };
@@ -629,7 +634,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut all = vec![];
     for suite in &suites {
         let cases = hmsa_lab::bench::suite_cases(suite, a.full)
-            .with_context(|| format!("unknown bench suite `{suite}` (model, train, kernels)"))?;
+            .with_context(|| format!("unknown bench suite `{suite}` (model, train, data, kernels)"))?;
         for c in cases {
             let out = std::process::Command::new(&exe)
                 .args(["bench", "--case", &serde_json::to_string(&c)?])
