@@ -7,9 +7,14 @@ two checks that need PyTorch, run where PyTorch is installed:
            `hmsa-lab infer --dump` wrote (max abs difference per tensor).
   bench    CPU inference latency of the same network and input with a given
            number of threads (for the comparison with `hmsa-lab bench`).
+  train    CPU time of one training step as `hmsa-lab bench train` measures
+           it: train-mode forward of the fusion, CE + 0.4 aux CE on the fused
+           outputs at the input size, backward, SGD (momentum 0.9, weight
+           decay 5e-4), on random images and labels.
 
 usage: python3 tools/torch_reference.py parity WEIGHTS.safetensors INPUT.safetensors DUMP.safetensors CONFIG.json
        python3 tools/torch_reference.py bench CONFIG.json THREADS H W SCALES FUSION
+       python3 tools/torch_reference.py train CONFIG.json THREADS BATCH H W SCALES FUSION
 
 CONFIG.json is the model config as serde writes it (hmsa-lab's ModelConfig).
 """
@@ -242,17 +247,37 @@ class Net(nn.Module):
         y = F.relu(a.bn1(a.conv1(y)))
         return a.conv2(y)
 
-    def fwd(self, x):
+    def fwd(self, x, with_attn=True):
         cls, aux, feats = self.ocr(self.backbone(x))
         size = x.shape[-2:]
-        return up(cls, size), up(aux, size), up(torch.sigmoid(self.attn(feats)), size)
+        a = up(torch.sigmoid(self.attn(feats)), size) if with_attn else None
+        return up(cls, size), up(aux, size), a
+
+    def features(self, x):
+        """Logits and aux at the input size, and the OCR features."""
+        cls, aux, feats = self.ocr(self.backbone(x))
+        size = x.shape[-2:]
+        return up(cls, size), up(aux, size), feats
+
+    def explicit(self, x1, scales):
+        """Explicit attention: features of every scale at the 1.0x feature
+        size, concatenated; softmax across scales of the head's output
+        weights the predictions brought to the 1.0x input size."""
+        outs = [self.features(resize_x(x1, s) if s != 1.0 else x1) for s in sorted(scales, reverse=True)]
+        size = x1.shape[-2:]
+        fsize = [o for o, s in zip(outs, sorted(scales, reverse=True)) if s == 1.0][0][2].shape[-2:]
+        logits = self.attn(torch.cat([up(f, fsize) for _, _, f in outs], 1))
+        w = up(F.softmax(logits, 1), size)
+        pred = sum(up(c, size) * w[:, i : i + 1] for i, (c, _, _) in enumerate(outs))
+        aux = sum(up(a, size) * w[:, i : i + 1] for i, (_, a, _) in enumerate(outs))
+        return pred, aux
 
     def hierarchical(self, x1, scales):
         pred = aux = None
         per = {}
         for s in sorted(scales, reverse=True):
             x = resize_x(x1, s) if s != 1.0 else x1
-            cls, ax, a = self.fwd(x)
+            cls, ax, a = self.fwd(x, pred is not None)
             per[s] = (cls, a)
             if pred is None:
                 pred, aux = cls, ax
@@ -313,8 +338,12 @@ def bench(cfg_path, threads, h, w, scales, fusion):
             if fusion == "hierarchical":
                 net.hierarchical(x, scales)
             else:
+                probs = []
                 for s in scales:
-                    net.fwd(resize_x(x, s) if s != 1.0 else x)
+                    cls, aux, _ = net.fwd(resize_x(x, s) if s != 1.0 else x, False)
+                    probs.append(F.softmax(up(cls, x.shape[-2:]), 1))
+                    probs.append(F.softmax(up(aux, x.shape[-2:]), 1))
+                torch.stack(probs[0::2]).mean(0).log(), torch.stack(probs[1::2]).mean(0).log()
         run()
         times = []
         for _ in range(5):
@@ -326,12 +355,48 @@ def bench(cfg_path, threads, h, w, scales, fusion):
     return 0
 
 
+def train(cfg_path, threads, batch, h, w, scales, fusion):
+    torch.set_num_threads(int(threads))
+    cfg = json.load(open(cfg_path))
+    scales = [float(s) for s in scales.split(",")]
+    cfg["fusion"], cfg["scales"] = fusion, scales
+    torch.manual_seed(0)
+    net = Net(cfg).train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(int(batch), 3, int(h), int(w))
+    y = torch.zeros(int(batch), int(h), int(w), dtype=torch.long)
+
+    def step():
+        if fusion == "hierarchical":
+            pred, aux, _ = net.hierarchical(x, scales)
+        elif fusion == "explicit":
+            pred, aux = net.explicit(x, scales)
+        else:
+            pred, aux, _ = net.fwd(x, False)
+        loss = F.cross_entropy(pred, y, ignore_index=255) + 0.4 * F.cross_entropy(aux, y, ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    print("torch %s threads=%s train batch %s %sx%s %s %s: min %.1f ms, median %.1f ms" % (torch.__version__, threads, batch, h, w, fusion, scales, times[0], times[len(times) // 2]))
+    return 0
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "parity":
         sys.exit(parity(*sys.argv[2:6]))
     elif cmd == "bench":
         sys.exit(bench(*sys.argv[2:8]))
+    elif cmd == "train":
+        sys.exit(train(*sys.argv[2:9]))
     else:
         print(__doc__)
         sys.exit(2)

@@ -209,8 +209,7 @@ impl HmsaNet {
             ));
         }
         let x = resize(x_1x, hs, ws)?;
-        let high = self.backbone.forward_t(&x, train)?;
-        let o = self.ocr.forward_t(&high, train)?;
+        let o = self.ocr.forward_t(self.backbone.forward_t(&x, train)?, train)?;
         let attn = match (&self.scale_attn, with_attn) {
             (ScaleAttn::Relative(head), true) => {
                 let a = candle_nn::ops::sigmoid(&head.forward_t(&o.feats, train)?)?;
