@@ -221,10 +221,24 @@ impl Case {
                     ..Default::default()
                 };
                 let t = timed(*reps, || {
+                    let t0 = Instant::now();
                     let (f, outs) = net.infer(&x, *fusion, scales, false, true)?;
+                    let t1 = Instant::now();
                     let l = crate::train::loss::combined(&loss_cfg, &f, &outs, &y)?;
+                    let t2 = Instant::now();
                     let g = l.total.backward()?;
-                    opt.step(&g, 1e-3)
+                    let t3 = Instant::now();
+                    opt.step(&g, 1e-3)?;
+                    if std::env::var("HMSA_STEP_TIMES").is_ok() {
+                        eprintln!(
+                            "fwd {:?} loss {:?} bwd {:?} opt {:?}",
+                            t1 - t0,
+                            t2 - t1,
+                            t3 - t2,
+                            t3.elapsed()
+                        );
+                    }
+                    Ok(())
                 })?;
                 let p = format!(
                     "{preset} {fusion} {} batch {batch} crop {}x{}",

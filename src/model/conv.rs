@@ -398,8 +398,9 @@ impl<T: WithDType> Epilogue<'_, T> {
                 None => out.iter_mut().for_each(|v| *v += bias),
             }
             if self.relu {
+                // max(v, 0) as candle's relu: NaN becomes 0 too
                 out.iter_mut().for_each(|v| {
-                    if *v < zero {
+                    if (*v).partial_cmp(&zero) != Some(std::cmp::Ordering::Greater) {
                         *v = zero
                     }
                 });

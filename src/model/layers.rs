@@ -67,7 +67,8 @@ impl ConvBn {
     /// the add and the ReLU run in the convolution's epilogue.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            (self.forward_t(x, true)? + residual)?.relu()
+            let y = super::batchnorm::forward_train(&self.bn, &self.conv.forward(x)?, false)?;
+            (y + residual)?.relu()
         } else {
             self.folded(x, Some(residual), true)
         }
@@ -99,12 +100,7 @@ impl ModuleT for ConvBn {
         if !train {
             return self.folded(x, None, self.relu);
         }
-        let y = self.bn.forward_t(&self.conv.forward(x)?, true)?;
-        if self.relu {
-            y.relu()
-        } else {
-            Ok(y)
-        }
+        super::batchnorm::forward_train(&self.bn, &self.conv.forward(x)?, self.relu)
     }
 }
 

@@ -9,6 +9,7 @@
 //! - Parameter names are the official state_dict's (`backbone.…`, `ocr.…`,
 //!   `scale_attn.…`), so official checkpoints load without renaming.
 
+pub mod batchnorm;
 pub mod checkpoint;
 pub mod conv;
 pub mod flops;

@@ -1,0 +1,400 @@
+//! Training-mode BatchNorm (optionally followed by ReLU) as one op with its
+//! own backward, on the CPU.
+//!
+//! Why: candle_nn's `BatchNorm::forward_train` is a dozen candle ops (a
+//! transposed copy of the activation, two means, subtract, square, divide,
+//! scale, shift, a transposed result that the next convolution copies
+//! again), and its backward goes through all of them with broadcast
+//! reductions; with the ReLU after it, that was most of a training step's
+//! non-gemm time (`perf`). Here, per channel over the `M = N·H·W` values:
+//!
+//! - forward: `μ`, `σ² = mean((x − μ)²)` (two passes, f64 sums), then
+//!   `y = γ·(x − μ)/sqrt(σ² + eps) + β`, then `max(y, 0)` if asked;
+//! - backward, with `g = gy·[y > 0]` under ReLU and `x̂ = (x − μ)/σ`:
+//!   `gβ = Σ g`, `gγ = Σ g·x̂`, `gx = γ/(σ·M)·(M·g − Σ g − x̂·Σ g·x̂)`;
+//! - running statistics as PyTorch (and candle_nn) update them: momentum
+//!   0.1, the unbiased variance `σ²·M/(M − 1)`.
+//!
+//! Other devices and dtypes use candle_nn's BatchNorm.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var, WithDType};
+use candle_nn::BatchNorm;
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// `relu?(batch_norm(x))` on batch statistics, updating `bn`'s running
+/// statistics; gradients flow to `x` and to `bn`'s weight and bias.
+pub fn forward_train(bn: &BatchNorm, x: &Tensor, relu: bool) -> Result<Tensor> {
+    let (gamma, beta) = bn
+        .weight_and_bias()
+        .ok_or_else(|| candle_core::Error::Msg("BatchNorm without affine parameters".into()))?;
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) || x.rank() != 4 {
+        let y = bn.forward_t(x, true)?;
+        return if relu { y.relu() } else { Ok(y) };
+    }
+    let stats = Arc::new(Mutex::new(None));
+    let op = BnTrain {
+        eps: bn.eps(),
+        relu,
+        stats: stats.clone(),
+    };
+    let y = x.contiguous()?.apply_op3(gamma, beta, op)?;
+    let (mean, var, m) = stats
+        .lock()
+        .expect("stats lock")
+        .take()
+        .map(|s: Stats| (s.mean, s.var, s.m))
+        .ok_or_else(|| candle_core::Error::Msg("batch norm: no statistics".into()))?;
+    let momentum = bn.momentum();
+    let unbiased = m as f64 / (m as f64 - 1.0).max(1.0);
+    let update = |running: &Tensor, stat: Vec<f64>, factor: f64| -> Result<()> {
+        let old: Vec<f64> = running.to_dtype(DType::F64)?.to_vec1()?;
+        let new: Vec<f64> = old
+            .iter()
+            .zip(&stat)
+            .map(|(o, s)| o * (1.0 - momentum) + s * factor * momentum)
+            .collect();
+        // The BatchNorm's statistics are variables sharing storage with the
+        // VarMap's (see `layers::batch_norm`): `set` writes them in place.
+        Var::from_tensor(running)?.set(&Tensor::new(new, running.device())?.to_dtype(running.dtype())?)
+    };
+    update(bn.running_mean(), mean, 1.0)?;
+    update(bn.running_var(), var, unbiased)?;
+    Ok(y)
+}
+
+/// What the forward leaves for the backward and the running statistics.
+struct Stats {
+    mean: Vec<f64>,
+    /// Biased variance.
+    var: Vec<f64>,
+    /// Values per channel, `N·H·W`.
+    m: usize,
+}
+
+struct BnTrain {
+    eps: f64,
+    relu: bool,
+    stats: Arc<Mutex<Option<Stats>>>,
+}
+
+/// (N, C, HW) of a contiguous NCHW layout.
+fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
+    let (n, c, h, w) = l.shape().dims4()?;
+    Ok((n, c, h * w))
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
+        None => candle_core::bail!("batch norm: non-contiguous operand"),
+    }
+}
+
+/// Per-channel mean and biased variance (two passes, f64 sums).
+fn channel_stats<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
+    let m = (n * hw) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let planes = || (0..n).map(move |b| &x[(b * c + ch) * hw..(b * c + ch + 1) * hw]);
+            let mean = planes().flatten().map(|v| v.to_f64()).sum::<f64>() / m;
+            let var = planes()
+                .flatten()
+                .map(|v| (v.to_f64() - mean).powi(2))
+                .sum::<f64>()
+                / m;
+            (mean, var)
+        })
+        .unzip()
+}
+
+impl BnTrain {
+    fn fwd<T: WithDType>(&self, x: &[T], g: &[T], b: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
+        let (mean, var) = channel_stats(x, n, c, hw);
+        // y = x·a + s per channel
+        let a: Vec<f64> = (0..c)
+            .map(|i| g[i].to_f64() / (var[i] + self.eps).sqrt())
+            .collect();
+        let s: Vec<f64> = (0..c).map(|i| b[i].to_f64() - mean[i] * a[i]).collect();
+        let mut y = vec![T::zero(); x.len()];
+        let relu = self.relu;
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (yp, xp))| {
+                let (a, s) = (T::from_f64(a[p % c]), T::from_f64(s[p % c]));
+                for (y, x) in yp.iter_mut().zip(xp) {
+                    let v = *x * a + s;
+                    // max(v, 0) as candle's relu: NaN becomes 0 too
+                    *y = if relu && v.partial_cmp(&T::zero()) != Some(std::cmp::Ordering::Greater) {
+                        T::zero()
+                    } else {
+                        v
+                    };
+                }
+            });
+        *self.stats.lock().expect("stats lock") = Some(Stats { mean, var, m: n * hw });
+        y
+    }
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = dims(l1)?;
+        if l2.shape().elem_count() != d.1 || l3.shape().elem_count() != d.1 {
+            candle_core::bail!(
+                "batch norm: {} channels, weight {:?}, bias {:?}",
+                d.1,
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.fwd(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, d))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.fwd(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, d))
+            }
+            _ => candle_core::bail!("batch norm: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The forward's statistics went to the running averages; they are
+        // recomputed here (one pass over x).
+        let gy = gy.contiguous()?;
+        let (gx, gg, gb) = match x.dtype() {
+            DType::F32 => backward::<f32>(x, gamma, y, &gy, self.eps, self.relu)?,
+            DType::F64 => backward::<f64>(x, gamma, y, &gy, self.eps, self.relu)?,
+            d => candle_core::bail!("batch norm: {d:?}"),
+        };
+        Ok((Some(gx), Some(gg), Some(gb)))
+    }
+}
+
+/// A contiguous CPU tensor's storage, read-locked.
+fn storage(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, &Layout)> {
+    let (s, l) = t.storage_and_layout();
+    if !matches!(&*s, candle_core::Storage::Cpu(_)) {
+        candle_core::bail!("batch norm: CPU tensors only");
+    }
+    Ok((s, l))
+}
+
+fn cpu<'a, T: WithDType>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [T]> {
+    match s {
+        candle_core::Storage::Cpu(c) => slice(c, l),
+        _ => candle_core::bail!("batch norm: CPU tensors only"),
+    }
+}
+
+fn backward<T: WithDType>(
+    x: &Tensor,
+    gamma: &Tensor,
+    y: &Tensor,
+    gy: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, h, w) = x.dims4()?;
+    let hw = h * w;
+    let m = (n * hw) as f64;
+    let ((sx, lx), (sy, ly), (sg_, lg)) = (storage(x)?, storage(y)?, storage(gy)?);
+    let (xs, ys, gys) = (cpu::<T>(&sx, lx)?, cpu::<T>(&sy, ly)?, cpu::<T>(&sg_, lg)?);
+    let gam: Vec<f64> = gamma.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let (mean, var) = channel_stats(xs, n, c, hw);
+    let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let grad = |i: usize| -> f64 {
+        if relu && ys[i] <= T::zero() {
+            0.0
+        } else {
+            gys[i].to_f64()
+        }
+    };
+    // Σ g and Σ g·x̂ per channel
+    let (sg, sgx): (Vec<f64>, Vec<f64>) = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut a, mut b) = (0.0, 0.0);
+            for bi in 0..n {
+                let at = (bi * c + ch) * hw;
+                for (i, x) in xs.iter().enumerate().skip(at).take(hw) {
+                    let g = grad(i);
+                    a += g;
+                    b += g * (x.to_f64() - mean[ch]) * inv[ch];
+                }
+            }
+            (a, b)
+        })
+        .unzip();
+    let mut gx = vec![T::zero(); xs.len()];
+    gx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
+        let ch = p % c;
+        let k = gam[ch] * inv[ch] / m;
+        let at = p * hw;
+        for (j, o) in out.iter_mut().enumerate() {
+            let i = at + j;
+            let xh = (xs[i].to_f64() - mean[ch]) * inv[ch];
+            *o = T::from_f64(k * (m * grad(i) - sg[ch] - xh * sgx[ch]));
+        }
+    });
+    let dev = x.device();
+    let to = |v: Vec<f64>| -> Result<Tensor> { Tensor::new(v, dev)?.to_dtype(x.dtype()) };
+    Ok((Tensor::from_vec(gx, x.shape(), dev)?, to(sgx)?, to(sg)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::{VarBuilder, VarMap};
+
+    fn bn(c: usize, dtype: DType) -> (VarMap, BatchNorm) {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
+        let bn = crate::model::layers::batch_norm(c, vb).unwrap();
+        let set = |name: &str, v: &[f64]| {
+            let data = vm.data().lock().unwrap();
+            data[name]
+                .set(&Tensor::new(v, &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
+                .unwrap();
+        };
+        set("weight", &[1.5, -0.5, 2.0]);
+        set("bias", &[0.1, 0.2, -0.3]);
+        set("running_mean", &[0.5, -1.0, 0.0]);
+        set("running_var", &[4.0, 0.25, 1.0]);
+        (vm, bn)
+    }
+
+    fn vals(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// Forward and running statistics against candle_nn's BatchNorm (then
+    /// ReLU): the same definitions, computed by a different sequence of ops.
+    #[test]
+    fn forward_and_running_statistics_match_candle_nn() {
+        let x = Tensor::randn(0f32, 1., (2, 3, 5, 4), &Device::Cpu)
+            .unwrap()
+            .affine(3.0, 1.0)
+            .unwrap();
+        for relu in [false, true] {
+            let (_vm_a, ours) = bn(3, DType::F32);
+            let (_vm_b, theirs) = bn(3, DType::F32);
+            let got = vals(&forward_train(&ours, &x, relu).unwrap());
+            let want = theirs.forward_t(&x, true).unwrap();
+            let want = vals(&if relu { want.relu().unwrap() } else { want });
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b} (relu {relu})");
+            }
+            for (a, b) in [
+                (ours.running_mean(), theirs.running_mean()),
+                (ours.running_var(), theirs.running_var()),
+            ] {
+                for (p, q) in vals(a).iter().zip(vals(b)) {
+                    assert!((p - q).abs() < 1e-5, "running statistic {p} vs {q}");
+                }
+            }
+        }
+        // and the statistics moved from their initial values
+        let (_vm, ours) = bn(3, DType::F32);
+        forward_train(&ours, &x, false).unwrap();
+        assert!((vals(ours.running_mean())[0] - 0.5).abs() > 1e-3);
+    }
+
+    /// Gradients of Σ relu?(bn(x))·r against central finite differences (f64).
+    #[test]
+    fn gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f64, 1., (2, 3, 3, 4), &dev).unwrap();
+        let r = Tensor::randn(0f64, 1., (2, 3, 3, 4), &dev).unwrap();
+        for relu in [false, true] {
+            let (vm, norm) = bn(3, DType::F64);
+            let x = Var::from_tensor(&x0).unwrap();
+            let loss = (forward_train(&norm, x.as_tensor(), relu).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let f = |xv: &Tensor, g: &Tensor, b: &Tensor| -> f64 {
+                // the plain definition, in f64, on batch statistics
+                let y = vals(xv);
+                let (gv, bv) = (vals(g), vals(b));
+                let (n, c, hw) = (2, 3, 12);
+                let mut total = 0.0;
+                let rv = vals(&r);
+                for ch in 0..c {
+                    let idx: Vec<usize> = (0..n)
+                        .flat_map(|b| (0..hw).map(move |i| (b * c + ch) * hw + i))
+                        .collect();
+                    let mean = idx.iter().map(|&i| y[i]).sum::<f64>() / idx.len() as f64;
+                    let var = idx.iter().map(|&i| (y[i] - mean).powi(2)).sum::<f64>() / idx.len() as f64;
+                    for &i in &idx {
+                        let mut v = gv[ch] * (y[i] - mean) / (var + 1e-5).sqrt() + bv[ch];
+                        if relu {
+                            v = v.max(0.0);
+                        }
+                        total += v * rv[i];
+                    }
+                }
+                total
+            };
+            let data = vm.data().lock().unwrap();
+            let (g0, b0) = (
+                data["weight"].as_tensor().clone(),
+                data["bias"].as_tensor().clone(),
+            );
+            let eps = 1e-6;
+            let bump = |t: &Tensor, i: usize, d: f64| -> Tensor {
+                let mut v = vals(t);
+                v[i] += d;
+                Tensor::new(v, &dev).unwrap().reshape(t.shape()).unwrap()
+            };
+            let check = |name: &str, got: Vec<f64>, fd: &dyn Fn(usize) -> f64| {
+                for (i, g) in got.iter().enumerate() {
+                    let want = fd(i);
+                    assert!(
+                        (g - want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "d/d{name}[{i}]: {g} vs {want} (relu {relu})"
+                    );
+                }
+            };
+            check("x", vals(grads.get(x.as_tensor()).unwrap()), &|i| {
+                (f(&bump(&x0, i, eps), &g0, &b0) - f(&bump(&x0, i, -eps), &g0, &b0)) / (2.0 * eps)
+            });
+            check("gamma", vals(grads.get(&g0).unwrap()), &|i| {
+                (f(&x0, &bump(&g0, i, eps), &b0) - f(&x0, &bump(&g0, i, -eps), &b0)) / (2.0 * eps)
+            });
+            check("beta", vals(grads.get(&b0).unwrap()), &|i| {
+                (f(&x0, &g0, &bump(&b0, i, eps)) - f(&x0, &g0, &bump(&b0, i, -eps))) / (2.0 * eps)
+            });
+        }
+    }
+}
