@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn main() -> hmsa_lab::Result<()> {
-    hmsa_lab::fix_thread_count();
+    hmsa_lab::setup_cpu();
     let dir = tempfile::tempdir().expect("temp dir");
     let cfg = SynthConfig {
         train: 24,

@@ -44,7 +44,7 @@ fn cases() -> Vec<Case> {
 /// Each case runs in a child process of this binary, so that its peak
 /// memory is its own (the allocator keeps freed memory mapped).
 fn main() -> hmsa_lab::Result<()> {
-    hmsa_lab::fix_thread_count();
+    hmsa_lab::setup_cpu();
     let cases = cases();
     if let Ok(i) = std::env::var("HMSA_BENCH_CASE") {
         let (preset, size, reps, fusion, scales, flip) = &cases[i.parse::<usize>().expect("case index")];

@@ -22,14 +22,30 @@ pub use error::{Error, Result};
 /// Fixes candle's CPU thread count for the life of the process; call it
 /// first thing in `main`, before any thread starts.
 ///
-/// candle 0.11 asks for its thread count before every matmul and, when
-/// `RAYON_NUM_THREADS` is unset, recounts the physical cores by reading and
-/// parsing `/proc/cpuinfo` each time (a visible share of a training step in
-/// `perf`). Setting the variable once to the same count removes that cost
-/// and changes nothing else.
-pub fn fix_thread_count() {
+/// Process settings for CPU speed, called first by the binary and the
+/// benches:
+///
+/// - candle 0.11 asks for its thread count before every matmul and, when
+///   `RAYON_NUM_THREADS` is unset, recounts the physical cores by reading and
+///   parsing `/proc/cpuinfo` each time (a visible share of a training step in
+///   `perf`). Setting the variable once to the same count removes that cost
+///   and changes nothing else.
+/// - glibc's malloc serves large blocks (every activation) with `mmap` and
+///   returns them to the system on free, so each new tensor costs page
+///   faults and zeroing by the kernel (a tenth of a training step in
+///   `perf`). Raising the mmap and trim thresholds keeps freed blocks in the
+///   heap for the next tensor. Peak memory is unchanged (the peak is live
+///   tensors); memory is not handed back to the system before exit.
+pub fn setup_cpu() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any
+    // other thread of ours exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }

@@ -1051,7 +1051,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
-    hmsa_lab::fix_thread_count();
+    hmsa_lab::setup_cpu();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

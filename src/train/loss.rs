@@ -226,7 +226,11 @@ impl CrossEntropy {
         };
         let (x, t) = (ce_slice::<T>(xs, xl)?, ce_slice::<u32>(ts, tl)?);
         let d @ (n, c, hw) = ce_dims(xl)?;
-        let den = self.sums(x, t, d).1.max(f64::MIN_POSITIVE);
+        let den = t
+            .iter()
+            .filter_map(|&lab| self.weight(lab, c))
+            .sum::<f64>()
+            .max(f64::MIN_POSITIVE);
         // each block returns its (C, len) gradient, written into place below
         let parts = Self::blocks(x, d, |b, p0, lse| {
             let len = lse.len();
