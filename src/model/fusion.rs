@@ -13,6 +13,7 @@
 //!   concatenated, one head gives a channel per scale, softmax across scales,
 //!   weighted sum of the predictions resized to 1.0x.
 
+use super::blend;
 use super::ocr::AttnHead;
 use super::resize::resize;
 use crate::{Error, Result};
@@ -250,16 +251,14 @@ fn hierarchical(outs: &[&ScaleOutput]) -> Result<Fused> {
         if o.scale >= 1.0 {
             // Bring the running prediction down to this scale, then blend.
             let (h, w) = size(&o.pred)?;
-            let one_minus = a.affine(-1.0, 1.0)?;
-            pred = (o.pred.broadcast_mul(&a)? + resize(&pred, h, w)?.broadcast_mul(&one_minus)?)?;
-            aux = (o.aux.broadcast_mul(&a)? + resize(&aux, h, w)?.broadcast_mul(&one_minus)?)?;
+            pred = blend::mix(&o.pred, &resize(&pred, h, w)?, &a)?;
+            aux = blend::mix(&o.aux, &resize(&aux, h, w)?, &a)?;
         } else {
             // Weight this (lower) scale at its own resolution, then bring it up.
             let (h, w) = size(&pred)?;
             let up_a = resize(&a, h, w)?;
-            let one_minus = up_a.affine(-1.0, 1.0)?;
-            pred = (resize(&o.pred.broadcast_mul(&a)?, h, w)? + pred.broadcast_mul(&one_minus)?)?;
-            aux = (resize(&o.aux.broadcast_mul(&a)?, h, w)? + aux.broadcast_mul(&one_minus)?)?;
+            pred = blend::add_rest(&resize(&blend::weight(&o.pred, &a)?, h, w)?, &pred, &up_a)?;
+            aux = blend::add_rest(&resize(&blend::weight(&o.aux, &a)?, h, w)?, &aux, &up_a)?;
         }
     }
     Ok(Fused { pred, aux, attn })
@@ -299,8 +298,8 @@ fn explicit_fuse(
     let mut attn = vec![];
     for (i, o) in outs.iter().enumerate() {
         let w = weights.narrow(1, i, 1)?;
-        let p = resize(&o.pred, oh, ow)?.broadcast_mul(&w)?;
-        let a = resize(&o.aux, oh, ow)?.broadcast_mul(&w)?;
+        let p = blend::weight(&resize(&o.pred, oh, ow)?, &w)?;
+        let a = blend::weight(&resize(&o.aux, oh, ow)?, &w)?;
         pred = Some(match pred {
             None => p,
             Some(acc) => (acc + p)?,

@@ -10,6 +10,7 @@
 //!   `scale_attn.…`), so official checkpoints load without renaming.
 
 pub mod batchnorm;
+pub mod blend;
 pub mod checkpoint;
 pub mod conv;
 pub mod flops;

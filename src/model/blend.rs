@@ -1,0 +1,261 @@
+//! Per-pixel blends of (N, C, H, W) maps by an (N, 1, H, W) weight `a`, the
+//! arithmetic of scale fusion, as single CPU ops with their own backward:
+//!
+//! - [`mix`]: `a·u + (1 − a)·v` (hierarchical fusion at scales ≥ 1);
+//! - [`add_rest`]: `u + (1 − a)·v` (hierarchical fusion below 1, where `u`
+//!   is the already weighted, upsampled lower scale);
+//! - [`weight`]: `a·u` (explicit attention, and the lower scale's weighting).
+//!
+//! With candle's broadcast ops each of these is three to five passes and
+//! new tensors, and the gradient of `a` is a sum over channels that candle
+//! reduces with a division per element on one thread; at the input
+//! resolution of a training batch these were most of what hierarchical
+//! fusion added to a single-scale step. Gradients: `∂u = α·g`, `∂v =
+//! (1 − a)·g`, `∂a = Σ_c g·(α′·u − v)`, with `α = a` or 1, `α′` 1 or 0 as
+//! `a` enters. Other devices and dtypes use candle's broadcast ops.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// `a·u + (1 − a)·v`.
+pub fn mix(u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
+    apply(Kind::Mix, u, v, a)
+}
+
+/// `u + (1 − a)·v`.
+pub fn add_rest(u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
+    apply(Kind::AddRest, u, v, a)
+}
+
+/// `a·u`.
+pub fn weight(u: &Tensor, a: &Tensor) -> Result<Tensor> {
+    apply(Kind::Weight, u, u, a)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Mix,
+    AddRest,
+    Weight,
+}
+
+fn apply(kind: Kind, u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
+    if u.device().is_cpu() && matches!(u.dtype(), DType::F32 | DType::F64) && u.rank() == 4 {
+        return u
+            .contiguous()?
+            .apply_op3(&v.contiguous()?, &a.contiguous()?, Blend { kind });
+    }
+    let rest = || v.broadcast_mul(&a.affine(-1.0, 1.0)?);
+    match kind {
+        Kind::Mix => u.broadcast_mul(a)? + rest()?,
+        Kind::AddRest => u + rest()?,
+        Kind::Weight => u.broadcast_mul(a),
+    }
+}
+
+struct Blend {
+    kind: Kind,
+}
+
+fn cpu<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
+        None => candle_core::bail!("blend: non-contiguous operand"),
+    }
+}
+
+impl Blend {
+    fn fwd<T: WithDType>(&self, u: &[T], v: &[T], a: &[T], c: usize, hw: usize) -> Vec<T> {
+        let one = T::from_f64(1.0);
+        let mut out = vec![T::zero(); u.len()];
+        out.par_chunks_mut(hw).enumerate().for_each(|(p, o)| {
+            let at = p * hw;
+            let w = &a[(p / c) * hw..][..hw];
+            let (u, v) = (&u[at..at + hw], &v[at..at + hw]);
+            for i in 0..hw {
+                o[i] = match self.kind {
+                    Kind::Mix => w[i] * u[i] + (one - w[i]) * v[i],
+                    Kind::AddRest => u[i] + (one - w[i]) * v[i],
+                    Kind::Weight => w[i] * u[i],
+                };
+            }
+        });
+        out
+    }
+
+    /// (∂u, ∂v, ∂a) for the gradient `g` of the output.
+    fn grads<T: WithDType>(&self, u: &[T], v: &[T], a: &[T], g: &[T], c: usize, hw: usize) -> [Vec<T>; 3] {
+        let one = T::from_f64(1.0);
+        let mut gu = vec![T::zero(); u.len()];
+        let mut gv = vec![T::zero(); if self.kind == Kind::Weight { 0 } else { v.len() }];
+        gu.par_chunks_mut(hw).enumerate().for_each(|(p, o)| {
+            let w = &a[(p / c) * hw..][..hw];
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = match self.kind {
+                    Kind::AddRest => g[p * hw + i],
+                    _ => w[i] * g[p * hw + i],
+                };
+            }
+        });
+        gv.par_chunks_mut(hw).enumerate().for_each(|(p, o)| {
+            let w = &a[(p / c) * hw..][..hw];
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = (one - w[i]) * g[p * hw + i];
+            }
+        });
+        let mut ga = vec![T::zero(); a.len()];
+        ga.par_chunks_mut(hw).enumerate().for_each(|(n, o)| {
+            for ch in 0..c {
+                let at = (n * c + ch) * hw;
+                for (i, o) in o.iter_mut().enumerate() {
+                    let j = at + i;
+                    *o += g[j]
+                        * match self.kind {
+                            Kind::Mix => u[j] - v[j],
+                            Kind::AddRest => T::zero() - v[j],
+                            Kind::Weight => u[j],
+                        };
+                }
+            }
+        });
+        [gu, gv, ga]
+    }
+}
+
+impl CustomOp3 for Blend {
+    fn name(&self) -> &'static str {
+        "blend"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        if l2.shape() != l1.shape() || l3.shape().dims() != [n, 1, h, w] {
+            candle_core::bail!(
+                "blend: {:?}, {:?}, weight {:?}",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.fwd(cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?, c, h * w))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.fwd(cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?, c, h * w))
+            }
+            _ => candle_core::bail!("blend: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        u: &Tensor,
+        v: &Tensor,
+        a: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (_, c, h, w) = u.dims4()?;
+        let guards = [u, v, a, &g].map(|t| t.storage_and_layout());
+        let mut slices = vec![];
+        for (s, l) in &guards {
+            match &**s {
+                candle_core::Storage::Cpu(st) => slices.push((st, *l)),
+                _ => candle_core::bail!("blend: CPU tensors only"),
+            }
+        }
+        let [gu, gv, ga] = match slices[0].0 {
+            CpuStorage::F32(_) => {
+                let s: Vec<&[f32]> = slices.iter().map(|(s, l)| cpu(s, l)).collect::<Result<_>>()?;
+                self.grads(s[0], s[1], s[2], s[3], c, h * w)
+                    .map(|v| Tensor::from_vec(v.clone(), v.len(), u.device()))
+            }
+            _ => {
+                let s: Vec<&[f64]> = slices.iter().map(|(s, l)| cpu(s, l)).collect::<Result<_>>()?;
+                self.grads(s[0], s[1], s[2], s[3], c, h * w)
+                    .map(|v| Tensor::from_vec(v.clone(), v.len(), u.device()))
+            }
+        };
+        drop(guards);
+        let gv = match self.kind {
+            Kind::Weight => None,
+            _ => Some(gv?.reshape(v.shape())?),
+        };
+        Ok((Some(gu?.reshape(u.shape())?), gv, Some(ga?.reshape(a.shape())?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Each blend and its three gradients against candle's broadcast
+    /// expression of the same formula and candle's autograd of it (f64).
+    #[test]
+    fn blends_match_the_broadcast_formula() {
+        let dev = Device::Cpu;
+        let u0 = Tensor::randn(0f64, 1., (2, 3, 4, 5), &dev).unwrap();
+        let v0 = Tensor::randn(0f64, 1., (2, 3, 4, 5), &dev).unwrap();
+        let a0 = Tensor::rand(0f64, 1., (2, 1, 4, 5), &dev).unwrap();
+        let r = Tensor::randn(0f64, 1., (2, 3, 4, 5), &dev).unwrap();
+        let vals = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        type Formula = fn(&Tensor, &Tensor, &Tensor) -> Tensor;
+        let cases: [(Kind, Formula); 3] = [
+            (Kind::Mix, |u, v, a| {
+                (u.broadcast_mul(a).unwrap() + v.broadcast_mul(&a.affine(-1.0, 1.0).unwrap()).unwrap())
+                    .unwrap()
+            }),
+            (Kind::AddRest, |u, v, a| {
+                (u + v.broadcast_mul(&a.affine(-1.0, 1.0).unwrap()).unwrap()).unwrap()
+            }),
+            (Kind::Weight, |u, _v, a| u.broadcast_mul(a).unwrap()),
+        ];
+        for (kind, formula) in cases {
+            let run = |ours: bool| {
+                let (u, v, a) = (
+                    Var::from_tensor(&u0).unwrap(),
+                    Var::from_tensor(&v0).unwrap(),
+                    Var::from_tensor(&a0).unwrap(),
+                );
+                let out = if ours {
+                    match kind {
+                        Kind::Mix => mix(&u, &v, &a),
+                        Kind::AddRest => add_rest(&u, &v, &a),
+                        Kind::Weight => weight(&u, &a),
+                    }
+                    .unwrap()
+                } else {
+                    formula(&u, &v, &a)
+                };
+                let g = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let grad = |t: &Var| g.get(t.as_tensor()).map(vals);
+                (vals(&out), grad(&u), grad(&v), grad(&a))
+            };
+            let (ours, theirs) = (run(true), run(false));
+            let close = |x: &[f64], y: &[f64], what: &str| {
+                assert_eq!(x.len(), y.len(), "{kind:?} {what}");
+                for (p, q) in x.iter().zip(y) {
+                    assert!((p - q).abs() < 1e-12, "{kind:?} {what}: {p} vs {q}");
+                }
+            };
+            close(&ours.0, &theirs.0, "forward");
+            close(&ours.1.unwrap(), &theirs.1.unwrap(), "du");
+            if kind != Kind::Weight {
+                close(&ours.2.unwrap(), &theirs.2.unwrap(), "dv");
+            }
+            close(&ours.3.unwrap(), &theirs.3.unwrap(), "da");
+        }
+    }
+}
