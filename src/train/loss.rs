@@ -62,6 +62,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&[f32]>) 
     if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
         let op = CrossEntropy {
             weights: weights.map(|w| w.iter().map(|&v| v as f64).collect()),
+            lse: Default::default(),
         };
         return Ok(logits
             .contiguous()?
@@ -93,6 +94,18 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&[f32]>) 
 /// pixels.
 struct CrossEntropy {
     weights: Option<Vec<f64>>,
+    /// The forward's per-pixel log-sum-exp, for the backward.
+    lse: std::sync::Mutex<Vec<f64>>,
+}
+
+/// `exp` in the precision of the data (f32's is several times cheaper and
+/// is what a softmax in f32 computes anyway).
+fn exp_in<T: WithDType>(v: f64) -> f64 {
+    if T::DTYPE == DType::F32 {
+        (v as f32).exp() as f64
+    } else {
+        v.exp()
+    }
 }
 
 /// Pixels per block: the channel loop reads a contiguous run of each plane.
@@ -105,10 +118,12 @@ impl CrossEntropy {
     }
 
     /// Calls `f(n, p0, lse)` for each block of pixels `p0..p0 + lse.len()`
-    /// of batch item `n`, in parallel; `lse` is per pixel `log Σ exp`.
+    /// of batch item `n`, in parallel; `lse` is per pixel `log Σ exp`,
+    /// taken from `known` (all pixels, batch-major) when given.
     fn blocks<T: WithDType, R: Send>(
         x: &[T],
         (n, c, hw): (usize, usize, usize),
+        known: Option<&[f64]>,
         f: impl Fn(usize, usize, &[f64]) -> R + Sync,
     ) -> Vec<R> {
         use rayon::prelude::*;
@@ -118,6 +133,9 @@ impl CrossEntropy {
             .map(|i| {
                 let (b, p0) = (i / per, (i % per) * CE_BLOCK);
                 let len = CE_BLOCK.min(hw - p0);
+                if let Some(k) = known {
+                    return f(b, p0, &k[b * hw + p0..][..len]);
+                }
                 let mut m = vec![f64::NEG_INFINITY; len];
                 for k in 0..c {
                     let row = &x[(b * c + k) * hw + p0..][..len];
@@ -129,7 +147,7 @@ impl CrossEntropy {
                 for k in 0..c {
                     let row = &x[(b * c + k) * hw + p0..][..len];
                     for ((s, v), m) in s.iter_mut().zip(row).zip(&m) {
-                        *s += (v.to_f64() - m).exp();
+                        *s += exp_in::<T>(v.to_f64() - m);
                     }
                 }
                 let lse: Vec<f64> = s.iter().zip(&m).map(|(s, m)| m + s.ln()).collect();
@@ -138,10 +156,10 @@ impl CrossEntropy {
             .collect()
     }
 
-    /// (Σ w_t·nll, Σ w_t).
+    /// (Σ w_t·nll, Σ w_t), keeping the log-sum-exp for the backward.
     fn sums<T: WithDType>(&self, x: &[T], t: &[u32], d: (usize, usize, usize)) -> (f64, f64) {
         let (_, c, hw) = d;
-        Self::blocks(x, d, |b, p0, lse| {
+        let parts = Self::blocks(x, d, None, |b, p0, lse| {
             let (mut nll, mut den) = (0.0, 0.0);
             for (j, l) in lse.iter().enumerate() {
                 let p = p0 + j;
@@ -151,10 +169,17 @@ impl CrossEntropy {
                     den += w;
                 }
             }
-            (nll, den)
-        })
-        .into_iter()
-        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+            (nll, den, lse.to_vec())
+        });
+        let mut all = Vec::with_capacity(t.len());
+        let (mut nll, mut den) = (0.0, 0.0);
+        for (a, b, l) in parts {
+            nll += a;
+            den += b;
+            all.extend(l);
+        }
+        *self.lse.lock().expect("lse lock") = all;
+        (nll, den)
     }
 }
 
@@ -231,19 +256,25 @@ impl CrossEntropy {
             .filter_map(|&lab| self.weight(lab, c))
             .sum::<f64>()
             .max(f64::MIN_POSITIVE);
+        let lse = std::mem::take(&mut *self.lse.lock().expect("lse lock"));
+        if lse.len() != n * hw {
+            candle_core::bail!("cross-entropy: backward without its forward");
+        }
         // each block returns its (C, len) gradient, written into place below
-        let parts = Self::blocks(x, d, |b, p0, lse| {
+        let parts = Self::blocks(x, d, Some(&lse), |b, p0, lse| {
             let len = lse.len();
+            let labs = &t[b * hw + p0..][..len];
+            // g·w_t/Σw per pixel, 0 where ignored
+            let k0: Vec<f64> = labs.iter().map(|&l| self.weight(l, c).map_or(0.0, |w| g * w / den)).collect();
             let mut out = vec![T::zero(); c * len];
-            for (j, l) in lse.iter().enumerate() {
-                let p = p0 + j;
-                let lab = t[b * hw + p];
-                let Some(w) = self.weight(lab, c) else { continue };
-                let k0 = g * w / den;
-                for k in 0..c {
-                    let soft = (x[(b * c + k) * hw + p].to_f64() - l).exp();
-                    let one = if k == lab as usize { 1.0 } else { 0.0 };
-                    out[k * len + j] = T::from_f64(k0 * (soft - one));
+            for k in 0..c {
+                let row = &x[(b * c + k) * hw + p0..][..len];
+                let dst = &mut out[k * len..(k + 1) * len];
+                for j in 0..len {
+                    if k0[j] != 0.0 {
+                        let one = if labs[j] as usize == k { 1.0 } else { 0.0 };
+                        dst[j] = T::from_f64(k0[j] * (exp_in::<T>(row[j].to_f64() - lse[j]) - one));
+                    }
                 }
             }
             out
