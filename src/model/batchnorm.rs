@@ -22,23 +22,37 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-/// `relu?(batch_norm(x))` on batch statistics, updating `bn`'s running
-/// statistics; gradients flow to `x` and to `bn`'s weight and bias.
-pub fn forward_train(bn: &BatchNorm, x: &Tensor, relu: bool) -> Result<Tensor> {
+/// `relu?(batch_norm(x) [+ residual])` on batch statistics, updating `bn`'s
+/// running statistics; gradients flow to `x`, `residual` and `bn`'s weight
+/// and bias.
+pub fn forward_train(bn: &BatchNorm, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
     let (gamma, beta) = bn
         .weight_and_bias()
         .ok_or_else(|| candle_core::Error::Msg("BatchNorm without affine parameters".into()))?;
     if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) || x.rank() != 4 {
         let y = bn.forward_t(x, true)?;
+        let y = match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
         return if relu { y.relu() } else { Ok(y) };
     }
     let stats = Arc::new(Mutex::new(None));
     let op = BnTrain {
         eps: bn.eps(),
         relu,
+        residual: residual.is_some(),
         stats: stats.clone(),
     };
-    let y = x.contiguous()?.apply_op3(gamma, beta, op)?;
+    // (x, [γ; β], residual): the op has three operands; without a residual
+    // x stands in for it and gets no gradient through that slot.
+    let x = x.contiguous()?;
+    let params = Tensor::stack(&[gamma, beta], 0)?;
+    let r = match residual {
+        Some(r) => r.contiguous()?,
+        None => x.clone(),
+    };
+    let y = x.apply_op3(&params, &r, op)?;
     let (mean, var, m) = stats
         .lock()
         .expect("stats lock")
@@ -75,6 +89,7 @@ struct Stats {
 struct BnTrain {
     eps: f64,
     relu: bool,
+    residual: bool,
     stats: Arc<Mutex<Option<Stats>>>,
 }
 
@@ -110,7 +125,8 @@ fn channel_stats<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> (Vec<f
 }
 
 impl BnTrain {
-    fn fwd<T: WithDType>(&self, x: &[T], g: &[T], b: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
+    fn fwd<T: WithDType>(&self, x: &[T], p: &[T], r: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
+        let (g, b) = p.split_at(c);
         let (mean, var) = channel_stats(x, n, c, hw);
         // y = x·a + s per channel
         let a: Vec<f64> = (0..c)
@@ -118,14 +134,15 @@ impl BnTrain {
             .collect();
         let s: Vec<f64> = (0..c).map(|i| b[i].to_f64() - mean[i] * a[i]).collect();
         let mut y = vec![T::zero(); x.len()];
-        let relu = self.relu;
+        let (relu, residual) = (self.relu, self.residual);
         y.par_chunks_mut(hw)
             .zip(x.par_chunks(hw))
+            .zip(r.par_chunks(hw))
             .enumerate()
-            .for_each(|(p, (yp, xp))| {
+            .for_each(|(p, ((yp, xp), rp))| {
                 let (a, s) = (T::from_f64(a[p % c]), T::from_f64(s[p % c]));
-                for (y, x) in yp.iter_mut().zip(xp) {
-                    let v = *x * a + s;
+                for ((y, x), r) in yp.iter_mut().zip(xp).zip(rp) {
+                    let v = if residual { *x * a + s + *r } else { *x * a + s };
                     // max(v, 0) as candle's relu: NaN becomes 0 too
                     *y = if relu && v.partial_cmp(&T::zero()) != Some(std::cmp::Ordering::Greater) {
                         T::zero()
@@ -154,10 +171,10 @@ impl CustomOp3 for BnTrain {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = dims(l1)?;
-        if l2.shape().elem_count() != d.1 || l3.shape().elem_count() != d.1 {
+        if l2.shape().dims() != [2, d.1] || l3.shape() != l1.shape() {
             candle_core::bail!(
-                "batch norm: {} channels, weight {:?}, bias {:?}",
-                d.1,
+                "batch norm: {:?} with parameters {:?} and residual {:?}",
+                l1.shape(),
                 l2.shape(),
                 l3.shape()
             );
@@ -177,20 +194,21 @@ impl CustomOp3 for BnTrain {
     fn bwd(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
+        params: &Tensor,
+        _r: &Tensor,
         y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // The forward's statistics went to the running averages; they are
         // recomputed here (one pass over x).
         let gy = gy.contiguous()?;
-        let (gx, gg, gb) = match x.dtype() {
-            DType::F32 => backward::<f32>(x, gamma, y, &gy, self.eps, self.relu)?,
-            DType::F64 => backward::<f64>(x, gamma, y, &gy, self.eps, self.relu)?,
+        let gamma = params.get(0)?;
+        let (gx, gg, gb, gr) = match x.dtype() {
+            DType::F32 => backward::<f32>(x, &gamma, y, &gy, self.eps, self.relu, self.residual)?,
+            DType::F64 => backward::<f64>(x, &gamma, y, &gy, self.eps, self.relu, self.residual)?,
             d => candle_core::bail!("batch norm: {d:?}"),
         };
-        Ok((Some(gx), Some(gg), Some(gb)))
+        Ok((Some(gx), Some(Tensor::stack(&[gg, gb], 0)?), gr))
     }
 }
 
@@ -217,7 +235,8 @@ fn backward<T: WithDType>(
     gy: &Tensor,
     eps: f64,
     relu: bool,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    residual: bool,
+) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
     let (n, c, h, w) = x.dims4()?;
     let hw = h * w;
     let m = (n * hw) as f64;
@@ -261,8 +280,20 @@ fn backward<T: WithDType>(
         }
     });
     let dev = x.device();
+    // the residual's gradient: g after the ReLU's mask
+    let gr = if !residual {
+        None
+    } else if relu {
+        let masked: Vec<T> = (0..xs.len())
+            .into_par_iter()
+            .map(|i| T::from_f64(grad(i)))
+            .collect();
+        Some(Tensor::from_vec(masked, x.shape(), dev)?)
+    } else {
+        Some(gy.clone())
+    };
     let to = |v: Vec<f64>| -> Result<Tensor> { Tensor::new(v, dev)?.to_dtype(x.dtype()) };
-    Ok((Tensor::from_vec(gx, x.shape(), dev)?, to(sgx)?, to(sg)?))
+    Ok((Tensor::from_vec(gx, x.shape(), dev)?, to(sgx)?, to(sg)?, gr))
 }
 
 #[cfg(test)]
@@ -308,11 +339,14 @@ mod tests {
         for relu in [false, true] {
             let (_vm_a, ours) = bn(3, DType::F32);
             let (_vm_b, theirs) = bn(3, DType::F32);
-            let got = vals(&forward_train(&ours, &x, relu).unwrap());
+            let got = vals(&forward_train(&ours, &x, None, relu).unwrap());
             let want = theirs.forward_t(&x, true).unwrap();
             let want = vals(&if relu { want.relu().unwrap() } else { want });
             for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4, "{a} vs {b} (relu {relu})");
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{a} vs {b} (relu {relu})"
+                );
             }
             for (a, b) in [
                 (ours.running_mean(), theirs.running_mean()),
@@ -325,25 +359,29 @@ mod tests {
         }
         // and the statistics moved from their initial values
         let (_vm, ours) = bn(3, DType::F32);
-        forward_train(&ours, &x, false).unwrap();
+        forward_train(&ours, &x, None, false).unwrap();
         assert!((vals(ours.running_mean())[0] - 0.5).abs() > 1e-3);
     }
 
-    /// Gradients of Σ relu?(bn(x))·r against central finite differences (f64).
+    /// Gradients of Σ relu?(bn(x) [+ s])·r against central finite
+    /// differences (f64), for x, γ, β and the residual s.
     #[test]
     fn gradients_match_finite_differences() {
         let dev = Device::Cpu;
         let x0 = Tensor::randn(0f64, 1., (2, 3, 3, 4), &dev).unwrap();
+        let s0 = Tensor::randn(0f64, 1., (2, 3, 3, 4), &dev).unwrap();
         let r = Tensor::randn(0f64, 1., (2, 3, 3, 4), &dev).unwrap();
-        for relu in [false, true] {
+        for (relu, residual) in [(false, false), (true, false), (false, true), (true, true)] {
             let (vm, norm) = bn(3, DType::F64);
             let x = Var::from_tensor(&x0).unwrap();
-            let loss = (forward_train(&norm, x.as_tensor(), relu).unwrap() * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap();
+            let sv = Var::from_tensor(&s0).unwrap();
+            let loss =
+                (forward_train(&norm, x.as_tensor(), residual.then_some(sv.as_tensor()), relu).unwrap() * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
             let grads = loss.backward().unwrap();
-            let f = |xv: &Tensor, g: &Tensor, b: &Tensor| -> f64 {
+            let fs = |xv: &Tensor, g: &Tensor, b: &Tensor, sres: &Tensor| -> f64 {
                 // the plain definition, in f64, on batch statistics
                 let y = vals(xv);
                 let (gv, bv) = (vals(g), vals(b));
@@ -356,8 +394,12 @@ mod tests {
                         .collect();
                     let mean = idx.iter().map(|&i| y[i]).sum::<f64>() / idx.len() as f64;
                     let var = idx.iter().map(|&i| (y[i] - mean).powi(2)).sum::<f64>() / idx.len() as f64;
+                    let sr = vals(sres);
                     for &i in &idx {
                         let mut v = gv[ch] * (y[i] - mean) / (var + 1e-5).sqrt() + bv[ch];
+                        if residual {
+                            v += sr[i];
+                        }
                         if relu {
                             v = v.max(0.0);
                         }
@@ -366,6 +408,7 @@ mod tests {
                 }
                 total
             };
+            let f = |xv: &Tensor, g: &Tensor, b: &Tensor| fs(xv, g, b, &s0);
             let data = vm.data().lock().unwrap();
             let (g0, b0) = (
                 data["weight"].as_tensor().clone(),
@@ -382,7 +425,7 @@ mod tests {
                     let want = fd(i);
                     assert!(
                         (g - want).abs() < 1e-5 * (1.0 + want.abs()),
-                        "d/d{name}[{i}]: {g} vs {want} (relu {relu})"
+                        "d/d{name}[{i}]: {g} vs {want} (relu {relu}, residual {residual})"
                     );
                 }
             };
@@ -395,6 +438,14 @@ mod tests {
             check("beta", vals(grads.get(&b0).unwrap()), &|i| {
                 (f(&x0, &g0, &bump(&b0, i, eps)) - f(&x0, &g0, &bump(&b0, i, -eps))) / (2.0 * eps)
             });
+            if residual {
+                check("residual", vals(grads.get(sv.as_tensor()).unwrap()), &|i| {
+                    (fs(&x0, &g0, &b0, &bump(&s0, i, eps)) - fs(&x0, &g0, &b0, &bump(&s0, i, -eps)))
+                        / (2.0 * eps)
+                });
+            } else {
+                assert!(grads.get(sv.as_tensor()).is_none());
+            }
         }
     }
 }

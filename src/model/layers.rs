@@ -67,8 +67,7 @@ impl ConvBn {
     /// the add and the ReLU run in the convolution's epilogue.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            let y = super::batchnorm::forward_train(&self.bn, &self.conv.forward(x)?, false)?;
-            (y + residual)?.relu()
+            super::batchnorm::forward_train(&self.bn, &self.conv.forward(x)?, Some(residual), true)
         } else {
             self.folded(x, Some(residual), true)
         }
@@ -100,7 +99,7 @@ impl ModuleT for ConvBn {
         if !train {
             return self.folded(x, None, self.relu);
         }
-        super::batchnorm::forward_train(&self.bn, &self.conv.forward(x)?, self.relu)
+        super::batchnorm::forward_train(&self.bn, &self.conv.forward(x)?, None, self.relu)
     }
 }
 

@@ -265,7 +265,10 @@ impl CrossEntropy {
             let len = lse.len();
             let labs = &t[b * hw + p0..][..len];
             // g·w_t/Σw per pixel, 0 where ignored
-            let k0: Vec<f64> = labs.iter().map(|&l| self.weight(l, c).map_or(0.0, |w| g * w / den)).collect();
+            let k0: Vec<f64> = labs
+                .iter()
+                .map(|&l| self.weight(l, c).map_or(0.0, |w| g * w / den))
+                .collect();
             let mut out = vec![T::zero(); c * len];
             for k in 0..c {
                 let row = &x[(b * c + k) * hw + p0..][..len];
