@@ -343,10 +343,7 @@ mod tests {
             let want = theirs.forward_t(&x, true).unwrap();
             let want = vals(&if relu { want.relu().unwrap() } else { want });
             for (a, b) in got.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() < 1e-4,
-                    "{a} vs {b} (relu {relu})"
-                );
+                assert!((a - b).abs() < 1e-4, "{a} vs {b} (relu {relu})");
             }
             for (a, b) in [
                 (ours.running_mean(), theirs.running_mean()),

@@ -3,8 +3,9 @@
 //!
 //! candle 0.11's `upsample_bilinear2d` has no backward, so the network, the
 //! fusion and the losses all go through [`resize`] instead:
-//! - on the CPU a custom op with a direct forward and a scatter backward
-//!   (rayon over the N·C planes);
+//! - on the CPU a custom op, separable (each input row resized horizontally
+//!   once, then output rows blended from two of those rows), with the
+//!   adjoint as backward (rayon over the N·C planes);
 //! - on other devices `A_h · x · A_wᵀ` with dense interpolation matrices, which
 //!   candle differentiates by itself.
 //!
@@ -112,35 +113,65 @@ struct BilinearGrad {
     in_w: usize,
 }
 
-fn plane_forward<T: WithDType>(src: &[T], w: usize, ty: &[Tap], tx: &[Tap], dst: &mut [T]) {
+/// One plane, separably: every input row resized horizontally once into
+/// `tmp` (H × W'), then each output row a blend of two `tmp` rows
+/// (contiguous, vectorised). Arithmetic in the data's precision.
+fn plane_forward<T: WithDType>(src: &[T], w: usize, ty: &[Tap], tx: &[Tap], tmp: &mut Vec<T>, dst: &mut [T]) {
     let ow = tx.len();
-    for (oy, t) in ty.iter().enumerate() {
-        let r0 = &src[t.i0 * w..(t.i0 + 1) * w];
-        let r1 = &src[t.i1 * w..(t.i1 + 1) * w];
-        let out = &mut dst[oy * ow..(oy + 1) * ow];
-        for (ox, s) in tx.iter().enumerate() {
-            let top = r0[s.i0].to_f64() * s.w0 + r0[s.i1].to_f64() * s.w1;
-            let bot = r1[s.i0].to_f64() * s.w0 + r1[s.i1].to_f64() * s.w1;
-            out[ox] = T::from_f64(top * t.w0 + bot * t.w1);
+    let h = src.len() / w;
+    tmp.clear();
+    tmp.resize(h * ow, T::zero());
+    let wx: Vec<(T, T)> = tx
+        .iter()
+        .map(|s| (T::from_f64(s.w0), T::from_f64(s.w1)))
+        .collect();
+    for (row, out) in src.chunks_exact(w).zip(tmp.chunks_exact_mut(ow)) {
+        for ((o, s), (w0, w1)) in out.iter_mut().zip(tx).zip(&wx) {
+            *o = row[s.i0] * *w0 + row[s.i1] * *w1;
+        }
+    }
+    for (t, out) in ty.iter().zip(dst.chunks_exact_mut(ow)) {
+        let (w0, w1) = (T::from_f64(t.w0), T::from_f64(t.w1));
+        let (r0, r1) = (&tmp[t.i0 * ow..(t.i0 + 1) * ow], &tmp[t.i1 * ow..(t.i1 + 1) * ow]);
+        for ((o, a), b) in out.iter_mut().zip(r0).zip(r1) {
+            *o = *a * w0 + *b * w1;
         }
     }
 }
 
-fn plane_backward<T: WithDType>(grad: &[T], ty: &[Tap], tx: &[Tap], w: usize, dst: &mut [T]) {
+/// The adjoint of [`plane_forward`]: output rows scattered onto `tmp` rows
+/// (contiguous), then each `tmp` row scattered onto its input row.
+fn plane_backward<T: WithDType>(
+    grad: &[T],
+    ty: &[Tap],
+    tx: &[Tap],
+    w: usize,
+    tmp: &mut Vec<T>,
+    dst: &mut [T],
+) {
     let ow = tx.len();
-    let mut acc = vec![0f64; dst.len()];
-    for (oy, t) in ty.iter().enumerate() {
-        let g = &grad[oy * ow..(oy + 1) * ow];
-        for (ox, s) in tx.iter().enumerate() {
-            let v = g[ox].to_f64();
-            acc[t.i0 * w + s.i0] += v * t.w0 * s.w0;
-            acc[t.i0 * w + s.i1] += v * t.w0 * s.w1;
-            acc[t.i1 * w + s.i0] += v * t.w1 * s.w0;
-            acc[t.i1 * w + s.i1] += v * t.w1 * s.w1;
+    let h = dst.len() / w;
+    tmp.clear();
+    tmp.resize(h * ow, T::zero());
+    for (t, g) in ty.iter().zip(grad.chunks_exact(ow)) {
+        let (w0, w1) = (T::from_f64(t.w0), T::from_f64(t.w1));
+        for (a, v) in tmp[t.i0 * ow..(t.i0 + 1) * ow].iter_mut().zip(g) {
+            *a += *v * w0;
+        }
+        for (b, v) in tmp[t.i1 * ow..(t.i1 + 1) * ow].iter_mut().zip(g) {
+            *b += *v * w1;
         }
     }
-    for (d, a) in dst.iter_mut().zip(acc) {
-        *d = T::from_f64(a);
+    dst.fill(T::zero());
+    let wx: Vec<(T, T)> = tx
+        .iter()
+        .map(|s| (T::from_f64(s.w0), T::from_f64(s.w1)))
+        .collect();
+    for (row, g) in dst.chunks_exact_mut(w).zip(tmp.chunks_exact(ow)) {
+        for ((v, s), (w0, w1)) in g.iter().zip(tx).zip(&wx) {
+            row[s.i0] += *v * *w0;
+            row[s.i1] += *v * *w1;
+        }
     }
 }
 
@@ -160,7 +191,7 @@ impl Bilinear {
         let mut dst = vec![T::zero(); n * c * plane];
         dst.par_chunks_mut(plane)
             .zip(src.par_chunks(h * w))
-            .for_each(|(d, s)| plane_forward(s, w, &ty, &tx, d));
+            .for_each_init(Vec::new, |tmp, (d, s)| plane_forward(s, w, &ty, &tx, tmp, d));
         Ok((dst, Shape::from((n, c, self.out_h, self.out_w))))
     }
 }
@@ -196,7 +227,9 @@ impl BilinearGrad {
         let mut dst = vec![T::zero(); n * c * plane];
         dst.par_chunks_mut(plane)
             .zip(g.par_chunks(oh * ow))
-            .for_each(|(d, s)| plane_backward(s, &ty, &tx, self.in_w, d));
+            .for_each_init(Vec::new, |tmp, (d, s)| {
+                plane_backward(s, &ty, &tx, self.in_w, tmp, d)
+            });
         Ok((dst, Shape::from((n, c, self.in_h, self.in_w))))
     }
 }
