@@ -7,6 +7,10 @@ two checks that need PyTorch, run where PyTorch is installed:
            `hmsa-lab infer --dump` wrote (max abs difference per tensor).
   bench    CPU inference latency of the same network and input with a given
            number of threads (for the comparison with `hmsa-lab bench`).
+  compare  both sides on one machine: the README's inference and training
+           cases, PyTorch in this process and `hmsa-lab bench --case` as a
+           child, alternating, two rounds; prints a markdown table of the
+           minimum times.
   train    CPU time of one training step as `hmsa-lab bench train` measures
            it: train-mode forward of the fusion, CE + 0.4 aux CE on the fused
            outputs at the input size, backward, SGD (momentum 0.9, weight
@@ -15,6 +19,7 @@ two checks that need PyTorch, run where PyTorch is installed:
 usage: python3 tools/torch_reference.py parity WEIGHTS.safetensors INPUT.safetensors DUMP.safetensors CONFIG.json
        python3 tools/torch_reference.py bench CONFIG.json THREADS H W SCALES FUSION
        python3 tools/torch_reference.py train CONFIG.json THREADS BATCH H W SCALES FUSION
+       python3 tools/torch_reference.py compare HMSA_LAB_BINARY THREADS
 
 CONFIG.json is the model config as serde writes it (hmsa-lab's ModelConfig).
 """
@@ -352,7 +357,7 @@ def bench(cfg_path, threads, h, w, scales, fusion):
             times.append((time.perf_counter() - t) * 1e3)
     times.sort()
     print("torch %s threads=%s %sx%s %s %s: min %.1f ms, median %.1f ms" % (torch.__version__, threads, h, w, fusion, scales, times[0], times[len(times) // 2]))
-    return 0
+    return times[0]
 
 
 def train(cfg_path, threads, batch, h, w, scales, fusion):
@@ -386,6 +391,48 @@ def train(cfg_path, threads, batch, h, w, scales, fusion):
         times.append((time.perf_counter() - t) * 1e3)
     times.sort()
     print("torch %s threads=%s train batch %s %sx%s %s %s: min %.1f ms, median %.1f ms" % (torch.__version__, threads, batch, h, w, fusion, scales, times[0], times[len(times) // 2]))
+    return times[0]
+
+
+def compare(binary, threads):
+    """Inference (batch 1) and training steps (batch 4, 128x256) on both
+    sides; the configs in tools/configs are the presets (a test checks)."""
+    import os
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cfg = lambda p: os.path.join(here, "configs", p + ".json")
+    cases = [
+        ("infer", "small", "single", "1.0", (256, 512)),
+        ("infer", "small", "hierarchical", "0.5,1.0", (256, 512)),
+        ("infer", "small", "hierarchical", "0.5,1.0,2.0", (256, 512)),
+        ("infer", "small", "average", "0.5,1.0,2.0", (256, 512)),
+        ("infer", "w48", "single", "1.0", (512, 1024)),
+        ("train", "small", "single", "1.0", (128, 256)),
+        ("train", "small", "hierarchical", "0.5,1.0", (128, 256)),
+        ("train", "small", "explicit", "0.5,1.0,2.0", (128, 256)),
+    ]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    best = {}
+    for _ in range(2):
+        for kind, preset, fusion, scales, (h, w) in cases:
+            key = (kind, preset, fusion, scales, h, w)
+            sc = [float(v) for v in scales.split(",")]
+            reps = 1 if preset == "w48" else 5
+            if kind == "infer":
+                t = bench(cfg(preset), threads, h, w, scales, fusion)
+                case = {"Forward": {"preset": preset, "fusion": fusion, "scales": sc, "size": [h, w], "reps": reps}}
+            else:
+                t = train(cfg(preset), threads, 4, h, w, scales, fusion)
+                case = {"TrainStep": {"preset": preset, "fusion": fusion, "scales": sc, "crop": [h, w], "batch": 4, "reps": 3}}
+            out = subprocess.run([binary, "bench", "--case", json.dumps(case)], env=env, check=True, capture_output=True, text=True)
+            ours = json.loads(out.stdout.strip().splitlines()[-1])["min_ms"]
+            old = best.get(key, (float("inf"), float("inf")))
+            best[key] = (min(old[0], t), min(old[1], ours))
+    print("| step | preset | fusion | scales | size | PyTorch %s ms | hmsa-lab ms | ratio |" % torch.__version__)
+    print("|---|---|---|---|---|---|---|---|")
+    for (kind, preset, fusion, scales, h, w), (t, o) in best.items():
+        print("| %s | %s | %s | %s | %dx%d | %.1f | %.1f | %.2fx |" % (kind, preset, fusion, scales, h, w, t, o, o / t))
     return 0
 
 
@@ -394,9 +441,11 @@ if __name__ == "__main__":
     if cmd == "parity":
         sys.exit(parity(*sys.argv[2:6]))
     elif cmd == "bench":
-        sys.exit(bench(*sys.argv[2:8]))
+        bench(*sys.argv[2:8])
     elif cmd == "train":
-        sys.exit(train(*sys.argv[2:9]))
+        train(*sys.argv[2:9])
+    elif cmd == "compare":
+        sys.exit(compare(sys.argv[2], int(sys.argv[3])))
     else:
         print(__doc__)
         sys.exit(2)

@@ -4,7 +4,9 @@
 //! - [`mix`]: `a·u + (1 − a)·v` (hierarchical fusion at scales ≥ 1);
 //! - [`add_rest`]: `u + (1 − a)·v` (hierarchical fusion below 1, where `u`
 //!   is the already weighted, upsampled lower scale);
-//! - [`weight`]: `a·u` (explicit attention, and the lower scale's weighting).
+//! - [`weight`]: `a·u` (explicit attention, and the lower scale's weighting);
+//! - [`softmax_channels`]: softmax across the channels of each pixel
+//!   (average and max fusion, explicit attention's scale weights, flip).
 //!
 //! With candle's broadcast ops each of these is three to five passes and
 //! new tensors, and the gradient of `a` is a sum over channels that candle
@@ -30,6 +32,146 @@ pub fn add_rest(u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
 /// `a·u`.
 pub fn weight(u: &Tensor, a: &Tensor) -> Result<Tensor> {
     apply(Kind::Weight, u, u, a)
+}
+
+/// Softmax over dim 1 of an (N, C, H, W) map. candle's softmax on a
+/// non-last dim is five generic ops with strided reductions; this is one
+/// pass per block of pixels (max, exp-sum, scale), backward
+/// `gx = y·(g − Σ_c g·y)`.
+pub fn softmax_channels(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4 {
+        x.contiguous()?.apply_op1(SoftmaxChannels)
+    } else {
+        candle_nn::ops::softmax(x, 1)
+    }
+}
+
+struct SoftmaxChannels;
+
+/// Pixels per block of the channel loops.
+const BLOCK: usize = 1024;
+
+impl SoftmaxChannels {
+    /// Calls `f(plane_offset, len)` for every block of pixels of every item,
+    /// in parallel, with the item's `c` planes at `plane_offset + k·hw`.
+    fn each(n: usize, c: usize, hw: usize, f: impl Fn(usize, usize) + Sync) {
+        let per = hw.div_ceil(BLOCK);
+        (0..n * per).into_par_iter().for_each(|i| {
+            let (b, p0) = (i / per, (i % per) * BLOCK);
+            f(b * c * hw + p0, BLOCK.min(hw - p0));
+        });
+    }
+
+    fn fwd<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
+        let mut y = vec![T::zero(); x.len()];
+        let out = SyncPtr(y.as_mut_ptr());
+        Self::each(n, c, hw, |at, len| {
+            let mut m = vec![f64::NEG_INFINITY; len];
+            for k in 0..c {
+                for (m, v) in m.iter_mut().zip(&x[at + k * hw..][..len]) {
+                    *m = m.max(v.to_f64());
+                }
+            }
+            let mut s = vec![0f64; len];
+            for k in 0..c {
+                // SAFETY: blocks are disjoint pixel ranges of distinct items,
+                // so no two closures write the same element of `y`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at + k * hw), len) };
+                for (((d, v), m), s) in dst
+                    .iter_mut()
+                    .zip(&x[at + k * hw..][..len])
+                    .zip(&m)
+                    .zip(s.iter_mut())
+                {
+                    let e = (v.to_f64() - m).exp();
+                    *s += e;
+                    *d = T::from_f64(e);
+                }
+            }
+            for k in 0..c {
+                // SAFETY: as above.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at + k * hw), len) };
+                for (d, s) in dst.iter_mut().zip(&s) {
+                    *d = T::from_f64(d.to_f64() / s);
+                }
+            }
+        });
+        y
+    }
+
+    fn bwd<T: WithDType>(y: &[T], g: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
+        let mut gx = vec![T::zero(); y.len()];
+        let out = SyncPtr(gx.as_mut_ptr());
+        Self::each(n, c, hw, |at, len| {
+            let mut dot = vec![0f64; len];
+            for k in 0..c {
+                let (yk, gk) = (&y[at + k * hw..][..len], &g[at + k * hw..][..len]);
+                for ((d, a), b) in dot.iter_mut().zip(yk).zip(gk) {
+                    *d += a.to_f64() * b.to_f64();
+                }
+            }
+            for k in 0..c {
+                // SAFETY: disjoint blocks, as in the forward.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at + k * hw), len) };
+                let (yk, gk) = (&y[at + k * hw..][..len], &g[at + k * hw..][..len]);
+                for (((d, a), b), s) in dst.iter_mut().zip(yk).zip(gk).zip(&dot) {
+                    *d = T::from_f64(a.to_f64() * (b.to_f64() - s));
+                }
+            }
+        });
+        gx
+    }
+}
+
+/// A raw pointer the parallel blocks share (each writes its own elements).
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+// SAFETY: only used to write disjoint elements from different threads.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+impl candle_core::CustomOp1 for SoftmaxChannels {
+    fn name(&self) -> &'static str {
+        "softmax-channels"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(Self::fwd(cpu(s, l)?, n, c, h * w)),
+            CpuStorage::F64(_) => CpuStorage::F64(Self::fwd(cpu(s, l)?, n, c, h * w)),
+            _ => candle_core::bail!("softmax: f32 or f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        let (n, c, h, w) = y.dims4()?;
+        let (sy, ly) = y.storage_and_layout();
+        let (sg, lg) = g.storage_and_layout();
+        let (candle_core::Storage::Cpu(sy), candle_core::Storage::Cpu(sg)) = (&*sy, &*sg) else {
+            candle_core::bail!("softmax: CPU tensors only");
+        };
+        let gx = match sy {
+            CpuStorage::F32(_) => Tensor::from_vec(
+                Self::bwd::<f32>(cpu(sy, ly)?, cpu(sg, lg)?, n, c, h * w),
+                y.shape(),
+                y.device(),
+            )?,
+            _ => Tensor::from_vec(
+                Self::bwd::<f64>(cpu(sy, ly)?, cpu(sg, lg)?, n, c, h * w),
+                y.shape(),
+                y.device(),
+            )?,
+        };
+        Ok(Some(gx))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -256,6 +398,30 @@ mod tests {
                 close(&ours.2.unwrap(), &theirs.2.unwrap(), "dv");
             }
             close(&ours.3.unwrap(), &theirs.3.unwrap(), "da");
+        }
+    }
+
+    /// Softmax across channels and its gradient against candle's softmax
+    /// and autograd (f64), over more than one block of pixels.
+    #[test]
+    fn softmax_channels_matches_candle() {
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f64, 3., (2, 5, 3, 401), &dev).unwrap();
+        let r = Tensor::randn(0f64, 1., (2, 5, 3, 401), &dev).unwrap();
+        let vals = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let run = |ours: bool| {
+            let x = Var::from_tensor(&x0).unwrap();
+            let y = if ours {
+                softmax_channels(&x).unwrap()
+            } else {
+                candle_nn::ops::softmax(&x, 1).unwrap()
+            };
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            (vals(&y), vals(g.get(&x).unwrap()))
+        };
+        let (ours, theirs) = (run(true), run(false));
+        for (a, b) in ours.0.iter().zip(&theirs.0).chain(ours.1.iter().zip(&theirs.1)) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         }
     }
 }

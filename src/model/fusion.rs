@@ -197,15 +197,22 @@ impl Fusion {
             }
             Fusion::Average | Fusion::Max => {
                 let reduce = |get: fn(&ScaleOutput) -> &Tensor| -> Result<Tensor> {
-                    let probs = outs
-                        .iter()
-                        .map(|o| candle_nn::ops::softmax(&resize(get(o), oh, ow)?, 1))
-                        .collect::<candle_core::Result<Vec<_>>>()?;
-                    let stacked = Tensor::stack(&probs, 0)?;
+                    // Pairwise element-wise sums / maxima: candle's reduction
+                    // over a stacked leading dim takes its slow strided path.
+                    let mut acc: Option<Tensor> = None;
+                    for o in &outs {
+                        let p = blend::softmax_channels(&resize(get(o), oh, ow)?)?;
+                        acc = Some(match acc {
+                            None => p,
+                            Some(a) if self == Fusion::Average => (a + p)?,
+                            Some(a) => a.maximum(&p)?,
+                        });
+                    }
+                    let p = acc.expect("at least one scale");
                     let p = if self == Fusion::Average {
-                        stacked.mean(0)?
+                        (p / outs.len() as f64)?
                     } else {
-                        stacked.max(0)?
+                        p
                     };
                     Ok(p.log()?)
                 };
@@ -292,7 +299,7 @@ fn explicit_fuse(
             ),
         ));
     }
-    let weights = resize(&candle_nn::ops::softmax(&logits, 1)?, oh, ow)?;
+    let weights = resize(&blend::softmax_channels(&logits)?, oh, ow)?;
     let mut pred: Option<Tensor> = None;
     let mut aux: Option<Tensor> = None;
     let mut attn = vec![];
@@ -321,8 +328,8 @@ fn explicit_fuse(
 /// Averages a fused prediction with the one of the flipped input (already
 /// flipped back): log of the mean of the two softmax distributions.
 pub fn average_flip(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let pa = candle_nn::ops::softmax(a, 1)?;
-    let pb = candle_nn::ops::softmax(b, 1)?;
+    let pa = blend::softmax_channels(a)?;
+    let pb = blend::softmax_channels(b)?;
     ((pa + pb)? * 0.5)?.log()
 }
 

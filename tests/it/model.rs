@@ -319,3 +319,20 @@ fn official_style_pth_loads_with_wrapper_prefix_and_counters() {
         .unwrap();
     assert_eq!(vals(&fa.pred), vals(&fb.pred));
 }
+
+/// The configs tools/torch_reference.py benchmarks with are the presets.
+#[test]
+fn torch_reference_configs_are_the_presets() {
+    for name in ["small", "w48"] {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tools/configs/{name}.json"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cfg: hmsa_lab::model::ModelConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            cfg,
+            hmsa_lab::model::ModelConfig::preset(name).unwrap(),
+            "{}",
+            path.display()
+        );
+    }
+}
