@@ -1,6 +1,9 @@
-//! Benchmarks (never timed tests): forward latency and peak memory of the
-//! network per preset, fusion and scale set. `benches/model.rs` prints them;
-//! `hmsa-lab bench` will store them.
+//! Benchmarks (never timed tests): the cases of `hmsa-lab bench` (forward
+//! latency, peak memory and GFLOP/s per preset, fusion and scale set; a
+//! training step; the loader; matmul and convolution kernels), each run in
+//! its own process by the binary, which stores the rows.
+//! `HMSA_STEP_TIMES=1` makes a training-step case print its forward, loss,
+//! backward and optimiser times per repetition on stderr.
 //!
 //! Peak memory is the process's peak resident set (`VmHWM`), reset before
 //! each case through `/proc/self/clear_refs` on Linux, so each row is the
