@@ -83,16 +83,17 @@ impl SoftmaxChannels {
                     .zip(&m)
                     .zip(s.iter_mut())
                 {
-                    let e = (v.to_f64() - m).exp();
+                    let e = exp_in::<T>(v.to_f64() - m);
                     *s += e;
                     *d = T::from_f64(e);
                 }
             }
+            s.iter_mut().for_each(|s| *s = 1.0 / *s);
             for k in 0..c {
                 // SAFETY: as above.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at + k * hw), len) };
                 for (d, s) in dst.iter_mut().zip(&s) {
-                    *d = T::from_f64(d.to_f64() / s);
+                    *d = T::from_f64(d.to_f64() * s);
                 }
             }
         });
@@ -120,6 +121,16 @@ impl SoftmaxChannels {
             }
         });
         gx
+    }
+}
+
+/// `exp` in the precision of the data (f32's is several times cheaper and
+/// is what a softmax in f32 computes anyway).
+pub(crate) fn exp_in<T: WithDType>(v: f64) -> f64 {
+    if T::DTYPE == DType::F32 {
+        (v as f32).exp() as f64
+    } else {
+        v.exp()
     }
 }
 

@@ -7,6 +7,7 @@
 //! [`forward_substitute`] are written with tensor ops, column by column, and
 //! candle differentiates them like any other graph (9x9 matrices, batched).
 
+use crate::model::blend::exp_in;
 use crate::model::resize::resize;
 use crate::model::{Fused, ScaleOutput};
 use crate::{Error, Result};
@@ -96,16 +97,6 @@ struct CrossEntropy {
     weights: Option<Vec<f64>>,
     /// The forward's per-pixel log-sum-exp, for the backward.
     lse: std::sync::Mutex<Vec<f64>>,
-}
-
-/// `exp` in the precision of the data (f32's is several times cheaper and
-/// is what a softmax in f32 computes anyway).
-fn exp_in<T: WithDType>(v: f64) -> f64 {
-    if T::DTYPE == DType::F32 {
-        (v as f32).exp() as f64
-    } else {
-        v.exp()
-    }
 }
 
 /// Pixels per block: the channel loop reads a contiguous run of each plane.
