@@ -236,6 +236,11 @@ pub fn conv2d_act(
     }
 }
 
+/// Below this many elements a pass runs on the calling thread: handing a
+/// tiny layer to the rayon pool (inject, wake, wait) costs more than it
+/// saves.
+const PAR_MIN: usize = 1 << 15;
+
 /// Sizes of one convolution.
 #[derive(Clone, Copy, Debug)]
 struct Geom {
@@ -299,36 +304,41 @@ impl Geom {
 fn im2col<T: WithDType>(g: &Geom, x: &[T], rows: std::ops::Range<usize>, col: &mut [T]) {
     let (k, l) = (g.k, rows.len() * g.wo);
     let zero = T::from_f64(0.0);
-    col[..g.cin * k * k * l]
-        .par_chunks_mut(k * k * l)
-        .zip(x.par_chunks(g.h * g.w))
-        .for_each(|(block, plane)| {
-            for ky in 0..k {
-                let valid_rows = g.valid(ky, g.h, g.ho);
-                for kx in 0..k {
-                    let cols = g.valid(kx, g.w, g.wo);
-                    let row = &mut block[(ky * k + kx) * l..(ky * k + kx + 1) * l];
-                    for oy in rows.clone() {
-                        let dst = &mut row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo];
-                        if !valid_rows.contains(&oy) || cols.is_empty() {
-                            dst.fill(zero);
-                            continue;
-                        }
-                        let src = &plane[(oy * g.s + ky - g.p) * g.w..];
-                        dst[..cols.start].fill(zero);
-                        dst[cols.end..].fill(zero);
-                        let x0 = cols.start * g.s + kx - g.p;
-                        if g.s == 1 {
-                            dst[cols.clone()].copy_from_slice(&src[x0..x0 + cols.len()]);
-                        } else {
-                            for (i, d) in dst[cols.clone()].iter_mut().enumerate() {
-                                *d = src[x0 + i * g.s];
-                            }
+    let fill = |(block, plane): (&mut [T], &[T])| {
+        for ky in 0..k {
+            let valid_rows = g.valid(ky, g.h, g.ho);
+            for kx in 0..k {
+                let cols = g.valid(kx, g.w, g.wo);
+                let row = &mut block[(ky * k + kx) * l..(ky * k + kx + 1) * l];
+                for oy in rows.clone() {
+                    let dst = &mut row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo];
+                    if !valid_rows.contains(&oy) || cols.is_empty() {
+                        dst.fill(zero);
+                        continue;
+                    }
+                    let src = &plane[(oy * g.s + ky - g.p) * g.w..];
+                    dst[..cols.start].fill(zero);
+                    dst[cols.end..].fill(zero);
+                    let x0 = cols.start * g.s + kx - g.p;
+                    if g.s == 1 {
+                        dst[cols.clone()].copy_from_slice(&src[x0..x0 + cols.len()]);
+                    } else {
+                        for (i, d) in dst[cols.clone()].iter_mut().enumerate() {
+                            *d = src[x0 + i * g.s];
                         }
                     }
                 }
             }
-        });
+        }
+    };
+    let col = &mut col[..g.cin * k * k * l];
+    if col.len() >= PAR_MIN {
+        col.par_chunks_mut(k * k * l)
+            .zip(x.par_chunks(g.h * g.w))
+            .for_each(fill);
+    } else {
+        col.chunks_mut(k * k * l).zip(x.chunks(g.h * g.w)).for_each(fill);
+    }
 }
 
 /// The adjoint of [`im2col`] for the output rows `r0..r1`: adds every `col`
@@ -336,28 +346,36 @@ fn im2col<T: WithDType>(g: &Geom, x: &[T], rows: std::ops::Range<usize>, col: &m
 /// once; neighbouring row tiles add onto shared input rows).
 fn col2im<T: WithDType>(g: &Geom, col: &[T], rows: std::ops::Range<usize>, x: &mut [T]) {
     let (k, l) = (g.k, rows.len() * g.wo);
-    x.par_chunks_mut(g.h * g.w)
-        .zip(col[..g.cin * k * k * l].par_chunks(k * k * l))
-        .for_each(|(plane, block)| {
-            for ky in 0..k {
-                let valid_rows = g.valid(ky, g.h, g.ho);
-                for kx in 0..k {
-                    let cols = g.valid(kx, g.w, g.wo);
-                    if cols.is_empty() {
-                        continue;
-                    }
-                    let row = &block[(ky * k + kx) * l..(ky * k + kx + 1) * l];
-                    for oy in rows.start.max(valid_rows.start)..rows.end.min(valid_rows.end) {
-                        let src = &row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo];
-                        let dst = &mut plane[(oy * g.s + ky - g.p) * g.w..];
-                        let x0 = cols.start * g.s + kx - g.p;
-                        for (i, v) in src[cols.clone()].iter().enumerate() {
-                            dst[x0 + i * g.s] += *v;
-                        }
+    let scatter = |(plane, block): (&mut [T], &[T])| {
+        for ky in 0..k {
+            let valid_rows = g.valid(ky, g.h, g.ho);
+            for kx in 0..k {
+                let cols = g.valid(kx, g.w, g.wo);
+                if cols.is_empty() {
+                    continue;
+                }
+                let row = &block[(ky * k + kx) * l..(ky * k + kx + 1) * l];
+                for oy in rows.start.max(valid_rows.start)..rows.end.min(valid_rows.end) {
+                    let src = &row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo];
+                    let dst = &mut plane[(oy * g.s + ky - g.p) * g.w..];
+                    let x0 = cols.start * g.s + kx - g.p;
+                    for (i, v) in src[cols.clone()].iter().enumerate() {
+                        dst[x0 + i * g.s] += *v;
                     }
                 }
             }
-        });
+        }
+    };
+    let col = &col[..g.cin * k * k * l];
+    if col.len() >= PAR_MIN {
+        x.par_chunks_mut(g.h * g.w)
+            .zip(col.par_chunks(k * k * l))
+            .for_each(scatter);
+    } else {
+        x.chunks_mut(g.h * g.w)
+            .zip(col.chunks(k * k * l))
+            .for_each(scatter);
+    }
 }
 
 /// Output-row tiles whose `col` (K × rows·Wo) stays within about 2 MB of
@@ -479,7 +497,7 @@ impl<T: WithDType> Epilogue<'_, T> {
     fn apply(&self, g: &Geom, b: usize, yb: &mut [T], cols: std::ops::Range<usize>) {
         let l = g.ho * g.wo;
         let zero = T::from_f64(0.0);
-        yb.par_chunks_mut(l).enumerate().for_each(|(c, plane)| {
+        let each = |(c, plane): (usize, &mut [T])| {
             let bias = self.bias[c];
             let out = &mut plane[cols.clone()];
             match self.residual {
@@ -500,7 +518,12 @@ impl<T: WithDType> Epilogue<'_, T> {
                     }
                 });
             }
-        });
+        };
+        if g.cout * cols.len() >= PAR_MIN {
+            yb.par_chunks_mut(l).enumerate().for_each(each);
+        } else {
+            yb.chunks_mut(l).enumerate().for_each(each);
+        }
     }
 }
 
