@@ -152,12 +152,13 @@ pub struct Measured {
     pub unit: String,
 }
 
-fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
-    f()?; // warm-up
+fn timed(reps: usize, mut f: impl FnMut() -> Result<()> + Send) -> Result<(f64, f64)> {
+    let mut g = || crate::on_pool(&mut f);
+    g()?; // warm-up
     let mut t = Vec::with_capacity(reps.max(1));
     for _ in 0..reps.max(1) {
         let s = Instant::now();
-        f()?;
+        g()?;
         t.push(s.elapsed().as_secs_f64() * 1e3);
     }
     t.sort_by(f64::total_cmp);

@@ -35,7 +35,10 @@ pub use error::{Error, Result};
 ///   faults and zeroing by the kernel (a tenth of a training step in
 ///   `perf`). Raising the mmap and trim thresholds keeps freed blocks in the
 ///   heap for the next tensor. Peak memory is unchanged (the peak is live
-///   tensors); memory is not handed back to the system before exit.
+///   tensors); memory is not handed back to the system before exit. One
+///   arena for all threads: with per-thread arenas, tensors made on one
+///   pool worker and freed on another fragment the heaps (a hierarchical
+///   step's peak went 317 -> 550 MiB under [`on_pool`]).
 pub fn setup_cpu() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads();
@@ -47,5 +50,20 @@ pub fn setup_cpu() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
+}
+
+/// Runs `f` on a worker of rayon's global pool (inline when already on
+/// one) and waits for it.
+///
+/// Our CPU ops split their passes with rayon. Called from the main thread,
+/// every such pass is injected into the pool and the caller sleeps on a
+/// latch until a worker has run it, for every op of the network, however
+/// small; called from a worker, the pass's pieces go on that worker's own
+/// deque and the other worker steals what is worth stealing. A training
+/// step of the small preset runs 11–17% faster this way (more for
+/// multi-scale, whose low scale has the smallest maps).
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }

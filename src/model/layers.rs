@@ -109,7 +109,8 @@ thread_local! {
     static DROPOUT_RNG: RefCell<StdRng> = RefCell::new(StdRng::seed_from_u64(0));
 }
 
-/// Reseeds the dropout generator of the calling thread.
+/// Reseeds the dropout generator of the calling thread: call it on the
+/// thread that runs the forward (the trainer does, inside `on_pool`).
 pub fn seed_dropout(seed: u64) {
     DROPOUT_RNG.with(|r| *r.borrow_mut() = StdRng::seed_from_u64(seed));
 }

@@ -240,11 +240,13 @@ impl HmsaNet {
     ) -> Result<Vec<ScaleOutput>> {
         let mut sorted = scales.to_vec();
         sorted.sort_by(|a, b| b.total_cmp(a));
-        sorted
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| self.forward_scale(x, s, with_attn && i > 0, train))
-            .collect()
+        crate::on_pool(|| {
+            sorted
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| self.forward_scale(x, s, with_attn && i > 0, train))
+                .collect()
+        })
     }
 
     /// Fuses outputs computed by [`Self::forward_scales`].
@@ -287,6 +289,17 @@ impl HmsaNet {
     /// Multi-scale forward with any fusion and optional flip averaging; also
     /// returns the per-scale outputs of the unflipped input.
     pub fn infer(
+        &self,
+        x: &Tensor,
+        fusion: Fusion,
+        scales: &[f64],
+        flip: bool,
+        train: bool,
+    ) -> Result<(Fused, Vec<ScaleOutput>)> {
+        crate::on_pool(|| self.infer_here(x, fusion, scales, flip, train))
+    }
+
+    fn infer_here(
         &self,
         x: &Tensor,
         fusion: Fusion,

@@ -210,19 +210,26 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
         for batch in loader {
             let batch = batch?;
             let t0 = Instant::now();
-            layers::seed_dropout(batch_seed(t.seed ^ 0xD50F, epoch, batch.index));
             let lr = lr_at(&t.optim, step, total);
-            let (fused, outs) = net.infer(&batch.images, cfg.model.fusion, &cfg.model.scales, false, true)?;
-            let parts = loss::combined(&t.loss, &fused, &outs, &batch.labels)?;
-            let value = parts
-                .total
-                .to_dtype(candle_core::DType::F32)?
-                .to_scalar::<f32>()?;
-            if !value.is_finite() {
-                return Err(Error::NonFinite { step, value });
-            }
-            let grads = parts.total.backward()?;
-            opt.step(&grads, lr)?;
+            // the whole step on a pool worker (see `on_pool`); the dropout
+            // generator is per thread, so it is seeded on that worker
+            let parts = crate::on_pool(|| -> Result<_> {
+                layers::seed_dropout(batch_seed(t.seed ^ 0xD50F, epoch, batch.index));
+                let (fused, outs) =
+                    net.infer(&batch.images, cfg.model.fusion, &cfg.model.scales, false, true)?;
+                let parts = loss::combined(&t.loss, &fused, &outs, &batch.labels)?;
+                let value = parts
+                    .total
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Err(Error::NonFinite { step, value });
+                }
+                let grads = parts.total.backward()?;
+                opt.step(&grads, lr)?;
+                Ok((parts, value))
+            })?;
+            let (parts, value) = parts;
             step += 1;
             let m = StepMetrics {
                 step,
