@@ -17,6 +17,7 @@
 //!
 //! Other devices and dtypes use candle_nn's BatchNorm.
 
+use super::cpu;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var, WithDType};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
@@ -93,19 +94,6 @@ struct BnTrain {
     stats: Arc<Mutex<Option<Stats>>>,
 }
 
-/// (N, C, HW) of a contiguous NCHW layout.
-fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
-    let (n, c, h, w) = l.shape().dims4()?;
-    Ok((n, c, h * w))
-}
-
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        None => candle_core::bail!("batch norm: non-contiguous operand"),
-    }
-}
-
 /// Per-channel mean and biased variance (two passes, f64 sums).
 fn channel_stats<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     let m = (n * hw) as f64;
@@ -170,7 +158,7 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = dims(l1)?;
+        let d = cpu::nc_hw(l1)?;
         if l2.shape().dims() != [2, d.1] || l3.shape() != l1.shape() {
             candle_core::bail!(
                 "batch norm: {:?} with parameters {:?} and residual {:?}",
@@ -181,10 +169,10 @@ impl CustomOp3 for BnTrain {
         }
         let out = match s1 {
             CpuStorage::F32(_) => {
-                CpuStorage::F32(self.fwd(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, d))
+                CpuStorage::F32(self.fwd(cpu::slice(s1, l1)?, cpu::slice(s2, l2)?, cpu::slice(s3, l3)?, d))
             }
             CpuStorage::F64(_) => {
-                CpuStorage::F64(self.fwd(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, d))
+                CpuStorage::F64(self.fwd(cpu::slice(s1, l1)?, cpu::slice(s2, l2)?, cpu::slice(s3, l3)?, d))
             }
             _ => candle_core::bail!("batch norm: f32 or f64 only"),
         };
@@ -212,22 +200,6 @@ impl CustomOp3 for BnTrain {
     }
 }
 
-/// A contiguous CPU tensor's storage, read-locked.
-fn storage(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, &Layout)> {
-    let (s, l) = t.storage_and_layout();
-    if !matches!(&*s, candle_core::Storage::Cpu(_)) {
-        candle_core::bail!("batch norm: CPU tensors only");
-    }
-    Ok((s, l))
-}
-
-fn cpu<'a, T: WithDType>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [T]> {
-    match s {
-        candle_core::Storage::Cpu(c) => slice(c, l),
-        _ => candle_core::bail!("batch norm: CPU tensors only"),
-    }
-}
-
 fn backward<T: WithDType>(
     x: &Tensor,
     gamma: &Tensor,
@@ -240,8 +212,12 @@ fn backward<T: WithDType>(
     let (n, c, h, w) = x.dims4()?;
     let hw = h * w;
     let m = (n * hw) as f64;
-    let ((sx, lx), (sy, ly), (sg_, lg)) = (storage(x)?, storage(y)?, storage(gy)?);
-    let (xs, ys, gys) = (cpu::<T>(&sx, lx)?, cpu::<T>(&sy, ly)?, cpu::<T>(&sg_, lg)?);
+    let ((sx, lx), (sy, ly), (sg_, lg)) = (cpu::read(x)?, cpu::read(y)?, cpu::read(gy)?);
+    let (xs, ys, gys) = (
+        cpu::elems::<T>(&sx, lx)?,
+        cpu::elems::<T>(&sy, ly)?,
+        cpu::elems::<T>(&sg_, lg)?,
+    );
     let gam: Vec<f64> = gamma.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     let (mean, var) = channel_stats(xs, n, c, hw);
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();

@@ -16,6 +16,7 @@
 //! (1 − a)·g`, `∂a = Σ_c g·(α′·u − v)`, with `α = a` or 1, `α′` 1 or 0 as
 //! `a` enters. Other devices and dtypes use candle's broadcast ops.
 
+use super::cpu;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -64,7 +65,7 @@ impl SoftmaxChannels {
 
     fn fwd<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
         let mut y = vec![T::zero(); x.len()];
-        let out = SyncPtr(y.as_mut_ptr());
+        let out = cpu::SyncPtr(y.as_mut_ptr());
         Self::each(n, c, hw, |at, len| {
             let mut m = vec![f64::NEG_INFINITY; len];
             for k in 0..c {
@@ -83,7 +84,7 @@ impl SoftmaxChannels {
                     .zip(&m)
                     .zip(s.iter_mut())
                 {
-                    let e = exp_in::<T>(v.to_f64() - m);
+                    let e = cpu::exp_in::<T>(v.to_f64() - m);
                     *s += e;
                     *d = T::from_f64(e);
                 }
@@ -102,7 +103,7 @@ impl SoftmaxChannels {
 
     fn bwd<T: WithDType>(y: &[T], g: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
         let mut gx = vec![T::zero(); y.len()];
-        let out = SyncPtr(gx.as_mut_ptr());
+        let out = cpu::SyncPtr(gx.as_mut_ptr());
         Self::each(n, c, hw, |at, len| {
             let mut dot = vec![0f64; len];
             for k in 0..c {
@@ -124,28 +125,6 @@ impl SoftmaxChannels {
     }
 }
 
-/// `exp` in the precision of the data (f32's is several times cheaper and
-/// is what a softmax in f32 computes anyway).
-pub(crate) fn exp_in<T: WithDType>(v: f64) -> f64 {
-    if T::DTYPE == DType::F32 {
-        (v as f32).exp() as f64
-    } else {
-        v.exp()
-    }
-}
-
-/// A raw pointer the parallel blocks share (each writes its own elements).
-#[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
-// SAFETY: only used to write disjoint elements from different threads.
-unsafe impl<T> Send for SyncPtr<T> {}
-unsafe impl<T> Sync for SyncPtr<T> {}
-impl<T> SyncPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-
 impl candle_core::CustomOp1 for SoftmaxChannels {
     fn name(&self) -> &'static str {
         "softmax-channels"
@@ -154,8 +133,8 @@ impl candle_core::CustomOp1 for SoftmaxChannels {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(Self::fwd(cpu(s, l)?, n, c, h * w)),
-            CpuStorage::F64(_) => CpuStorage::F64(Self::fwd(cpu(s, l)?, n, c, h * w)),
+            CpuStorage::F32(_) => CpuStorage::F32(Self::fwd(cpu::slice(s, l)?, n, c, h * w)),
+            CpuStorage::F64(_) => CpuStorage::F64(Self::fwd(cpu::slice(s, l)?, n, c, h * w)),
             _ => candle_core::bail!("softmax: f32 or f64 only"),
         };
         Ok((out, l.shape().clone()))
@@ -171,12 +150,12 @@ impl candle_core::CustomOp1 for SoftmaxChannels {
         };
         let gx = match sy {
             CpuStorage::F32(_) => Tensor::from_vec(
-                Self::bwd::<f32>(cpu(sy, ly)?, cpu(sg, lg)?, n, c, h * w),
+                Self::bwd::<f32>(cpu::slice(sy, ly)?, cpu::slice(sg, lg)?, n, c, h * w),
                 y.shape(),
                 y.device(),
             )?,
             _ => Tensor::from_vec(
-                Self::bwd::<f64>(cpu(sy, ly)?, cpu(sg, lg)?, n, c, h * w),
+                Self::bwd::<f64>(cpu::slice(sy, ly)?, cpu::slice(sg, lg)?, n, c, h * w),
                 y.shape(),
                 y.device(),
             )?,
@@ -208,13 +187,6 @@ fn apply(kind: Kind, u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
 
 struct Blend {
     kind: Kind,
-}
-
-fn cpu<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        None => candle_core::bail!("blend: non-contiguous operand"),
-    }
 }
 
 impl Blend {
@@ -299,12 +271,20 @@ impl CustomOp3 for Blend {
             );
         }
         let out = match s1 {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(self.fwd(cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?, c, h * w))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(self.fwd(cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?, c, h * w))
-            }
+            CpuStorage::F32(_) => CpuStorage::F32(self.fwd(
+                cpu::slice(s1, l1)?,
+                cpu::slice(s2, l2)?,
+                cpu::slice(s3, l3)?,
+                c,
+                h * w,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(self.fwd(
+                cpu::slice(s1, l1)?,
+                cpu::slice(s2, l2)?,
+                cpu::slice(s3, l3)?,
+                c,
+                h * w,
+            )),
             _ => candle_core::bail!("blend: f32 or f64 only"),
         };
         Ok((out, l1.shape().clone()))
@@ -330,12 +310,18 @@ impl CustomOp3 for Blend {
         }
         let [gu, gv, ga] = match slices[0].0 {
             CpuStorage::F32(_) => {
-                let s: Vec<&[f32]> = slices.iter().map(|(s, l)| cpu(s, l)).collect::<Result<_>>()?;
+                let s: Vec<&[f32]> = slices
+                    .iter()
+                    .map(|(s, l)| cpu::slice(s, l))
+                    .collect::<Result<_>>()?;
                 self.grads(s[0], s[1], s[2], s[3], c, h * w)
                     .map(|v| Tensor::from_vec(v.clone(), v.len(), u.device()))
             }
             _ => {
-                let s: Vec<&[f64]> = slices.iter().map(|(s, l)| cpu(s, l)).collect::<Result<_>>()?;
+                let s: Vec<&[f64]> = slices
+                    .iter()
+                    .map(|(s, l)| cpu::slice(s, l))
+                    .collect::<Result<_>>()?;
                 self.grads(s[0], s[1], s[2], s[3], c, h * w)
                     .map(|v| Tensor::from_vec(v.clone(), v.len(), u.device()))
             }

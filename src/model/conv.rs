@@ -21,6 +21,7 @@
 //! The gemms are the `gemm` crate's (the one candle's matmul uses), with
 //! transposes expressed as strides. Other devices use candle's `conv2d`.
 
+use super::cpu;
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, WithDType,
 };
@@ -179,10 +180,10 @@ impl CustomOp2 for ChannelBias {
         let (st, l) = gc.storage_and_layout();
         let gb = match &*st {
             candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
-                Tensor::new(Self::sum(slice_of(v, l)?, c, h * w), g.device())?
+                Tensor::new(Self::sum(cpu::contiguous(v, l)?, c, h * w), g.device())?
             }
             candle_core::Storage::Cpu(CpuStorage::F64(v)) => {
-                Tensor::new(Self::sum(slice_of(v, l)?, c, h * w), g.device())?
+                Tensor::new(Self::sum(cpu::contiguous(v, l)?, c, h * w), g.device())?
             }
             _ => candle_core::bail!("channel bias: f32 or f64 CPU gradient"),
         };
@@ -449,13 +450,6 @@ fn gemm<T: WithDType>(
     }
 }
 
-fn slice_of<'a, T: WithDType>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("conv2d: non-contiguous operand"),
-    }
-}
-
 fn map2(
     s1: &CpuStorage,
     l1: &Layout,
@@ -466,11 +460,11 @@ fn map2(
 ) -> Result<(CpuStorage, Shape)> {
     match (s1, s2) {
         (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-            let (v, sh) = f32f(slice_of(a, l1)?, slice_of(b, l2)?)?;
+            let (v, sh) = f32f(cpu::contiguous(a, l1)?, cpu::contiguous(b, l2)?)?;
             Ok((CpuStorage::F32(v), sh))
         }
         (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-            let (v, sh) = f64f(slice_of(a, l1)?, slice_of(b, l2)?)?;
+            let (v, sh) = f64f(cpu::contiguous(a, l1)?, cpu::contiguous(b, l2)?)?;
             Ok((CpuStorage::F64(v), sh))
         }
         _ => candle_core::bail!("conv2d: both operands must be f32 or both f64"),
@@ -627,7 +621,7 @@ impl Conv2dAct {
         b: (&CpuStorage, &Layout),
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(x.1.shape(), w.1.shape(), self.stride, self.padding)?;
-        let bias = slice_of(T::cpu_storage_as_slice(b.0)?, b.1)?;
+        let bias = cpu::contiguous(T::cpu_storage_as_slice(b.0)?, b.1)?;
         if bias.len() != g.cout {
             candle_core::bail!("conv2d: bias of {} for {} output channels", bias.len(), g.cout);
         }
@@ -639,7 +633,7 @@ impl Conv2dAct {
                     if l.shape() != &shape {
                         candle_core::bail!("conv2d: residual {:?} for output {shape:?}", l.shape());
                     }
-                    Some(slice_of(T::cpu_storage_as_slice(s)?, l)?)
+                    Some(cpu::contiguous(T::cpu_storage_as_slice(s)?, l)?)
                 }
                 _ => candle_core::bail!("conv2d: residual on another device"),
             },
@@ -650,8 +644,8 @@ impl Conv2dAct {
             residual,
             relu: self.relu,
         };
-        let xs = slice_of(T::cpu_storage_as_slice(x.0)?, x.1)?;
-        let ws = slice_of(T::cpu_storage_as_slice(w.0)?, w.1)?;
+        let xs = cpu::contiguous(T::cpu_storage_as_slice(x.0)?, x.1)?;
+        let ws = cpu::contiguous(T::cpu_storage_as_slice(w.0)?, w.1)?;
         Ok((T::to_cpu_storage_owned(forward(&g, xs, ws, Some(&epi))), shape))
     }
 }

@@ -13,6 +13,7 @@ pub mod batchnorm;
 pub mod blend;
 pub mod checkpoint;
 pub mod conv;
+pub mod cpu;
 pub mod flops;
 pub mod fusion;
 pub mod hrnet;

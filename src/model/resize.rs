@@ -175,17 +175,10 @@ fn plane_backward<T: WithDType>(
     }
 }
 
-fn contiguous_slice<'a, T: WithDType>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("bilinear resize needs a contiguous input"),
-    }
-}
-
 impl Bilinear {
     fn run<T: WithDType>(&self, src: &[T], l: &Layout) -> Result<(Vec<T>, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
-        let src = contiguous_slice(src, l)?;
+        let src = super::cpu::contiguous(src, l)?;
         let (ty, tx) = (taps(h, self.out_h), taps(w, self.out_w));
         let plane = self.out_h * self.out_w;
         let mut dst = vec![T::zero(); n * c * plane];
@@ -221,7 +214,7 @@ impl CustomOp1 for Bilinear {
 impl BilinearGrad {
     fn run<T: WithDType>(&self, g: &[T], l: &Layout) -> Result<(Vec<T>, Shape)> {
         let (n, c, oh, ow) = l.shape().dims4()?;
-        let g = contiguous_slice(g, l)?;
+        let g = super::cpu::contiguous(g, l)?;
         let (ty, tx) = (taps(self.in_h, oh), taps(self.in_w, ow));
         let plane = self.in_h * self.in_w;
         let mut dst = vec![T::zero(); n * c * plane];

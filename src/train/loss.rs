@@ -7,7 +7,7 @@
 //! [`forward_substitute`] are written with tensor ops, column by column, and
 //! candle differentiates them like any other graph (9x9 matrices, batched).
 
-use crate::model::blend::exp_in;
+use crate::model::cpu::{self, exp_in};
 use crate::model::resize::resize;
 use crate::model::{Fused, ScaleOutput};
 use crate::{Error, Result};
@@ -174,21 +174,6 @@ impl CrossEntropy {
     }
 }
 
-fn ce_dims(l: &candle_core::Layout) -> candle_core::Result<(usize, usize, usize)> {
-    let (n, c, h, w) = l.shape().dims4()?;
-    Ok((n, c, h * w))
-}
-
-fn ce_slice<'a, T: WithDType>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cross-entropy: non-contiguous operand".into()))?;
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
-}
-
 impl candle_core::CustomOp2 for CrossEntropy {
     fn name(&self) -> &'static str {
         "cross-entropy"
@@ -202,11 +187,11 @@ impl candle_core::CustomOp2 for CrossEntropy {
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage as S;
-        let d = ce_dims(l1)?;
-        let t: &[u32] = ce_slice(s2, l2)?;
+        let d = cpu::nc_hw(l1)?;
+        let t: &[u32] = cpu::slice(s2, l2)?;
         let (nll, den) = match s1 {
-            S::F32(_) => self.sums(ce_slice::<f32>(s1, l1)?, t, d),
-            S::F64(_) => self.sums(ce_slice::<f64>(s1, l1)?, t, d),
+            S::F32(_) => self.sums(cpu::slice::<f32>(s1, l1)?, t, d),
+            S::F64(_) => self.sums(cpu::slice::<f64>(s1, l1)?, t, d),
             _ => candle_core::bail!("cross-entropy: f32 or f64 logits"),
         };
         let loss = nll / den.max(f64::MIN_POSITIVE);
@@ -240,8 +225,8 @@ impl CrossEntropy {
         let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(ts)) = (&*xs, &*ts) else {
             candle_core::bail!("cross-entropy: CPU tensors only");
         };
-        let (x, t) = (ce_slice::<T>(xs, xl)?, ce_slice::<u32>(ts, tl)?);
-        let d @ (n, c, hw) = ce_dims(xl)?;
+        let (x, t) = (cpu::slice::<T>(xs, xl)?, cpu::slice::<u32>(ts, tl)?);
+        let d @ (n, c, hw) = cpu::nc_hw(xl)?;
         let den = t
             .iter()
             .filter_map(|&lab| self.weight(lab, c))

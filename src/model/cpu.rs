@@ -1,0 +1,66 @@
+//! What our CPU custom ops (`conv`, `batchnorm`, `blend`, `resize`, the
+//! cross-entropy in `train::loss`) share for reading candle's storage:
+//! contiguous slices of a layout, read-locked tensors, a pointer parallel
+//! blocks write disjoint elements through, and `exp` in the data's
+//! precision.
+
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, StorageRef, Tensor, WithDType};
+
+/// The elements a contiguous layout addresses in `s`.
+pub fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("custom op: non-contiguous operand {:?}", l.shape()),
+    }
+}
+
+/// The same from CPU storage holding `T`.
+pub fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    contiguous(T::cpu_storage_as_slice(s)?, l)
+}
+
+/// A CPU tensor's storage, read-locked, with its layout (read it with
+/// [`elems`]).
+pub fn read(t: &Tensor) -> Result<(StorageRef<'_>, &Layout)> {
+    let (s, l) = t.storage_and_layout();
+    if !matches!(&*s, Storage::Cpu(_)) {
+        candle_core::bail!("custom op: CPU tensors only");
+    }
+    Ok((s, l))
+}
+
+/// The elements of storage read by [`read`].
+pub fn elems<'a, T: WithDType>(s: &'a Storage, l: &Layout) -> Result<&'a [T]> {
+    match s {
+        Storage::Cpu(c) => slice(c, l),
+        _ => candle_core::bail!("custom op: CPU tensors only"),
+    }
+}
+
+/// (N, C, H·W) of an NCHW layout.
+pub fn nc_hw(l: &Layout) -> Result<(usize, usize, usize)> {
+    let (n, c, h, w) = l.shape().dims4()?;
+    Ok((n, c, h * w))
+}
+
+/// `exp` in the precision of the data (f32's is several times cheaper and
+/// is what a softmax in f32 computes anyway).
+pub fn exp_in<T: WithDType>(v: f64) -> f64 {
+    if T::DTYPE == DType::F32 {
+        (v as f32).exp() as f64
+    } else {
+        v.exp()
+    }
+}
+
+/// A raw pointer that parallel blocks share, each writing its own elements.
+#[derive(Clone, Copy)]
+pub struct SyncPtr<T>(pub *mut T);
+// SAFETY: only used to write disjoint elements from different threads.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
