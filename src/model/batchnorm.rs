@@ -54,11 +54,13 @@ pub fn forward_train(bn: &BatchNorm, x: &Tensor, residual: Option<&Tensor>, relu
         None => x.clone(),
     };
     let y = x.apply_op3(&params, &r, op)?;
+    // the op keeps its statistics for the backward; the running averages
+    // take a copy
     let (mean, var, m) = stats
         .lock()
         .expect("stats lock")
-        .take()
-        .map(|s: Stats| (s.mean, s.var, s.m))
+        .as_ref()
+        .map(|s: &Stats| (s.mean.clone(), s.var.clone(), s.m))
         .ok_or_else(|| candle_core::Error::Msg("batch norm: no statistics".into()))?;
     let momentum = bn.momentum();
     let unbiased = m as f64 / (m as f64 - 1.0).max(1.0);
@@ -187,24 +189,28 @@ impl CustomOp3 for BnTrain {
         y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The forward's statistics went to the running averages; they are
-        // recomputed here (one pass over x).
         let gy = gy.contiguous()?;
+        let stats = self.stats.lock().expect("stats lock");
+        let stats = stats.as_ref().map(|s| (s.mean.as_slice(), s.var.as_slice()));
         let gamma = params.get(0)?;
         let (gx, gg, gb, gr) = match x.dtype() {
-            DType::F32 => backward::<f32>(x, &gamma, y, &gy, self.eps, self.relu, self.residual)?,
-            DType::F64 => backward::<f64>(x, &gamma, y, &gy, self.eps, self.relu, self.residual)?,
+            DType::F32 => backward::<f32>(x, &gamma, y, &gy, stats, self.eps, self.relu, self.residual)?,
+            DType::F64 => backward::<f64>(x, &gamma, y, &gy, stats, self.eps, self.relu, self.residual)?,
             d => candle_core::bail!("batch norm: {d:?}"),
         };
         Ok((Some(gx), Some(Tensor::stack(&[gg, gb], 0)?), gr))
     }
 }
 
+/// `stats`: the forward's per-channel mean and biased variance (recomputed
+/// from `x` when absent).
+#[allow(clippy::too_many_arguments)]
 fn backward<T: WithDType>(
     x: &Tensor,
     gamma: &Tensor,
     y: &Tensor,
     gy: &Tensor,
+    stats: Option<(&[f64], &[f64])>,
     eps: f64,
     relu: bool,
     residual: bool,
@@ -219,7 +225,10 @@ fn backward<T: WithDType>(
         cpu::elems::<T>(&sg_, lg)?,
     );
     let gam: Vec<f64> = gamma.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    let (mean, var) = channel_stats(xs, n, c, hw);
+    let (mean, var) = match stats {
+        Some((m, v)) => (m.to_vec(), v.to_vec()),
+        None => channel_stats(xs, n, c, hw),
+    };
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let grad = |i: usize| -> f64 {
         if relu && ys[i] <= T::zero() {
