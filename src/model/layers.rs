@@ -7,7 +7,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, Init, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
 
 /// `nn.Conv2d(cin, cout, k, stride, padding=k/2)`; strided layers take our
 /// backward (see `conv.rs`).
@@ -103,33 +103,45 @@ impl ModuleT for ConvBn {
     }
 }
 
-thread_local! {
-    /// Dropout masks come from this generator (candle's CPU generator cannot
-    /// be seeded); the trainer reseeds it every step for exact resume.
-    static DROPOUT_RNG: RefCell<StdRng> = RefCell::new(StdRng::seed_from_u64(0));
+/// `nn.Dropout2d(p)`: zeroes whole channels in training, identity
+/// otherwise. It owns its generator (candle's CPU generator cannot be
+/// seeded), which the trainer reseeds every step for exact resume; owned by
+/// the layer rather than by a thread, the masks do not depend on which
+/// thread runs the forward.
+#[derive(Debug, Clone)]
+pub struct Dropout2d {
+    p: f64,
+    rng: Arc<Mutex<StdRng>>,
 }
 
-/// Reseeds the dropout generator of the calling thread: call it on the
-/// thread that runs the forward (the trainer does, inside `on_pool`).
-pub fn seed_dropout(seed: u64) {
-    DROPOUT_RNG.with(|r| *r.borrow_mut() = StdRng::seed_from_u64(seed));
-}
-
-/// `nn.Dropout2d(p)`: zeroes whole channels in training, identity otherwise.
-pub fn dropout2d(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
-    if !train || p == 0.0 {
-        return Ok(x.clone());
+impl Dropout2d {
+    pub fn new(p: f64) -> Self {
+        Self {
+            p,
+            rng: Arc::new(Mutex::new(StdRng::seed_from_u64(0))),
+        }
     }
-    let (n, c, _, _) = x.dims4()?;
-    let scale = 1.0 / (1.0 - p);
-    let keep: Vec<f32> = DROPOUT_RNG.with(|r| {
-        let mut r = r.borrow_mut();
-        (0..n * c)
-            .map(|_| if r.random_bool(p) { 0.0 } else { scale as f32 })
-            .collect()
-    });
-    let keep = Tensor::from_vec(keep, (n, c, 1, 1), x.device())?.to_dtype(x.dtype())?;
-    x.broadcast_mul(&keep)
+
+    /// Reseeds the generator.
+    pub fn seed(&self, seed: u64) {
+        *self.rng.lock().expect("dropout generator") = StdRng::seed_from_u64(seed);
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let (n, c, _, _) = x.dims4()?;
+        let scale = 1.0 / (1.0 - self.p);
+        let keep: Vec<f32> = {
+            let mut r = self.rng.lock().expect("dropout generator");
+            (0..n * c)
+                .map(|_| if r.random_bool(self.p) { 0.0 } else { scale as f32 })
+                .collect()
+        };
+        let keep = Tensor::from_vec(keep, (n, c, 1, 1), x.device())?.to_dtype(x.dtype())?;
+        x.broadcast_mul(&keep)
+    }
 }
 
 #[cfg(test)]
@@ -179,5 +191,55 @@ mod tests {
             let want = (g[ch] * (c as f64 - mean[ch]) / (var[ch] + 1e-5f64).sqrt() + b[ch]).max(0.0);
             assert!((a as f64 - want).abs() < 1e-4, "{i}: {a} vs {want}");
         }
+    }
+
+    /// Whole channels zeroed or scaled by 1/(1 − p); identity at inference;
+    /// the same seed gives the same mask on another thread.
+    #[test]
+    fn dropout_masks_whole_channels_and_follows_its_seed() {
+        let dev = Device::Cpu;
+        let x = Tensor::ones((2, 50, 3, 4), DType::F32, &dev).unwrap();
+        let d = Dropout2d::new(0.5);
+        let eval: Vec<f32> = d
+            .forward_t(&x, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(eval.iter().all(|&v| v == 1.0));
+        d.seed(7);
+        let a: Vec<f32> = d
+            .forward_t(&x, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for plane in a.chunks(12) {
+            assert!(plane.iter().all(|&v| v == plane[0]), "one value per channel");
+            assert!(plane[0] == 0.0 || plane[0] == 2.0, "{}", plane[0]);
+        }
+        let zeroed = a.chunks(12).filter(|p| p[0] == 0.0).count();
+        assert!(
+            (20..=80).contains(&zeroed),
+            "{zeroed} of 100 channels dropped at p = 0.5"
+        );
+        let d2 = d.clone();
+        let b: Vec<f32> = std::thread::spawn(move || {
+            d2.seed(7);
+            d2.forward_t(
+                &Tensor::ones((2, 50, 3, 4), DType::F32, &Device::Cpu).unwrap(),
+                true,
+            )
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(a, b);
     }
 }

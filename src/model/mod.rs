@@ -172,6 +172,11 @@ pub struct HmsaNet {
 }
 
 impl HmsaNet {
+    /// Reseeds the network's dropout (the trainer does every step).
+    pub fn seed_dropout(&self, seed: u64) {
+        self.ocr.seed_dropout(seed);
+    }
+
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let high = cfg.backbone.out_channels();

@@ -11,7 +11,7 @@
 //!   features at once and gives one channel per scale (softmax outside).
 
 use super::conv::Conv;
-use super::layers::{conv, dropout2d, ConvBn};
+use super::layers::{conv, ConvBn, Dropout2d};
 use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -80,6 +80,7 @@ pub struct Ocr {
     conv3x3_ocr: ConvBn,
     distri: ObjectAttention,
     conv_bn_dropout: ConvBn,
+    dropout: Dropout2d,
     cls_head: Conv,
     aux_head: (ConvBn, Conv),
 }
@@ -92,6 +93,7 @@ impl Ocr {
             conv3x3_ocr: ConvBn::new(high, mid, 3, 1, true, true, "0", "1.0", vb.pp("conv3x3_ocr"))?,
             distri: ObjectAttention::new(mid, key, vd.pp("object_context_block"))?,
             conv_bn_dropout: conv_bn_relu_1x1(2 * mid, mid, "0", "1", &vd.pp("conv_bn_dropout"))?,
+            dropout: Dropout2d::new(0.05),
             cls_head: conv(mid, classes, 1, 1, true, vb.pp("cls_head"))?,
             aux_head: (
                 ConvBn::new(high, high, 1, 1, true, true, "0", "1.0", va.clone())?,
@@ -103,6 +105,11 @@ impl Ocr {
     /// Takes the backbone's map by value: at inference it is freed as soon
     /// as the two heads have read it (for W48 in the 2.0x pass of a
     /// 1024x2048 image it is 1.4 GiB).
+    /// Reseeds the dropout of `conv_bn_dropout`.
+    pub fn seed_dropout(&self, seed: u64) {
+        self.dropout.seed(seed);
+    }
+
     pub fn forward_t(&self, high: Tensor, train: bool) -> Result<OcrOut> {
         let feats = self.conv3x3_ocr.forward_t(&high, train)?;
         let (c0, c2) = &self.aux_head;
@@ -119,7 +126,7 @@ impl Ocr {
         let y = self
             .conv_bn_dropout
             .forward_t(&Tensor::cat(&[&ctx, &feats], 1)?, train)?;
-        let y = dropout2d(&y, 0.05, train)?;
+        let y = self.dropout.forward_t(&y, train)?;
         let cls = self.cls_head.forward(&y)?;
         Ok(OcrOut { cls, aux, feats: y })
     }

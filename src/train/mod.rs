@@ -18,7 +18,7 @@ use crate::config::RunConfig;
 use crate::data::loader::{batch_seed, Loader};
 use crate::data::sampler::{epoch_plan, Centroids, Source};
 use crate::model::init::seeded_varbuilder;
-use crate::model::{layers, HmsaNet};
+use crate::model::HmsaNet;
 use crate::{Error, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
@@ -211,10 +211,9 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             let batch = batch?;
             let t0 = Instant::now();
             let lr = lr_at(&t.optim, step, total);
-            // the whole step on a pool worker (see `on_pool`); the dropout
-            // generator is per thread, so it is seeded on that worker
+            net.seed_dropout(batch_seed(t.seed ^ 0xD50F, epoch, batch.index));
+            // the whole step on a pool worker (see `on_pool`)
             let parts = crate::on_pool(|| -> Result<_> {
-                layers::seed_dropout(batch_seed(t.seed ^ 0xD50F, epoch, batch.index));
                 let (fused, outs) =
                     net.infer(&batch.images, cfg.model.fusion, &cfg.model.scales, false, true)?;
                 let parts = loss::combined(&t.loss, &fused, &outs, &batch.labels)?;
