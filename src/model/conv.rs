@@ -986,7 +986,11 @@ mod tests {
             let want = naive(&xv, xs, &wv, cout, k, p, s);
             assert_eq!(got.len(), want.len());
             for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4, "{a} vs {b} for {xs:?} k{k} p{p} s{s}");
+                // f32 sums of up to 576 products: rounding grows with the value
+                assert!(
+                    (a - b).abs() < 1e-4 + 1e-5 * b.abs(),
+                    "{a} vs {b} for {xs:?} k{k} p{p} s{s}"
+                );
             }
         }
     }
@@ -1029,8 +1033,9 @@ mod tests {
                     if relu {
                         want = want.max(0.0);
                     }
+                    // f32 sums of up to 576 products: rounding grows with the value
                     assert!(
-                        (a - want).abs() < 1e-4,
+                        (a - want).abs() < 1e-4 + 1e-5 * want.abs(),
                         "{a} vs {want} at {i} for {xs:?} k{k} s{s}"
                     );
                 }
