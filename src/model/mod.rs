@@ -302,33 +302,24 @@ impl HmsaNet {
         flip: bool,
         train: bool,
     ) -> Result<(Fused, Vec<ScaleOutput>)> {
-        crate::on_pool(|| self.infer_here(x, fusion, scales, flip, train))
-    }
-
-    fn infer_here(
-        &self,
-        x: &Tensor,
-        fusion: Fusion,
-        scales: &[f64],
-        flip: bool,
-        train: bool,
-    ) -> Result<(Fused, Vec<ScaleOutput>)> {
-        fusion.check_scales(scales, "scales")?;
-        let (_, _, h, w) = x.dims4()?;
-        let with_attn = fusion.needs_relative_attention();
-        let outs = self.forward_scales(x, scales, with_attn, train)?;
-        let fused = self.fuse(fusion, &outs, (h, w), train)?;
-        if !flip {
-            return Ok((fused, outs));
-        }
-        let xf = x.flip(&[3])?;
-        let outs_f = self.forward_scales(&xf, scales, with_attn, train)?;
-        let ff = self.fuse(fusion, &outs_f, (h, w), train)?;
-        let fused = Fused {
-            pred: fusion::average_flip(&fused.pred, &ff.pred.flip(&[3])?)?,
-            aux: fusion::average_flip(&fused.aux, &ff.aux.flip(&[3])?)?,
-            attn: fused.attn,
-        };
-        Ok((fused, outs))
+        crate::on_pool(|| {
+            fusion.check_scales(scales, "scales")?;
+            let (_, _, h, w) = x.dims4()?;
+            let with_attn = fusion.needs_relative_attention();
+            let outs = self.forward_scales(x, scales, with_attn, train)?;
+            let fused = self.fuse(fusion, &outs, (h, w), train)?;
+            if !flip {
+                return Ok((fused, outs));
+            }
+            let xf = x.flip(&[3])?;
+            let outs_f = self.forward_scales(&xf, scales, with_attn, train)?;
+            let ff = self.fuse(fusion, &outs_f, (h, w), train)?;
+            let fused = Fused {
+                pred: fusion::average_flip(&fused.pred, &ff.pred.flip(&[3])?)?,
+                aux: fusion::average_flip(&fused.aux, &ff.aux.flip(&[3])?)?,
+                attn: fused.attn,
+            };
+            Ok((fused, outs))
+        })
     }
 }
