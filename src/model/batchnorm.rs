@@ -339,10 +339,18 @@ mod tests {
                 }
             }
         }
-        // and the statistics moved from their initial values
+        // and the statistics moved from their initial values, by hand: a
+        // constant 4 in channel 0 (variance 0) gives 0.9·0.5 + 0.1·4 and
+        // 0.9·4 + 0.1·0
         let (_vm, ours) = bn(3, DType::F32);
-        forward_train(&ours, &x, None, false).unwrap();
-        assert!((vals(ours.running_mean())[0] - 0.5).abs() > 1e-3);
+        let mut v = vec![1f32; 2 * 3 * 20];
+        for b in 0..2 {
+            v[b * 60..b * 60 + 20].fill(4.0);
+        }
+        let x4 = Tensor::from_vec(v, (2, 3, 5, 4), &Device::Cpu).unwrap();
+        forward_train(&ours, &x4, None, false).unwrap();
+        assert!((vals(ours.running_mean())[0] - 0.85).abs() < 1e-6);
+        assert!((vals(ours.running_var())[0] - 3.6).abs() < 1e-6);
     }
 
     /// Gradients of Σ relu?(bn(x) [+ s])·r against central finite
