@@ -6,7 +6,7 @@
 
 use hmsa_lab::bench::time_forward;
 use hmsa_lab::model::fusion::format_scales;
-use hmsa_lab::model::Fusion;
+use hmsa_lab::model::{Fusion, Precision};
 
 fn size_from_env(var: &str, default: (usize, usize)) -> (usize, usize) {
     std::env::var(var)
@@ -48,7 +48,7 @@ fn main() -> hmsa_lab::Result<()> {
     let cases = cases();
     if let Ok(i) = std::env::var("HMSA_BENCH_CASE") {
         let (preset, size, reps, fusion, scales, flip) = &cases[i.parse::<usize>().expect("case index")];
-        let r = time_forward(preset, *fusion, scales, *flip, *size, *reps)?;
+        let r = time_forward(preset, *fusion, scales, *flip, *size, Precision::F32, *reps)?;
         println!(
             "{:<6} {:<13} {:<20} {:<5} {:>9} {:>10.1} {:>10.1} {:>5} {:>10}",
             r.preset,

@@ -7,12 +7,16 @@
 //!
 //! Peak memory is the process's peak resident set (`VmHWM`), reset before
 //! each case through `/proc/self/clear_refs` on Linux, so each row is the
-//! peak of that case alone (weights included).
+//! peak of that case alone (weights included). On a GPU (the `cuda`
+//! feature) it is the peak of the device memory that candle allocated
+//! (the default memory pool's high-water mark; the CUDA context and
+//! cuBLAS workspaces not counted). GPU times end at a device synchronise.
 
 use crate::model::init::seeded_varbuilder;
-use crate::model::{Fusion, HmsaNet, ModelConfig};
+use crate::model::{Fusion, HmsaNet, ModelConfig, Precision};
 use crate::Result;
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 /// One measured case.
@@ -43,12 +47,14 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 /// Times `reps` inference forwards after one warm-up.
+#[allow(clippy::too_many_arguments)]
 pub fn time_forward(
     preset: &str,
     fusion: Fusion,
     scales: &[f64],
     flip: bool,
     size: (usize, usize),
+    precision: Precision,
     reps: usize,
 ) -> Result<ForwardRow> {
     let mut cfg = ModelConfig::preset(preset)?;
@@ -56,7 +62,9 @@ pub fn time_forward(
         cfg.fusion = Fusion::Explicit;
         cfg.scales = scales.to_vec();
     }
-    let dev = Device::Cpu;
+    let dev = crate::device()?;
+    precision.check(&dev, false, "--precision")?;
+    let mem = MemoryMeter::start(&dev)?;
     let vm = candle_nn::VarMap::new();
     HmsaNet::new(&cfg, seeded_varbuilder(&vm, 0, &dev))?;
     // Inference runs on plain tensors, as after loading a checkpoint: on the
@@ -71,15 +79,16 @@ pub fn time_forward(
         .collect();
     let net = HmsaNet::new(
         &cfg,
-        candle_nn::VarBuilder::from_tensors(frozen, candle_core::DType::F32, &dev),
+        candle_nn::VarBuilder::from_tensors(frozen, precision.dtype(), &dev),
     )?;
-    let x = Tensor::zeros((1, 3, size.0, size.1), candle_core::DType::F32, &dev)?;
-    let reset = reset_peak_rss();
+    let x = Tensor::zeros((1, 3, size.0, size.1), precision.dtype(), &dev)?;
     net.infer(&x, fusion, scales, flip, false)?; // warm-up
+    crate::sync(&dev)?;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
         let t = Instant::now();
         net.infer(&x, fusion, scales, flip, false)?;
+        crate::sync(&dev)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
@@ -92,12 +101,91 @@ pub fn time_forward(
         min_ms: times[0],
         median_ms: times[times.len() / 2],
         reps: times.len(),
-        peak_mib: if reset { peak_rss_mib() } else { None },
+        peak_mib: mem.peak_mib(),
     })
 }
 
+/// The peak memory of a case: host peak RSS on the CPU; on a GPU, the
+/// high-water mark of the device's default memory pool, where candle's
+/// stream-ordered allocations live (reset at the start).
+enum MemoryMeter {
+    Host(bool),
+    #[cfg(feature = "cuda")]
+    Gpu(candle_core::CudaDevice),
+}
+
+impl MemoryMeter {
+    fn start(dev: &Device) -> Result<Self> {
+        match dev {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                gpu_pool::reset_peak(d);
+                Ok(MemoryMeter::Gpu(d.clone()))
+            }
+            _ => Ok(MemoryMeter::Host(reset_peak_rss())),
+        }
+    }
+
+    /// The peak in MiB since `start`, where measured.
+    fn peak_mib(self) -> Option<f64> {
+        match self {
+            MemoryMeter::Host(reset) => reset.then(peak_rss_mib).flatten(),
+            #[cfg(feature = "cuda")]
+            MemoryMeter::Gpu(d) => gpu_pool::peak(&d).map(|b| b as f64 / (1024.0 * 1024.0)),
+        }
+    }
+}
+
+/// The used-memory high-water mark of a GPU's default memory pool.
+#[cfg(feature = "cuda")]
+mod gpu_pool {
+    use candle_core::cuda::cudarc::driver::sys;
+    use candle_core::CudaDevice;
+
+    fn pool(d: &CudaDevice) -> Option<sys::CUmemoryPool> {
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        if !ctx.has_async_alloc() || ctx.bind_to_thread().is_err() {
+            return None;
+        }
+        let mut p = std::ptr::null_mut();
+        // SAFETY: a plain query into a local; the context is bound.
+        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut p, ctx.cu_device()) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(p)
+    }
+
+    pub fn reset_peak(d: &CudaDevice) {
+        if let Some(p) = pool(d) {
+            let mut zero = 0u64;
+            // SAFETY: USED_MEM_HIGH takes a u64 and may only be set to 0.
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    p,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                );
+            }
+        }
+    }
+
+    pub fn peak(d: &CudaDevice) -> Option<u64> {
+        d.cuda_stream().synchronize().ok()?;
+        let p = pool(d)?;
+        let mut v = 0u64;
+        // SAFETY: USED_MEM_HIGH is read into a u64.
+        let r = unsafe {
+            sys::cuMemPoolGetAttribute(
+                p,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut v as *mut u64).cast(),
+            )
+        };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    }
+}
+
 /// One benchmark case, run in its own process so its peak memory is its own.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Case {
     /// Inference forward of a preset at (h, w).
     Forward {
@@ -105,6 +193,8 @@ pub enum Case {
         fusion: Fusion,
         scales: Vec<f64>,
         size: (usize, usize),
+        #[serde(default)]
+        precision: Precision,
         reps: usize,
     },
     /// One training step (forward, CE + 0.4 aux CE as the ablation trains,
@@ -115,6 +205,8 @@ pub enum Case {
         scales: Vec<f64>,
         crop: (usize, usize),
         batch: usize,
+        #[serde(default)]
+        precision: Precision,
         reps: usize,
     },
     /// f32 matmul (n x n x n).
@@ -140,7 +232,7 @@ pub enum Case {
 }
 
 /// What a case measured.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Measured {
     pub name: String,
     pub params: String,
@@ -152,8 +244,11 @@ pub struct Measured {
     pub unit: String,
 }
 
-fn timed(reps: usize, mut f: impl FnMut() -> Result<()> + Send) -> Result<(f64, f64)> {
-    let mut g = || crate::on_pool(&mut f);
+fn timed(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()> + Send) -> Result<(f64, f64)> {
+    let mut g = || {
+        crate::on_pool(dev, &mut f)?;
+        crate::sync(dev)
+    };
     g()?; // warm-up
     let mut t = Vec::with_capacity(reps.max(1));
     for _ in 0..reps.max(1) {
@@ -168,26 +263,31 @@ fn timed(reps: usize, mut f: impl FnMut() -> Result<()> + Send) -> Result<(f64, 
 impl Case {
     /// Runs the case in this process.
     pub fn run(&self) -> Result<Measured> {
-        let dev = Device::Cpu;
-        let reset = reset_peak_rss();
+        let dev = match self {
+            Case::Loader { .. } => Device::Cpu,
+            _ => crate::device()?,
+        };
+        let mem = MemoryMeter::start(&dev)?;
         let (name, params, (min, med), value, unit) = match self {
             Case::Forward {
                 preset,
                 fusion,
                 scales,
                 size,
+                precision,
                 reps,
             } => {
-                let r = time_forward(preset, *fusion, scales, false, *size, *reps)?;
+                let r = time_forward(preset, *fusion, scales, false, *size, *precision, *reps)?;
                 let mut cfg = ModelConfig::preset(preset)?;
                 cfg.fusion = *fusion;
                 cfg.scales = scales.clone();
                 let flops = crate::model::flops::count(&cfg, size.0, size.1)?.fused;
                 let p = format!(
-                    "{preset} {fusion} {} {}x{}",
+                    "{preset} {fusion} {} {}x{}{}",
                     crate::model::fusion::format_scales(scales),
                     size.0,
-                    size.1
+                    size.1,
+                    precision_tag(*precision)
                 );
                 (
                     format!("{preset}/{fusion}"),
@@ -203,8 +303,10 @@ impl Case {
                 scales,
                 crop,
                 batch,
+                precision,
                 reps,
             } => {
+                precision.check(&dev, true, "--precision")?;
                 let mut cfg = ModelConfig::preset(preset)?;
                 cfg.fusion = *fusion;
                 cfg.scales = scales.clone();
@@ -218,13 +320,14 @@ impl Case {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 let mut opt = crate::train::optim::Sgd::new(vars, &Default::default());
-                let x = Tensor::randn(0f32, 1., (*batch, 3, crop.0, crop.1), &dev)?;
+                let x = Tensor::randn(0f32, 1., (*batch, 3, crop.0, crop.1), &dev)?
+                    .to_dtype(precision.dtype())?;
                 let y = Tensor::zeros((*batch, crop.0, crop.1), candle_core::DType::U32, &dev)?;
                 let loss_cfg = crate::train::loss::LossConfig {
                     main: crate::train::loss::MainLoss::Ce,
                     ..Default::default()
                 };
-                let t = timed(*reps, || {
+                let t = timed(&dev, *reps, || {
                     let t0 = Instant::now();
                     let (f, outs) = net.infer(&x, *fusion, scales, false, true)?;
                     let t1 = Instant::now();
@@ -245,17 +348,18 @@ impl Case {
                     Ok(())
                 })?;
                 let p = format!(
-                    "{preset} {fusion} {} batch {batch} crop {}x{}",
+                    "{preset} {fusion} {} batch {batch} crop {}x{}{}",
                     crate::model::fusion::format_scales(scales),
                     crop.0,
-                    crop.1
+                    crop.1,
+                    precision_tag(*precision)
                 );
                 (fusion.name().to_string(), p, t, None, String::new())
             }
             Case::Matmul { n, reps } => {
                 let a = Tensor::randn(0f32, 1., (*n, *n), &dev)?;
                 let b = Tensor::randn(0f32, 1., (*n, *n), &dev)?;
-                let t = timed(*reps, || {
+                let t = timed(&dev, *reps, || {
                     a.matmul(&b)?;
                     Ok(())
                 })?;
@@ -297,7 +401,7 @@ impl Case {
             } => {
                 let x = Tensor::randn(0f32, 1., (1, *cin, size.0, size.1), &dev)?;
                 let w = Tensor::randn(0f32, 1., (*cout, *cin, *k, *k), &dev)?;
-                let t = timed(*reps, || {
+                let t = timed(&dev, *reps, || {
                     if *candle {
                         x.conv2d(&w, k / 2, 1, 1, 1)?;
                     } else {
@@ -321,10 +425,19 @@ impl Case {
             params,
             min_ms: min,
             median_ms: med,
-            peak_mib: if reset { peak_rss_mib() } else { None },
+            peak_mib: mem.peak_mib(),
             value,
             unit,
         })
+    }
+}
+
+/// ` bf16` after a case's parameters unless f32.
+fn precision_tag(p: Precision) -> String {
+    if p.is_f32() {
+        String::new()
+    } else {
+        format!(" {}", p.name())
     }
 }
 
@@ -369,7 +482,7 @@ fn time_loader(workers: usize, batch: usize, batches: usize, reps: usize) -> Res
     )?);
     let sources = Arc::new(vec![ds.clone()]);
     let aug = crate::data::augment::AugmentConfig::default();
-    timed(reps, || {
+    timed(&Device::Cpu, reps, || {
         let loader = Loader::spawn(sources.clone(), plan.clone(), 0, aug.clone(), 0, 0, workers, 4);
         for b in loader {
             b?;
@@ -379,14 +492,34 @@ fn time_loader(workers: usize, batch: usize, batches: usize, reps: usize) -> Res
 }
 
 /// The cases of a suite: `model`, `train`, `data`, `kernels` (`full` adds the w48
-/// sizes of the issue, minutes each on 2 cores).
-pub fn suite_cases(suite: &str, full: bool) -> Option<Vec<Case>> {
+/// sizes of the issue, minutes each on 2 cores: forwards at 512x1024 and
+/// 1024x2048, training steps of batch 1 on 512x1024 crops), their forwards
+/// and training steps in `precision`.
+pub fn suite_cases(suite: &str, full: bool, precision: Precision) -> Option<Vec<Case>> {
     let f = |preset: &str, fusion, scales: &[f64], size, reps| Case::Forward {
         preset: preset.into(),
         fusion,
         scales: scales.to_vec(),
         size,
+        precision,
         reps,
+    };
+    let train = |preset: &'static str, crop, batch| {
+        [
+            (Fusion::Single, vec![1.0]),
+            (Fusion::Hierarchical, vec![0.5, 1.0]),
+            (Fusion::Explicit, vec![0.5, 1.0, 2.0]),
+        ]
+        .into_iter()
+        .map(move |(fusion, scales)| Case::TrainStep {
+            preset: preset.into(),
+            fusion,
+            scales,
+            crop,
+            batch,
+            precision,
+            reps: 3,
+        })
     };
     Some(match suite {
         "model" => {
@@ -411,21 +544,13 @@ pub fn suite_cases(suite: &str, full: bool) -> Option<Vec<Case>> {
             }
             v
         }
-        "train" => [
-            (Fusion::Single, vec![1.0]),
-            (Fusion::Hierarchical, vec![0.5, 1.0]),
-            (Fusion::Explicit, vec![0.5, 1.0, 2.0]),
-        ]
-        .into_iter()
-        .map(|(fusion, scales)| Case::TrainStep {
-            preset: "small".into(),
-            fusion,
-            scales,
-            crop: (128, 256),
-            batch: 4,
-            reps: 3,
-        })
-        .collect(),
+        "train" => {
+            let mut v: Vec<Case> = train("small", (128, 256), 4).collect();
+            if full {
+                v.extend(train("w48", (512, 1024), 1));
+            }
+            v
+        }
         "data" => [1, 2]
             .into_iter()
             .map(|workers| Case::Loader {

@@ -18,7 +18,6 @@ use crate::model::checkpoint;
 use crate::store::{Provenance, Status, Store};
 use crate::train::{Observer, StepMetrics};
 use crate::{Error, Result};
-use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -251,7 +250,7 @@ fn run_one(
         })
     };
     let result = (|| -> Result<Outcome> {
-        let dev = Device::Cpu;
+        let dev = crate::device()?;
         let weights = run_dir.join("model.safetensors");
         let (outcome, step, sets) = if done && !opts.force {
             (Outcome::Evaluated, row.step, missing)
@@ -326,7 +325,7 @@ fn with_autolabels(
     let out: PathBuf = run_dir.join("autolabel");
     let marker = out.join("complete");
     if !marker.exists() {
-        let dev = Device::Cpu;
+        let dev = crate::device()?;
         let net = checkpoint::load(
             &t.config.model,
             &PathBuf::from(&row.run_dir).join("model.safetensors"),

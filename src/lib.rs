@@ -64,6 +64,44 @@ pub fn setup_cpu() {
 /// deque and the other worker steals what is worth stealing. A training
 /// step of the small preset runs 11–17% faster this way (more for
 /// multi-scale, whose low scale has the smallest maps).
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+///
+/// Work on another device runs on the calling thread: driven from a pool
+/// worker, candle's CUDA backend raced (f32 multi-scale inference on an
+/// H200 failed with CUDA_ERROR_ILLEGAL_ADDRESS in 4 of 4 runs, and passed
+/// 4 of 4 on the calling thread and 3 of 3 with CUDA_LAUNCH_BLOCKING=1).
+pub fn on_pool<R: Send>(dev: &candle_core::Device, f: impl FnOnce() -> R + Send) -> R {
+    if !dev.is_cpu() {
+        return f();
+    }
     rayon::scope(|_| f())
+}
+
+/// The device the binary computes on: with the `cuda` feature, GPU 0
+/// unless `HMSA_DEVICE=cpu`; without it, the CPU.
+pub fn device() -> Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    if std::env::var("HMSA_DEVICE").as_deref() != Ok("cpu") {
+        return Ok(candle_core::Device::new_cuda(0)?);
+    }
+    Ok(candle_core::Device::Cpu)
+}
+
+/// The accelerator behind `dev` in words (`None` for the CPU).
+pub fn device_name(dev: &candle_core::Device) -> Option<String> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => Some(
+            d.cuda_stream()
+                .context()
+                .name()
+                .unwrap_or_else(|_| "CUDA device".into()),
+        ),
+        _ => None,
+    }
+}
+
+/// Waits for the work queued on `dev` (a no-op on the CPU): timings of GPU
+/// work end here.
+pub fn sync(dev: &candle_core::Device) -> Result<()> {
+    Ok(dev.synchronize()?)
 }

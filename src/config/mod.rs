@@ -9,7 +9,7 @@ use crate::data::augment::AugmentConfig;
 use crate::data::sampler::SamplerConfig;
 use crate::data::synth::SynthConfig;
 use crate::data::{Dataset, Labels};
-use crate::model::{Fusion, ModelConfig};
+use crate::model::{Fusion, ModelConfig, Precision};
 use crate::train::loss::LossConfig;
 use crate::train::optim::OptimConfig;
 use crate::{Error, Result};
@@ -93,6 +93,10 @@ pub struct TrainConfig {
     pub loss: LossConfig,
     /// Save a resumable checkpoint every N steps (and at the end).
     pub checkpoint_every: usize,
+    /// `f32`, or mixed precision `bf16`/`f16` (see `model::Precision`).
+    /// Left out of the config hash while f32, so older runs keep theirs.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -105,6 +109,7 @@ impl Default for TrainConfig {
             optim: OptimConfig::default(),
             loss: LossConfig::default(),
             checkpoint_every: 100,
+            precision: Precision::F32,
         }
     }
 }

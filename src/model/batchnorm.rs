@@ -30,7 +30,13 @@ pub fn forward_train(bn: &BatchNorm, x: &Tensor, residual: Option<&Tensor>, relu
     let (gamma, beta) = bn
         .weight_and_bias()
         .ok_or_else(|| candle_core::Error::Msg("BatchNorm without affine parameters".into()))?;
-    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) || x.rank() != 4 {
+    if !matches!(x.dtype(), DType::F32 | DType::F64) {
+        // mixed precision: normalise in f32, hand back the half type
+        let up = |t: &Tensor| t.to_dtype(DType::F32);
+        let r = residual.map(up).transpose()?;
+        return forward_train(bn, &up(x)?, r.as_ref(), relu)?.to_dtype(x.dtype());
+    }
+    if !x.device().is_cpu() || x.rank() != 4 {
         let y = bn.forward_t(x, true)?;
         let y = match residual {
             Some(r) => (y + r)?,
@@ -48,7 +54,7 @@ pub fn forward_train(bn: &BatchNorm, x: &Tensor, residual: Option<&Tensor>, relu
     // (x, [γ; β], residual): the op has three operands; without a residual
     // x stands in for it and gets no gradient through that slot.
     let x = x.contiguous()?;
-    let params = Tensor::stack(&[gamma, beta], 0)?;
+    let params = Tensor::stack(&[super::cast_like(gamma, &x)?, super::cast_like(beta, &x)?], 0)?;
     let r = match residual {
         Some(r) => r.contiguous()?,
         None => x.clone(),

@@ -43,8 +43,17 @@ pub fn softmax_channels(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4 {
         x.contiguous()?.apply_op1(SoftmaxChannels)
     } else {
-        candle_nn::ops::softmax(x, 1)
+        softmax_channels_generic(x)
     }
+}
+
+/// Other devices and dtypes: softmax over the last dim of a channels-last
+/// copy. candle's CUDA max-reduction over dim 1 of an NCHW map reads out
+/// of bounds (compute-sanitizer: `fast_max_f32`, an illegal address on an
+/// H200), while its reductions over the last, contiguous dim are sound.
+fn softmax_channels_generic(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax(&x.permute((0, 2, 3, 1))?.contiguous()?, candle_core::D::Minus1)?;
+    y.permute((0, 3, 1, 2))?.contiguous()
 }
 
 struct SoftmaxChannels;
@@ -398,27 +407,30 @@ mod tests {
         }
     }
 
-    /// Softmax across channels and its gradient against candle's softmax
-    /// and autograd (f64), over more than one block of pixels.
+    /// Softmax across channels (the CPU op and the channels-last path other
+    /// devices take) and its gradient against candle's softmax and
+    /// autograd (f64), over more than one block of pixels.
     #[test]
     fn softmax_channels_matches_candle() {
         let dev = Device::Cpu;
         let x0 = Tensor::randn(0f64, 3., (2, 5, 3, 401), &dev).unwrap();
         let r = Tensor::randn(0f64, 1., (2, 5, 3, 401), &dev).unwrap();
         let vals = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
-        let run = |ours: bool| {
+        let run = |ours: u8| {
             let x = Var::from_tensor(&x0).unwrap();
-            let y = if ours {
-                softmax_channels(&x).unwrap()
-            } else {
-                candle_nn::ops::softmax(&x, 1).unwrap()
+            let y = match ours {
+                0 => softmax_channels(&x).unwrap(),
+                1 => softmax_channels_generic(&x).unwrap(),
+                _ => candle_nn::ops::softmax(&x, 1).unwrap(),
             };
             let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             (vals(&y), vals(g.get(&x).unwrap()))
         };
-        let (ours, theirs) = (run(true), run(false));
-        for (a, b) in ours.0.iter().zip(&theirs.0).chain(ours.1.iter().zip(&theirs.1)) {
-            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        let theirs = run(2);
+        for ours in [run(0), run(1)] {
+            for (a, b) in ours.0.iter().zip(&theirs.0).chain(ours.1.iter().zip(&theirs.1)) {
+                assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+            }
         }
     }
 }

@@ -83,15 +83,16 @@ impl Conv {
             Some(b) => (shift + (b.detach() * scale)?)?,
             None => shift.clone(),
         };
+        let (w, b) = (super::cast_like(&w, x)?, super::cast_like(&b, x)?);
         conv2d_act(x, &w, &b, self.padding, self.stride, residual, relu)
     }
 }
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &self.weight, self.padding, self.stride)?;
+        let y = conv2d(x, &super::cast_like(&self.weight, x)?, self.padding, self.stride)?;
         match &self.bias {
-            Some(b) => add_channel_bias(&y, b),
+            Some(b) => add_channel_bias(&y, &super::cast_like(b, x)?),
             None => Ok(y),
         }
     }

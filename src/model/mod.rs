@@ -26,12 +26,94 @@ pub use fusion::{Fused, Fusion, ScaleOutput};
 pub use hrnet::BackboneConfig;
 
 use crate::{Error, Result};
-use candle_core::{ModuleT, Tensor};
+use candle_core::{DType, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 use ocr::{AttnHead, Ocr};
 use resize::{resize, scaled_size};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// The arithmetic of a forward (and its backward).
+///
+/// `Bf16`/`F16` are mixed precision as the paper trains (NVIDIA apex AMP):
+/// the parameters, the optimiser and the loss stay f32; convolutions and
+/// the rest of the network run in the half type, each parameter cast at
+/// its use (so gradients reach the f32 parameters through the cast), and
+/// batch normalisation runs in f32 on an upcast of its input. Meant for
+/// the GPU: on the CPU the half types take candle's generic kernels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+
+    /// Whether `dev` can run this precision (`train`: for training):
+    /// candle's CPU matmul has no bf16 (f16 runs there, slowly), and f16
+    /// training would need dynamic loss scaling, which we do not have (the
+    /// paper's apex AMP has it; bf16 keeps f32's range and needs none).
+    pub fn check(self, dev: &candle_core::Device, train: bool, field: &str) -> Result<()> {
+        if self == Precision::Bf16 && dev.is_cpu() {
+            return Err(Error::invalid(
+                field,
+                "bf16 needs a GPU (a build with the `cuda` feature): candle's CPU matmul has no bf16",
+            ));
+        }
+        if self == Precision::F16 && train {
+            return Err(Error::invalid(
+                field,
+                "f16 training needs loss scaling, which hmsa-lab does not implement: train in bf16 (GPU) or f32",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            "f16" => Ok(Precision::F16),
+            _ => Err(format!("unknown precision `{s}` (f32, bf16, f16)")),
+        }
+    }
+}
+
+/// `t` in the dtype of `like` (a parameter at its use under mixed
+/// precision); a clone when they already agree.
+pub fn cast_like(t: &Tensor, like: &Tensor) -> candle_core::Result<Tensor> {
+    if t.dtype() == like.dtype() {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(like.dtype())
+    }
+}
 
 /// Everything that fixes the network's parameters and its default fusion.
 /// Fields left out of a TOML file take the paper's values (HRNetV2-W48 + OCR).
@@ -246,7 +328,7 @@ impl HmsaNet {
     ) -> Result<Vec<ScaleOutput>> {
         let mut sorted = scales.to_vec();
         sorted.sort_by(|a, b| b.total_cmp(a));
-        crate::on_pool(|| {
+        crate::on_pool(x.device(), || {
             sorted
                 .iter()
                 .enumerate()
@@ -302,7 +384,7 @@ impl HmsaNet {
         flip: bool,
         train: bool,
     ) -> Result<(Fused, Vec<ScaleOutput>)> {
-        crate::on_pool(|| {
+        crate::on_pool(x.device(), || {
             fusion.check_scales(scales, "scales")?;
             let (_, _, h, w) = x.dims4()?;
             let with_attn = fusion.needs_relative_attention();

@@ -79,26 +79,34 @@ pub fn taps(n_in: usize, n_out: usize) -> Vec<Tap> {
         .collect()
 }
 
-/// Dense `(n_out, n_in)` interpolation matrix.
-fn matrix(n_in: usize, n_out: usize) -> Vec<f32> {
-    let mut m = vec![0f32; n_out * n_in];
+/// Dense interpolation matrix, transposed: `(n_in, n_out)`, so that
+/// `rows · m` resizes each row.
+fn matrix_t(n_in: usize, n_out: usize) -> Vec<f32> {
+    let mut m = vec![0f32; n_in * n_out];
     for (o, t) in taps(n_in, n_out).iter().enumerate() {
-        m[o * n_in + t.i0] += t.w0 as f32;
-        m[o * n_in + t.i1] += t.w1 as f32;
+        m[t.i0 * n_out + o] += t.w0 as f32;
+        m[t.i1 * n_out + o] += t.w1 as f32;
     }
     m
 }
 
+/// Other devices and dtypes: `x · A_wᵀ` then the same along H, each as
+/// one plain 2-D product of contiguous operands (candle's CUDA matmul
+/// rejects, or on some layouts mis-addresses, the broadcast and permuted
+/// batch layouts a 4-D `broadcast_matmul` and its backward produce).
 fn resize_by_matrices(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
+    let (n, c, h, w) = x.dims4()?;
     let dev = x.device();
-    let a_h = Tensor::from_vec(matrix(h, out_h), (out_h, h), dev)?.to_dtype(x.dtype())?;
-    let a_w_t = Tensor::from_vec(matrix(w, out_w), (out_w, w), dev)?
-        .to_dtype(x.dtype())?
-        .t()?;
-    // (N, C, H, W) · (W, W') -> (N, C, H, W'); then (H', H) · that -> (N, C, H', W')
-    let y = x.broadcast_matmul(&a_w_t)?;
-    a_h.broadcast_matmul(&y)
+    let a = |i, o| -> Result<Tensor> { Tensor::from_vec(matrix_t(i, o), (i, o), dev)?.to_dtype(x.dtype()) };
+    // rows: (N·C·H, W) · (W, W') -> (N·C, H, W')
+    let y = x.contiguous()?.reshape((n * c * h, w))?.matmul(&a(w, out_w)?)?;
+    // columns: (N·C, W', H) as rows · (H, H') -> (N·C, W', H') -> back to NCHW
+    let y = y.reshape((n * c, h, out_w))?.transpose(1, 2)?.contiguous()?;
+    let y = y.reshape((n * c * out_w, h))?.matmul(&a(h, out_h)?)?;
+    y.reshape((n * c, out_w, out_h))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, c, out_h, out_w))
 }
 
 /// Forward resize on the CPU.

@@ -459,13 +459,15 @@ pub fn combined(
     per_scale: &[ScaleOutput],
     labels: &Tensor,
 ) -> Result<LossParts> {
-    let main = main_loss(cfg, &fused.pred, labels)?;
-    let aux = cross_entropy(&fused.aux, labels, cfg.class_weights.as_deref())?;
+    // losses in f32 whatever the network's precision
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let main = main_loss(cfg, &f32(&fused.pred)?, labels)?;
+    let aux = cross_entropy(&f32(&fused.aux)?, labels, cfg.class_weights.as_deref())?;
     let mut total = (&main + (&aux * cfg.aux_weight)?)?;
     if cfg.scale_weight > 0.0 && per_scale.len() > 1 {
         let (_, _, h, w) = fused.pred.dims4()?;
         for o in per_scale {
-            let l = main_loss(cfg, &resize(&o.pred, h, w)?, labels)?;
+            let l = main_loss(cfg, &resize(&f32(&o.pred)?, h, w)?, labels)?;
             total = (total + (l * cfg.scale_weight)?)?;
         }
     }

@@ -20,7 +20,6 @@ use crate::data::sampler::{epoch_plan, Centroids, Source};
 use crate::model::init::seeded_varbuilder;
 use crate::model::HmsaNet;
 use crate::{Error, Result};
-use candle_core::Device;
 use candle_nn::VarMap;
 use optim::{lr_at, Sgd};
 use serde::{Deserialize, Serialize};
@@ -111,7 +110,9 @@ fn write_checkpoint(run_dir: &Path, step: usize, vm: &VarMap, opt: &Sgd) -> Resu
 pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<TrainReport> {
     cfg.validate()?;
     let t = &cfg.train;
-    let dev = Device::Cpu;
+    let dev = crate::device()?;
+    let precision = cfg.train.precision;
+    precision.check(&dev, true, "train.precision")?;
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     let mut vm = VarMap::new();
     let net = HmsaNet::new(&cfg.model, seeded_varbuilder(&vm, t.seed, &dev))?;
@@ -213,10 +214,11 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             let lr = lr_at(&t.optim, step, total);
             net.seed_dropout(batch_seed(t.seed ^ 0xD50F, epoch, batch.index));
             // the whole step on a pool worker (see `on_pool`)
-            let parts = crate::on_pool(|| -> Result<_> {
-                let (fused, outs) =
-                    net.infer(&batch.images, cfg.model.fusion, &cfg.model.scales, false, true)?;
-                let parts = loss::combined(&t.loss, &fused, &outs, &batch.labels)?;
+            let images = batch.images.to_device(&dev)?.to_dtype(precision.dtype())?;
+            let labels = batch.labels.to_device(&dev)?;
+            let parts = crate::on_pool(&dev, || -> Result<_> {
+                let (fused, outs) = net.infer(&images, cfg.model.fusion, &cfg.model.scales, false, true)?;
+                let parts = loss::combined(&t.loss, &fused, &outs, &labels)?;
                 let value = parts
                     .total
                     .to_dtype(candle_core::DType::F32)?

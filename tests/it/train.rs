@@ -344,3 +344,78 @@ fn autolabel_writes_a_cityscapes_layout_the_sampler_reads() {
     assert!(right as f64 > 0.95 * kept as f64);
     assert!(String::from_utf8_lossy(&o.stdout).contains("ignored"));
 }
+
+/// Mixed precision runs the network in its input's dtype with the f32
+/// parameters cast at their use. With f64 activations the step must agree
+/// with the f32 step to f32 rounding: this checks the casts, and that every
+/// gradient reaches its f32 parameter through them. f16 (the CPU has no
+/// bf16 matmul) takes candle's generic CPU kernels, whose f16 gemm also
+/// accumulates in f16: a weight gradient sums over every pixel, so on this
+/// input the deepest reductions come out with cosine 0.78 and norms up to
+/// 1.77x the f32 ones (a loss scale of 1024 changes neither: not underflow).
+/// That bound still catches a lost, doubled or sign-flipped gradient. On a
+/// GPU cuBLAS accumulates half products in f32.
+#[test]
+fn a_mixed_precision_step_matches_the_f32_step() {
+    use candle_core::{DType, Device, Tensor};
+    use hmsa_lab::model::{init::seeded_varbuilder, HmsaNet, ModelConfig};
+    use hmsa_lab::train::loss::{combined, LossConfig};
+    let dev = Device::Cpu;
+    let cfg = ModelConfig::small();
+    let vm = candle_nn::VarMap::new();
+    let net = HmsaNet::new(&cfg, seeded_varbuilder(&vm, 3, &dev)).unwrap();
+    // a fixed input (candle's CPU generator cannot be seeded)
+    let n = 2 * 64 * 128;
+    let xs: Vec<f32> = (0..3 * n)
+        .map(|i| (i as f32 * 0.37).sin() + (i as f32 * 0.011).cos())
+        .collect();
+    let ys: Vec<u32> = (0..n)
+        .map(|i| ((i / 16 + i / 2048) % cfg.num_classes) as u32)
+        .collect();
+    let x = Tensor::from_vec(xs, (2, 3, 64, 128), &dev).unwrap();
+    let y = Tensor::from_vec(ys, (2, 64, 128), &dev).unwrap();
+    let step = |dt: DType| {
+        net.seed_dropout(7);
+        let (f, outs) = net
+            .infer(&x.to_dtype(dt).unwrap(), cfg.fusion, &cfg.scales, false, true)
+            .unwrap();
+        assert_eq!(f.pred.dtype(), dt, "the network runs in its input's dtype");
+        let l = combined(&LossConfig::default(), &f, &outs, &y).unwrap();
+        let value = l.total.to_scalar::<f32>().unwrap();
+        (value, l.total.backward().unwrap())
+    };
+    let (l32, g32) = step(DType::F32);
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (dt, loss_tol, min_cos, norm_tol) in [(DType::F64, 1e-4, 0.9999, 1e-3), (DType::F16, 0.01, 0.7, 0.9)]
+    {
+        let (l, g) = step(dt);
+        assert!(
+            (l - l32).abs() < loss_tol * l32.abs(),
+            "loss f32 {l32}, {dt:?} {l}"
+        );
+        let mut checked = 0;
+        for v in vm.all_vars().iter().filter(|v| v.rank() == 4) {
+            let b = g.get(v).expect("a gradient through the casts");
+            assert_eq!(b.dtype(), DType::F32);
+            let (a, b) = (flat(g32.get(v).expect("f32 gradient")), flat(b));
+            let dot: f64 = a.iter().zip(&b).map(|(p, q)| (*p as f64) * (*q as f64)).sum();
+            let na = a.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+            let nb = b.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+            if na < 1e-6 {
+                continue;
+            }
+            let shape = v.shape();
+            assert!(
+                dot / (na * nb) > min_cos,
+                "{dt:?}: cosine {} for {shape:?}",
+                dot / (na * nb)
+            );
+            assert!(
+                (nb / na - 1.0).abs() < norm_tol,
+                "{dt:?}: norms {na} {nb} for {shape:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 20, "only {checked} conv weights compared");
+    }
+}
