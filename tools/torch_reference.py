@@ -15,11 +15,17 @@ two checks that need PyTorch, run where PyTorch is installed:
            it: train-mode forward of the fusion, CE + 0.4 aux CE on the fused
            outputs at the input size, backward, SGD (momentum 0.9, weight
            decay 5e-4), on random images and labels.
+  gpu      the W48 rows of `hmsa-lab bench model train --full` on CUDA GPU 0,
+           in f32 (TF32 off, as candle computes f32) or bf16 (autocast, the
+           standard mixed precision): inference forwards and training steps,
+           each timed between synchronisations, min of 3 after a warm-up,
+           with the peak of allocated device memory.
 
 usage: python3 tools/torch_reference.py parity WEIGHTS.safetensors INPUT.safetensors DUMP.safetensors CONFIG.json
        python3 tools/torch_reference.py bench CONFIG.json THREADS H W SCALES FUSION
        python3 tools/torch_reference.py train CONFIG.json THREADS BATCH H W SCALES FUSION
        python3 tools/torch_reference.py compare HMSA_LAB_BINARY THREADS
+       python3 tools/torch_reference.py gpu f32|bf16 [cuda|cpu]
 
 CONFIG.json is the model config as serde writes it (hmsa-lab's ModelConfig).
 """
@@ -436,6 +442,87 @@ def compare(binary, threads):
     return 0
 
 
+def gpu(precision, device="cuda"):
+    """W48 on CUDA: inference as `bench model --full`, training steps as
+    `bench train --full` (batch 1, 512x1024). `device` cpu runs the same
+    cases on the CPU (slow; a check of this function)."""
+    import os
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dtype = {"f32": None, "bf16": torch.bfloat16}[precision]
+    here = os.path.dirname(os.path.abspath(__file__))
+    cfg_path = os.path.join(here, "configs", "w48.json")
+
+    def timed(f):
+        f()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            f()
+            sync()
+            times.append((time.perf_counter() - t) * 1e3)
+        return min(times), (torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"))
+
+    def ctx():
+        if dtype is None:
+            return torch.autocast(dev.type, enabled=False)
+        return torch.autocast(dev.type, dtype=dtype)
+
+    rows = []
+    for fusion, scales, (h, w) in [("single", [1.0], (512, 1024)), ("hierarchical", [0.5, 1.0, 2.0], (512, 1024)), ("hierarchical", [0.5, 1.0, 2.0], (1024, 2048))]:
+        _, net = build(cfg_path)
+        net = net.to(dev)
+        x = torch.randn(1, 3, h, w, device=dev)
+
+        def run():
+            with torch.no_grad(), ctx():
+                if fusion == "hierarchical":
+                    net.hierarchical(x, scales)
+                else:
+                    net.fwd(x, False)
+
+        rows.append(("infer", fusion, scales, (h, w)) + timed(run))
+        del net
+    for fusion, scales in [("single", [1.0]), ("hierarchical", [0.5, 1.0]), ("explicit", [0.5, 1.0, 2.0])]:
+        cfg = json.load(open(cfg_path))
+        cfg["fusion"], cfg["scales"] = fusion, scales
+        torch.manual_seed(0)
+        net = Net(cfg).train().to(dev)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+        x = torch.randn(1, 3, 512, 1024, device=dev)
+        y = torch.zeros(1, 512, 1024, dtype=torch.long, device=dev)
+
+        def step():
+            with ctx():
+                if fusion == "hierarchical":
+                    pred, aux, _ = net.hierarchical(x, scales)
+                elif fusion == "explicit":
+                    pred, aux = net.explicit(x, scales)
+                else:
+                    pred, aux, _ = net.fwd(x, False)
+                loss = F.cross_entropy(pred.float(), y, ignore_index=255) + 0.4 * F.cross_entropy(aux.float(), y, ignore_index=255)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        rows.append(("train", fusion, scales, (512, 1024)) + timed(step))
+        del net, opt
+        if cuda:
+            torch.cuda.empty_cache()
+    print("| step | fusion | scales | size | PyTorch %s %s ms | peak MiB |" % (torch.__version__, precision))
+    print("|---|---|---|---|---|---|")
+    for kind, fusion, scales, (h, w), t, m in rows:
+        print("| %s | %s | %s | %dx%d | %.1f | %.0f |" % (kind, fusion, ",".join(str(v) for v in scales), h, w, t, m))
+    return 0
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "parity":
@@ -446,6 +533,8 @@ if __name__ == "__main__":
         train(*sys.argv[2:9])
     elif cmd == "compare":
         sys.exit(compare(sys.argv[2], int(sys.argv[3])))
+    elif cmd == "gpu":
+        sys.exit(gpu(*sys.argv[2:4]))
     else:
         print(__doc__)
         sys.exit(2)
