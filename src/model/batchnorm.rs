@@ -102,20 +102,65 @@ struct BnTrain {
     stats: Arc<Mutex<Option<Stats>>>,
 }
 
-/// Per-channel mean and biased variance (two passes, f64 sums).
+/// Partial sums run in `LANES` independent accumulators of the data's
+/// type (so the loops vectorise), flushed to f64 every `FLUSH` elements
+/// (so f32 rounding never spans more than a block).
+const LANES: usize = 8;
+const FLUSH: usize = 1024;
+
+/// `(Σ a(i), Σ b(i))` over `0..len`, blocked as above.
+#[inline(always)]
+fn lane_sums<T: WithDType>(len: usize, f: impl Fn(usize) -> (T, T)) -> (f64, f64) {
+    let (mut s1, mut s2) = (0.0, 0.0);
+    let mut start = 0;
+    while start < len {
+        let end = (start + FLUSH).min(len);
+        let (mut a, mut b) = ([T::zero(); LANES], [T::zero(); LANES]);
+        let mut i = start;
+        while i + LANES <= end {
+            for k in 0..LANES {
+                let (u, v) = f(i + k);
+                a[k] += u;
+                b[k] += v;
+            }
+            i += LANES;
+        }
+        for j in i..end {
+            let (u, v) = f(j);
+            a[0] += u;
+            b[0] += v;
+        }
+        s1 += a.iter().map(|v| v.to_f64()).sum::<f64>();
+        s2 += b.iter().map(|v| v.to_f64()).sum::<f64>();
+        start = end;
+    }
+    (s1, s2)
+}
+
+/// Per-channel mean and biased variance in one pass: sums of `x − s` and
+/// `(x − s)²` with `s` the channel's first value (a shift near the data
+/// keeps the difference of the two sums from cancelling).
 fn channel_stats<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     let m = (n * hw) as f64;
-    (0..c)
+    let shift: Vec<T> = (0..c).map(|ch| x[ch * hw]).collect();
+    let sums: Vec<(f64, f64)> = (0..n * c)
         .into_par_iter()
+        .map(|p| {
+            let (plane, s) = (&x[p * hw..(p + 1) * hw], shift[p % c]);
+            lane_sums(hw, |i| {
+                let d = plane[i] - s;
+                (d, d * d)
+            })
+        })
+        .collect();
+    (0..c)
         .map(|ch| {
-            let planes = || (0..n).map(move |b| &x[(b * c + ch) * hw..(b * c + ch + 1) * hw]);
-            let mean = planes().flatten().map(|v| v.to_f64()).sum::<f64>() / m;
-            let var = planes()
-                .flatten()
-                .map(|v| (v.to_f64() - mean).powi(2))
-                .sum::<f64>()
-                / m;
-            (mean, var)
+            let (s1, s2) = (0..n).fold((0.0, 0.0), |(a, b), bi| {
+                let (u, v) = sums[bi * c + ch];
+                (a + u, b + v)
+            });
+            let d = s1 / m;
+            (shift[ch].to_f64() + d, (s2 / m - d * d).max(0.0))
         })
         .unzip()
 }
@@ -236,50 +281,66 @@ fn backward<T: WithDType>(
         None => channel_stats(xs, n, c, hw),
     };
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let grad = |i: usize| -> f64 {
-        if relu && ys[i] <= T::zero() {
-            0.0
-        } else {
-            gys[i].to_f64()
-        }
-    };
-    // Σ g and Σ g·x̂ per channel
-    let (sg, sgx): (Vec<f64>, Vec<f64>) = (0..c)
+    // g after the ReLU's mask (y = 0 where it cut)
+    let grad = |y: T, g: T| if relu && y <= T::zero() { T::zero() } else { g };
+    // Σ g and Σ g·(x − μ) per channel, from per-plane sums
+    let sums: Vec<(f64, f64)> = (0..n * c)
         .into_par_iter()
-        .map(|ch| {
-            let (mut a, mut b) = (0.0, 0.0);
-            for bi in 0..n {
-                let at = (bi * c + ch) * hw;
-                for (i, x) in xs.iter().enumerate().skip(at).take(hw) {
-                    let g = grad(i);
-                    a += g;
-                    b += g * (x.to_f64() - mean[ch]) * inv[ch];
-                }
-            }
-            (a, b)
+        .map(|p| {
+            let r = p * hw..(p + 1) * hw;
+            let (xp, yp, gp) = (&xs[r.clone()], &ys[r.clone()], &gys[r]);
+            let mu = T::from_f64(mean[p % c]);
+            lane_sums(hw, |i| {
+                let g = grad(yp[i], gp[i]);
+                (g, g * (xp[i] - mu))
+            })
         })
-        .unzip();
+        .collect();
+    let (mut sg, mut sgx) = (vec![0.0; c], vec![0.0; c]);
+    for (p, (a, b)) in sums.iter().enumerate() {
+        sg[p % c] += a;
+        sgx[p % c] += b * inv[p % c]; // Σ g·x̂
+    }
+    // gx = γ/σ·(g − Σg/m − x̂·Σ(g·x̂)/m) = A·g + B + C·(x − μ) per channel;
+    // the residual's gradient (g after the mask) written in the same pass
+    let masked = residual && relu;
     let mut gx = vec![T::zero(); xs.len()];
-    gx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
+    let mut gr = vec![T::zero(); if masked { xs.len() } else { 0 }];
+    let plane = |p: usize, out: &mut [T], res: Option<&mut [T]>| {
         let ch = p % c;
         let k = gam[ch] * inv[ch] / m;
-        let at = p * hw;
-        for (j, o) in out.iter_mut().enumerate() {
-            let i = at + j;
-            let xh = (xs[i].to_f64() - mean[ch]) * inv[ch];
-            *o = T::from_f64(k * (m * grad(i) - sg[ch] - xh * sgx[ch]));
+        let (a, b, cc) = (
+            T::from_f64(k * m),
+            T::from_f64(-k * sg[ch]),
+            T::from_f64(-k * sgx[ch] * inv[ch]),
+        );
+        let mu = T::from_f64(mean[ch]);
+        let r = p * hw..(p + 1) * hw;
+        let (xp, yp, gp) = (&xs[r.clone()], &ys[r.clone()], &gys[r]);
+        for (((o, x), y), g) in out.iter_mut().zip(xp).zip(yp).zip(gp) {
+            *o = a * grad(*y, *g) + b + cc * (*x - mu);
         }
-    });
+        if let Some(res) = res {
+            for ((o, y), g) in res.iter_mut().zip(yp).zip(gp) {
+                *o = grad(*y, *g);
+            }
+        }
+    };
+    if masked {
+        gx.par_chunks_mut(hw)
+            .zip(gr.par_chunks_mut(hw))
+            .enumerate()
+            .for_each(|(p, (out, res))| plane(p, out, Some(res)));
+    } else {
+        gx.par_chunks_mut(hw)
+            .enumerate()
+            .for_each(|(p, out)| plane(p, out, None));
+    }
     let dev = x.device();
-    // the residual's gradient: g after the ReLU's mask
     let gr = if !residual {
         None
     } else if relu {
-        let masked: Vec<T> = (0..xs.len())
-            .into_par_iter()
-            .map(|i| T::from_f64(grad(i)))
-            .collect();
-        Some(Tensor::from_vec(masked, x.shape(), dev)?)
+        Some(Tensor::from_vec(gr, x.shape(), dev)?)
     } else {
         Some(gy.clone())
     };
