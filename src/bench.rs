@@ -64,7 +64,7 @@ pub fn time_forward(
     }
     let dev = crate::device()?;
     precision.check(&dev, false, "--precision")?;
-    let mem = MemoryMeter::start(&dev)?;
+    let mem = MemoryMeter::start(&dev);
     let vm = candle_nn::VarMap::new();
     HmsaNet::new(&cfg, seeded_varbuilder(&vm, 0, &dev))?;
     // Inference runs on plain tensors, as after loading a checkpoint: on the
@@ -115,14 +115,14 @@ enum MemoryMeter {
 }
 
 impl MemoryMeter {
-    fn start(dev: &Device) -> Result<Self> {
+    fn start(dev: &Device) -> Self {
         match dev {
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => {
                 gpu_pool::reset_peak(d);
-                Ok(MemoryMeter::Gpu(d.clone()))
+                MemoryMeter::Gpu(d.clone())
             }
-            _ => Ok(MemoryMeter::Host(reset_peak_rss())),
+            _ => MemoryMeter::Host(reset_peak_rss()),
         }
     }
 
@@ -267,7 +267,7 @@ impl Case {
             Case::Loader { .. } => Device::Cpu,
             _ => crate::device()?,
         };
-        let mem = MemoryMeter::start(&dev)?;
+        let mem = MemoryMeter::start(&dev);
         let (name, params, (min, med), value, unit) = match self {
             Case::Forward {
                 preset,

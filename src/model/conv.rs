@@ -361,8 +361,15 @@ fn col2im<T: WithDType>(g: &Geom, col: &[T], rows: std::ops::Range<usize>, x: &m
                     let src = &row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo];
                     let dst = &mut plane[(oy * g.s + ky - g.p) * g.w..];
                     let x0 = cols.start * g.s + kx - g.p;
-                    for (i, v) in src[cols.clone()].iter().enumerate() {
-                        dst[x0 + i * g.s] += *v;
+                    if g.s == 1 {
+                        // contiguous: vectorises
+                        for (d, v) in dst[x0..x0 + cols.len()].iter_mut().zip(&src[cols.clone()]) {
+                            *d += *v;
+                        }
+                    } else {
+                        for (i, v) in src[cols.clone()].iter().enumerate() {
+                            dst[x0 + i * g.s] += *v;
+                        }
                     }
                 }
             }
