@@ -431,6 +431,9 @@ def compare(binary, threads):
             else:
                 t = train(cfg(preset), threads, 4, h, w, scales, fusion)
                 case = {"TrainStep": {"preset": preset, "fusion": fusion, "scales": sc, "crop": [h, w], "batch": 4, "reps": 3}}
+            # PyTorch's OpenMP workers spin for a while after its last
+            # parallel region: let them sleep before timing the other side
+            time.sleep(1.0)
             out = subprocess.run([binary, "bench", "--case", json.dumps(case)], env=env, check=True, capture_output=True, text=True)
             ours = json.loads(out.stdout.strip().splitlines()[-1])["min_ms"]
             old = best.get(key, (float("inf"), float("inf")))
