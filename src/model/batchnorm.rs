@@ -165,6 +165,23 @@ fn channel_stats<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> (Vec<f
         .unzip()
 }
 
+/// max(v, 0) as candle's relu: NaN becomes 0 too.
+#[inline(always)]
+fn relu_of<T: WithDType>(v: T) -> T {
+    if v > T::zero() {
+        v
+    } else {
+        T::zero()
+    }
+}
+
+#[inline(always)]
+fn plane_out<T: WithDType>(y: &mut [T], x: &[T], r: &[T], f: impl Fn(T, T) -> T) {
+    for ((y, x), r) in y.iter_mut().zip(x).zip(r) {
+        *y = f(*x, *r);
+    }
+}
+
 impl BnTrain {
     fn fwd<T: WithDType>(&self, x: &[T], p: &[T], r: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
         let (g, b) = p.split_at(c);
@@ -182,14 +199,12 @@ impl BnTrain {
             .enumerate()
             .for_each(|(p, ((yp, xp), rp))| {
                 let (a, s) = (T::from_f64(a[p % c]), T::from_f64(s[p % c]));
-                for ((y, x), r) in yp.iter_mut().zip(xp).zip(rp) {
-                    let v = if residual { *x * a + s + *r } else { *x * a + s };
-                    // max(v, 0) as candle's relu: NaN becomes 0 too
-                    *y = if relu && v.partial_cmp(&T::zero()) != Some(std::cmp::Ordering::Greater) {
-                        T::zero()
-                    } else {
-                        v
-                    };
+                // one loop per case, each a plain select (vectorises)
+                match (residual, relu) {
+                    (true, true) => plane_out(yp, xp, rp, |x, r| relu_of(x * a + s + r)),
+                    (true, false) => plane_out(yp, xp, rp, |x, r| x * a + s + r),
+                    (false, true) => plane_out(yp, xp, rp, |x, _| relu_of(x * a + s)),
+                    (false, false) => plane_out(yp, xp, rp, |x, _| x * a + s),
                 }
             });
         *self.stats.lock().expect("stats lock") = Some(Stats { mean, var, m: n * hw });
@@ -268,7 +283,6 @@ fn backward<T: WithDType>(
 ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
     let (n, c, h, w) = x.dims4()?;
     let hw = h * w;
-    let m = (n * hw) as f64;
     let ((sx, lx), (sy, ly), (sg_, lg)) = (cpu::read(x)?, cpu::read(y)?, cpu::read(gy)?);
     let (xs, ys, gys) = (
         cpu::elems::<T>(&sx, lx)?,
@@ -281,61 +295,20 @@ fn backward<T: WithDType>(
         None => channel_stats(xs, n, c, hw),
     };
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    // g after the ReLU's mask (y = 0 where it cut)
-    let grad = |y: T, g: T| if relu && y <= T::zero() { T::zero() } else { g };
-    // Σ g and Σ g·(x − μ) per channel, from per-plane sums
-    let sums: Vec<(f64, f64)> = (0..n * c)
-        .into_par_iter()
-        .map(|p| {
-            let r = p * hw..(p + 1) * hw;
-            let (xp, yp, gp) = (&xs[r.clone()], &ys[r.clone()], &gys[r]);
-            let mu = T::from_f64(mean[p % c]);
-            lane_sums(hw, |i| {
-                let g = grad(yp[i], gp[i]);
-                (g, g * (xp[i] - mu))
-            })
-        })
-        .collect();
-    let (mut sg, mut sgx) = (vec![0.0; c], vec![0.0; c]);
-    for (p, (a, b)) in sums.iter().enumerate() {
-        sg[p % c] += a;
-        sgx[p % c] += b * inv[p % c]; // Σ g·x̂
-    }
-    // gx = γ/σ·(g − Σg/m − x̂·Σ(g·x̂)/m) = A·g + B + C·(x − μ) per channel;
-    // the residual's gradient (g after the mask) written in the same pass
+    let planes = Planes { xs, ys, gys, c, hw };
     let masked = residual && relu;
-    let mut gx = vec![T::zero(); xs.len()];
-    let mut gr = vec![T::zero(); if masked { xs.len() } else { 0 }];
-    let plane = |p: usize, out: &mut [T], res: Option<&mut [T]>| {
-        let ch = p % c;
-        let k = gam[ch] * inv[ch] / m;
-        let (a, b, cc) = (
-            T::from_f64(k * m),
-            T::from_f64(-k * sg[ch]),
-            T::from_f64(-k * sgx[ch] * inv[ch]),
-        );
-        let mu = T::from_f64(mean[ch]);
-        let r = p * hw..(p + 1) * hw;
-        let (xp, yp, gp) = (&xs[r.clone()], &ys[r.clone()], &gys[r]);
-        for (((o, x), y), g) in out.iter_mut().zip(xp).zip(yp).zip(gp) {
-            *o = a * grad(*y, *g) + b + cc * (*x - mu);
-        }
-        if let Some(res) = res {
-            for ((o, y), g) in res.iter_mut().zip(yp).zip(gp) {
-                *o = grad(*y, *g);
+    // g after the ReLU's mask (y = 0 where it cut; y is never NaN there)
+    let (gx, gr, sg, sgx) = if relu {
+        planes.passes(&mean, &inv, &gam, masked, |y, g| {
+            if y > T::zero() {
+                g
+            } else {
+                T::zero()
             }
-        }
-    };
-    if masked {
-        gx.par_chunks_mut(hw)
-            .zip(gr.par_chunks_mut(hw))
-            .enumerate()
-            .for_each(|(p, (out, res))| plane(p, out, Some(res)));
+        })
     } else {
-        gx.par_chunks_mut(hw)
-            .enumerate()
-            .for_each(|(p, out)| plane(p, out, None));
-    }
+        planes.passes(&mean, &inv, &gam, masked, |_, g| g)
+    };
     let dev = x.device();
     let gr = if !residual {
         None
@@ -346,6 +319,88 @@ fn backward<T: WithDType>(
     };
     let to = |v: Vec<f64>| -> Result<Tensor> { Tensor::new(v, dev)?.to_dtype(x.dtype()) };
     Ok((Tensor::from_vec(gx, x.shape(), dev)?, to(sgx)?, to(sg)?, gr))
+}
+
+/// The operands of the backward, plane by plane (`p = batch·C + channel`).
+struct Planes<'a, T> {
+    xs: &'a [T],
+    ys: &'a [T],
+    gys: &'a [T],
+    c: usize,
+    hw: usize,
+}
+
+impl<T: WithDType> Planes<'_, T> {
+    fn plane(&self, p: usize) -> (&[T], &[T], &[T]) {
+        let r = p * self.hw..(p + 1) * self.hw;
+        (&self.xs[r.clone()], &self.ys[r.clone()], &self.gys[r])
+    }
+
+    /// `(gx, masked g for the residual (empty unless `masked`), Σg, Σg·x̂)`,
+    /// `grad(y, g)` being the gradient after the ReLU's mask.
+    fn passes(
+        &self,
+        mean: &[f64],
+        inv: &[f64],
+        gam: &[f64],
+        masked: bool,
+        grad: impl Fn(T, T) -> T + Sync,
+    ) -> (Vec<T>, Vec<T>, Vec<f64>, Vec<f64>) {
+        let (c, hw) = (self.c, self.hw);
+        let np = self.xs.len() / hw;
+        let m = (np / c * hw) as f64;
+        // Σ g and Σ g·(x − μ) per channel, from per-plane sums
+        let sums: Vec<(f64, f64)> = (0..np)
+            .into_par_iter()
+            .map(|p| {
+                let (xp, yp, gp) = self.plane(p);
+                let mu = T::from_f64(mean[p % c]);
+                lane_sums(hw, |i| {
+                    let g = grad(yp[i], gp[i]);
+                    (g, g * (xp[i] - mu))
+                })
+            })
+            .collect();
+        let (mut sg, mut sgx) = (vec![0.0; c], vec![0.0; c]);
+        for (p, (a, b)) in sums.iter().enumerate() {
+            sg[p % c] += a;
+            sgx[p % c] += b * inv[p % c]; // Σ g·x̂
+        }
+        // gx = γ/σ·(g − Σg/m − x̂·Σ(g·x̂)/m) = A·g + B + C·(x − μ) per
+        // channel; the residual's gradient written in the same pass
+        let mut gx = vec![T::zero(); self.xs.len()];
+        let mut gr = vec![T::zero(); if masked { self.xs.len() } else { 0 }];
+        let plane = |p: usize, out: &mut [T], res: Option<&mut [T]>| {
+            let ch = p % c;
+            let k = gam[ch] * inv[ch] / m;
+            let (a, b, cc) = (
+                T::from_f64(k * m),
+                T::from_f64(-k * sg[ch]),
+                T::from_f64(-k * sgx[ch] * inv[ch]),
+            );
+            let mu = T::from_f64(mean[ch]);
+            let (xp, yp, gp) = self.plane(p);
+            for (((o, x), y), g) in out.iter_mut().zip(xp).zip(yp).zip(gp) {
+                *o = a * grad(*y, *g) + b + cc * (*x - mu);
+            }
+            if let Some(res) = res {
+                for ((o, y), g) in res.iter_mut().zip(yp).zip(gp) {
+                    *o = grad(*y, *g);
+                }
+            }
+        };
+        if masked {
+            gx.par_chunks_mut(hw)
+                .zip(gr.par_chunks_mut(hw))
+                .enumerate()
+                .for_each(|(p, (out, res))| plane(p, out, Some(res)));
+        } else {
+            gx.par_chunks_mut(hw)
+                .enumerate()
+                .for_each(|(p, out)| plane(p, out, None));
+        }
+        (gx, gr, sg, sgx)
+    }
 }
 
 #[cfg(test)]
