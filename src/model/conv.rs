@@ -397,6 +397,51 @@ fn row_tiles(g: &Geom) -> impl Iterator<Item = std::ops::Range<usize>> {
     (0..ho.div_ceil(per)).map(move |t| t * per..((t + 1) * per).min(ho))
 }
 
+thread_local! {
+    /// This thread's im2col tile buffer (f32), kept between convolutions.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A tile buffer for im2col/col2im: this thread's cached buffer when it is
+/// free, so that a convolution neither allocates nor zeroes its tiles (the
+/// tiles are written in full before they are read; a fresh buffer would be
+/// zeroed by calloc every call: 2% of a forward's instructions). A nested
+/// convolution on the same thread (rayon may run another job while this
+/// one waits) finds the slot empty and starts a buffer of its own; the
+/// larger one is kept on return.
+struct Scratch<T: WithDType>(Vec<T>);
+
+impl<T: WithDType> Scratch<T> {
+    fn take() -> Self {
+        if T::DTYPE != DType::F32 {
+            return Self(Vec::new());
+        }
+        let cached: Box<dyn std::any::Any> = Box::new(SCRATCH.with(|c| c.take()));
+        Self(cached.downcast::<Vec<T>>().map(|v| *v).unwrap_or_default())
+    }
+
+    /// `len` elements, growing (and zeroing the growth) only past the
+    /// largest tile seen on this thread.
+    fn get(&mut self, len: usize) -> &mut [T] {
+        if self.0.len() < len {
+            self.0.resize(len, T::zero());
+        }
+        &mut self.0[..len]
+    }
+}
+
+impl<T: WithDType> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        let mine: Box<dyn std::any::Any> = Box::new(std::mem::take(&mut self.0));
+        if let Ok(v) = mine.downcast::<Vec<f32>>() {
+            SCRATCH.with(|c| {
+                let other = c.take();
+                c.set(if other.len() > v.len() { other } else { *v });
+            });
+        }
+    }
+}
+
 /// A row-major matrix view: element (i, j) at `ptr + i·rs + j·cs`.
 struct Mat<T> {
     ptr: *const T,
@@ -532,7 +577,7 @@ impl<T: WithDType> Epilogue<'_, T> {
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogue<T>>) -> Vec<T> {
     let (kk, l) = g.kl();
     let mut y = vec![T::from_f64(0.0); g.n * g.cout * l];
-    let mut col = vec![];
+    let mut col = Scratch::take();
     for (b, (xb, yb)) in x
         .chunks(g.cin * g.h * g.w)
         .zip(y.chunks_mut(g.cout * l))
@@ -547,10 +592,10 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogue<T>>) 
         }
         for rows in row_tiles(g) {
             let lt = rows.len() * g.wo;
-            col.resize(kk * lt, T::from_f64(0.0));
-            im2col(g, xb, rows.clone(), &mut col);
+            let col = col.get(kk * lt);
+            im2col(g, xb, rows.clone(), col);
             let dst = &mut yb[rows.start * g.wo..];
-            gemm(dst, l, g.cout, lt, kk, mat(w, kk, 1), mat(&col, lt, 1), false);
+            gemm(dst, l, g.cout, lt, kk, mat(w, kk, 1), mat(col, lt, 1), false);
             if let Some(e) = epi {
                 e.apply(g, b, yb, rows.start * g.wo..rows.end * g.wo);
             }
@@ -690,7 +735,7 @@ struct InputGrad {
 fn input_grad<T: WithDType>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
     let (kk, l) = g.kl();
     let mut gx = vec![T::from_f64(0.0); g.n * g.cin * g.h * g.w];
-    let mut gcol = vec![];
+    let mut gcol = Scratch::take();
     for (gyb, gxb) in gy.chunks(g.cout * l).zip(gx.chunks_mut(g.cin * g.h * g.w)) {
         // Wᵀ (K × Cout): element (i, j) = W[j·K + i]
         if g.is_pointwise() {
@@ -699,19 +744,10 @@ fn input_grad<T: WithDType>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
         }
         for rows in row_tiles(g) {
             let lt = rows.len() * g.wo;
-            gcol.resize(kk * lt, T::from_f64(0.0));
+            let gcol = gcol.get(kk * lt);
             let src = &gyb[rows.start * g.wo..];
-            gemm(
-                &mut gcol,
-                lt,
-                kk,
-                lt,
-                g.cout,
-                mat(w, 1, kk),
-                mat(src, l, 1),
-                false,
-            );
-            col2im(g, &gcol, rows, gxb);
+            gemm(gcol, lt, kk, lt, g.cout, mat(w, 1, kk), mat(src, l, 1), false);
+            col2im(g, gcol, rows, gxb);
         }
     }
     gx
@@ -751,7 +787,7 @@ struct WeightGrad {
 fn weight_grad<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
     let (kk, l) = g.kl();
     let mut gw = vec![T::from_f64(0.0); g.cout * kk];
-    let mut col = vec![];
+    let mut col = Scratch::take();
     let mut first = true;
     for (xb, gyb) in x.chunks(g.cin * g.h * g.w).zip(gy.chunks(g.cout * l)) {
         if g.is_pointwise() {
@@ -762,8 +798,8 @@ fn weight_grad<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
         }
         for rows in row_tiles(g) {
             let lt = rows.len() * g.wo;
-            col.resize(kk * lt, T::from_f64(0.0));
-            im2col(g, xb, rows.clone(), &mut col);
+            let col = col.get(kk * lt);
+            im2col(g, xb, rows.clone(), col);
             // colᵀ (Lt × K): element (i, j) = col[j·Lt + i]
             let src = &gyb[rows.start * g.wo..];
             gemm(
@@ -773,7 +809,7 @@ fn weight_grad<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
                 kk,
                 lt,
                 mat(src, l, 1),
-                mat(&col, 1, lt),
+                mat(col, 1, lt),
                 !first,
             );
             first = false;
