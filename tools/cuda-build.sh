@@ -26,7 +26,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${HMSA_CUDA_DIR:-$HOME/.cache/hmsa-cuda}
-ROOT=$DIR/root/nvidia/cu13
+ROOT=$DIR/tree/nvidia/cu13
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 
 if [ ! -x "$ROOT/bin/nvcc" ]; then
@@ -40,9 +40,9 @@ if [ ! -x "$ROOT/bin/nvcc" ]; then
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d "$DIR/wheels" "$spec"
   done
-  mkdir -p "$DIR/root"
+  mkdir -p "$DIR/tree"
   for w in "$DIR"/wheels/*.whl; do
-    python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$w" "$DIR/root"
+    python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$w" "$DIR/tree"
   done
   chmod +x "$ROOT"/bin/* "$ROOT"/nvvm/bin/*
 fi

@@ -29,6 +29,7 @@ usage: python3 tools/torch_reference.py parity WEIGHTS.safetensors INPUT.safeten
 
 CONFIG.json is the model config as serde writes it (hmsa-lab's ModelConfig).
 """
+import contextlib
 import json
 import sys
 import time
@@ -366,29 +367,39 @@ def bench(cfg_path, threads, h, w, scales, fusion):
     return times[0]
 
 
-def train(cfg_path, threads, batch, h, w, scales, fusion):
-    torch.set_num_threads(int(threads))
+def train_step(cfg_path, batch, h, w, scales, fusion, dev=None, ctx=contextlib.nullcontext):
+    """One training step as `hmsa-lab bench train` times it: the fusion's
+    train-mode forward (under `ctx`, e.g. autocast), CE + 0.4 aux CE in
+    f32 at the input size, backward, SGD with momentum and weight decay,
+    on random images and zero labels."""
     cfg = json.load(open(cfg_path))
-    scales = [float(s) for s in scales.split(",")]
     cfg["fusion"], cfg["scales"] = fusion, scales
     torch.manual_seed(0)
-    net = Net(cfg).train()
+    net = Net(cfg).train().to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(int(batch), 3, int(h), int(w))
-    y = torch.zeros(int(batch), int(h), int(w), dtype=torch.long)
+    x = torch.randn(batch, 3, h, w, device=dev)
+    y = torch.zeros(batch, h, w, dtype=torch.long, device=dev)
 
     def step():
-        if fusion == "hierarchical":
-            pred, aux, _ = net.hierarchical(x, scales)
-        elif fusion == "explicit":
-            pred, aux = net.explicit(x, scales)
-        else:
-            pred, aux, _ = net.fwd(x, False)
-        loss = F.cross_entropy(pred, y, ignore_index=255) + 0.4 * F.cross_entropy(aux, y, ignore_index=255)
+        with ctx():
+            if fusion == "hierarchical":
+                pred, aux, _ = net.hierarchical(x, scales)
+            elif fusion == "explicit":
+                pred, aux = net.explicit(x, scales)
+            else:
+                pred, aux, _ = net.fwd(x, False)
+            loss = F.cross_entropy(pred.float(), y, ignore_index=255) + 0.4 * F.cross_entropy(aux.float(), y, ignore_index=255)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    return step
+
+
+def train(cfg_path, threads, batch, h, w, scales, fusion):
+    torch.set_num_threads(int(threads))
+    scales = [float(s) for s in scales.split(",")]
+    step = train_step(cfg_path, int(batch), int(h), int(w), scales, fusion)
     step()
     times = []
     for _ in range(3):
@@ -494,29 +505,9 @@ def gpu(precision, device="cuda"):
         rows.append(("infer", fusion, scales, (h, w)) + timed(run))
         del net
     for fusion, scales in [("single", [1.0]), ("hierarchical", [0.5, 1.0]), ("explicit", [0.5, 1.0, 2.0])]:
-        cfg = json.load(open(cfg_path))
-        cfg["fusion"], cfg["scales"] = fusion, scales
-        torch.manual_seed(0)
-        net = Net(cfg).train().to(dev)
-        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-        x = torch.randn(1, 3, 512, 1024, device=dev)
-        y = torch.zeros(1, 512, 1024, dtype=torch.long, device=dev)
-
-        def step():
-            with ctx():
-                if fusion == "hierarchical":
-                    pred, aux, _ = net.hierarchical(x, scales)
-                elif fusion == "explicit":
-                    pred, aux = net.explicit(x, scales)
-                else:
-                    pred, aux, _ = net.fwd(x, False)
-                loss = F.cross_entropy(pred.float(), y, ignore_index=255) + 0.4 * F.cross_entropy(aux.float(), y, ignore_index=255)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        step = train_step(cfg_path, 1, 512, 1024, scales, fusion, dev, ctx)
         rows.append(("train", fusion, scales, (512, 1024)) + timed(step))
-        del net, opt
+        del step
         if cuda:
             torch.cuda.empty_cache()
     print("| step | fusion | scales | size | PyTorch %s %s ms | peak MiB |" % (torch.__version__, precision))
