@@ -186,6 +186,25 @@ fn a_nan_loss_stops_with_a_clear_error() {
     assert!(e.contains("training diverged") && e.contains("at step"), "{e}");
 }
 
+/// Precisions the CPU cannot train in are refused before any step, naming
+/// the field, and nothing is written; the TOML key parses.
+#[test]
+fn unsupported_training_precisions_are_refused_by_name() {
+    use hmsa_lab::model::Precision;
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset(d.path());
+    let parsed: hmsa_lab::config::TrainConfig = toml::from_str("precision = \"bf16\"").unwrap();
+    assert_eq!(parsed.precision, Precision::Bf16);
+    for (p, why) in [(Precision::Bf16, "needs a GPU"), (Precision::F16, "loss scaling")] {
+        let mut cfg = overfit_config(d.path());
+        cfg.train.precision = p;
+        let run = d.path().join(format!("run-{}", p.name()));
+        let e = train(&cfg, &run, &mut Quiet).unwrap_err().to_string();
+        assert!(e.contains("train.precision") && e.contains(why), "{e}");
+        assert!(!run.exists(), "nothing written for a refused run");
+    }
+}
+
 #[test]
 fn evaluation_sets_share_one_pass_and_match_single_runs() {
     let d = tempfile::tempdir().unwrap();
