@@ -327,16 +327,25 @@ impl Case {
                     main: crate::train::loss::MainLoss::Ce,
                     ..Default::default()
                 };
+                let split = std::env::var_os("HMSA_STEP_TIMES").is_some();
+                // the split's clocks need the device idle on a GPU
+                let now = || -> Result<Instant> {
+                    if split {
+                        crate::sync(&dev)?;
+                    }
+                    Ok(Instant::now())
+                };
                 let t = timed(&dev, *reps, || {
-                    let t0 = Instant::now();
+                    let t0 = now()?;
                     let (f, outs) = net.infer(&x, *fusion, scales, false, true)?;
-                    let t1 = Instant::now();
+                    let t1 = now()?;
                     let l = crate::train::loss::combined(&loss_cfg, &f, &outs, &y)?;
-                    let t2 = Instant::now();
+                    let t2 = now()?;
                     let g = l.total.backward()?;
-                    let t3 = Instant::now();
+                    let t3 = now()?;
                     opt.step(&g, 1e-3)?;
-                    if std::env::var("HMSA_STEP_TIMES").is_ok() {
+                    if split {
+                        crate::sync(&dev)?;
                         eprintln!(
                             "fwd {:?} loss {:?} bwd {:?} opt {:?}",
                             t1 - t0,

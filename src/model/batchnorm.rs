@@ -139,7 +139,13 @@ fn lane_sums<T: WithDType>(len: usize, f: impl Fn(usize) -> (T, T)) -> (f64, f64
 
 /// Per-channel mean and biased variance in one pass: sums of `x − s` and
 /// `(x − s)²` with `s` the channel's first value (a shift near the data
-/// keeps the difference of the two sums from cancelling).
+/// keeps the difference of the two sums from cancelling; the variance's
+/// relative error is about ε·((μ − s)/σ)², 1e-5 for a first value 10σ
+/// from the mean, in f32).
+///
+/// (A shift by the mean of the first 256 values was tried: as accurate,
+/// but it moves the overfitting test's 100-step trajectory from mIoU 0.92
+/// to 0.86, under its 0.9 bar; that test is sensitive to rounding.)
 fn channel_stats<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     let m = (n * hw) as f64;
     let shift: Vec<T> = (0..c).map(|ch| x[ch * hw]).collect();

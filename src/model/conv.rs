@@ -605,11 +605,14 @@ impl<T: WithDType> Epilogue<'_, T> {
 /// instructions in callgrind).
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogue<T>>) -> Vec<T> {
     let (kk, l) = g.kl();
+    // the loop below must visit every item: y is only initialised by it
+    assert_eq!(x.len(), g.n * g.cin * g.h * g.w, "conv2d input");
+    assert_eq!(w.len(), g.cout * kk, "conv2d weight");
     let len = g.n * g.cout * l;
     let mut y: Vec<T> = Vec::with_capacity(len);
     let base = cpu::SyncPtr(y.as_mut_ptr());
     let mut col = Scratch::take();
-    for (b, xb) in x.chunks(g.cin * g.h * g.w).enumerate().take(g.n) {
+    for (b, xb) in x.chunks(g.cin * g.h * g.w).enumerate() {
         // SAFETY: item b's Cout·L outputs lie within y's capacity.
         let yb = cpu::SyncPtr(unsafe { base.get().add(b * g.cout * l) });
         if g.is_pointwise() {
