@@ -150,6 +150,10 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
+    fn vals(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     /// Folded inference against the plain formula, per element in f64:
     /// `γ·(conv(x) + b − μ)/sqrt(var + eps) + β`, then ReLU.
     #[test]
@@ -169,16 +173,10 @@ mod tests {
         set("b.weight", &[1.5, -0.5, 1.0, 2.0]);
         set("b.bias", &[0.1, 0.2, -0.3, 0.0]);
         let x = Tensor::randn(0f32, 1., (2, cin, 7, 6), &dev).unwrap();
-        let got: Vec<f32> = cb
-            .forward_t(&x, false)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = vals(&cb.forward_t(&x, false).unwrap());
         let y = cb.conv.forward(&x).unwrap();
         let (n, _, h, w) = y.dims4().unwrap();
-        let yv: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let yv = vals(&y);
         let (mean, var, g, b) = (
             [0.5, -1.0, 0.0, 2.0],
             [4.0, 0.25, 1.0, 9.0],
@@ -200,22 +198,10 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::ones((2, 50, 3, 4), DType::F32, &dev).unwrap();
         let d = Dropout2d::new(0.5);
-        let eval: Vec<f32> = d
-            .forward_t(&x, false)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let eval = vals(&d.forward_t(&x, false).unwrap());
         assert!(eval.iter().all(|&v| v == 1.0));
         d.seed(7);
-        let a: Vec<f32> = d
-            .forward_t(&x, true)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let a = vals(&d.forward_t(&x, true).unwrap());
         for plane in a.chunks(12) {
             assert!(plane.iter().all(|&v| v == plane[0]), "one value per channel");
             assert!(plane[0] == 0.0 || plane[0] == 2.0, "{}", plane[0]);
@@ -228,15 +214,8 @@ mod tests {
         let d2 = d.clone();
         let b: Vec<f32> = std::thread::spawn(move || {
             d2.seed(7);
-            d2.forward_t(
-                &Tensor::ones((2, 50, 3, 4), DType::F32, &Device::Cpu).unwrap(),
-                true,
-            )
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
+            let x = Tensor::ones((2, 50, 3, 4), DType::F32, &Device::Cpu).unwrap();
+            vals(&d2.forward_t(&x, true).unwrap())
         })
         .join()
         .unwrap();
