@@ -28,6 +28,8 @@ use candle_core::{
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
+mod winograd;
+
 /// A convolution layer: `weight` (Cout, Cin, k, k), optional `bias`.
 #[derive(Debug, Clone)]
 pub struct Conv {
@@ -569,33 +571,39 @@ impl<T: WithDType> Epilogue<'_, T> {
     /// the call.
     unsafe fn apply(&self, g: &Geom, b: usize, yb: cpu::SyncPtr<T>, cols: std::ops::Range<usize>) {
         let l = g.ho * g.wo;
-        let zero = T::zero();
         let each = |c: usize| {
             // SAFETY: channel c's positions `cols`: initialised (caller),
             // and channels are disjoint, so no two closures share elements.
             let out = unsafe { std::slice::from_raw_parts_mut(yb.get().add(c * l + cols.start), cols.len()) };
-            let bias = self.bias[c];
-            match self.residual {
-                Some(r) => {
-                    let at = (b * g.cout + c) * l;
-                    let r = &r[at + cols.start..at + cols.end];
-                    for (v, r) in out.iter_mut().zip(r) {
-                        *v += bias + *r;
-                    }
-                }
-                None => out.iter_mut().for_each(|v| *v += bias),
-            }
-            if self.relu {
-                // max(v, 0) as candle's relu (NaN becomes 0 too), as a
-                // plain select
-                out.iter_mut()
-                    .for_each(|v| *v = if *v > zero { *v } else { zero });
-            }
+            self.finish(g, b, c, out, cols.start);
         };
         if g.cout * cols.len() >= PAR_MIN {
             (0..g.cout).into_par_iter().for_each(each);
         } else {
             (0..g.cout).for_each(each);
+        }
+    }
+
+    /// Applies to `out`, channel `c` of item `b` from output position `at`
+    /// (of `Ho·Wo`) on.
+    fn finish(&self, g: &Geom, b: usize, c: usize, out: &mut [T], at: usize) {
+        let zero = T::zero();
+        let bias = self.bias[c];
+        match self.residual {
+            Some(r) => {
+                let at = (b * g.cout + c) * g.ho * g.wo + at;
+                let r = &r[at..at + out.len()];
+                for (v, r) in out.iter_mut().zip(r) {
+                    *v += bias + *r;
+                }
+            }
+            None => out.iter_mut().for_each(|v| *v += bias),
+        }
+        if self.relu {
+            // max(v, 0) as candle's relu (NaN becomes 0 too), as a plain
+            // select
+            out.iter_mut()
+                .for_each(|v| *v = if *v > zero { *v } else { zero });
         }
     }
 }
@@ -604,6 +612,15 @@ impl<T: WithDType> Epilogue<'_, T> {
 /// zeroed `Vec` costs a memset of every output: 8% of a forward's
 /// instructions in callgrind).
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogue<T>>) -> Vec<T> {
+    if winograd::applies(g) {
+        winograd::forward(g, x, w, epi)
+    } else {
+        forward_direct(g, x, w, epi)
+    }
+}
+
+/// [`forward`] by im2col + gemm.
+fn forward_direct<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogue<T>>) -> Vec<T> {
     let (kk, l) = g.kl();
     // the loop below must visit every item: y is only initialised by it
     assert_eq!(x.len(), g.n * g.cin * g.h * g.w, "conv2d input");
@@ -786,6 +803,15 @@ struct InputGrad {
 }
 
 fn input_grad<T: WithDType>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
+    if winograd::applies(&winograd::transposed(g)) {
+        winograd::input_grad(g, gy, w)
+    } else {
+        input_grad_direct(g, gy, w)
+    }
+}
+
+/// [`input_grad`] by gemm + col2im.
+fn input_grad_direct<T: WithDType>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
     let (kk, l) = g.kl();
     let mut gx = vec![T::from_f64(0.0); g.n * g.cin * g.h * g.w];
     let mut gcol = Scratch::take();

@@ -1,0 +1,610 @@
+//! Winograd F(4x4, 3x3) for the stride-1, padding-1 3x3 convolutions (85–90%
+//! of HRNet's FLOPs): each 4x4 block of outputs comes from a 6x6 block of
+//! inputs with 36 products per channel pair instead of 144 (Lavin & Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016):
+//!
+//! `Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A`, summed over input channels.
+//!
+//! Per batch item and per block of tile rows (sized so that its transformed
+//! inputs and products stay in cache, as im2col's row tiles do):
+//! 1. input transform `V[c][ξ][t] = (Bᵀ d_{c,t} B)[ξ]`, rayon over channels;
+//!    the column pass runs on whole input rows split into their four phases
+//!    (`x mod 4`), the row pass on whole tile rows, so that every loop is
+//!    contiguous and vectorises;
+//! 2. 36 gemms `M[·][ξ][·] = U_ξ · V[·][ξ][·]` (Cout × Cin times Cin ×
+//!    tiles), rayon over ξ, each single-threaded;
+//! 3. output transform `Aᵀ M A` per output channel, interleaved into the
+//!    output rows, with the inference epilogue (bias, residual, ReLU)
+//!    applied to each row while it is in cache.
+//!
+//! `U = G g Gᵀ` is computed once per call (vectorised over input channels).
+//! F(4x4) trades accuracy for speed: in f32 the result differs from the
+//! direct sum by about 1e-5 of the output's scale (tests bound it). The
+//! input gradient of such a layer is itself one (flipped, transposed
+//! weights), so training uses it too; the weight gradient stays im2col.
+//! The transforms are compiled twice and the AVX2 copy picked at run time.
+
+use super::{Epilogue, Geom, Scratch};
+use crate::model::cpu::SyncPtr;
+use candle_core::WithDType;
+use rayon::prelude::*;
+
+/// Fewer channels than this and the transforms outweigh the saved products.
+const MIN_CHANNELS: usize = 8;
+/// Fewer 4x4 output tiles (over the batch) than this and the per-call
+/// weight transform outweighs them.
+const MIN_TILES: usize = 48;
+/// Elements of transformed inputs plus products per block (2 MB of f32,
+/// as im2col's row tiles).
+const BLOCK_ELEMS: usize = 1 << 19;
+
+/// G (6x3): the weight transform.
+const G: [[f64; 3]; 6] = [
+    [1. / 4., 0., 0.],
+    [-1. / 6., -1. / 6., -1. / 6.],
+    [-1. / 6., 1. / 6., -1. / 6.],
+    [1. / 24., 1. / 12., 1. / 6.],
+    [1. / 24., -1. / 12., 1. / 6.],
+    [0., 0., 1.],
+];
+
+/// Whether this convolution takes the Winograd path.
+pub(super) fn applies(g: &Geom) -> bool {
+    g.k == 3
+        && g.s == 1
+        && g.p == 1
+        && g.cin >= MIN_CHANNELS
+        && g.cout >= MIN_CHANNELS
+        && g.n * g.ho.div_ceil(4) * g.wo.div_ceil(4) >= MIN_TILES
+}
+
+/// `out = Σ_k m[k]·ins[k]`, elementwise (zero coefficients skipped).
+#[inline(always)]
+fn lincomb<T: WithDType>(out: &mut [T], m: &[T], ins: &[&[T]]) {
+    let n = out.len();
+    let mut first = true;
+    for (&c, x) in m.iter().zip(ins) {
+        if c == T::zero() {
+            continue;
+        }
+        let x = &x[..n];
+        if first {
+            if c == T::one() {
+                out.copy_from_slice(x);
+            } else {
+                out.iter_mut().zip(x).for_each(|(o, v)| *o = c * *v);
+            }
+            first = false;
+        } else if c == T::one() {
+            out.iter_mut().zip(x).for_each(|(o, v)| *o += *v);
+        } else {
+            out.iter_mut().zip(x).for_each(|(o, v)| *o += c * *v);
+        }
+    }
+    if first {
+        out.fill(T::zero());
+    }
+}
+
+/// `out[k] = Σ_j Bᵀ[k][j]·d[j]`, elementwise over the slices, in one pass
+/// with Bᵀ's common terms shared (18 operations for 6 outputs).
+#[inline(always)]
+fn bt6<T: WithDType>(d: [&[T]; 6], out: [&mut [T]; 6]) {
+    let n = out[0].len();
+    let [d0, d1, d2, d3, d4, d5] = d.map(|s| &s[..n]);
+    let [o0, o1, o2, o3, o4, o5] = out.map(|s| &mut s[..n]);
+    let (two, four, five) = (T::from_f64(2.), T::from_f64(4.), T::from_f64(5.));
+    for t in 0..n {
+        let (a, b, c, e) = (d1[t], d2[t], d3[t], d4[t]);
+        o0[t] = four * d0[t] - five * b + e;
+        o1[t] = (c + e) - four * (a + b);
+        o2[t] = (e - c) + four * (a - b);
+        o3[t] = (e - b) + two * (c - a);
+        o4[t] = (e - b) - two * (c - a);
+        o5[t] = four * a - five * c + d5[t];
+    }
+}
+
+/// `Aᵀ·m` for six rows in one pass: the four outputs.
+#[inline(always)]
+fn at4<T: WithDType>(m: [&[T]; 6], n: usize, mut out: impl FnMut(usize, [T; 4])) {
+    let [m0, m1, m2, m3, m4, m5] = m.map(|s| &s[..n]);
+    let (two, four, eight) = (T::from_f64(2.), T::from_f64(4.), T::from_f64(8.));
+    for t in 0..n {
+        let (p12, d12, p34, d34) = (m1[t] + m2[t], m1[t] - m2[t], m3[t] + m4[t], m3[t] - m4[t]);
+        out(
+            t,
+            [
+                m0[t] + p12 + p34,
+                d12 + two * d34,
+                p12 + four * p34,
+                d12 + eight * d34 + m5[t],
+            ],
+        );
+    }
+}
+
+fn cast<T: WithDType, const R: usize, const C: usize>(m: &[[f64; C]; R]) -> [[T; C]; R] {
+    m.map(|row| row.map(T::from_f64))
+}
+
+/// Runs `$body` compiled for AVX2 where the CPU has it, else as is: the
+/// transforms are plain loops that the compiler vectorises to the width it
+/// is allowed (SSE2 without this).
+macro_rules! simd {
+    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+        fn $name<T: WithDType>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2<T: WithDType>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+/// `U[o][ξ][c] = (G w[o][c] Gᵀ)[ξ]` for one output channel `o`: `w` its
+/// Cin·9 weights, `u` its 36·Cin outputs, `tmp` scratch.
+#[inline(always)]
+fn weight_row<T: WithDType>(w: &[T], u: &mut [T], tmp: &mut Vec<T>) {
+    let cin = w.len() / 9;
+    let g = cast::<T, 6, 3>(&G);
+    tmp.resize(12 * cin, T::zero());
+    let (taps, gg) = tmp.split_at_mut(9 * cin);
+    // taps[k][c] = w[c][k]
+    for (c, w) in w.chunks_exact(9).enumerate() {
+        for (k, v) in w.iter().enumerate() {
+            taps[k * cin + c] = *v;
+        }
+    }
+    let taps: Vec<&[T]> = taps.chunks_exact(cin).collect();
+    for i in 0..6 {
+        // gg[b][c] = Σ_a G[i][a]·w[a][b]
+        for (b, out) in gg.chunks_exact_mut(cin).enumerate() {
+            lincomb(out, &g[i], &[taps[b], taps[3 + b], taps[6 + b]]);
+        }
+        let gg: Vec<&[T]> = gg.chunks_exact(cin).collect();
+        for (j, gj) in g.iter().enumerate() {
+            lincomb(&mut u[(i * 6 + j) * cin..(i * 6 + j + 1) * cin], gj, &gg);
+        }
+    }
+}
+simd!(weight_row_simd, weight_row, (w: &[T], u: &mut [T], tmp: &mut Vec<T>));
+
+/// `U` for all output channels, laid out [o][ξ][c].
+fn weights<T: WithDType>(g: &Geom, w: &[T]) -> Vec<T> {
+    let mut u = vec![T::zero(); g.cout * 36 * g.cin];
+    u.par_chunks_mut(36 * g.cin)
+        .zip(w.par_chunks(9 * g.cin))
+        .for_each_init(Vec::new, |tmp, (u, w)| weight_row_simd(w, u, tmp));
+    u
+}
+
+/// The transformed inputs of one channel `x` (H×W) for the tile rows
+/// `ty0..ty0 + rows` (`tw` tiles each): `v` is [ξ][rows·tw].
+#[inline(always)]
+fn input_plane<T: WithDType>(g: &Geom, x: &[T], ty0: usize, rows: usize, v: &mut [T], tmp: &mut Vec<T>) {
+    let tw = g.wo.div_ceil(4);
+    let n_in = 4 * rows + 2;
+    // tmp: the four phases of a zero-padded input row (`q[j][t] = row[4t +
+    // j − 1]`, 4 × (tw + 1)), and the column-transformed rows [r][k][tw]
+    let qw = tw + 1;
+    tmp.resize(4 * qw + n_in * 6 * tw, T::zero());
+    let (q, colt) = tmp.split_at_mut(4 * qw);
+    for r in 0..n_in {
+        let out = &mut colt[r * 6 * tw..(r + 1) * 6 * tw];
+        let y = (4 * ty0 + r) as isize - 1;
+        if y < 0 || y >= g.h as isize {
+            out.fill(T::zero());
+            continue;
+        }
+        let row = &x[y as usize * g.w..][..g.w];
+        q.fill(T::zero());
+        {
+            // padded position x + 1 = 4t + j goes to q[j][t]
+            let (q0, rest) = q.split_at_mut(qw);
+            let (q1, rest) = rest.split_at_mut(qw);
+            let (q2, q3) = rest.split_at_mut(qw);
+            let head = row.len().min(3);
+            for (x, v) in row[..head].iter().enumerate() {
+                [&mut *q1, &mut *q2, &mut *q3][x][0] = *v;
+            }
+            let body = &row[head..];
+            let quads = body.chunks_exact(4);
+            let rem = quads.remainder();
+            let dst = q0[1..]
+                .iter_mut()
+                .zip(&mut q1[1..])
+                .zip(&mut q2[1..])
+                .zip(&mut q3[1..]);
+            for (c, (((a, b), e), f)) in quads.zip(dst) {
+                (*a, *b, *e, *f) = (c[0], c[1], c[2], c[3]);
+            }
+            let t = 1 + body.len() / 4;
+            for (j, v) in rem.iter().enumerate() {
+                [&mut *q0, &mut *q1, &mut *q2][j][t] = *v;
+            }
+        }
+        let d = [
+            &q[..tw],
+            &q[qw..qw + tw],
+            &q[2 * qw..2 * qw + tw],
+            &q[3 * qw..3 * qw + tw],
+            &q[1..1 + tw],
+            &q[qw + 1..qw + 1 + tw],
+        ];
+        let [o0, o1, o2, o3, o4, o5] = {
+            let mut it = out.chunks_exact_mut(tw);
+            std::array::from_fn(|_| it.next().unwrap())
+        };
+        bt6(d, [o0, o1, o2, o3, o4, o5]);
+    }
+    let tt = rows * tw;
+    for u in 0..rows {
+        for k in 0..6 {
+            let ins: [&[T]; 6] = std::array::from_fn(|r| &colt[((4 * u + r) * 6 + k) * tw..][..tw]);
+            // the six outputs ξ = i·6 + k, i = 0..6, at row stride 6·tt
+            let mut rest = &mut v[k * tt + u * tw..];
+            let outs: [&mut [T]; 6] = std::array::from_fn(|i| {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(if i < 5 { 6 * tt } else { tw });
+                rest = tail;
+                &mut head[..tw]
+            });
+            bt6(ins, outs);
+        }
+    }
+}
+simd!(input_plane_simd, input_plane, (g: &Geom, x: &[T], ty0: usize, rows: usize, v: &mut [T], tmp: &mut Vec<T>));
+
+/// `Aᵀ M A` of output channel `o` for the tile rows `ty0..ty0 + rows`:
+/// `m` is [ξ][rows·tw], `y` the channel's output plane (rows written in
+/// full, then finished by the epilogue).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn output_plane<T: WithDType>(
+    g: &Geom,
+    m: &[T],
+    ty0: usize,
+    rows: usize,
+    y: SyncPtr<T>,
+    finish: &dyn Fn(&mut [T], usize),
+    tmp: &mut Vec<T>,
+) {
+    let tw = g.wo.div_ceil(4);
+    let tt = rows * tw;
+    tmp.resize(24 * tw, T::zero());
+    let qs = &mut tmp[..];
+    for u in 0..rows {
+        // qs[r][j] = Σ_i Aᵀ[r][i]·M[i][j]
+        for j in 0..6 {
+            let ins: [&[T]; 6] = std::array::from_fn(|i| &m[(i * 6 + j) * tt + u * tw..][..tw]);
+            at4(ins, tw, |t, o| {
+                for (r, v) in o.into_iter().enumerate() {
+                    qs[(r * 6 + j) * tw + t] = v;
+                }
+            });
+        }
+        for r in 0..4 {
+            let oy = 4 * (ty0 + u) + r;
+            if oy >= g.ho {
+                break;
+            }
+            // SAFETY: row oy of this channel's plane: inside it (oy < Ho),
+            // and only this call writes it (channels and rows disjoint).
+            let row = unsafe { std::slice::from_raw_parts_mut(y.get().add(oy * g.wo), g.wo) };
+            let q: [&[T]; 6] = std::array::from_fn(|j| &qs[(r * 6 + j) * tw..][..tw]);
+            let full = g.wo / 4;
+            let (body, tail) = row.split_at_mut(4 * full);
+            at4(q, full, |t, o| body[4 * t..4 * t + 4].copy_from_slice(&o));
+            if !tail.is_empty() {
+                let q: [&[T]; 6] = q.map(|s| &s[full..]);
+                at4(q, 1, |_, o| tail.copy_from_slice(&o[..tail.len()]));
+            }
+            finish(row, oy * g.wo);
+        }
+    }
+}
+simd!(output_plane_simd, output_plane, (g: &Geom, m: &[T], ty0: usize, rows: usize, y: SyncPtr<T>, finish: &dyn Fn(&mut [T], usize), tmp: &mut Vec<T>));
+
+/// `gemm` on one thread: `dst (m×n, row stride dst_rs) = a · b`.
+///
+/// # Safety
+/// As [`super::gemm_raw`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm1<T: WithDType>(
+    dst: *mut T,
+    dst_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (*const T, usize),
+    b: (*const T, usize),
+) {
+    // SAFETY: as the caller guarantees; beta is ignored (no accumulate).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            a.0,
+            1,
+            a.1 as isize,
+            b.0,
+            1,
+            b.1 as isize,
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The convolution (see the module docs); the output is written in full.
+pub(super) fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogue<T>>) -> Vec<T> {
+    let tw = g.wo.div_ceil(4);
+    let rows = BLOCK_ELEMS / (36 * (g.cin + g.cout) * tw);
+    forward_blocks(g, x, w, epi, rows)
+}
+
+/// [`forward`] in blocks of `rows` tile rows (at least one).
+fn forward_blocks<T: WithDType>(
+    g: &Geom,
+    x: &[T],
+    w: &[T],
+    epi: Option<&Epilogue<T>>,
+    rows: usize,
+) -> Vec<T> {
+    assert!(
+        g.k == 3 && g.s == 1 && g.p == 1,
+        "winograd: 3x3, stride 1, padding 1 only"
+    );
+    assert_eq!(x.len(), g.n * g.cin * g.h * g.w, "conv2d input");
+    assert_eq!(w.len(), g.cout * g.cin * 9, "conv2d weight");
+    let u = weights(g, w);
+    let (th, tw) = (g.ho.div_ceil(4), g.wo.div_ceil(4));
+    let per_tile = 36 * (g.cin + g.cout);
+    let rows = rows.clamp(1, th);
+    let l = g.ho * g.wo;
+    let len = g.n * g.cout * l;
+    let mut y: Vec<T> = Vec::with_capacity(len);
+    let base = SyncPtr(y.as_mut_ptr());
+    let mut scratch = Scratch::take();
+    let buf = scratch.get(rows * tw * per_tile);
+    for (b, xb) in x.chunks(g.cin * g.h * g.w).enumerate() {
+        for ty0 in (0..th).step_by(rows) {
+            let rows = rows.min(th - ty0);
+            let tt = rows * tw;
+            let (v, m) = buf.split_at_mut(g.cin * 36 * tt);
+            let m = &mut m[..g.cout * 36 * tt];
+            v.par_chunks_mut(36 * tt)
+                .zip(xb.par_chunks(g.h * g.w))
+                .for_each_init(Vec::new, |tmp, (v, x)| input_plane_simd(g, x, ty0, rows, v, tmp));
+            let (vp, mp) = (SyncPtr(v.as_mut_ptr()), SyncPtr(m.as_mut_ptr()));
+            (0..36usize).into_par_iter().for_each(|xi| {
+                // SAFETY: M[·][ξ][·] (Cout × tt at row stride 36·tt) is this
+                // ξ's alone; U_ξ is Cout × Cin at row stride 36·Cin, V_ξ is
+                // Cin × tt at row stride 36·tt, all inside their buffers.
+                unsafe {
+                    gemm1(
+                        mp.get().add(xi * tt),
+                        36 * tt,
+                        g.cout,
+                        tt,
+                        g.cin,
+                        (u.as_ptr().add(xi * g.cin), 36 * g.cin),
+                        (vp.get().add(xi * tt) as *const T, 36 * tt),
+                    )
+                }
+            });
+            let m = &*m;
+            (0..g.cout).into_par_iter().for_each_init(Vec::new, |tmp, o| {
+                let finish = |row: &mut [T], at: usize| {
+                    if let Some(e) = epi {
+                        e.finish(g, b, o, row, at);
+                    }
+                };
+                // SAFETY: channel o of item b lies within y's capacity.
+                let plane = SyncPtr(unsafe { base.get().add((b * g.cout + o) * l) });
+                output_plane_simd(
+                    g,
+                    &m[o * 36 * tt..(o + 1) * 36 * tt],
+                    ty0,
+                    rows,
+                    plane,
+                    &finish,
+                    tmp,
+                );
+            });
+        }
+    }
+    // SAFETY: every item's tile rows cover all output rows, and each output
+    // channel's rows were written in full by `output_plane`.
+    unsafe { y.set_len(len) };
+    y
+}
+
+/// The input gradient `gX = conv(gY, W')` with `W'[c][o] = flip(W[o][c])`,
+/// for a layer where [`applies`] holds with input and output swapped.
+pub(super) fn input_grad<T: WithDType>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
+    let mut wt = vec![T::zero(); w.len()];
+    for o in 0..g.cout {
+        for c in 0..g.cin {
+            for k in 0..9 {
+                wt[(c * g.cout + o) * 9 + 8 - k] = w[(o * g.cin + c) * 9 + k];
+            }
+        }
+    }
+    let gt = transposed(g);
+    forward(&gt, gy, &wt, None)
+}
+
+/// The geometry of a stride-1, padding-1 3x3 layer's input gradient.
+pub(super) fn transposed(g: &Geom) -> Geom {
+    Geom {
+        cin: g.cout,
+        cout: g.cin,
+        h: g.ho,
+        w: g.wo,
+        ho: g.h,
+        wo: g.w,
+        ..*g
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Shape, Tensor};
+
+    /// Bᵀ and Aᵀ of Lavin & Gray's F(4x4, 3x3) as matrices: `bt6` and `at4`
+    /// are hand-simplified forms of them.
+    const BT: [[f64; 6]; 6] = [
+        [4., 0., -5., 0., 1., 0.],
+        [0., -4., -4., 1., 1., 0.],
+        [0., 4., -4., -1., 1., 0.],
+        [0., -2., -1., 2., 1., 0.],
+        [0., 2., -1., -2., 1., 0.],
+        [0., 4., 0., -5., 0., 1.],
+    ];
+    const AT: [[f64; 6]; 4] = [
+        [1., 1., 1., 1., 1., 0.],
+        [0., 1., -1., 2., -2., 0.],
+        [0., 1., 1., 4., 4., 0.],
+        [0., 1., -1., 8., -8., 1.],
+    ];
+
+    fn randn(n: usize) -> Vec<f64> {
+        Tensor::randn(0f64, 1., n, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn transforms_are_the_matrices() {
+        let n = 5;
+        let d: Vec<Vec<f64>> = (0..6).map(|_| randn(n)).collect();
+        let ins: [&[f64]; 6] = std::array::from_fn(|j| &d[j][..]);
+        let mut out = vec![0f64; 6 * n];
+        {
+            let mut it = out.chunks_exact_mut(n);
+            bt6(ins, std::array::from_fn(|_| it.next().unwrap()));
+        }
+        let mut out4 = vec![[0f64; 4]; n];
+        at4(ins, n, |t, o| out4[t] = o);
+        for t in 0..n {
+            for (k, row) in BT.iter().enumerate() {
+                let want: f64 = (0..6).map(|j| row[j] * d[j][t]).sum();
+                assert!((out[k * n + t] - want).abs() < 1e-12, "Bᵀ row {k}");
+            }
+            for (r, row) in AT.iter().enumerate() {
+                let want: f64 = (0..6).map(|j| row[j] * d[j][t]).sum();
+                assert!((out4[t][r] - want).abs() < 1e-12, "Aᵀ row {r}");
+            }
+        }
+    }
+
+    fn geom(n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Geom {
+        Geom::new(
+            &Shape::from((n, cin, h, w)),
+            &Shape::from((cout, cin, 3, 3)),
+            1,
+            1,
+        )
+        .unwrap()
+    }
+
+    /// candle's own (direct) convolution in f64: the reference.
+    fn reference(x: &[f64], w: &[f64], g: &Geom) -> Vec<f64> {
+        let dev = Device::Cpu;
+        let xt = Tensor::from_slice(x, (g.n, g.cin, g.h, g.w), &dev).unwrap();
+        let wt = Tensor::from_slice(w, (g.cout, g.cin, 3, 3), &dev).unwrap();
+        xt.conv2d(&wt, 1, 1, 1, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// Every size class of the tiling (whole tiles, partial last tiles,
+    /// maps smaller than one tile, several blocks of tile rows) against
+    /// the direct sum: in f64 to rounding, which also checks the transforms'
+    /// coefficients; in f32 within F(4x4)'s known error.
+    #[test]
+    fn forward_matches_the_direct_convolution() {
+        for (n, cin, h, w, cout, rows) in [
+            (1, 3, 8, 8, 2, 9),
+            (2, 5, 13, 10, 4, 1),
+            (1, 4, 1, 2, 3, 1),
+            (1, 2, 3, 5, 5, 9),
+            (1, 8, 23, 17, 9, 2),
+            (2, 16, 9, 30, 8, 9),
+        ] {
+            let g = geom(n, cin, h, w, cout);
+            let (x, wt) = (randn(n * cin * h * w), randn(cout * cin * 9));
+            let want = reference(&x, &wt, &g);
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let got = forward_blocks(&g, &x, &wt, None, rows);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12 * scale, "f64 {a} vs {b} ({g:?})");
+            }
+            let (x32, w32): (Vec<f32>, Vec<f32>) = (
+                x.iter().map(|v| *v as f32).collect(),
+                wt.iter().map(|v| *v as f32).collect(),
+            );
+            let got = forward_blocks(&g, &x32, &w32, None, rows);
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            assert!(err < 1e-5 * scale, "f32 error {err} of {scale} ({g:?})");
+        }
+    }
+
+    /// The input gradient against the im2col path's (which is checked by
+    /// finite differences in `conv::tests`), f64.
+    #[test]
+    fn input_gradient_matches_the_direct_one() {
+        for (n, cin, h, w, cout) in [(1, 3, 7, 9, 4), (2, 9, 12, 11, 8)] {
+            let g = geom(n, cin, h, w, cout);
+            let (gy, wt) = (randn(n * cout * h * w), randn(cout * cin * 9));
+            let want = super::super::input_grad_direct(&g, &gy, &wt);
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let got = input_grad(&g, &gy, &wt);
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12 * scale, "{a} vs {b} ({g:?})");
+            }
+        }
+    }
+
+    #[test]
+    fn only_stride_one_padded_3x3_layers_of_some_size_apply() {
+        assert!(applies(&geom(1, 16, 32, 32, 16)));
+        // 4 tiles in all
+        assert!(!applies(&geom(1, 16, 8, 8, 16)));
+        // 3 input channels (the stem)
+        assert!(!applies(&geom(1, 3, 32, 32, 16)));
+        let strided = Geom::new(&Shape::from((1, 16, 64, 64)), &Shape::from((16, 16, 3, 3)), 2, 1).unwrap();
+        assert!(!applies(&strided));
+        let pointwise = Geom::new(&Shape::from((1, 16, 64, 64)), &Shape::from((16, 16, 1, 1)), 1, 0).unwrap();
+        assert!(!applies(&pointwise));
+    }
+}
