@@ -864,6 +864,15 @@ struct WeightGrad {
 }
 
 fn weight_grad<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
+    if winograd::applies(g) {
+        winograd::weight_grad(g, x, gy)
+    } else {
+        weight_grad_direct(g, x, gy)
+    }
+}
+
+/// [`weight_grad`] by im2col + gemm.
+fn weight_grad_direct<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
     let (kk, l) = g.kl();
     let mut gw = vec![T::from_f64(0.0); g.cout * kk];
     let mut col = Scratch::take();

@@ -24,7 +24,7 @@
 //! weights), so training uses it too; the weight gradient stays im2col.
 //! The transforms are compiled twice and the AVX2 copy picked at run time.
 
-use super::{Epilogue, Geom, Scratch};
+use super::{Epilogue, Geom, Mat, Scratch};
 use crate::model::cpu::SyncPtr;
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -121,6 +121,30 @@ fn at4<T: WithDType>(m: [&[T]; 6], n: usize, mut out: impl FnMut(usize, [T; 4]))
                 d12 + eight * d34 + m5[t],
             ],
         );
+    }
+}
+
+/// `out[j] = Σ_s A[j][s]·y[s]` with `A = (Aᵀ)ᵀ`: the adjoint of [`at4`],
+/// which takes an output gradient tile (4) to the transformed domain (6).
+#[inline(always)]
+fn a6<T: WithDType>(y: [&[T]; 4], out: [&mut [T]; 6]) {
+    let n = out[0].len();
+    let [y0, y1, y2, y3] = y.map(|s| &s[..n]);
+    let [o0, o1, o2, o3, o4, o5] = out.map(|s| &mut s[..n]);
+    let (two, four, eight) = (T::from_f64(2.), T::from_f64(4.), T::from_f64(8.));
+    for t in 0..n {
+        let (p02, d13, p02b, d13b) = (
+            y0[t] + y2[t],
+            y1[t] + y3[t],
+            y0[t] + four * y2[t],
+            two * y1[t] + eight * y3[t],
+        );
+        o0[t] = y0[t];
+        o1[t] = p02 + d13;
+        o2[t] = p02 - d13;
+        o3[t] = p02b + d13b;
+        o4[t] = p02b - d13b;
+        o5[t] = y3[t];
     }
 }
 
@@ -315,7 +339,61 @@ fn output_plane<T: WithDType>(
 }
 simd!(output_plane_simd, output_plane, (g: &Geom, m: &[T], ty0: usize, rows: usize, y: SyncPtr<T>, finish: &dyn Fn(&mut [T], usize), tmp: &mut Vec<T>));
 
-/// `gemm` on one thread: `dst (m×n, row stride dst_rs) = a · b`.
+/// The transformed output gradient `A ȳ_t Aᵀ` of one channel `gy` (Ho×Wo)
+/// for the tile rows `ty0..ty0 + rows`: `m` is [ξ][rows·tw]. Positions
+/// past the output's edge count as zero.
+#[inline(always)]
+fn grad_plane<T: WithDType>(g: &Geom, gy: &[T], ty0: usize, rows: usize, m: &mut [T], tmp: &mut Vec<T>) {
+    let tw = g.wo.div_ceil(4);
+    let tt = rows * tw;
+    // tmp: the four phases of an output row (`q[s][t] = row[4t + s]`),
+    // and the four column-transformed rows of a tile row [r][j][tw]
+    tmp.resize(4 * tw + 24 * tw, T::zero());
+    let (q, colt) = tmp.split_at_mut(4 * tw);
+    for u in 0..rows {
+        for r in 0..4 {
+            let out = &mut colt[r * 6 * tw..(r + 1) * 6 * tw];
+            let y = 4 * (ty0 + u) + r;
+            if y >= g.ho {
+                out.fill(T::zero());
+                continue;
+            }
+            let row = &gy[y * g.wo..][..g.wo];
+            q.fill(T::zero());
+            {
+                let (q0, rest) = q.split_at_mut(tw);
+                let (q1, rest) = rest.split_at_mut(tw);
+                let (q2, q3) = rest.split_at_mut(tw);
+                let quads = row.chunks_exact(4);
+                let rem = quads.remainder();
+                let dst = q0.iter_mut().zip(&mut *q1).zip(&mut *q2).zip(&mut *q3);
+                for (c, (((a, b), e), f)) in quads.zip(dst) {
+                    (*a, *b, *e, *f) = (c[0], c[1], c[2], c[3]);
+                }
+                for (s, v) in rem.iter().enumerate() {
+                    [&mut *q0, &mut *q1, &mut *q2][s][g.wo / 4] = *v;
+                }
+            }
+            let ys: [&[T]; 4] = std::array::from_fn(|s| &q[s * tw..(s + 1) * tw]);
+            let mut it = out.chunks_exact_mut(tw);
+            a6(ys, std::array::from_fn(|_| it.next().unwrap()));
+        }
+        for j in 0..6 {
+            let ins: [&[T]; 4] = std::array::from_fn(|r| &colt[(r * 6 + j) * tw..][..tw]);
+            // the six outputs ξ = i·6 + j at row stride 6·tt
+            let mut rest = &mut m[j * tt + u * tw..];
+            let outs: [&mut [T]; 6] = std::array::from_fn(|i| {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(if i < 5 { 6 * tt } else { tw });
+                rest = tail;
+                &mut head[..tw]
+            });
+            a6(ins, outs);
+        }
+    }
+}
+simd!(grad_plane_simd, grad_plane, (g: &Geom, gy: &[T], ty0: usize, rows: usize, m: &mut [T], tmp: &mut Vec<T>));
+
+/// `gemm` on one thread: `dst (m×n, row stride dst_rs) = [dst +] a · b`.
 ///
 /// # Safety
 /// As [`super::gemm_raw`].
@@ -326,10 +404,12 @@ unsafe fn gemm1<T: WithDType>(
     m: usize,
     n: usize,
     k: usize,
-    a: (*const T, usize),
-    b: (*const T, usize),
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
 ) {
-    // SAFETY: as the caller guarantees; beta is ignored (no accumulate).
+    // SAFETY: as the caller guarantees; without `accumulate` the gemm
+    // crate writes `dst` without reading it.
     unsafe {
         gemm::gemm(
             m,
@@ -338,20 +418,29 @@ unsafe fn gemm1<T: WithDType>(
             dst,
             1,
             dst_rs as isize,
-            false,
-            a.0,
-            1,
-            a.1 as isize,
-            b.0,
-            1,
-            b.1 as isize,
-            T::zero(),
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            T::one(),
             T::one(),
             false,
             false,
             false,
             gemm::Parallelism::None,
         )
+    }
+}
+
+/// A matrix at `p` with row stride `rs`, column stride `cs`.
+fn at_ptr<T>(p: *const T, rs: usize, cs: usize) -> Mat<T> {
+    Mat {
+        ptr: p,
+        rs: rs as isize,
+        cs: cs as isize,
     }
 }
 
@@ -407,8 +496,9 @@ fn forward_blocks<T: WithDType>(
                         g.cout,
                         tt,
                         g.cin,
-                        (u.as_ptr().add(xi * g.cin), 36 * g.cin),
-                        (vp.get().add(xi * tt) as *const T, 36 * tt),
+                        at_ptr(u.as_ptr().add(xi * g.cin), 36 * g.cin, 1),
+                        at_ptr(vp.get().add(xi * tt), 36 * tt, 1),
+                        false,
                     )
                 }
             });
@@ -438,6 +528,99 @@ fn forward_blocks<T: WithDType>(
     unsafe { y.set_len(len) };
     y
 }
+
+/// The weight gradient `gW = Σ_b Σ_t Gᵀ [(A ȳ_t Aᵀ) ⊙ (Bᵀ d_t B)] G` (the
+/// adjoint of the forward in `W`): per block, 36 gemms `dU_ξ += Ŷ_ξ·V_ξᵀ`
+/// (Cout × tiles times tiles × Cin) accumulated over blocks and items,
+/// then `Gᵀ dU G` per channel pair.
+pub(super) fn weight_grad<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
+    let tw = g.wo.div_ceil(4);
+    let rows = BLOCK_ELEMS / (36 * (g.cin + g.cout) * tw);
+    weight_grad_blocks(g, x, gy, rows)
+}
+
+/// [`weight_grad`] in blocks of `rows` tile rows (at least one).
+fn weight_grad_blocks<T: WithDType>(g: &Geom, x: &[T], gy: &[T], rows: usize) -> Vec<T> {
+    assert!(
+        g.k == 3 && g.s == 1 && g.p == 1,
+        "winograd: 3x3, stride 1, padding 1 only"
+    );
+    assert_eq!(x.len(), g.n * g.cin * g.h * g.w, "conv2d input");
+    assert_eq!(gy.len(), g.n * g.cout * g.ho * g.wo, "conv2d output gradient");
+    let (th, tw) = (g.ho.div_ceil(4), g.wo.div_ceil(4));
+    let rows = rows.clamp(1, th);
+    // dU[ξ][o][c]
+    let mut du = vec![T::zero(); 36 * g.cout * g.cin];
+    let dp = SyncPtr(du.as_mut_ptr());
+    let mut scratch = Scratch::take();
+    let buf = scratch.get(rows * tw * 36 * (g.cin + g.cout));
+    let mut first = true;
+    for (xb, gyb) in x.chunks(g.cin * g.h * g.w).zip(gy.chunks(g.cout * g.ho * g.wo)) {
+        for ty0 in (0..th).step_by(rows) {
+            let rows = rows.min(th - ty0);
+            let tt = rows * tw;
+            let (v, m) = buf.split_at_mut(g.cin * 36 * tt);
+            let m = &mut m[..g.cout * 36 * tt];
+            v.par_chunks_mut(36 * tt)
+                .zip(xb.par_chunks(g.h * g.w))
+                .for_each_init(Vec::new, |tmp, (v, x)| input_plane_simd(g, x, ty0, rows, v, tmp));
+            m.par_chunks_mut(36 * tt)
+                .zip(gyb.par_chunks(g.ho * g.wo))
+                .for_each_init(Vec::new, |tmp, (m, gy)| grad_plane_simd(g, gy, ty0, rows, m, tmp));
+            let (v, m) = (&*v, &*m);
+            (0..36usize).into_par_iter().for_each(|xi| {
+                // SAFETY: dU_ξ (Cout × Cin, contiguous) is this ξ's alone and
+                // initialised (zeros); Ŷ_ξ is Cout × tt at row stride 36·tt,
+                // V_ξᵀ is tt × Cin with V_ξ's row stride as column stride.
+                unsafe {
+                    gemm1(
+                        dp.get().add(xi * g.cout * g.cin),
+                        g.cin,
+                        g.cout,
+                        g.cin,
+                        tt,
+                        at_ptr(m.as_ptr().add(xi * tt), 36 * tt, 1),
+                        at_ptr(v.as_ptr().add(xi * tt), 1, 36 * tt),
+                        !first,
+                    )
+                }
+            });
+            first = false;
+        }
+    }
+    let mut gw = vec![T::zero(); g.cout * g.cin * 9];
+    let du = &du;
+    gw.par_chunks_mut(g.cin * 9)
+        .enumerate()
+        .for_each_init(Vec::new, |tmp, (o, gw)| weight_grad_row_simd(g, du, o, gw, tmp));
+    gw
+}
+
+/// `gW[o][c] = Gᵀ dU[·][o][c] G` for one output channel `o`.
+#[inline(always)]
+fn weight_grad_row<T: WithDType>(g: &Geom, du: &[T], o: usize, gw: &mut [T], tmp: &mut Vec<T>) {
+    let gm = cast::<T, 6, 3>(&G);
+    let cin = g.cin;
+    tmp.resize(7 * cin, T::zero());
+    let (t1, out) = tmp.split_at_mut(6 * cin);
+    for a in 0..3 {
+        let ga: [T; 6] = std::array::from_fn(|i| gm[i][a]);
+        // t1[j][c] = Σ_i G[i][a]·dU[i·6 + j][o][c]
+        for (j, t) in t1.chunks_exact_mut(cin).enumerate() {
+            let ins: [&[T]; 6] = std::array::from_fn(|i| &du[((i * 6 + j) * g.cout + o) * cin..][..cin]);
+            lincomb(t, &ga, &ins);
+        }
+        let ins: Vec<&[T]> = t1.chunks_exact(cin).collect();
+        for b in 0..3 {
+            let gb: [T; 6] = std::array::from_fn(|j| gm[j][b]);
+            lincomb(out, &gb, &ins);
+            for (c, v) in out.iter().enumerate() {
+                gw[c * 9 + a * 3 + b] = *v;
+            }
+        }
+    }
+}
+simd!(weight_grad_row_simd, weight_grad_row, (g: &Geom, du: &[T], o: usize, gw: &mut [T], tmp: &mut Vec<T>));
 
 /// The input gradient `gX = conv(gY, W')` with `W'[c][o] = flip(W[o][c])`,
 /// for a layer where [`applies`] holds with input and output swapped.
@@ -472,8 +655,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Shape, Tensor};
 
-    /// Bᵀ and Aᵀ of Lavin & Gray's F(4x4, 3x3) as matrices: `bt6` and `at4`
-    /// are hand-simplified forms of them.
+    /// Bᵀ and Aᵀ of Lavin & Gray's F(4x4, 3x3) as matrices: `bt6`, `at4`
+    /// and `a6` are hand-simplified forms of them and of A.
     const BT: [[f64; 6]; 6] = [
         [4., 0., -5., 0., 1., 0.],
         [0., -4., -4., 1., 1., 0.],
@@ -508,6 +691,14 @@ mod tests {
         }
         let mut out4 = vec![[0f64; 4]; n];
         at4(ins, n, |t, o| out4[t] = o);
+        let mut out6 = vec![0f64; 6 * n];
+        {
+            let mut it = out6.chunks_exact_mut(n);
+            a6(
+                std::array::from_fn(|s| &d[s][..]),
+                std::array::from_fn(|_| it.next().unwrap()),
+            );
+        }
         for t in 0..n {
             for (k, row) in BT.iter().enumerate() {
                 let want: f64 = (0..6).map(|j| row[j] * d[j][t]).sum();
@@ -516,6 +707,10 @@ mod tests {
             for (r, row) in AT.iter().enumerate() {
                 let want: f64 = (0..6).map(|j| row[j] * d[j][t]).sum();
                 assert!((out4[t][r] - want).abs() < 1e-12, "Aᵀ row {r}");
+            }
+            for j in 0..6 {
+                let want: f64 = (0..4).map(|s| AT[s][j] * d[s][t]).sum();
+                assert!((out6[j * n + t] - want).abs() < 1e-12, "A row {j}");
             }
         }
     }
@@ -592,6 +787,34 @@ mod tests {
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-12 * scale, "{a} vs {b} ({g:?})");
             }
+        }
+    }
+
+    /// The weight gradient against the im2col path's (checked by finite
+    /// differences in `conv::tests`): f64 to rounding, several blocks and
+    /// items; f32 within F(4x4)'s error.
+    #[test]
+    fn weight_gradient_matches_the_direct_one() {
+        for (n, cin, h, w, cout, rows) in [(1, 3, 7, 9, 4, 9), (2, 9, 13, 11, 8, 1), (3, 4, 2, 5, 2, 9)] {
+            let g = geom(n, cin, h, w, cout);
+            let (x, gy) = (randn(n * cin * h * w), randn(n * cout * h * w));
+            let want = super::super::weight_grad_direct(&g, &x, &gy);
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let got = weight_grad_blocks(&g, &x, &gy, rows);
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12 * scale, "{a} vs {b} ({g:?})");
+            }
+            let (x32, gy32): (Vec<f32>, Vec<f32>) = (
+                x.iter().map(|v| *v as f32).collect(),
+                gy.iter().map(|v| *v as f32).collect(),
+            );
+            let got = weight_grad_blocks(&g, &x32, &gy32, rows);
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            assert!(err < 1e-5 * scale, "f32 error {err} of {scale} ({g:?})");
         }
     }
 
