@@ -59,7 +59,7 @@ fn softmax_channels_generic(x: &Tensor) -> Result<Tensor> {
 struct SoftmaxChannels;
 
 /// Pixels per block of the channel loops.
-const BLOCK: usize = 1024;
+pub(crate) const BLOCK: usize = 1024;
 
 impl SoftmaxChannels {
     /// Calls `f(plane_offset, len)` for every block of pixels of every item,
@@ -72,42 +72,8 @@ impl SoftmaxChannels {
         });
     }
 
-    fn fwd<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
-        let mut y = vec![T::zero(); x.len()];
-        let out = cpu::SyncPtr(y.as_mut_ptr());
-        Self::each(n, c, hw, |at, len| {
-            let mut m = vec![f64::NEG_INFINITY; len];
-            for k in 0..c {
-                for (m, v) in m.iter_mut().zip(&x[at + k * hw..][..len]) {
-                    *m = m.max(v.to_f64());
-                }
-            }
-            let mut s = vec![0f64; len];
-            for k in 0..c {
-                // SAFETY: blocks are disjoint pixel ranges of distinct items,
-                // so no two closures write the same element of `y`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at + k * hw), len) };
-                for (((d, v), m), s) in dst
-                    .iter_mut()
-                    .zip(&x[at + k * hw..][..len])
-                    .zip(&m)
-                    .zip(s.iter_mut())
-                {
-                    let e = cpu::exp_in::<T>(v.to_f64() - m);
-                    *s += e;
-                    *d = T::from_f64(e);
-                }
-            }
-            s.iter_mut().for_each(|s| *s = 1.0 / *s);
-            for k in 0..c {
-                // SAFETY: as above.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at + k * hw), len) };
-                for (d, s) in dst.iter_mut().zip(&s) {
-                    *d = T::from_f64(d.to_f64() * s);
-                }
-            }
-        });
-        y
+    fn fwd<T: cpu::Real>(x: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
+        softmax_planes(x, n, c, hw, |_, _, _, _| ()).0
     }
 
     fn bwd<T: WithDType>(y: &[T], g: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
@@ -132,6 +98,60 @@ impl SoftmaxChannels {
         });
         gx
     }
+}
+
+/// Softmax across the `c` channels of each pixel of (N, C, HW) `x`, in
+/// blocks of pixels in parallel, in the data's precision; also returns
+/// `f(item, first pixel, max, exp-sum)` of every block (per pixel of the
+/// block: the channel maximum `m` and `Σ_c exp(x_c − m)`).
+pub(crate) fn softmax_planes<T: cpu::Real, R: Send>(
+    x: &[T],
+    n: usize,
+    c: usize,
+    hw: usize,
+    f: impl Fn(usize, usize, &[T], &[T]) -> R + Sync,
+) -> (Vec<T>, Vec<R>) {
+    let mut y = vec![T::zero(); x.len()];
+    let out = cpu::SyncPtr(y.as_mut_ptr());
+    let per = hw.div_ceil(BLOCK);
+    let parts = (0..n * per)
+        .into_par_iter()
+        .map(|i| {
+            let (b, p0) = (i / per, (i % per) * BLOCK);
+            let (at, len) = (b * c * hw + p0, BLOCK.min(hw - p0));
+            let mut m = vec![T::from_f64(f64::NEG_INFINITY); len];
+            for k in 0..c {
+                for (m, v) in m.iter_mut().zip(&x[at + k * hw..][..len]) {
+                    // a NaN never replaces the maximum, as f64::max
+                    *m = if *v > *m { *v } else { *m };
+                }
+            }
+            let mut s = vec![T::zero(); len];
+            for k in 0..c {
+                // SAFETY: blocks are disjoint pixel ranges of distinct items,
+                // so no two closures write the same element of `y`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at + k * hw), len) };
+                for (((d, v), m), s) in dst
+                    .iter_mut()
+                    .zip(&x[at + k * hw..][..len])
+                    .zip(&m)
+                    .zip(s.iter_mut())
+                {
+                    let e = (*v - *m).exp();
+                    *s += e;
+                    *d = e;
+                }
+            }
+            let inv: Vec<T> = s.iter().map(|s| T::one() / *s).collect();
+            for k in 0..c {
+                // SAFETY: as above.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at + k * hw), len) };
+                dst.iter_mut().zip(&inv).for_each(|(d, i)| *d *= *i);
+            }
+            f(b, p0, &m, &s)
+        })
+        .collect();
+    (y, parts)
 }
 
 impl candle_core::CustomOp1 for SoftmaxChannels {

@@ -1,10 +1,10 @@
 //! What our CPU custom ops (`conv`, `batchnorm`, `blend`, `resize`, the
 //! cross-entropy in `train::loss`) share for reading candle's storage:
 //! contiguous slices of a layout, read-locked tensors, a pointer parallel
-//! blocks write disjoint elements through, and `exp` in the data's
+//! blocks write disjoint elements through, and `exp`/`ln` in the data's
 //! precision.
 
-use candle_core::{CpuStorage, DType, Layout, Result, Storage, StorageRef, Tensor, WithDType};
+use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor, WithDType};
 
 /// The elements a contiguous layout addresses in `s`.
 pub fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
@@ -43,13 +43,28 @@ pub fn nc_hw(l: &Layout) -> Result<(usize, usize, usize)> {
     Ok((n, c, h * w))
 }
 
-/// `exp` in the precision of the data (f32's is several times cheaper and
-/// is what a softmax in f32 computes anyway).
-pub fn exp_in<T: WithDType>(v: f64) -> f64 {
-    if T::DTYPE == DType::F32 {
-        (v as f32).exp() as f64
-    } else {
-        v.exp()
+/// f32 and f64 with `exp` and `ln` in their own precision, for generic
+/// kernels that would otherwise round-trip through f64 per element.
+pub trait Real: WithDType {
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
     }
 }
 

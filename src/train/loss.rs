@@ -7,11 +7,12 @@
 //! [`forward_substitute`] are written with tensor ops, column by column, and
 //! candle differentiates them like any other graph (9x9 matrices, batched).
 
-use crate::model::cpu::{self, exp_in};
+use crate::model::blend::softmax_planes;
+use crate::model::cpu::{self, Real};
 use crate::model::resize::resize;
 use crate::model::{Fused, ScaleOutput};
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, WithDType, D};
+use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 /// Ignore label of train-id maps.
@@ -63,7 +64,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&[f32]>) 
     if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
         let op = CrossEntropy {
             weights: weights.map(|w| w.iter().map(|&v| v as f64).collect()),
-            lse: Default::default(),
+            probs: Default::default(),
         };
         return Ok(logits
             .contiguous()?
@@ -89,18 +90,16 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&[f32]>) 
 }
 
 /// Weighted mean cross-entropy of (N, C, H, W) logits against (N, H, W) u32
-/// labels as one op: per pixel `lse = log Σ_c exp(x_c)`, `nll = lse − x_t`;
-/// the loss is `Σ w_t·nll / Σ w_t` over labelled pixels (0 when none).
-/// Backward: `∂/∂x_c = g·w_t·(softmax_c − [c = t]) / Σ w_t`, 0 on ignored
-/// pixels.
+/// labels as one op: per pixel `nll = m + log Σ_c exp(x_c − m) − x_t` (`m`
+/// the pixel's largest logit); the loss is `Σ w_t·nll / Σ w_t` over
+/// labelled pixels (0 when none). Backward: `∂/∂x_c = g·w_t·(softmax_c −
+/// [c = t]) / Σ w_t`, 0 on ignored pixels, from the softmax the forward
+/// kept (one `exp` per element in all, in the data's precision).
 struct CrossEntropy {
     weights: Option<Vec<f64>>,
-    /// The forward's per-pixel log-sum-exp, for the backward.
-    lse: std::sync::Mutex<Vec<f64>>,
+    /// The forward's softmax, for the backward.
+    probs: std::sync::Mutex<Option<candle_core::CpuStorage>>,
 }
-
-/// Pixels per block: the channel loop reads a contiguous run of each plane.
-const CE_BLOCK: usize = 512;
 
 impl CrossEntropy {
     fn weight(&self, t: u32, c: usize) -> Option<f64> {
@@ -108,69 +107,48 @@ impl CrossEntropy {
         (t < c).then(|| self.weights.as_ref().map_or(1.0, |w| w[t]))
     }
 
-    /// Calls `f(n, p0, lse)` for each block of pixels `p0..p0 + lse.len()`
-    /// of batch item `n`, in parallel; `lse` is per pixel `log Σ exp`,
-    /// taken from `known` (all pixels, batch-major) when given.
-    fn blocks<T: WithDType, R: Send>(
-        x: &[T],
-        (n, c, hw): (usize, usize, usize),
-        known: Option<&[f64]>,
-        f: impl Fn(usize, usize, &[f64]) -> R + Sync,
-    ) -> Vec<R> {
-        use rayon::prelude::*;
-        let per = hw.div_ceil(CE_BLOCK);
-        (0..n * per)
-            .into_par_iter()
-            .map(|i| {
-                let (b, p0) = (i / per, (i % per) * CE_BLOCK);
-                let len = CE_BLOCK.min(hw - p0);
-                if let Some(k) = known {
-                    return f(b, p0, &k[b * hw + p0..][..len]);
-                }
-                let mut m = vec![f64::NEG_INFINITY; len];
-                for k in 0..c {
-                    let row = &x[(b * c + k) * hw + p0..][..len];
-                    for (m, v) in m.iter_mut().zip(row) {
-                        *m = m.max(v.to_f64());
-                    }
-                }
-                let mut s = vec![0.0; len];
-                for k in 0..c {
-                    let row = &x[(b * c + k) * hw + p0..][..len];
-                    for ((s, v), m) in s.iter_mut().zip(row).zip(&m) {
-                        *s += exp_in::<T>(v.to_f64() - m);
-                    }
-                }
-                let lse: Vec<f64> = s.iter().zip(&m).map(|(s, m)| m + s.ln()).collect();
-                f(b, p0, &lse)
-            })
-            .collect()
-    }
-
-    /// (Σ w_t·nll, Σ w_t), keeping the log-sum-exp for the backward.
-    fn sums<T: WithDType>(&self, x: &[T], t: &[u32], d: (usize, usize, usize)) -> (f64, f64) {
-        let (_, c, hw) = d;
-        let parts = Self::blocks(x, d, None, |b, p0, lse| {
+    /// The softmax and (Σ w_t·nll, Σ w_t), summed in f64 in a fixed order.
+    fn sums<T: Real>(&self, x: &[T], t: &[u32], (n, c, hw): (usize, usize, usize)) -> (Vec<T>, f64, f64) {
+        let (probs, parts) = softmax_planes(x, n, c, hw, |b, p0, m, s| {
             let (mut nll, mut den) = (0.0, 0.0);
-            for (j, l) in lse.iter().enumerate() {
+            for (j, (m, s)) in m.iter().zip(s).enumerate() {
                 let p = p0 + j;
                 let lab = t[b * hw + p];
                 if let Some(w) = self.weight(lab, c) {
-                    nll += w * (l - x[(b * c + lab as usize) * hw + p].to_f64());
+                    let xt = x[(b * c + lab as usize) * hw + p];
+                    nll += w * (*m + s.ln() - xt).to_f64();
                     den += w;
                 }
             }
-            (nll, den, lse.to_vec())
+            (nll, den)
         });
-        let mut all = Vec::with_capacity(t.len());
-        let (mut nll, mut den) = (0.0, 0.0);
-        for (a, b, l) in parts {
-            nll += a;
-            den += b;
-            all.extend(l);
-        }
-        *self.lse.lock().expect("lse lock") = all;
-        (nll, den)
+        let (nll, den) = parts.iter().fold((0.0, 0.0), |a, p| (a.0 + p.0, a.1 + p.1));
+        (probs, nll, den)
+    }
+
+    /// `g·w_t/Σw·(p − onehot)`, in place of the softmax `p`.
+    fn grad<T: Real>(&self, mut p: Vec<T>, t: &[u32], (n, c, hw): (usize, usize, usize), g: f64) -> Vec<T> {
+        use rayon::prelude::*;
+        let den = t
+            .iter()
+            .filter_map(|&lab| self.weight(lab, c))
+            .sum::<f64>()
+            .max(f64::MIN_POSITIVE);
+        // g·w_t/Σw per pixel, 0 where ignored
+        let k0: Vec<T> = t
+            .iter()
+            .map(|&l| T::from_f64(self.weight(l, c).map_or(0.0, |w| g * w / den)))
+            .collect();
+        debug_assert_eq!(p.len(), n * c * hw);
+        p.par_chunks_mut(hw).enumerate().for_each(|(plane, v)| {
+            let (b, k) = (plane / c, plane % c);
+            let (labs, k0) = (&t[b * hw..][..hw], &k0[b * hw..][..hw]);
+            for ((v, &lab), &k0) in v.iter_mut().zip(labs).zip(k0) {
+                let hot = if lab as usize == k { T::one() } else { T::zero() };
+                *v = k0 * (*v - hot);
+            }
+        });
+        p
     }
 }
 
@@ -189,11 +167,18 @@ impl candle_core::CustomOp2 for CrossEntropy {
         use candle_core::CpuStorage as S;
         let d = cpu::nc_hw(l1)?;
         let t: &[u32] = cpu::slice(s2, l2)?;
-        let (nll, den) = match s1 {
-            S::F32(_) => self.sums(cpu::slice::<f32>(s1, l1)?, t, d),
-            S::F64(_) => self.sums(cpu::slice::<f64>(s1, l1)?, t, d),
+        let (probs, nll, den) = match s1 {
+            S::F32(_) => {
+                let (p, a, b) = self.sums(cpu::slice::<f32>(s1, l1)?, t, d);
+                (S::F32(p), a, b)
+            }
+            S::F64(_) => {
+                let (p, a, b) = self.sums(cpu::slice::<f64>(s1, l1)?, t, d);
+                (S::F64(p), a, b)
+            }
             _ => candle_core::bail!("cross-entropy: f32 or f64 logits"),
         };
+        *self.probs.lock().expect("probs lock") = Some(probs);
         let loss = nll / den.max(f64::MIN_POSITIVE);
         let out = match s1 {
             S::F32(_) => S::F32(vec![loss as f32]),
@@ -209,65 +194,26 @@ impl candle_core::CustomOp2 for CrossEntropy {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        use candle_core::CpuStorage as S;
         let g = g.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let grad = match logits.dtype() {
-            DType::F32 => self.grad::<f32>(logits, labels, g)?,
-            _ => self.grad::<f64>(logits, labels, g)?,
-        };
-        Ok((Some(grad), None))
-    }
-}
-
-impl CrossEntropy {
-    fn grad<T: WithDType>(&self, logits: &Tensor, labels: &Tensor, g: f64) -> candle_core::Result<Tensor> {
-        let (xs, xl) = logits.storage_and_layout();
         let (ts, tl) = labels.storage_and_layout();
-        let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(ts)) = (&*xs, &*ts) else {
+        let candle_core::Storage::Cpu(ts) = &*ts else {
             candle_core::bail!("cross-entropy: CPU tensors only");
         };
-        let (x, t) = (cpu::slice::<T>(xs, xl)?, cpu::slice::<u32>(ts, tl)?);
-        let d @ (n, c, hw) = cpu::nc_hw(xl)?;
-        let den = t
-            .iter()
-            .filter_map(|&lab| self.weight(lab, c))
-            .sum::<f64>()
-            .max(f64::MIN_POSITIVE);
-        let lse = std::mem::take(&mut *self.lse.lock().expect("lse lock"));
-        if lse.len() != n * hw {
-            candle_core::bail!("cross-entropy: backward without its forward");
-        }
-        // each block returns its (C, len) gradient, written into place below
-        let parts = Self::blocks(x, d, Some(&lse), |b, p0, lse| {
-            let len = lse.len();
-            let labs = &t[b * hw + p0..][..len];
-            // g·w_t/Σw per pixel, 0 where ignored
-            let k0: Vec<f64> = labs
-                .iter()
-                .map(|&l| self.weight(l, c).map_or(0.0, |w| g * w / den))
-                .collect();
-            let mut out = vec![T::zero(); c * len];
-            for k in 0..c {
-                let row = &x[(b * c + k) * hw + p0..][..len];
-                let dst = &mut out[k * len..(k + 1) * len];
-                for j in 0..len {
-                    if k0[j] != 0.0 {
-                        let one = if labs[j] as usize == k { 1.0 } else { 0.0 };
-                        dst[j] = T::from_f64(k0[j] * (exp_in::<T>(row[j].to_f64() - lse[j]) - one));
-                    }
-                }
+        let t = cpu::slice::<u32>(ts, tl)?;
+        let d = (logits.dim(0)?, logits.dim(1)?, logits.dim(2)? * logits.dim(3)?);
+        let probs = self.probs.lock().expect("probs lock").take();
+        let (shape, dev) = (logits.shape(), logits.device());
+        let grad = match probs {
+            Some(S::F32(p)) if p.len() == logits.elem_count() => {
+                Tensor::from_vec(self.grad(p, t, d, g), shape, dev)?
             }
-            out
-        });
-        let mut gx = vec![T::zero(); n * c * hw];
-        let per = hw.div_ceil(CE_BLOCK);
-        for (i, part) in parts.iter().enumerate() {
-            let (b, p0) = (i / per, (i % per) * CE_BLOCK);
-            let len = part.len() / c;
-            for k in 0..c {
-                gx[(b * c + k) * hw + p0..][..len].copy_from_slice(&part[k * len..(k + 1) * len]);
+            Some(S::F64(p)) if p.len() == logits.elem_count() => {
+                Tensor::from_vec(self.grad(p, t, d, g), shape, dev)?
             }
-        }
-        Tensor::from_vec(gx, logits.shape(), logits.device())
+            _ => candle_core::bail!("cross-entropy: backward without its forward"),
+        };
+        Ok((Some(grad), None))
     }
 }
 
@@ -644,7 +590,7 @@ mod tests {
     #[test]
     fn cross_entropy_gradient_matches_finite_differences() {
         let dev = Device::Cpu;
-        let (n, c, h, w) = (2, 3, 1, CE_BLOCK + 5);
+        let (n, c, h, w) = (2, 3, 1, crate::model::blend::BLOCK + 5);
         let x0 = Tensor::randn(0f64, 2., (n, c, h, w), &dev).unwrap();
         let mut lab: Vec<u32> = (0..n * h * w).map(|i| (i * 7 % 4) as u32).collect();
         lab.iter_mut().filter(|v| **v == 3).for_each(|v| *v = IGNORE);

@@ -86,30 +86,45 @@ main = "ce"
     RunConfig::from_toml_str(&text, Path::new("overfit.toml")).unwrap()
 }
 
+/// Train, checkpoint, load and evaluate on the training image. Which
+/// pixels the evaluation gets right is chaotic in the rounding of training
+/// (BatchNorm's running statistics at batch 1 lag the weights): one seed
+/// varies between 0.86 and 0.95 mIoU with numerically equivalent changes,
+/// so the bound is on the mean over three seeds, each also above 0.8.
 #[test]
 fn a_small_model_overfits_one_image() {
-    let d = tempfile::tempdir().unwrap();
-    blocks_dataset(d.path());
-    let cfg = overfit_config(d.path());
-    let r = train(&cfg, &d.path().join("run"), &mut Quiet).unwrap();
-    assert!(r.finished && r.step == 100);
-    let net =
-        hmsa_lab::model::checkpoint::load(&cfg.model, r.weights.as_ref().unwrap(), &candle_core::Device::Cpu)
-            .unwrap();
-    let res = hmsa_lab::eval::evaluate(
-        &net,
-        &cfg.val_dataset().unwrap(),
-        &cfg.eval.sets,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let first = r.steps[0].loss;
-    let last = r.steps.last().unwrap().loss;
-    assert!(
-        res[0].metrics.miou > 0.9,
-        "mIoU {} (loss {first} -> {last})",
-        res[0].metrics.miou
-    );
+    let mut mious = vec![];
+    for seed in 0..3 {
+        let d = tempfile::tempdir().unwrap();
+        blocks_dataset(d.path());
+        let mut cfg = overfit_config(d.path());
+        cfg.train.seed = seed;
+        let r = train(&cfg, &d.path().join("run"), &mut Quiet).unwrap();
+        assert!(r.finished && r.step == 100);
+        let net = hmsa_lab::model::checkpoint::load(
+            &cfg.model,
+            r.weights.as_ref().unwrap(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let res = hmsa_lab::eval::evaluate(
+            &net,
+            &cfg.val_dataset().unwrap(),
+            &cfg.eval.sets,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let (first, last) = (r.steps[0].loss, r.steps.last().unwrap().loss);
+        assert!(last < first / 20.0, "seed {seed}: loss {first} -> {last}");
+        assert!(
+            res[0].metrics.miou > 0.8,
+            "seed {seed}: mIoU {}",
+            res[0].metrics.miou
+        );
+        mious.push(res[0].metrics.miou);
+    }
+    let mean = mious.iter().sum::<f64>() / 3.0;
+    assert!(mean > 0.9, "mean mIoU {mean} ({mious:?})");
 }
 
 #[test]
