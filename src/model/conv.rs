@@ -327,9 +327,9 @@ fn im2col<T: WithDType>(g: &Geom, x: &[T], rows: std::ops::Range<usize>, col: &m
                     if g.s == 1 {
                         dst[cols.clone()].copy_from_slice(&src[x0..x0 + cols.len()]);
                     } else {
-                        for (i, d) in dst[cols.clone()].iter_mut().enumerate() {
-                            *d = src[x0 + i * g.s];
-                        }
+                        // iterators, not indices: no bounds check per element
+                        let src = src[x0..].iter().step_by(g.s);
+                        dst[cols.clone()].iter_mut().zip(src).for_each(|(d, v)| *d = *v);
                     }
                 }
             }
@@ -369,9 +369,8 @@ fn col2im<T: WithDType>(g: &Geom, col: &[T], rows: std::ops::Range<usize>, x: &m
                             *d += *v;
                         }
                     } else {
-                        for (i, v) in src[cols.clone()].iter().enumerate() {
-                            dst[x0 + i * g.s] += *v;
-                        }
+                        let dst = dst[x0..].iter_mut().step_by(g.s);
+                        dst.zip(&src[cols.clone()]).for_each(|(d, v)| *d += *v);
                     }
                 }
             }
