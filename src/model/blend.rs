@@ -286,6 +286,31 @@ fn scaled<T: WithDType>(a: &[T], g: &[T], c: usize, hw: usize, f: impl Fn(T) -> 
     out
 }
 
+impl Blend {
+    /// (∂u unless `AddRest`, ∂v unless `Weight`, ∂a) as tensors, from the
+    /// storages of (u, v, a, g).
+    fn grad_tensors<T: WithDType>(
+        &self,
+        slices: &[(&CpuStorage, &Layout)],
+        (u, a): (&Tensor, &Tensor),
+        c: usize,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
+        let s: Vec<&[T]> = slices
+            .iter()
+            .map(|(s, l)| cpu::slice(s, l))
+            .collect::<Result<_>>()?;
+        let (n, _, h, w) = u.dims4()?;
+        let [gu, gv] = self.grads_uv(s[2], s[3], c, h * w);
+        let ga = self.grad_a(s[0], s[1], s[3], n, c, h * w);
+        let t = |v: Vec<T>| Tensor::from_vec(v, u.shape(), u.device());
+        Ok((
+            gu.map(t).transpose()?,
+            gv.map(t).transpose()?,
+            Tensor::from_vec(ga, a.shape(), a.device())?,
+        ))
+    }
+}
+
 impl CustomOp3 for Blend {
     fn name(&self) -> &'static str {
         "blend"
@@ -338,7 +363,7 @@ impl CustomOp3 for Blend {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let (_, c, h, w) = u.dims4()?;
+        let c = u.dim(1)?;
         let guards = [u, v, a, &g].map(|t| t.storage_and_layout());
         let mut slices = vec![];
         for (s, l) in &guards {
@@ -347,36 +372,9 @@ impl CustomOp3 for Blend {
                 _ => candle_core::bail!("blend: CPU tensors only"),
             }
         }
-        let (n, hw) = (u.dim(0)?, h * w);
         let (gu, gv, ga) = match slices[0].0 {
-            CpuStorage::F32(_) => {
-                let s: Vec<&[f32]> = slices
-                    .iter()
-                    .map(|(s, l)| cpu::slice(s, l))
-                    .collect::<Result<_>>()?;
-                let [gu, gv] = self.grads_uv(s[2], s[3], c, hw);
-                let ga = self.grad_a(s[0], s[1], s[3], n, c, hw);
-                let t = |v: Vec<f32>| Tensor::from_vec(v, u.shape(), u.device());
-                (
-                    gu.map(t).transpose()?,
-                    gv.map(t).transpose()?,
-                    Tensor::from_vec(ga, a.shape(), a.device())?,
-                )
-            }
-            _ => {
-                let s: Vec<&[f64]> = slices
-                    .iter()
-                    .map(|(s, l)| cpu::slice(s, l))
-                    .collect::<Result<_>>()?;
-                let [gu, gv] = self.grads_uv(s[2], s[3], c, hw);
-                let ga = self.grad_a(s[0], s[1], s[3], n, c, hw);
-                let t = |v: Vec<f64>| Tensor::from_vec(v, u.shape(), u.device());
-                (
-                    gu.map(t).transpose()?,
-                    gv.map(t).transpose()?,
-                    Tensor::from_vec(ga, a.shape(), a.device())?,
-                )
-            }
+            CpuStorage::F32(_) => self.grad_tensors::<f32>(&slices, (u, a), c)?,
+            _ => self.grad_tensors::<f64>(&slices, (u, a), c)?,
         };
         drop(guards);
         // ∂u of `AddRest` is the output gradient itself

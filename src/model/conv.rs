@@ -473,10 +473,32 @@ fn gemm<T: WithDType>(
     assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
     // SAFETY: `dst` holds the m×n block at row stride dst_rs (asserted) and
     // is initialised; `a` and `b` as `gemm_raw` requires (the callers').
-    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, m, n, kk, a, b, accumulate) }
+    unsafe {
+        gemm_raw(
+            dst.as_mut_ptr(),
+            dst_rs,
+            m,
+            n,
+            kk,
+            a,
+            b,
+            accumulate,
+            threads_for(m, n, kk),
+        )
+    }
 }
 
-/// [`gemm`] into memory that need not be initialised unless `accumulate`.
+/// Threads for an m×n×k product: all of them above 64k multiply-adds.
+fn threads_for(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    if m * n * k >= 1 << 16 {
+        gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// [`gemm`] into memory that need not be initialised unless `accumulate`,
+/// on `threads`.
 ///
 /// # Safety
 /// `dst` is valid for writes of the m×n block at row stride `dst_rs` (and
@@ -492,12 +514,8 @@ unsafe fn gemm_raw<T: WithDType>(
     a: Mat<T>,
     b: Mat<T>,
     accumulate: bool,
+    threads: gemm::Parallelism,
 ) {
-    let threads = if m * n * kk >= 1 << 16 {
-        gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: as the caller guarantees; with `accumulate` false the gemm
     // crate writes `dst` without reading it (beta ignored).
     unsafe {
@@ -635,7 +653,18 @@ fn forward_direct<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogu
             // SAFETY: one gemm writes all Cout×L outputs of the item (row
             // stride L), then the epilogue reads them.
             unsafe {
-                gemm_raw(yb.get(), l, g.cout, l, kk, mat(w, kk, 1), mat(xb, l, 1), false);
+                let threads = threads_for(g.cout, l, kk);
+                gemm_raw(
+                    yb.get(),
+                    l,
+                    g.cout,
+                    l,
+                    kk,
+                    mat(w, kk, 1),
+                    mat(xb, l, 1),
+                    false,
+                    threads,
+                );
                 if let Some(e) = epi {
                     e.apply(g, b, yb, 0..l);
                 }
@@ -660,6 +689,7 @@ fn forward_direct<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogu
                     mat(w, kk, 1),
                     mat(col, lt, 1),
                     false,
+                    threads_for(g.cout, lt, kk),
                 );
                 if let Some(e) = epi {
                     e.apply(g, b, yb, cols);

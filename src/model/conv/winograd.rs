@@ -24,7 +24,7 @@
 //! weights), so training uses it too; the weight gradient stays im2col.
 //! The transforms are compiled twice and the AVX2 copy picked at run time.
 
-use super::{Epilogue, Geom, Mat, Scratch};
+use super::{gemm_raw, Epilogue, Geom, Mat, Scratch};
 use crate::model::cpu::SyncPtr;
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -146,6 +146,17 @@ fn a6<T: WithDType>(y: [&[T]; 4], out: [&mut [T]; 6]) {
         o4[t] = p02b - d13b;
         o5[t] = y3[t];
     }
+}
+
+/// Six disjoint runs of `len` elements of `buf`, `stride` apart.
+#[inline(always)]
+fn rows6<T>(buf: &mut [T], stride: usize, len: usize) -> [&mut [T]; 6] {
+    let mut rest = buf;
+    std::array::from_fn(|i| {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(if i < 5 { stride } else { len });
+        rest = tail;
+        &mut head[..len]
+    })
 }
 
 fn cast<T: WithDType, const R: usize, const C: usize>(m: &[[f64; C]; R]) -> [[T; C]; R] {
@@ -276,14 +287,8 @@ fn input_plane<T: WithDType>(g: &Geom, x: &[T], ty0: usize, rows: usize, v: &mut
     for u in 0..rows {
         for k in 0..6 {
             let ins: [&[T]; 6] = std::array::from_fn(|r| &colt[((4 * u + r) * 6 + k) * tw..][..tw]);
-            // the six outputs ξ = i·6 + k, i = 0..6, at row stride 6·tt
-            let mut rest = &mut v[k * tt + u * tw..];
-            let outs: [&mut [T]; 6] = std::array::from_fn(|i| {
-                let (head, tail) = std::mem::take(&mut rest).split_at_mut(if i < 5 { 6 * tt } else { tw });
-                rest = tail;
-                &mut head[..tw]
-            });
-            bt6(ins, outs);
+            // the six outputs ξ = i·6 + k, i = 0..6
+            bt6(ins, rows6(&mut v[k * tt + u * tw..], 6 * tt, tw));
         }
     }
 }
@@ -380,60 +385,12 @@ fn grad_plane<T: WithDType>(g: &Geom, gy: &[T], ty0: usize, rows: usize, m: &mut
         }
         for j in 0..6 {
             let ins: [&[T]; 4] = std::array::from_fn(|r| &colt[(r * 6 + j) * tw..][..tw]);
-            // the six outputs ξ = i·6 + j at row stride 6·tt
-            let mut rest = &mut m[j * tt + u * tw..];
-            let outs: [&mut [T]; 6] = std::array::from_fn(|i| {
-                let (head, tail) = std::mem::take(&mut rest).split_at_mut(if i < 5 { 6 * tt } else { tw });
-                rest = tail;
-                &mut head[..tw]
-            });
-            a6(ins, outs);
+            // the six outputs ξ = i·6 + j, i = 0..6
+            a6(ins, rows6(&mut m[j * tt + u * tw..], 6 * tt, tw));
         }
     }
 }
 simd!(grad_plane_simd, grad_plane, (g: &Geom, gy: &[T], ty0: usize, rows: usize, m: &mut [T], tmp: &mut Vec<T>));
-
-/// `gemm` on one thread: `dst (m×n, row stride dst_rs) = [dst +] a · b`.
-///
-/// # Safety
-/// As [`super::gemm_raw`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm1<T: WithDType>(
-    dst: *mut T,
-    dst_rs: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat<T>,
-    b: Mat<T>,
-    accumulate: bool,
-) {
-    // SAFETY: as the caller guarantees; without `accumulate` the gemm
-    // crate writes `dst` without reading it.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.ptr,
-            a.cs,
-            a.rs,
-            b.ptr,
-            b.cs,
-            b.rs,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
 
 /// A matrix at `p` with row stride `rs`, column stride `cs`.
 fn at_ptr<T>(p: *const T, rs: usize, cs: usize) -> Mat<T> {
@@ -441,6 +398,32 @@ fn at_ptr<T>(p: *const T, rs: usize, cs: usize) -> Mat<T> {
         ptr: p,
         rs: rs as isize,
         cs: cs as isize,
+    }
+}
+
+/// For each batch item `b` and block of `rows` tile rows from `ty0`:
+/// transforms the item's input into `V` ([Cin][ξ][tiles]) and calls
+/// `f(b, ty0, rows, V, M)` with `M` room for [Cout][ξ][tiles].
+fn each_block<T: WithDType>(
+    g: &Geom,
+    x: &[T],
+    rows: usize,
+    mut f: impl FnMut(usize, usize, usize, &mut [T], &mut [T]),
+) {
+    let (th, tw) = (g.ho.div_ceil(4), g.wo.div_ceil(4));
+    let rows = rows.clamp(1, th);
+    let mut scratch = Scratch::take();
+    let buf = scratch.get(rows * tw * 36 * (g.cin + g.cout));
+    for (b, xb) in x.chunks(g.cin * g.h * g.w).enumerate() {
+        for ty0 in (0..th).step_by(rows) {
+            let rows = rows.min(th - ty0);
+            let tt = rows * tw;
+            let (v, m) = buf.split_at_mut(g.cin * 36 * tt);
+            v.par_chunks_mut(36 * tt)
+                .zip(xb.par_chunks(g.h * g.w))
+                .for_each_init(Vec::new, |tmp, (v, x)| input_plane_simd(g, x, ty0, rows, v, tmp));
+            f(b, ty0, rows, v, &mut m[..g.cout * 36 * tt]);
+        }
     }
 }
 
@@ -466,63 +449,51 @@ fn forward_blocks<T: WithDType>(
     assert_eq!(x.len(), g.n * g.cin * g.h * g.w, "conv2d input");
     assert_eq!(w.len(), g.cout * g.cin * 9, "conv2d weight");
     let u = weights(g, w);
-    let (th, tw) = (g.ho.div_ceil(4), g.wo.div_ceil(4));
-    let per_tile = 36 * (g.cin + g.cout);
-    let rows = rows.clamp(1, th);
     let l = g.ho * g.wo;
     let len = g.n * g.cout * l;
     let mut y: Vec<T> = Vec::with_capacity(len);
     let base = SyncPtr(y.as_mut_ptr());
-    let mut scratch = Scratch::take();
-    let buf = scratch.get(rows * tw * per_tile);
-    for (b, xb) in x.chunks(g.cin * g.h * g.w).enumerate() {
-        for ty0 in (0..th).step_by(rows) {
-            let rows = rows.min(th - ty0);
-            let tt = rows * tw;
-            let (v, m) = buf.split_at_mut(g.cin * 36 * tt);
-            let m = &mut m[..g.cout * 36 * tt];
-            v.par_chunks_mut(36 * tt)
-                .zip(xb.par_chunks(g.h * g.w))
-                .for_each_init(Vec::new, |tmp, (v, x)| input_plane_simd(g, x, ty0, rows, v, tmp));
-            let (vp, mp) = (SyncPtr(v.as_mut_ptr()), SyncPtr(m.as_mut_ptr()));
-            (0..36usize).into_par_iter().for_each(|xi| {
-                // SAFETY: M[·][ξ][·] (Cout × tt at row stride 36·tt) is this
-                // ξ's alone; U_ξ is Cout × Cin at row stride 36·Cin, V_ξ is
-                // Cin × tt at row stride 36·tt, all inside their buffers.
-                unsafe {
-                    gemm1(
-                        mp.get().add(xi * tt),
-                        36 * tt,
-                        g.cout,
-                        tt,
-                        g.cin,
-                        at_ptr(u.as_ptr().add(xi * g.cin), 36 * g.cin, 1),
-                        at_ptr(vp.get().add(xi * tt), 36 * tt, 1),
-                        false,
-                    )
+    each_block(g, x, rows, |b, ty0, rows, v, m| {
+        let tt = rows * g.wo.div_ceil(4);
+        let (vp, mp) = (SyncPtr(v.as_mut_ptr()), SyncPtr(m.as_mut_ptr()));
+        (0..36usize).into_par_iter().for_each(|xi| {
+            // SAFETY: M[·][ξ][·] (Cout × tt at row stride 36·tt) is this
+            // ξ's alone; U_ξ is Cout × Cin at row stride 36·Cin, V_ξ is
+            // Cin × tt at row stride 36·tt, all inside their buffers.
+            unsafe {
+                gemm_raw(
+                    mp.get().add(xi * tt),
+                    36 * tt,
+                    g.cout,
+                    tt,
+                    g.cin,
+                    at_ptr(u.as_ptr().add(xi * g.cin), 36 * g.cin, 1),
+                    at_ptr(vp.get().add(xi * tt), 36 * tt, 1),
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        });
+        let m = &*m;
+        (0..g.cout).into_par_iter().for_each_init(Vec::new, |tmp, o| {
+            let finish = |row: &mut [T], at: usize| {
+                if let Some(e) = epi {
+                    e.finish(g, b, o, row, at);
                 }
-            });
-            let m = &*m;
-            (0..g.cout).into_par_iter().for_each_init(Vec::new, |tmp, o| {
-                let finish = |row: &mut [T], at: usize| {
-                    if let Some(e) = epi {
-                        e.finish(g, b, o, row, at);
-                    }
-                };
-                // SAFETY: channel o of item b lies within y's capacity.
-                let plane = SyncPtr(unsafe { base.get().add((b * g.cout + o) * l) });
-                output_plane_simd(
-                    g,
-                    &m[o * 36 * tt..(o + 1) * 36 * tt],
-                    ty0,
-                    rows,
-                    plane,
-                    &finish,
-                    tmp,
-                );
-            });
-        }
-    }
+            };
+            // SAFETY: channel o of item b lies within y's capacity.
+            let plane = SyncPtr(unsafe { base.get().add((b * g.cout + o) * l) });
+            output_plane_simd(
+                g,
+                &m[o * 36 * tt..(o + 1) * 36 * tt],
+                ty0,
+                rows,
+                plane,
+                &finish,
+                tmp,
+            );
+        });
+    });
     // SAFETY: every item's tile rows cover all output rows, and each output
     // channel's rows were written in full by `output_plane`.
     unsafe { y.set_len(len) };
@@ -547,47 +518,37 @@ fn weight_grad_blocks<T: WithDType>(g: &Geom, x: &[T], gy: &[T], rows: usize) ->
     );
     assert_eq!(x.len(), g.n * g.cin * g.h * g.w, "conv2d input");
     assert_eq!(gy.len(), g.n * g.cout * g.ho * g.wo, "conv2d output gradient");
-    let (th, tw) = (g.ho.div_ceil(4), g.wo.div_ceil(4));
-    let rows = rows.clamp(1, th);
     // dU[ξ][o][c]
     let mut du = vec![T::zero(); 36 * g.cout * g.cin];
     let dp = SyncPtr(du.as_mut_ptr());
-    let mut scratch = Scratch::take();
-    let buf = scratch.get(rows * tw * 36 * (g.cin + g.cout));
     let mut first = true;
-    for (xb, gyb) in x.chunks(g.cin * g.h * g.w).zip(gy.chunks(g.cout * g.ho * g.wo)) {
-        for ty0 in (0..th).step_by(rows) {
-            let rows = rows.min(th - ty0);
-            let tt = rows * tw;
-            let (v, m) = buf.split_at_mut(g.cin * 36 * tt);
-            let m = &mut m[..g.cout * 36 * tt];
-            v.par_chunks_mut(36 * tt)
-                .zip(xb.par_chunks(g.h * g.w))
-                .for_each_init(Vec::new, |tmp, (v, x)| input_plane_simd(g, x, ty0, rows, v, tmp));
-            m.par_chunks_mut(36 * tt)
-                .zip(gyb.par_chunks(g.ho * g.wo))
-                .for_each_init(Vec::new, |tmp, (m, gy)| grad_plane_simd(g, gy, ty0, rows, m, tmp));
-            let (v, m) = (&*v, &*m);
-            (0..36usize).into_par_iter().for_each(|xi| {
-                // SAFETY: dU_ξ (Cout × Cin, contiguous) is this ξ's alone and
-                // initialised (zeros); Ŷ_ξ is Cout × tt at row stride 36·tt,
-                // V_ξᵀ is tt × Cin with V_ξ's row stride as column stride.
-                unsafe {
-                    gemm1(
-                        dp.get().add(xi * g.cout * g.cin),
-                        g.cin,
-                        g.cout,
-                        g.cin,
-                        tt,
-                        at_ptr(m.as_ptr().add(xi * tt), 36 * tt, 1),
-                        at_ptr(v.as_ptr().add(xi * tt), 1, 36 * tt),
-                        !first,
-                    )
-                }
-            });
-            first = false;
-        }
-    }
+    each_block(g, x, rows, |b, ty0, rows, v, m| {
+        let tt = rows * g.wo.div_ceil(4);
+        let gyb = &gy[b * g.cout * g.ho * g.wo..][..g.cout * g.ho * g.wo];
+        m.par_chunks_mut(36 * tt)
+            .zip(gyb.par_chunks(g.ho * g.wo))
+            .for_each_init(Vec::new, |tmp, (m, gy)| grad_plane_simd(g, gy, ty0, rows, m, tmp));
+        let (v, m) = (&*v, &*m);
+        (0..36usize).into_par_iter().for_each(|xi| {
+            // SAFETY: dU_ξ (Cout × Cin, contiguous) is this ξ's alone and
+            // initialised (zeros); Ŷ_ξ is Cout × tt at row stride 36·tt,
+            // V_ξᵀ is tt × Cin with V_ξ's row stride as column stride.
+            unsafe {
+                gemm_raw(
+                    dp.get().add(xi * g.cout * g.cin),
+                    g.cin,
+                    g.cout,
+                    g.cin,
+                    tt,
+                    at_ptr(m.as_ptr().add(xi * tt), 36 * tt, 1),
+                    at_ptr(v.as_ptr().add(xi * tt), 1, 36 * tt),
+                    !first,
+                    gemm::Parallelism::None,
+                )
+            }
+        });
+        first = false;
+    });
     let mut gw = vec![T::zero(); g.cout * g.cin * 9];
     let du = &du;
     gw.par_chunks_mut(g.cin * 9)
@@ -738,6 +699,25 @@ mod tests {
             .unwrap()
     }
 
+    fn f32s(v: &[f64]) -> Vec<f32> {
+        v.iter().map(|v| *v as f32).collect()
+    }
+
+    /// `got` (f64) within rounding of `want`, and `got32` (the same in f32)
+    /// within F(4x4)'s f32 error, both relative to `want`'s largest value.
+    fn close(got: &[f64], got32: &[f32], want: &[f64], g: &Geom) {
+        assert_eq!((got.len(), got32.len()), (want.len(), want.len()));
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12 * scale, "f64 {a} vs {b} ({g:?})");
+        }
+        let err = got32
+            .iter()
+            .zip(want)
+            .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+        assert!(err < 1e-5 * scale, "f32 error {err} of {scale} ({g:?})");
+    }
+
     /// Every size class of the tiling (whole tiles, partial last tiles,
     /// maps smaller than one tile, several blocks of tile rows) against
     /// the direct sum: in f64 to rounding, which also checks the transforms'
@@ -755,38 +735,23 @@ mod tests {
             let g = geom(n, cin, h, w, cout);
             let (x, wt) = (randn(n * cin * h * w), randn(cout * cin * 9));
             let want = reference(&x, &wt, &g);
-            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
             let got = forward_blocks(&g, &x, &wt, None, rows);
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-12 * scale, "f64 {a} vs {b} ({g:?})");
-            }
-            let (x32, w32): (Vec<f32>, Vec<f32>) = (
-                x.iter().map(|v| *v as f32).collect(),
-                wt.iter().map(|v| *v as f32).collect(),
-            );
-            let got = forward_blocks(&g, &x32, &w32, None, rows);
-            let err = got
-                .iter()
-                .zip(&want)
-                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
-            assert!(err < 1e-5 * scale, "f32 error {err} of {scale} ({g:?})");
+            let got32 = forward_blocks(&g, &f32s(&x), &f32s(&wt), None, rows);
+            close(&got, &got32, &want, &g);
         }
     }
 
     /// The input gradient against the im2col path's (which is checked by
-    /// finite differences in `conv::tests`), f64.
+    /// finite differences in `conv::tests`).
     #[test]
     fn input_gradient_matches_the_direct_one() {
         for (n, cin, h, w, cout) in [(1, 3, 7, 9, 4), (2, 9, 12, 11, 8)] {
             let g = geom(n, cin, h, w, cout);
             let (gy, wt) = (randn(n * cout * h * w), randn(cout * cin * 9));
             let want = super::super::input_grad_direct(&g, &gy, &wt);
-            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
             let got = input_grad(&g, &gy, &wt);
-            assert_eq!(got.len(), want.len());
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-12 * scale, "{a} vs {b} ({g:?})");
-            }
+            let got32 = input_grad(&g, &f32s(&gy), &f32s(&wt));
+            close(&got, &got32, &want, &g);
         }
     }
 
@@ -799,22 +764,9 @@ mod tests {
             let g = geom(n, cin, h, w, cout);
             let (x, gy) = (randn(n * cin * h * w), randn(n * cout * h * w));
             let want = super::super::weight_grad_direct(&g, &x, &gy);
-            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
             let got = weight_grad_blocks(&g, &x, &gy, rows);
-            assert_eq!(got.len(), want.len());
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-12 * scale, "{a} vs {b} ({g:?})");
-            }
-            let (x32, gy32): (Vec<f32>, Vec<f32>) = (
-                x.iter().map(|v| *v as f32).collect(),
-                gy.iter().map(|v| *v as f32).collect(),
-            );
-            let got = weight_grad_blocks(&g, &x32, &gy32, rows);
-            let err = got
-                .iter()
-                .zip(&want)
-                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
-            assert!(err < 1e-5 * scale, "f32 error {err} of {scale} ({g:?})");
+            let got32 = weight_grad_blocks(&g, &f32s(&x), &f32s(&gy), rows);
+            close(&got, &got32, &want, &g);
         }
     }
 
