@@ -43,6 +43,35 @@ pub fn nc_hw(l: &Layout) -> Result<(usize, usize, usize)> {
     Ok((n, c, h * w))
 }
 
+/// `simd!(name, body, (args))` defines `name(args)`, which runs the
+/// `#[inline(always)]` function `body(args)` compiled for AVX2 and FMA
+/// where the CPU has them, else as is. The crate is built for baseline
+/// x86-64, so the plain loops the compiler vectorises are SSE2 (4-wide)
+/// outside such a wrapper. (A generic `avx2(|| body)` helper does not
+/// work: the compiler does not inline a large closure into the wrapper, so
+/// the body stays SSE2.)
+macro_rules! simd {
+    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+        fn $name<T: candle_core::WithDType>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2<T: candle_core::WithDType>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use simd;
+
 /// f32 and f64 with `exp` and `ln` in their own precision, for generic
 /// kernels that would otherwise round-trip through f64 per element.
 pub trait Real: WithDType {

@@ -124,6 +124,7 @@ struct BilinearGrad {
 /// One plane, separably: every input row resized horizontally once into
 /// `tmp` (H × W'), then each output row a blend of two `tmp` rows
 /// (contiguous, vectorised). Arithmetic in the data's precision.
+#[inline(always)]
 fn plane_forward<T: WithDType>(src: &[T], w: usize, ty: &[Tap], tx: &[Tap], tmp: &mut Vec<T>, dst: &mut [T]) {
     let ow = tx.len();
     let h = src.len() / w;
@@ -147,8 +148,11 @@ fn plane_forward<T: WithDType>(src: &[T], w: usize, ty: &[Tap], tx: &[Tap], tmp:
     }
 }
 
+super::cpu::simd!(plane_forward_simd, plane_forward, (src: &[T], w: usize, ty: &[Tap], tx: &[Tap], tmp: &mut Vec<T>, dst: &mut [T]));
+
 /// The adjoint of [`plane_forward`]: output rows scattered onto `tmp` rows
 /// (contiguous), then each `tmp` row scattered onto its input row.
+#[inline(always)]
 fn plane_backward<T: WithDType>(
     grad: &[T],
     ty: &[Tap],
@@ -182,6 +186,7 @@ fn plane_backward<T: WithDType>(
         }
     }
 }
+super::cpu::simd!(plane_backward_simd, plane_backward, (grad: &[T], ty: &[Tap], tx: &[Tap], w: usize, tmp: &mut Vec<T>, dst: &mut [T]));
 
 impl Bilinear {
     fn run<T: WithDType>(&self, src: &[T], l: &Layout) -> Result<(Vec<T>, Shape)> {
@@ -192,7 +197,7 @@ impl Bilinear {
         let mut dst = vec![T::zero(); n * c * plane];
         dst.par_chunks_mut(plane)
             .zip(src.par_chunks(h * w))
-            .for_each_init(Vec::new, |tmp, (d, s)| plane_forward(s, w, &ty, &tx, tmp, d));
+            .for_each_init(Vec::new, |tmp, (d, s)| plane_forward_simd(s, w, &ty, &tx, tmp, d));
         Ok((dst, Shape::from((n, c, self.out_h, self.out_w))))
     }
 }
@@ -229,7 +234,7 @@ impl BilinearGrad {
         dst.par_chunks_mut(plane)
             .zip(g.par_chunks(oh * ow))
             .for_each_init(Vec::new, |tmp, (d, s)| {
-                plane_backward(s, &ty, &tx, self.in_w, tmp, d)
+                plane_backward_simd(s, &ty, &tx, self.in_w, tmp, d)
             });
         Ok((dst, Shape::from((n, c, self.in_h, self.in_w))))
     }

@@ -25,7 +25,7 @@
 //! The transforms are compiled twice and the AVX2 copy picked at run time.
 
 use super::{gemm_raw, Epilogue, Geom, Mat, Scratch};
-use crate::model::cpu::SyncPtr;
+use crate::model::cpu::{simd, SyncPtr};
 use candle_core::WithDType;
 use rayon::prelude::*;
 
@@ -161,30 +161,6 @@ fn rows6<T>(buf: &mut [T], stride: usize, len: usize) -> [&mut [T]; 6] {
 
 fn cast<T: WithDType, const R: usize, const C: usize>(m: &[[f64; C]; R]) -> [[T; C]; R] {
     m.map(|row| row.map(T::from_f64))
-}
-
-/// Runs `$body` compiled for AVX2 where the CPU has it, else as is: the
-/// transforms are plain loops that the compiler vectorises to the width it
-/// is allowed (SSE2 without this).
-macro_rules! simd {
-    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
-        fn $name<T: WithDType>($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2<T: WithDType>($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has AVX2 and FMA (checked above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
 }
 
 /// `U[o][ξ][c] = (G w[o][c] Gᵀ)[ξ]` for one output channel `o`: `w` its
