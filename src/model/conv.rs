@@ -19,7 +19,10 @@
 //! it stays in cache between being written and being read by the gemm.
 //!
 //! The gemms are the `gemm` crate's (the one candle's matmul uses), with
-//! transposes expressed as strides. Other devices use candle's `conv2d`.
+//! transposes expressed as strides. Stride-1 3x3 layers with enough
+//! channels and output tiles take Winograd F(4x4, 3x3) instead, for the
+//! forward and both gradients ([`winograd`]). Other devices use candle's
+//! `conv2d`.
 
 use super::cpu;
 use candle_core::{
