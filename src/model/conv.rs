@@ -21,7 +21,7 @@
 //! The gemms are the `gemm` crate's (the one candle's matmul uses), with
 //! transposes expressed as strides. Stride-1 3x3 layers with enough
 //! channels and output tiles take Winograd F(4x4, 3x3) instead, for the
-//! forward and both gradients ([`winograd`]). Other devices use candle's
+//! forward and both gradients (`conv/winograd.rs`). Other devices use candle's
 //! `conv2d`.
 
 use super::cpu;
