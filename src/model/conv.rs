@@ -402,11 +402,12 @@ fn row_tiles(g: &Geom) -> impl Iterator<Item = std::ops::Range<usize>> {
 }
 
 thread_local! {
-    /// This thread's im2col tile buffer (f32), kept between convolutions.
+    /// This thread's tile buffer (f32), kept between convolutions.
     static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// A tile buffer for im2col/col2im: this thread's cached buffer when it is
+/// A tile buffer for im2col/col2im and the Winograd blocks: this thread's
+/// cached buffer when it is
 /// free, so that a convolution neither allocates nor zeroes its tiles (the
 /// tiles are written in full before they are read; a fresh buffer would be
 /// zeroed by calloc every call: 2% of a forward's instructions). A nested

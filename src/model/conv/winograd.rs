@@ -21,8 +21,10 @@
 //! F(4x4) trades accuracy for speed: in f32 the result differs from the
 //! direct sum by about 1e-5 of the output's scale (tests bound it). The
 //! input gradient of such a layer is itself one (flipped, transposed
-//! weights), so training uses it too; the weight gradient stays im2col.
-//! The transforms are compiled twice and the AVX2 copy picked at run time.
+//! weights); the weight gradient is the adjoint in `U`: per block 36 gemms
+//! `dU_ξ += Ŷ_ξ·V_ξᵀ` with `Ŷ = A ȳ Aᵀ`, then `gW = Gᵀ dU G`. The
+//! transforms are compiled twice and the AVX2 copy picked at run time
+//! (`cpu::simd!`).
 
 use super::{gemm_raw, Epilogue, Geom, Mat, Scratch};
 use crate::model::cpu::{simd, SyncPtr};
@@ -200,14 +202,47 @@ fn weights<T: WithDType>(g: &Geom, w: &[T]) -> Vec<T> {
     u
 }
 
+/// The four phases of `row` moved right by `shift` (0, or 1 for the
+/// padding): `q[j][t] = row[4t + j − shift]`, zero where that is outside
+/// the row; `q` holds the four runs of `qw` each.
+#[inline(always)]
+fn phases<T: WithDType>(row: &[T], shift: usize, q: &mut [T], qw: usize) {
+    q.fill(T::zero());
+    let (q0, rest) = q.split_at_mut(qw);
+    let (q1, rest) = rest.split_at_mut(qw);
+    let (q2, q3) = rest.split_at_mut(qw);
+    // the values before the first whole quad, then whole quads, then the rest
+    let head = ((4 - shift) % 4).min(row.len());
+    for (x, v) in row[..head].iter().enumerate() {
+        let p = x + shift;
+        [&mut *q0, &mut *q1, &mut *q2, &mut *q3][p % 4][p / 4] = *v;
+    }
+    let t0 = (head + shift) / 4;
+    let body = &row[head..];
+    let quads = body.chunks_exact(4);
+    let rem = quads.remainder();
+    let dst = q0[t0..]
+        .iter_mut()
+        .zip(&mut q1[t0..])
+        .zip(&mut q2[t0..])
+        .zip(&mut q3[t0..]);
+    for (c, (((a, b), e), f)) in quads.zip(dst) {
+        (*a, *b, *e, *f) = (c[0], c[1], c[2], c[3]);
+    }
+    let t = t0 + body.len() / 4;
+    for (j, v) in rem.iter().enumerate() {
+        [&mut *q0, &mut *q1, &mut *q2][j][t] = *v;
+    }
+}
+
 /// The transformed inputs of one channel `x` (H×W) for the tile rows
 /// `ty0..ty0 + rows` (`tw` tiles each): `v` is [ξ][rows·tw].
 #[inline(always)]
 fn input_plane<T: WithDType>(g: &Geom, x: &[T], ty0: usize, rows: usize, v: &mut [T], tmp: &mut Vec<T>) {
     let tw = g.wo.div_ceil(4);
     let n_in = 4 * rows + 2;
-    // tmp: the four phases of a zero-padded input row (`q[j][t] = row[4t +
-    // j − 1]`, 4 × (tw + 1)), and the column-transformed rows [r][k][tw]
+    // tmp: the four phases of the input row padded by one on the left
+    // (4 × (tw + 1)), and the column-transformed rows [r][k][tw]
     let qw = tw + 1;
     tmp.resize(4 * qw + n_in * 6 * tw, T::zero());
     let (q, colt) = tmp.split_at_mut(4 * qw);
@@ -218,33 +253,7 @@ fn input_plane<T: WithDType>(g: &Geom, x: &[T], ty0: usize, rows: usize, v: &mut
             out.fill(T::zero());
             continue;
         }
-        let row = &x[y as usize * g.w..][..g.w];
-        q.fill(T::zero());
-        {
-            // padded position x + 1 = 4t + j goes to q[j][t]
-            let (q0, rest) = q.split_at_mut(qw);
-            let (q1, rest) = rest.split_at_mut(qw);
-            let (q2, q3) = rest.split_at_mut(qw);
-            let head = row.len().min(3);
-            for (x, v) in row[..head].iter().enumerate() {
-                [&mut *q1, &mut *q2, &mut *q3][x][0] = *v;
-            }
-            let body = &row[head..];
-            let quads = body.chunks_exact(4);
-            let rem = quads.remainder();
-            let dst = q0[1..]
-                .iter_mut()
-                .zip(&mut q1[1..])
-                .zip(&mut q2[1..])
-                .zip(&mut q3[1..]);
-            for (c, (((a, b), e), f)) in quads.zip(dst) {
-                (*a, *b, *e, *f) = (c[0], c[1], c[2], c[3]);
-            }
-            let t = 1 + body.len() / 4;
-            for (j, v) in rem.iter().enumerate() {
-                [&mut *q0, &mut *q1, &mut *q2][j][t] = *v;
-            }
-        }
+        phases(&x[y as usize * g.w..][..g.w], 1, q, qw);
         let d = [
             &q[..tw],
             &q[qw..qw + tw],
@@ -327,8 +336,8 @@ simd!(output_plane_simd, output_plane, (g: &Geom, m: &[T], ty0: usize, rows: usi
 fn grad_plane<T: WithDType>(g: &Geom, gy: &[T], ty0: usize, rows: usize, m: &mut [T], tmp: &mut Vec<T>) {
     let tw = g.wo.div_ceil(4);
     let tt = rows * tw;
-    // tmp: the four phases of an output row (`q[s][t] = row[4t + s]`),
-    // and the four column-transformed rows of a tile row [r][j][tw]
+    // tmp: the four phases of an output row (4 × tw), and the four
+    // column-transformed rows of a tile row [r][j][tw]
     tmp.resize(4 * tw + 24 * tw, T::zero());
     let (q, colt) = tmp.split_at_mut(4 * tw);
     for u in 0..rows {
@@ -339,22 +348,7 @@ fn grad_plane<T: WithDType>(g: &Geom, gy: &[T], ty0: usize, rows: usize, m: &mut
                 out.fill(T::zero());
                 continue;
             }
-            let row = &gy[y * g.wo..][..g.wo];
-            q.fill(T::zero());
-            {
-                let (q0, rest) = q.split_at_mut(tw);
-                let (q1, rest) = rest.split_at_mut(tw);
-                let (q2, q3) = rest.split_at_mut(tw);
-                let quads = row.chunks_exact(4);
-                let rem = quads.remainder();
-                let dst = q0.iter_mut().zip(&mut *q1).zip(&mut *q2).zip(&mut *q3);
-                for (c, (((a, b), e), f)) in quads.zip(dst) {
-                    (*a, *b, *e, *f) = (c[0], c[1], c[2], c[3]);
-                }
-                for (s, v) in rem.iter().enumerate() {
-                    [&mut *q0, &mut *q1, &mut *q2][s][g.wo / 4] = *v;
-                }
-            }
+            phases(&gy[y * g.wo..][..g.wo], 0, q, tw);
             let ys: [&[T]; 4] = std::array::from_fn(|s| &q[s * tw..(s + 1) * tw]);
             let mut it = out.chunks_exact_mut(tw);
             a6(ys, std::array::from_fn(|_| it.next().unwrap()));
