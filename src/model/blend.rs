@@ -119,40 +119,61 @@ pub(crate) fn softmax_planes<T: cpu::Real, R: Send>(
         .map(|i| {
             let (b, p0) = (i / per, (i % per) * BLOCK);
             let (at, len) = (b * c * hw + p0, BLOCK.min(hw - p0));
-            let mut m = vec![T::from_f64(f64::NEG_INFINITY); len];
-            for k in 0..c {
-                for (m, v) in m.iter_mut().zip(&x[at + k * hw..][..len]) {
-                    // a NaN never replaces the maximum, as f64::max
-                    *m = if *v > *m { *v } else { *m };
-                }
-            }
+            let mut m = vec![T::zero(); len];
             let mut s = vec![T::zero(); len];
-            for k in 0..c {
-                // SAFETY: blocks are disjoint pixel ranges of distinct items,
-                // so no two closures write the same element of `y`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at + k * hw), len) };
-                for (((d, v), m), s) in dst
-                    .iter_mut()
-                    .zip(&x[at + k * hw..][..len])
-                    .zip(&m)
-                    .zip(s.iter_mut())
-                {
-                    let e = (*v - *m).exp();
-                    *s += e;
-                    *d = e;
-                }
-            }
-            let inv: Vec<T> = s.iter().map(|s| T::one() / *s).collect();
-            for k in 0..c {
-                // SAFETY: as above.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at + k * hw), len) };
-                dst.iter_mut().zip(&inv).for_each(|(d, i)| *d *= *i);
-            }
+            softmax_block_simd(x, c, hw, at, out, &mut m, &mut s);
             f(b, p0, &m, &s)
         })
         .collect();
     (y, parts)
 }
+
+/// One block of [`softmax_planes`]: the `len = m.len()` pixels from `at`
+/// of one item's `c` planes; leaves the channel maximum in `m` and the
+/// exp-sum in `s`.
+#[inline(always)]
+fn softmax_block<T: cpu::Real>(
+    x: &[T],
+    c: usize,
+    hw: usize,
+    at: usize,
+    y: cpu::SyncPtr<T>,
+    m: &mut [T],
+    s: &mut [T],
+) {
+    let len = m.len();
+    m.fill(T::from_f64(f64::NEG_INFINITY));
+    for k in 0..c {
+        for (m, v) in m.iter_mut().zip(&x[at + k * hw..][..len]) {
+            // a NaN never replaces the maximum, as f64::max
+            *m = if *v > *m { *v } else { *m };
+        }
+    }
+    s.fill(T::zero());
+    for k in 0..c {
+        // SAFETY: callers hand each block a disjoint pixel range of one
+        // item, so no two blocks write the same element of `y`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(y.get().add(at + k * hw), len) };
+        for (((d, v), m), s) in dst
+            .iter_mut()
+            .zip(&x[at + k * hw..][..len])
+            .zip(&*m)
+            .zip(s.iter_mut())
+        {
+            let e = (*v - *m).exp();
+            *s += e;
+            *d = e;
+        }
+    }
+    for k in 0..c {
+        // SAFETY: as above.
+        let dst = unsafe { std::slice::from_raw_parts_mut(y.get().add(at + k * hw), len) };
+        for (d, s) in dst.iter_mut().zip(&*s) {
+            *d /= *s;
+        }
+    }
+}
+cpu::simd!(softmax_block_simd, softmax_block, (x: &[T], c: usize, hw: usize, at: usize, y: cpu::SyncPtr<T>, m: &mut [T], s: &mut [T]), cpu::Real);
 
 impl candle_core::CustomOp1 for SoftmaxChannels {
     fn name(&self) -> &'static str {
