@@ -259,11 +259,11 @@ class Net(nn.Module):
         y = F.relu(a.bn1(a.conv1(y)))
         return a.conv2(y)
 
-    def fwd(self, x, with_attn=True):
+    def fwd(self, x, with_attn=True, with_aux=True):
         cls, aux, feats = self.ocr(self.backbone(x))
         size = x.shape[-2:]
         a = up(torch.sigmoid(self.attn(feats)), size) if with_attn else None
-        return up(cls, size), up(aux, size), a
+        return up(cls, size), up(aux, size) if with_aux else None, a
 
     def features(self, x):
         """Logits and aux at the input size, and the OCR features."""
@@ -284,23 +284,27 @@ class Net(nn.Module):
         aux = sum(up(a, size) * w[:, i : i + 1] for i, (_, a, _) in enumerate(outs))
         return pred, aux
 
-    def hierarchical(self, x1, scales):
+    def hierarchical(self, x1, scales, with_aux=True):
+        """The official `nscale_forward`; `with_aux=False` leaves out the aux
+        fusion, as our inference does (only training reads it)."""
         pred = aux = None
         per = {}
         for s in sorted(scales, reverse=True):
             x = resize_x(x1, s) if s != 1.0 else x1
-            cls, ax, a = self.fwd(x, pred is not None)
-            per[s] = (cls, a)
+            cls, ax, a = self.fwd(x, pred is not None, with_aux)
+            per[s] = (cls, ax, a)
             if pred is None:
                 pred, aux = cls, ax
             elif s >= 1.0:
                 pred = a * cls + (1 - a) * up(pred, cls.shape[-2:])
-                aux = a * ax + (1 - a) * up(aux, cls.shape[-2:])
+                if with_aux:
+                    aux = a * ax + (1 - a) * up(aux, cls.shape[-2:])
             else:
-                cls, ax = a * cls, a * ax
-                cls, ax, a = up(cls, pred.shape[-2:]), up(ax, pred.shape[-2:]), up(a, pred.shape[-2:])
-                pred = cls + (1 - a) * pred
-                aux = ax + (1 - a) * aux
+                size = pred.shape[-2:]
+                up_a = up(a, size)
+                pred = up(a * cls, size) + (1 - up_a) * pred
+                if with_aux:
+                    aux = up(a * ax, size) + (1 - up_a) * aux
         return pred, aux, per
 
 
@@ -324,12 +328,12 @@ def parity(weights, inp, dump, cfg_path):
     with torch.no_grad():
         pred, aux, per = net.hierarchical(x, [0.5, 1.0, 2.0])
     worst = 0.0
+    # our inference fuses no aux (nothing reads it); its per-scale aux is dumped
     checks = [("pred", pred), ("aux", aux)]
-    for s, (cls, a) in per.items():
+    for s, (cls, ax, a) in per.items():
         key = ("%.1f" % s) if float(s).is_integer() else str(s)
-        checks.append(("pred_" + key, cls))
-        if "attn_" + key in d:
-            checks.append(("attn_" + key, a))
+        checks += [("pred_" + key, cls), ("aux_" + key, ax), ("attn_" + key, a)]
+    checks = [(name, t) for name, t in checks if name in d]
     for name, t in checks:
         ref = d[name]
         diff = float(np.abs(ref - t.numpy()).max())
@@ -347,15 +351,15 @@ def bench(cfg_path, threads, h, w, scales, fusion):
     scales = [float(s) for s in scales.split(",")]
     with torch.no_grad():
         def run():
+            # the prediction only, as our inference (no aux fusion)
             if fusion == "hierarchical":
-                net.hierarchical(x, scales)
+                net.hierarchical(x, scales, with_aux=False)
             else:
                 probs = []
                 for s in scales:
-                    cls, aux, _ = net.fwd(resize_x(x, s) if s != 1.0 else x, False)
+                    cls, _, _ = net.fwd(resize_x(x, s) if s != 1.0 else x, False, False)
                     probs.append(F.softmax(up(cls, x.shape[-2:]), 1))
-                    probs.append(F.softmax(up(aux, x.shape[-2:]), 1))
-                torch.stack(probs[0::2]).mean(0).log(), torch.stack(probs[1::2]).mean(0).log()
+                torch.stack(probs).mean(0).log()
         run()
         times = []
         for _ in range(5):
@@ -498,9 +502,9 @@ def gpu(precision, device="cuda"):
         def run():
             with torch.no_grad(), ctx():
                 if fusion == "hierarchical":
-                    net.hierarchical(x, scales)
+                    net.hierarchical(x, scales, with_aux=False)
                 else:
-                    net.fwd(x, False)
+                    net.fwd(x, False, False)
 
         rows.append(("infer", fusion, scales, (h, w)) + timed(run))
         del net

@@ -106,9 +106,9 @@ pub fn infer_one(
     if let Some(d) = dump {
         let mut m: HashMap<String, Tensor> = HashMap::new();
         m.insert("pred".into(), fused.pred.clone());
-        m.insert("aux".into(), fused.aux.clone());
         for o in &outs {
-            m.insert(format!("pred_{}", format_scale(o.scale)), o.pred.clone());
+            m.insert(format!("pred_{}", format_scale(o.scale)), o.pred()?);
+            m.insert(format!("aux_{}", format_scale(o.scale)), o.aux_pred()?);
         }
         for (s, a) in &fused.attn {
             m.insert(format!("attn_{}", format_scale(*s)), a.clone());

@@ -47,20 +47,24 @@ pub fn nc_hw(l: &Layout) -> Result<(usize, usize, usize)> {
 /// `#[inline(always)]` function `body(args)` compiled for AVX2 and FMA
 /// where the CPU has them, else as is. The crate is built for baseline
 /// x86-64, so the plain loops the compiler vectorises are SSE2 (4-wide)
-/// outside such a wrapper; a fourth argument bounds `T` by another trait
-/// than `WithDType`. (A generic `avx2(|| body)` helper does not
+/// outside such a wrapper. `simd!(name, body, [const N: usize], (args),
+/// Bound)` adds generics after `T` and bounds `T` by another trait than
+/// `WithDType`. (A generic `avx2(|| body)` helper does not
 /// work: the compiler does not inline a large closure into the wrapper, so
 /// the body stays SSE2.)
 macro_rules! simd {
     ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
-        $crate::model::cpu::simd!($name, $body, ($($arg: $ty),*), candle_core::WithDType);
+        $crate::model::cpu::simd!($name, $body, [], ($($arg: $ty),*), candle_core::WithDType);
     };
     ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*), $bound:path) => {
-        fn $name<T: $bound>($($arg: $ty),*) {
+        $crate::model::cpu::simd!($name, $body, [], ($($arg: $ty),*), $bound);
+    };
+    ($name:ident, $body:ident, [$($gen:tt)*], ($($arg:ident: $ty:ty),*), $bound:path) => {
+        fn $name<T: $bound, $($gen)*>($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2<T: $bound>($($arg: $ty),*) {
+                unsafe fn avx2<T: $bound, $($gen)*>($($arg: $ty),*) {
                     $body($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2")

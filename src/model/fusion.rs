@@ -15,7 +15,7 @@
 
 use super::blend;
 use super::ocr::AttnHead;
-use super::resize::resize;
+use super::resize::{resize, resize_via};
 use crate::{Error, Result};
 use candle_core::{ModuleT, Tensor};
 use serde::{Deserialize, Serialize};
@@ -136,11 +136,18 @@ pub fn parse_scales(s: &str) -> std::result::Result<Vec<f64>, String> {
 }
 
 /// What one forward pass of the shared network gives at one scale.
+///
+/// The logits are kept as the network gives them, at 1/4 of the scale's
+/// input size; [`ScaleOutput::pred`] reads them at the input size (the
+/// official `scale_as(cls_out, x)`), and [`ScaleOutput::pred_at`] at any
+/// other size in one resize, without making the input-size map first.
 #[derive(Debug, Clone)]
 pub struct ScaleOutput {
     pub scale: f64,
-    /// Semantic logits (N, K, H_s, W_s) at this scale's input resolution.
-    pub pred: Tensor,
+    /// This scale's input size (H_s, W_s).
+    pub size: (usize, usize),
+    /// Semantic logits (N, K, h, w) at the network's output resolution.
+    pub cls: Tensor,
     /// Auxiliary logits, same shape.
     pub aux: Tensor,
     /// Relative attention `sigmoid(h(x_s))` (N, 1, H_s, W_s), when computed.
@@ -149,13 +156,37 @@ pub struct ScaleOutput {
     pub feats: Tensor,
 }
 
+impl ScaleOutput {
+    /// Semantic logits (N, K, H_s, W_s) at this scale's input size.
+    pub fn pred(&self) -> Result<Tensor> {
+        Ok(resize(&self.cls, self.size.0, self.size.1)?)
+    }
+
+    /// [`Self::pred`] resized to `hw`, as one resize.
+    pub fn pred_at(&self, hw: (usize, usize)) -> Result<Tensor> {
+        Ok(resize_via(&self.cls, self.size, hw)?)
+    }
+
+    /// Auxiliary logits at this scale's input size.
+    pub fn aux_pred(&self) -> Result<Tensor> {
+        Ok(resize(&self.aux, self.size.0, self.size.1)?)
+    }
+
+    /// [`Self::aux_pred`] resized to `hw`, as one resize.
+    pub fn aux_at(&self, hw: (usize, usize)) -> Result<Tensor> {
+        Ok(resize_via(&self.aux, self.size, hw)?)
+    }
+}
+
 /// The fused result.
 #[derive(Debug, Clone)]
 pub struct Fused {
     /// (N, K, H, W) at the 1.0x input resolution; logits for single,
     /// hierarchical and explicit fusion, log-probabilities for average and max.
     pub pred: Tensor,
-    pub aux: Tensor,
+    /// The auxiliary logits fused the same way, in training only (the loss
+    /// reads them; inference has no use for them and skips the work).
+    pub aux: Option<Tensor>,
     /// Per scale (high to low), the weight map the fusion gave that scale's
     /// prediction, at that scale's input resolution (empty for the baselines).
     pub attn: Vec<(f64, Tensor)>,
@@ -165,11 +196,6 @@ fn sorted_high_to_low(outs: &[ScaleOutput]) -> Vec<&ScaleOutput> {
     let mut v: Vec<&ScaleOutput> = outs.iter().collect();
     v.sort_by(|a, b| b.scale.total_cmp(&a.scale));
     v
-}
-
-fn size(t: &Tensor) -> Result<(usize, usize)> {
-    let (_, _, h, w) = t.dims4()?;
-    Ok((h, w))
 }
 
 impl Fusion {
@@ -184,24 +210,28 @@ impl Fusion {
     ) -> Result<Fused> {
         let scales: Vec<f64> = outs.iter().map(|o| o.scale).collect();
         self.check_scales(&scales, "scales")?;
-        let (oh, ow) = out_hw;
         let outs = sorted_high_to_low(outs);
+        // the aux logits go through the same fusion, in training only
+        let aux = |f: &dyn Fn(Part) -> Result<Tensor>| -> Result<Option<Tensor>> {
+            train.then(|| f(Part::Aux)).transpose()
+        };
         match self {
             Fusion::Single => {
                 let o = outs[0];
+                let f = |p: Part| p.at(o, out_hw);
                 Ok(Fused {
-                    pred: resize(&o.pred, oh, ow)?,
-                    aux: resize(&o.aux, oh, ow)?,
+                    pred: f(Part::Pred)?,
+                    aux: aux(&f)?,
                     attn: vec![],
                 })
             }
             Fusion::Average | Fusion::Max => {
-                let reduce = |get: fn(&ScaleOutput) -> &Tensor| -> Result<Tensor> {
+                let reduce = |part: Part| -> Result<Tensor> {
                     // Pairwise element-wise sums / maxima: candle's reduction
                     // over a stacked leading dim takes its slow strided path.
                     let mut acc: Option<Tensor> = None;
                     for o in &outs {
-                        let p = blend::softmax_channels(&resize(get(o), oh, ow)?)?;
+                        let p = blend::softmax_channels(&part.at(o, out_hw)?)?;
                         acc = Some(match acc {
                             None => p,
                             Some(a) if self == Fusion::Average => (a + p)?,
@@ -217,12 +247,19 @@ impl Fusion {
                     Ok(p.log()?)
                 };
                 Ok(Fused {
-                    pred: reduce(|o| &o.pred)?,
-                    aux: reduce(|o| &o.aux)?,
+                    pred: reduce(Part::Pred)?,
+                    aux: aux(&reduce)?,
                     attn: vec![],
                 })
             }
-            Fusion::Hierarchical => hierarchical(&outs),
+            Fusion::Hierarchical => Ok(Fused {
+                pred: hierarchical(&outs, Part::Pred)?,
+                aux: aux(&|p| hierarchical(&outs, p))?,
+                attn: outs[1..]
+                    .iter()
+                    .map(|o| Ok((o.scale, attn_of(o)?)))
+                    .collect::<Result<_>>()?,
+            }),
             Fusion::Explicit => {
                 let head = explicit.ok_or_else(|| {
                     Error::invalid(
@@ -236,39 +273,73 @@ impl Fusion {
     }
 }
 
-fn hierarchical(outs: &[&ScaleOutput]) -> Result<Fused> {
-    let attn_of = |o: &ScaleOutput| -> Result<Tensor> {
-        o.attn.clone().ok_or_else(|| {
-            Error::invalid(
-                "fusion",
-                format!(
-                    "hierarchical fusion needs the attention of scale {}",
-                    format_scale(o.scale)
-                ),
-            )
-        })
-    };
-    let first = outs[0];
-    let mut pred = first.pred.clone();
-    let mut aux = first.aux.clone();
-    let mut attn = vec![];
-    for o in &outs[1..] {
-        let a = attn_of(o)?;
-        attn.push((o.scale, a.clone()));
-        if o.scale >= 1.0 {
-            // Bring the running prediction down to this scale, then blend.
-            let (h, w) = size(&o.pred)?;
-            pred = blend::mix(&o.pred, &resize(&pred, h, w)?, &a)?;
-            aux = blend::mix(&o.aux, &resize(&aux, h, w)?, &a)?;
-        } else {
-            // Weight this (lower) scale at its own resolution, then bring it up.
-            let (h, w) = size(&pred)?;
-            let up_a = resize(&a, h, w)?;
-            pred = blend::add_rest(&resize(&blend::weight(&o.pred, &a)?, h, w)?, &pred, &up_a)?;
-            aux = blend::add_rest(&resize(&blend::weight(&o.aux, &a)?, h, w)?, &aux, &up_a)?;
+/// Which logits a fusion combines.
+#[derive(Clone, Copy)]
+enum Part {
+    Pred,
+    Aux,
+}
+
+impl Part {
+    fn input_size(self, o: &ScaleOutput) -> Result<Tensor> {
+        match self {
+            Part::Pred => o.pred(),
+            Part::Aux => o.aux_pred(),
         }
     }
-    Ok(Fused { pred, aux, attn })
+
+    fn at(self, o: &ScaleOutput, hw: (usize, usize)) -> Result<Tensor> {
+        match self {
+            Part::Pred => o.pred_at(hw),
+            Part::Aux => o.aux_at(hw),
+        }
+    }
+}
+
+fn attn_of(o: &ScaleOutput) -> Result<Tensor> {
+    o.attn.clone().ok_or_else(|| {
+        Error::invalid(
+            "fusion",
+            format!(
+                "hierarchical fusion needs the attention of scale {}",
+                format_scale(o.scale)
+            ),
+        )
+    })
+}
+
+/// The recurrence over scales sorted high to low. The running prediction
+/// starts as the highest scale's logits, kept unmade until a blend needs
+/// them, so that bringing them down to the next scale is one resize.
+fn hierarchical(outs: &[&ScaleOutput], part: Part) -> Result<Tensor> {
+    let first = outs[0];
+    let mut pred: Option<Tensor> = None;
+    let mut size = first.size;
+    for o in &outs[1..] {
+        let a = attn_of(o)?;
+        if o.scale >= 1.0 {
+            // Bring the running prediction down to this scale, then blend.
+            let low = match &pred {
+                None => part.at(first, o.size)?,
+                Some(p) => resize(p, o.size.0, o.size.1)?,
+            };
+            pred = Some(blend::mix(&part.input_size(o)?, &low, &a)?);
+            size = o.size;
+        } else {
+            // Weight this (lower) scale at its own resolution, then bring it up.
+            let up_a = resize(&a, size.0, size.1)?;
+            let high = match pred {
+                None => part.input_size(first)?,
+                Some(p) => p,
+            };
+            let low = resize(&blend::weight(&part.input_size(o)?, &a)?, size.0, size.1)?;
+            pred = Some(blend::add_rest(&low, &high, &up_a)?);
+        }
+    }
+    match pred {
+        Some(p) => Ok(p),
+        None => part.input_size(first),
+    }
 }
 
 fn explicit_fuse(
@@ -282,7 +353,7 @@ fn explicit_fuse(
         .iter()
         .find(|o| o.scale == 1.0)
         .expect("checked: 1.0 present");
-    let (fh, fw) = size(&one.feats)?;
+    let (_, _, fh, fw) = one.feats.dims4()?;
     let feats = outs
         .iter()
         .map(|o| resize(&o.feats, fh, fw))
@@ -305,22 +376,23 @@ fn explicit_fuse(
     let mut attn = vec![];
     for (i, o) in outs.iter().enumerate() {
         let w = weights.narrow(1, i, 1)?;
-        let p = blend::weight(&resize(&o.pred, oh, ow)?, &w)?;
-        let a = blend::weight(&resize(&o.aux, oh, ow)?, &w)?;
+        let p = blend::weight(&o.pred_at(out_hw)?, &w)?;
         pred = Some(match pred {
             None => p,
             Some(acc) => (acc + p)?,
         });
-        aux = Some(match aux {
-            None => a,
-            Some(acc) => (acc + a)?,
-        });
-        let (h, wd) = size(&o.pred)?;
-        attn.push((o.scale, resize(&w, h, wd)?));
+        if train {
+            let a = blend::weight(&o.aux_at(out_hw)?, &w)?;
+            aux = Some(match aux {
+                None => a,
+                Some(acc) => (acc + a)?,
+            });
+        }
+        attn.push((o.scale, resize(&w, o.size.0, o.size.1)?));
     }
     Ok(Fused {
         pred: pred.expect("at least one scale"),
-        aux: aux.expect("at least one scale"),
+        aux,
         attn,
     })
 }
@@ -360,11 +432,15 @@ mod tests {
 
     /// Aux logits are 10x the logits: the recurrence is linear in the logits
     /// for fixed attention, so the fused aux must be 10x the fused prediction.
+    /// Logits given at the scale's input size (the network's 1/4 resolution
+    /// is `network_logits_are_read_at_the_input_size_then_resized`'s case).
     fn out(scale: f64, pred: Tensor, attn: Option<Tensor>) -> ScaleOutput {
+        let (_, _, h, w) = pred.dims4().unwrap();
         ScaleOutput {
             scale,
+            size: (h, w),
             aux: (&pred * 10.0).unwrap(),
-            pred,
+            cls: pred,
             attn,
             feats: konst(0.0, 1, 1, 1),
         }
@@ -374,9 +450,10 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// Checks the fused prediction, and in training the fused aux.
     fn check(fused: &Fused, want_ch0: &[f64]) {
         let p = vals(&fused.pred);
-        let a = vals(&fused.aux);
+        let a = fused.aux.as_ref().map(vals);
         let n = want_ch0.len();
         for i in 0..n {
             assert!(
@@ -386,7 +463,9 @@ mod tests {
                 want_ch0[i]
             );
             assert!((p[n + i] + want_ch0[i]).abs() < 1e-12, "channel 1, pixel {i}");
-            assert!((a[i] - 10.0 * want_ch0[i]).abs() < 1e-10, "aux pixel {i}");
+            if let Some(a) = &a {
+                assert!((a[i] - 10.0 * want_ch0[i]).abs() < 1e-10, "aux pixel {i}");
+            }
         }
     }
 
@@ -398,9 +477,12 @@ mod tests {
             out(1.0, logits(&[1., 2., 3., 4.], 2, 2), None),
             out(0.5, logits(&[8.], 1, 1), Some(map(&[0.25], 1, 1))),
         ];
-        let f = Fusion::Hierarchical.fuse(&outs, (2, 2), None, false).unwrap();
-        check(&f, &[2.75, 3.5, 4.25, 5.0]);
-        assert_eq!(f.attn.len(), 1);
+        for train in [false, true] {
+            let f = Fusion::Hierarchical.fuse(&outs, (2, 2), None, train).unwrap();
+            assert_eq!(f.aux.is_some(), train, "the aux is fused in training only");
+            check(&f, &[2.75, 3.5, 4.25, 5.0]);
+            assert_eq!(f.attn.len(), 1);
+        }
     }
 
     #[test]
@@ -421,10 +503,13 @@ mod tests {
             out(2.0, logits(&l2, 4, 4), None),
             out(1.0, logits(&[1., 2., 3., 4.], 2, 2), Some(map(&a1, 2, 2))),
         ];
-        let f = Fusion::Hierarchical.fuse(&outs, (2, 2), None, false).unwrap();
-        check(&f, &[3.125, 3.5, 8.0, 6.125]);
-        let order: Vec<f64> = f.attn.iter().map(|(s, _)| *s).collect();
-        assert_eq!(order, vec![1.0, 0.5]);
+        for train in [false, true] {
+            let f = Fusion::Hierarchical.fuse(&outs, (2, 2), None, train).unwrap();
+            assert_eq!(f.aux.is_some(), train, "the aux is fused in training only");
+            check(&f, &[3.125, 3.5, 8.0, 6.125]);
+            let order: Vec<f64> = f.attn.iter().map(|(s, _)| *s).collect();
+            assert_eq!(order, vec![1.0, 0.5]);
+        }
     }
 
     #[test]
@@ -441,8 +526,87 @@ mod tests {
             out(0.5, l(6.0, 4), Some(konst(0.5, 1, 4, 4))),
             out(0.25, l(10.0, 2), Some(konst(0.2, 1, 2, 2))),
         ];
-        let f = Fusion::Hierarchical.fuse(&outs, (8, 8), None, false).unwrap();
-        check(&f, &[5.6; 64]);
+        for train in [false, true] {
+            let f = Fusion::Hierarchical.fuse(&outs, (8, 8), None, train).unwrap();
+            assert_eq!(f.aux.is_some(), train, "the aux is fused in training only");
+            check(&f, &[5.6; 64]);
+        }
+    }
+
+    /// Per-scale logits as the network gives them (1/4 of the scale's input
+    /// size) fuse as the official code does: each upsampled to its input
+    /// size first, the hierarchical blends there, the highest scale brought
+    /// down (and every scale, for averaging) by resizing that map again.
+    #[test]
+    fn network_logits_are_read_at_the_input_size_then_resized() {
+        let dev = Device::Cpu;
+        let rnd = |c: usize, h: usize, w: usize, seed: u64| {
+            let n = c * h * w;
+            let v: Vec<f64> = (0..n)
+                .map(|i| ((i as u64 * 7919 + seed * 104729) % 1000) as f64 / 250.0 - 2.0)
+                .collect();
+            Tensor::from_vec(v, (1, c, h, w), &dev).unwrap()
+        };
+        // input 24x40 at 1.0; scales 2.0 (48x80), 1.0, 0.5 (12x20)
+        let sizes = [(2.0, (48, 80)), (1.0, (24, 40)), (0.5, (12, 20))];
+        let outs: Vec<ScaleOutput> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &(scale, (h, w)))| ScaleOutput {
+                scale,
+                size: (h, w),
+                cls: rnd(3, h / 4, w / 4, i as u64),
+                aux: rnd(3, h / 4, w / 4, 10 + i as u64),
+                attn: (scale < 2.0)
+                    .then(|| (rnd(1, h, w, 20 + i as u64) * 0.2).unwrap() + 0.5)
+                    .transpose()
+                    .unwrap(),
+                feats: konst(0.0, 1, 1, 1),
+            })
+            .collect();
+        let up = |o: &ScaleOutput| resize(&o.cls, o.size.0, o.size.1).unwrap();
+        let (l2, l1, l05) = (up(&outs[0]), up(&outs[1]), up(&outs[2]));
+        let (a1, a05) = (outs[1].attn.clone().unwrap(), outs[2].attn.clone().unwrap());
+        // the recurrence with candle's own broadcast arithmetic
+        let one_minus = |a: &Tensor| a.affine(-1.0, 1.0).unwrap();
+        let p = (l1.broadcast_mul(&a1).unwrap()
+            + resize(&l2, 24, 40)
+                .unwrap()
+                .broadcast_mul(&one_minus(&a1))
+                .unwrap())
+        .unwrap();
+        let lo = resize(&l05.broadcast_mul(&a05).unwrap(), 24, 40).unwrap();
+        let up_a = resize(&a05, 24, 40).unwrap();
+        let want = (lo + p.broadcast_mul(&one_minus(&up_a)).unwrap()).unwrap();
+        let got = Fusion::Hierarchical
+            .fuse(&outs, (24, 40), None, false)
+            .unwrap()
+            .pred;
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-12, "hierarchical: {d}");
+        // averaging: mean of the softmaxes of every scale brought to 24x40
+        let sm = |t: &Tensor| candle_nn::ops::softmax(t, 1).unwrap();
+        let mean = ((sm(&resize(&l2, 24, 40).unwrap()) + sm(&l1)).unwrap()
+            + sm(&resize(&l05, 24, 40).unwrap()))
+        .unwrap();
+        let want = (mean / 3.0).unwrap().log().unwrap();
+        let got = Fusion::Average.fuse(&outs, (24, 40), None, false).unwrap().pred;
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-12, "average: {d}");
     }
 
     #[test]

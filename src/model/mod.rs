@@ -284,8 +284,9 @@ impl HmsaNet {
         &self.cfg
     }
 
-    /// The official `_fwd(ResizeX(x_1x, s))`: outputs upsampled from 1/4 to
-    /// the resized input's size. `with_attn` computes the relative attention.
+    /// The official `_fwd(ResizeX(x_1x, s))`, its logits left at 1/4 of the
+    /// resized input's size until a fusion reads them (`ScaleOutput::pred`).
+    /// `with_attn` computes the relative attention.
     pub fn forward_scale(&self, x_1x: &Tensor, s: f64, with_attn: bool, train: bool) -> Result<ScaleOutput> {
         let (_, c, h, w) = x_1x.dims4()?;
         if c != 3 {
@@ -309,8 +310,9 @@ impl HmsaNet {
         };
         Ok(ScaleOutput {
             scale: s,
-            pred: resize(&o.cls, hs, ws)?,
-            aux: resize(&o.aux, hs, ws)?,
+            size: (hs, ws),
+            cls: o.cls,
+            aux: o.aux,
             attn,
             feats: o.feats,
         })
@@ -398,7 +400,10 @@ impl HmsaNet {
             let ff = self.fuse(fusion, &outs_f, (h, w), train)?;
             let fused = Fused {
                 pred: fusion::average_flip(&fused.pred, &ff.pred.flip(&[3])?)?,
-                aux: fusion::average_flip(&fused.aux, &ff.aux.flip(&[3])?)?,
+                aux: match (&fused.aux, &ff.aux) {
+                    (Some(a), Some(b)) => Some(fusion::average_flip(a, &b.flip(&[3])?)?),
+                    _ => None,
+                },
                 attn: fused.attn,
             };
             Ok((fused, outs))

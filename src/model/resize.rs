@@ -32,10 +32,43 @@ pub fn resize(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        x.contiguous()?.apply_op1(Bilinear { out_h, out_w })
+        x.contiguous()?.apply_op1(Bilinear {
+            ty: axis(h, out_h),
+            tx: axis(w, out_w),
+            in_h: h,
+            in_w: w,
+        })
     } else {
         resize_by_matrices(x, out_h, out_w)
     }
+}
+
+/// `resize(&resize(x, mid_h, mid_w)?, out_h, out_w)` as one op on the CPU:
+/// the two bilinear resizes composed along each axis (at most three source
+/// taps per output when the first resize enlarges, as the network's
+/// upsampling of its 1/4-resolution logits to its input does), so the
+/// intermediate map is never made. Equal to the two resizes up to rounding
+/// (the composed weights are products formed in f64). Elsewhere, or when
+/// an axis needs more taps, the two resizes.
+pub fn resize_via(x: &Tensor, mid: (usize, usize), out: (usize, usize)) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if mid == (h, w) || mid == out {
+        return resize(x, out.0, out.1);
+    }
+    if out.0 == 0 || out.1 == 0 || mid.0 == 0 || mid.1 == 0 {
+        candle_core::bail!("resize of a {h}x{w} map via {mid:?} to {out:?}: empty");
+    }
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        if let (Some(ty), Some(tx)) = (composed(h, mid.0, out.0), composed(w, mid.1, out.1)) {
+            return x.contiguous()?.apply_op1(Bilinear {
+                ty,
+                tx,
+                in_h: h,
+                in_w: w,
+            });
+        }
+    }
+    resize(&resize(x, mid.0, mid.1)?, out.0, out.1)
 }
 
 /// Resize `x` to the spatial size of `like`.
@@ -79,6 +112,53 @@ pub fn taps(n_in: usize, n_out: usize) -> Vec<Tap> {
         .collect()
 }
 
+/// Per output index along one axis: `N` source indices and their weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Taps<const N: usize> {
+    i: [usize; N],
+    w: [f64; N],
+}
+
+/// One bilinear resize along an axis.
+fn axis(n_in: usize, n_out: usize) -> Vec<Taps<2>> {
+    taps(n_in, n_out)
+        .iter()
+        .map(|t| Taps {
+            i: [t.i0, t.i1],
+            w: [t.w0, t.w1],
+        })
+        .collect()
+}
+
+/// Two bilinear resizes along an axis, `n_in -> n_mid -> n_out`, as one:
+/// each output's two taps on the middle grid, each of those two taps on
+/// the input. `None` when an output's taps span more than three
+/// consecutive inputs (only when the first resize shrinks).
+fn composed(n_in: usize, n_mid: usize, n_out: usize) -> Option<Vec<Taps<3>>> {
+    let first = taps(n_in, n_mid);
+    taps(n_mid, n_out)
+        .iter()
+        .map(|t| {
+            let parts = [(t.i0, t.w0), (t.i1, t.w1)]
+                .into_iter()
+                .flat_map(|(j, wj)| {
+                    let f = first[j];
+                    [(f.i0, wj * f.w0), (f.i1, wj * f.w1)]
+                })
+                .filter(|&(_, w)| w != 0.0);
+            let lo = parts.clone().map(|(i, _)| i).min().unwrap_or(0);
+            let mut tap = Taps {
+                i: std::array::from_fn(|k| (lo + k).min(n_in - 1)),
+                w: [0.0; 3],
+            };
+            for (i, w) in parts {
+                *tap.w.get_mut(i - lo)? += w;
+            }
+            Some(tap)
+        })
+        .collect()
+}
+
 /// Dense interpolation matrix, transposed: `(n_in, n_out)`, so that
 /// `rows · m` resizes each row.
 fn matrix_t(n_in: usize, n_out: usize) -> Vec<f32> {
@@ -109,54 +189,71 @@ fn resize_by_matrices(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> 
         .reshape((n, c, out_h, out_w))
 }
 
-/// Forward resize on the CPU.
-struct Bilinear {
-    out_h: usize,
-    out_w: usize,
+/// Forward resize on the CPU, separable, `N` taps per output index
+/// (2: one bilinear resize; 3: two composed).
+struct Bilinear<const N: usize> {
+    ty: Vec<Taps<N>>,
+    tx: Vec<Taps<N>>,
+    in_h: usize,
+    in_w: usize,
 }
 
 /// Backward of [`Bilinear`]: scatters the output gradient onto the input grid.
-struct BilinearGrad {
+struct BilinearGrad<const N: usize> {
+    ty: Vec<Taps<N>>,
+    tx: Vec<Taps<N>>,
     in_h: usize,
     in_w: usize,
 }
 
 /// One plane, separably: every input row resized horizontally once into
-/// `tmp` (H × W'), then each output row a blend of two `tmp` rows
+/// `tmp` (H × W'), then each output row a blend of `N` `tmp` rows
 /// (contiguous, vectorised). Arithmetic in the data's precision.
 #[inline(always)]
-fn plane_forward<T: WithDType>(src: &[T], w: usize, ty: &[Tap], tx: &[Tap], tmp: &mut Vec<T>, dst: &mut [T]) {
+fn plane_forward<T: WithDType, const N: usize>(
+    src: &[T],
+    w: usize,
+    ty: &[Taps<N>],
+    tx: &[Taps<N>],
+    tmp: &mut Vec<T>,
+    dst: &mut [T],
+) {
     let ow = tx.len();
     let h = src.len() / w;
     tmp.clear();
     tmp.resize(h * ow, T::zero());
-    let wx: Vec<(T, T)> = tx
-        .iter()
-        .map(|s| (T::from_f64(s.w0), T::from_f64(s.w1)))
-        .collect();
+    let wx: Vec<[T; N]> = tx.iter().map(|t| t.w.map(T::from_f64)).collect();
     for (row, out) in src.chunks_exact(w).zip(tmp.chunks_exact_mut(ow)) {
-        for ((o, s), (w0, w1)) in out.iter_mut().zip(tx).zip(&wx) {
-            *o = row[s.i0] * *w0 + row[s.i1] * *w1;
+        for ((o, t), wt) in out.iter_mut().zip(tx).zip(&wx) {
+            *o = (2..N).fold(row[t.i[0]] * wt[0] + row[t.i[1]] * wt[1], |acc, k| {
+                acc + row[t.i[k]] * wt[k]
+            });
         }
     }
+    // two taps in one pass, any third in another (N is 2 or 3)
     for (t, out) in ty.iter().zip(dst.chunks_exact_mut(ow)) {
-        let (w0, w1) = (T::from_f64(t.w0), T::from_f64(t.w1));
-        let (r0, r1) = (&tmp[t.i0 * ow..(t.i0 + 1) * ow], &tmp[t.i1 * ow..(t.i1 + 1) * ow]);
-        for ((o, a), b) in out.iter_mut().zip(r0).zip(r1) {
-            *o = *a * w0 + *b * w1;
+        let wt = t.w.map(T::from_f64);
+        let row = |k: usize| &tmp[t.i[k] * ow..][..ow];
+        for ((o, a), b) in out.iter_mut().zip(row(0)).zip(row(1)) {
+            *o = *a * wt[0] + *b * wt[1];
+        }
+        for (k, wk) in wt.iter().enumerate().skip(2) {
+            for (o, c) in out.iter_mut().zip(row(k)) {
+                *o += *c * *wk;
+            }
         }
     }
 }
 
-super::cpu::simd!(plane_forward_simd, plane_forward, (src: &[T], w: usize, ty: &[Tap], tx: &[Tap], tmp: &mut Vec<T>, dst: &mut [T]));
+super::cpu::simd!(plane_forward_simd, plane_forward, [const N: usize], (src: &[T], w: usize, ty: &[Taps<N>], tx: &[Taps<N>], tmp: &mut Vec<T>, dst: &mut [T]), WithDType);
 
 /// The adjoint of [`plane_forward`]: output rows scattered onto `tmp` rows
 /// (contiguous), then each `tmp` row scattered onto its input row.
 #[inline(always)]
-fn plane_backward<T: WithDType>(
+fn plane_backward<T: WithDType, const N: usize>(
     grad: &[T],
-    ty: &[Tap],
-    tx: &[Tap],
+    ty: &[Taps<N>],
+    tx: &[Taps<N>],
     w: usize,
     tmp: &mut Vec<T>,
     dst: &mut [T],
@@ -166,48 +263,54 @@ fn plane_backward<T: WithDType>(
     tmp.clear();
     tmp.resize(h * ow, T::zero());
     for (t, g) in ty.iter().zip(grad.chunks_exact(ow)) {
-        let (w0, w1) = (T::from_f64(t.w0), T::from_f64(t.w1));
-        for (a, v) in tmp[t.i0 * ow..(t.i0 + 1) * ow].iter_mut().zip(g) {
-            *a += *v * w0;
-        }
-        for (b, v) in tmp[t.i1 * ow..(t.i1 + 1) * ow].iter_mut().zip(g) {
-            *b += *v * w1;
+        for k in 0..N {
+            let wk = T::from_f64(t.w[k]);
+            for (a, v) in tmp[t.i[k] * ow..][..ow].iter_mut().zip(g) {
+                *a += *v * wk;
+            }
         }
     }
     dst.fill(T::zero());
-    let wx: Vec<(T, T)> = tx
-        .iter()
-        .map(|s| (T::from_f64(s.w0), T::from_f64(s.w1)))
-        .collect();
+    let wx: Vec<[T; N]> = tx.iter().map(|t| t.w.map(T::from_f64)).collect();
     for (row, g) in dst.chunks_exact_mut(w).zip(tmp.chunks_exact(ow)) {
-        for ((v, s), (w0, w1)) in g.iter().zip(tx).zip(&wx) {
-            row[s.i0] += *v * *w0;
-            row[s.i1] += *v * *w1;
+        for ((v, t), wt) in g.iter().zip(tx).zip(&wx) {
+            for k in 0..N {
+                row[t.i[k]] += *v * wt[k];
+            }
         }
     }
 }
-super::cpu::simd!(plane_backward_simd, plane_backward, (grad: &[T], ty: &[Tap], tx: &[Tap], w: usize, tmp: &mut Vec<T>, dst: &mut [T]));
+super::cpu::simd!(plane_backward_simd, plane_backward, [const N: usize], (grad: &[T], ty: &[Taps<N>], tx: &[Taps<N>], w: usize, tmp: &mut Vec<T>, dst: &mut [T]), WithDType);
 
-impl Bilinear {
+impl<const N: usize> Bilinear<N> {
     fn run<T: WithDType>(&self, src: &[T], l: &Layout) -> Result<(Vec<T>, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
         let src = super::cpu::contiguous(src, l)?;
-        let (ty, tx) = (taps(h, self.out_h), taps(w, self.out_w));
-        let plane = self.out_h * self.out_w;
-        let mut dst = vec![T::zero(); n * c * plane];
-        dst.par_chunks_mut(plane)
+        let (oh, ow) = (self.ty.len(), self.tx.len());
+        let mut dst = vec![T::zero(); n * c * oh * ow];
+        dst.par_chunks_mut(oh * ow)
             .zip(src.par_chunks(h * w))
-            .for_each_init(Vec::new, |tmp, (d, s)| plane_forward_simd(s, w, &ty, &tx, tmp, d));
-        Ok((dst, Shape::from((n, c, self.out_h, self.out_w))))
+            .for_each_init(Vec::new, |tmp, (d, s)| {
+                plane_forward_simd(s, w, &self.ty, &self.tx, tmp, d)
+            });
+        Ok((dst, Shape::from((n, c, oh, ow))))
     }
 }
 
-impl CustomOp1 for Bilinear {
+impl<const N: usize> CustomOp1 for Bilinear<N> {
     fn name(&self) -> &'static str {
         "bilinear-resize"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, _, h, w) = l.shape().dims4()?;
+        if (h, w) != (self.in_h, self.in_w) {
+            candle_core::bail!(
+                "bilinear resize built for {}x{}, got {h}x{w}",
+                self.in_h,
+                self.in_w
+            );
+        }
         match s {
             CpuStorage::F32(v) => self.run(v, l).map(|(d, sh)| (CpuStorage::F32(d), sh)),
             CpuStorage::F64(v) => self.run(v, l).map(|(d, sh)| (CpuStorage::F64(d), sh)),
@@ -215,32 +318,33 @@ impl CustomOp1 for Bilinear {
         }
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, in_h, in_w) = arg.dims4()?;
-        let g = grad
-            .contiguous()?
-            .apply_op1_no_bwd(&BilinearGrad { in_h, in_w })?;
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.contiguous()?.apply_op1_no_bwd(&BilinearGrad {
+            ty: self.ty.clone(),
+            tx: self.tx.clone(),
+            in_h: self.in_h,
+            in_w: self.in_w,
+        })?;
         Ok(Some(g))
     }
 }
 
-impl BilinearGrad {
+impl<const N: usize> BilinearGrad<N> {
     fn run<T: WithDType>(&self, g: &[T], l: &Layout) -> Result<(Vec<T>, Shape)> {
         let (n, c, oh, ow) = l.shape().dims4()?;
         let g = super::cpu::contiguous(g, l)?;
-        let (ty, tx) = (taps(self.in_h, oh), taps(self.in_w, ow));
         let plane = self.in_h * self.in_w;
         let mut dst = vec![T::zero(); n * c * plane];
         dst.par_chunks_mut(plane)
             .zip(g.par_chunks(oh * ow))
             .for_each_init(Vec::new, |tmp, (d, s)| {
-                plane_backward_simd(s, &ty, &tx, self.in_w, tmp, d)
+                plane_backward_simd(s, &self.ty, &self.tx, self.in_w, tmp, d)
             });
         Ok((dst, Shape::from((n, c, self.in_h, self.in_w))))
     }
 }
 
-impl CustomOp1 for BilinearGrad {
+impl<const N: usize> CustomOp1 for BilinearGrad<N> {
     fn name(&self) -> &'static str {
         "bilinear-resize-grad"
     }
@@ -331,22 +435,80 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences() {
         // candle has no backward for upsample_bilinear2d: this is our own.
-        let dev = Device::Cpu;
         for (h, w, oh, ow) in [(3, 4, 7, 5), (6, 6, 3, 2), (4, 8, 2, 2)] {
+            check_gradient(h, w, oh, ow, |x| resize(x, oh, ow));
+        }
+    }
+
+    #[test]
+    fn composed_gradient_matches_finite_differences() {
+        for (h, w, mid, (oh, ow)) in [
+            (3, 4, (12, 16), (7, 5)),
+            (2, 3, (8, 12), (16, 24)),
+            (4, 5, (7, 9), (3, 3)),
+        ] {
+            check_gradient(h, w, oh, ow, |x| resize_via(x, mid, (oh, ow)));
+        }
+    }
+
+    #[test]
+    fn composed_resize_equals_two_resizes() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1., (2, 3, 5, 7), &dev).unwrap();
+        // the network's 4x upsampling then the fusion's resize; odd sizes;
+        // a first resize that shrinks (more than three taps: two ops)
+        for (mid, out) in [
+            ((20, 28), (10, 14)),
+            ((20, 28), (40, 56)),
+            ((20, 28), (13, 9)),
+            ((9, 11), (4, 30)),
+            ((3, 4), (6, 8)),
+        ] {
+            let one = vals(&resize_via(&x, mid, out).unwrap());
+            let two = vals(&resize(&resize(&x, mid.0, mid.1).unwrap(), out.0, out.1).unwrap());
+            close(&one, &two, 1e-12);
+            let f32s = vals(
+                &resize_via(&x.to_dtype(DType::F32).unwrap(), mid, out)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap(),
+            );
+            close(&f32s, &two, 1e-5);
+        }
+    }
+
+    #[test]
+    fn composed_taps_stay_within_three_inputs_when_the_first_resize_enlarges() {
+        for n in 1..12 {
+            for m in n..4 * n + 3 {
+                for o in 1..2 * m {
+                    let taps = composed(n, m, o).unwrap_or_else(|| panic!("{n} -> {m} -> {o}"));
+                    for t in taps {
+                        assert!((t.w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+                        assert!(t.i.iter().all(|&i| i < n));
+                    }
+                }
+            }
+        }
+        // shrinking first can need more: 8 -> 2 -> 3 reads inputs 1, 2, 5, 6
+        assert!(composed(8, 2, 3).is_none());
+    }
+
+    /// `op`'s gradient against central differences of `Σ w·op(x)`, in f64.
+    fn check_gradient(h: usize, w: usize, oh: usize, ow: usize, op: impl Fn(&Tensor) -> Result<Tensor>) {
+        let dev = Device::Cpu;
+        {
             let x0 = Tensor::randn(0f64, 1., (1, 2, h, w), &dev).unwrap();
             let wgt = Tensor::randn(0f64, 1., (1, 2, oh, ow), &dev).unwrap();
             let x = Var::from_tensor(&x0).unwrap();
-            let loss = (resize(x.as_tensor(), oh, ow).unwrap() * &wgt)
-                .unwrap()
-                .sum_all()
-                .unwrap();
+            let loss = (op(x.as_tensor()).unwrap() * &wgt).unwrap().sum_all().unwrap();
             let g = loss.backward().unwrap();
             let analytic = vals(g.get(x.as_tensor()).unwrap());
             let base = vals(&x0);
             let eps = 1e-6;
             let f = |v: &[f64]| -> f64 {
                 let xt = Tensor::from_slice(v, (1, 2, h, w), &dev).unwrap();
-                (resize(&xt, oh, ow).unwrap() * &wgt)
+                (op(&xt).unwrap() * &wgt)
                     .unwrap()
                     .sum_all()
                     .unwrap()

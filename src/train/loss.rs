@@ -9,7 +9,7 @@
 
 use crate::model::blend::softmax_planes;
 use crate::model::cpu::{self, Real};
-use crate::model::resize::resize;
+use crate::model::resize::resize_via;
 use crate::model::{Fused, ScaleOutput};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, D};
@@ -408,12 +408,18 @@ pub fn combined(
     // losses in f32 whatever the network's precision
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let main = main_loss(cfg, &f32(&fused.pred)?, labels)?;
-    let aux = cross_entropy(&f32(&fused.aux)?, labels, cfg.class_weights.as_deref())?;
+    let fused_aux = fused.aux.as_ref().ok_or_else(|| {
+        Error::invalid(
+            "fusion",
+            "the loss needs the aux logits of a training-mode forward",
+        )
+    })?;
+    let aux = cross_entropy(&f32(fused_aux)?, labels, cfg.class_weights.as_deref())?;
     let mut total = (&main + (&aux * cfg.aux_weight)?)?;
     if cfg.scale_weight > 0.0 && per_scale.len() > 1 {
         let (_, _, h, w) = fused.pred.dims4()?;
         for o in per_scale {
-            let l = main_loss(cfg, &resize(&f32(&o.pred)?, h, w)?, labels)?;
+            let l = main_loss(cfg, &resize_via(&f32(&o.cls)?, o.size, (h, w))?, labels)?;
             total = (total + (l * cfg.scale_weight)?)?;
         }
     }

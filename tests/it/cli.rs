@@ -76,8 +76,9 @@ fn infer_writes_pngs_attention_maps_and_a_consistent_dump() {
     }
     let m = candle_core::safetensors::load(&dump, &Device::Cpu).unwrap();
     assert_eq!(m["pred"].dims(), &[1, 3, 40, 56]);
-    assert_eq!(m["aux"].dims(), &[1, 3, 40, 56]);
+    assert!(!m.contains_key("aux"), "inference fuses no aux");
     assert_eq!(m["pred_2.0"].dims(), &[1, 3, 80, 112]);
+    assert_eq!(m["aux_2.0"].dims(), &[1, 3, 80, 112]);
     assert_eq!(m["pred_0.5"].dims(), &[1, 3, 20, 28]);
     assert_eq!(m["attn_0.5"].dims(), &[1, 1, 20, 28]);
     assert_eq!(m["attn_1.0"].dims(), &[1, 1, 40, 56]);

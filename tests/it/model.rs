@@ -49,10 +49,11 @@ fn outputs_have_the_input_size_for_every_fusion_and_odd_sizes() {
             let scales: Vec<f64> = scales.into_iter().filter(|&s| h as f64 * s >= 8.0).collect();
             let (f, outs) = net.infer(&x, fusion, &scales, false, false).unwrap();
             assert_eq!(f.pred.dims(), &[1, 3, h, w], "{fusion} {scales:?}");
-            assert_eq!(f.aux.dims(), &[1, 3, h, w]);
+            assert!(f.aux.is_none(), "inference fuses no aux");
             for o in outs {
                 let (hs, ws) = hmsa_lab::model::resize::scaled_size(h, w, o.scale);
-                assert_eq!(o.pred.dims(), &[1, 3, hs, ws]);
+                assert_eq!(o.size, (hs, ws));
+                assert_eq!(o.pred().unwrap().dims(), &[1, 3, hs, ws]);
             }
         }
     }
@@ -82,8 +83,9 @@ fn hierarchical_training_gradients_reach_every_part() {
     let x = image(64, 64, 6);
     let f = net.forward(&x, true).unwrap();
     let w = image(64, 64, 7).narrow(1, 0, 3).unwrap();
-    let loss =
-        ((f.pred * &w).unwrap().sum_all().unwrap() + (f.aux * &w).unwrap().sum_all().unwrap()).unwrap();
+    let loss = ((f.pred * &w).unwrap().sum_all().unwrap()
+        + (f.aux.unwrap() * &w).unwrap().sum_all().unwrap())
+    .unwrap();
     let grads = loss.backward().unwrap();
     let data = vm.data().lock().unwrap();
     for name in [
@@ -118,14 +120,16 @@ fn explicit_weights_sum_to_one_and_mix_the_predictions() {
     let outs = [
         ScaleOutput {
             scale: 1.0,
-            pred: c(1.0, 16),
+            size: (16, 16),
+            cls: c(1.0, 16),
             aux: c(1.0, 16),
             attn: None,
             feats: feats1.clone(),
         },
         ScaleOutput {
             scale: 0.5,
-            pred: c(3.0, 8),
+            size: (8, 8),
+            cls: c(3.0, 8),
             aux: c(3.0, 8),
             attn: None,
             feats: feats05.clone(),
@@ -215,10 +219,12 @@ fn checkpoint_round_trip_with_official_prefixes() {
     let loaded = checkpoint::load(&cfg, &p, &Device::Cpu).unwrap();
     let x = image(40, 56, 11);
     let s = [0.5, 1.0, 2.0];
-    let (a, _) = net.infer(&x, Fusion::Hierarchical, &s, false, false).unwrap();
-    let (b, _) = loaded.infer(&x, Fusion::Hierarchical, &s, false, false).unwrap();
+    let (a, ao) = net.infer(&x, Fusion::Hierarchical, &s, false, false).unwrap();
+    let (b, bo) = loaded.infer(&x, Fusion::Hierarchical, &s, false, false).unwrap();
     assert!(max_abs_diff(&a.pred, &b.pred) < 1e-5);
-    assert!(max_abs_diff(&a.aux, &b.aux) < 1e-5);
+    for (p, q) in ao.iter().zip(&bo) {
+        assert!(max_abs_diff(&p.aux, &q.aux) < 1e-5);
+    }
 }
 
 #[test]
