@@ -153,12 +153,20 @@ fn a6<T: WithDType>(y: [&[T]; 4], out: [&mut [T]; 6]) {
 /// Six disjoint runs of `len` elements of `buf`, `stride` apart.
 #[inline(always)]
 fn rows6<T>(buf: &mut [T], stride: usize, len: usize) -> [&mut [T]; 6] {
-    let mut rest = buf;
-    std::array::from_fn(|i| {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(if i < 5 { stride } else { len });
-        rest = tail;
-        &mut head[..len]
-    })
+    // split by hand: `array::from_fn` over a closure is not always inlined
+    let (r0, rest) = buf.split_at_mut(stride);
+    let (r1, rest) = rest.split_at_mut(stride);
+    let (r2, rest) = rest.split_at_mut(stride);
+    let (r3, rest) = rest.split_at_mut(stride);
+    let (r4, r5) = rest.split_at_mut(stride);
+    [
+        &mut r0[..len],
+        &mut r1[..len],
+        &mut r2[..len],
+        &mut r3[..len],
+        &mut r4[..len],
+        &mut r5[..len],
+    ]
 }
 
 fn cast<T: WithDType, const R: usize, const C: usize>(m: &[[f64; C]; R]) -> [[T; C]; R] {
@@ -262,11 +270,7 @@ fn input_plane<T: WithDType>(g: &Geom, x: &[T], ty0: usize, rows: usize, v: &mut
             &q[1..1 + tw],
             &q[qw + 1..qw + 1 + tw],
         ];
-        let [o0, o1, o2, o3, o4, o5] = {
-            let mut it = out.chunks_exact_mut(tw);
-            std::array::from_fn(|_| it.next().unwrap())
-        };
-        bt6(d, [o0, o1, o2, o3, o4, o5]);
+        bt6(d, rows6(out, tw, tw));
     }
     let tt = rows * tw;
     for u in 0..rows {
@@ -350,8 +354,7 @@ fn grad_plane<T: WithDType>(g: &Geom, gy: &[T], ty0: usize, rows: usize, m: &mut
             }
             phases(&gy[y * g.wo..][..g.wo], 0, q, tw);
             let ys: [&[T]; 4] = std::array::from_fn(|s| &q[s * tw..(s + 1) * tw]);
-            let mut it = out.chunks_exact_mut(tw);
-            a6(ys, std::array::from_fn(|_| it.next().unwrap()));
+            a6(ys, rows6(out, tw, tw));
         }
         for j in 0..6 {
             let ins: [&[T]; 4] = std::array::from_fn(|r| &colt[(r * 6 + j) * tw..][..tw]);
