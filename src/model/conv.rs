@@ -310,35 +310,8 @@ impl Geom {
 /// (zero outside) for one batch item and the output rows `r0..r1`.
 fn im2col<T: WithDType>(g: &Geom, x: &[T], rows: std::ops::Range<usize>, col: &mut [T]) {
     let (k, l) = (g.k, rows.len() * g.wo);
-    let zero = T::from_f64(0.0);
-    let fill = |(block, plane): (&mut [T], &[T])| {
-        for ky in 0..k {
-            let valid_rows = g.valid(ky, g.h, g.ho);
-            for kx in 0..k {
-                let cols = g.valid(kx, g.w, g.wo);
-                let row = &mut block[(ky * k + kx) * l..(ky * k + kx + 1) * l];
-                for oy in rows.clone() {
-                    let dst = &mut row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo];
-                    if !valid_rows.contains(&oy) || cols.is_empty() {
-                        dst.fill(zero);
-                        continue;
-                    }
-                    let src = &plane[(oy * g.s + ky - g.p) * g.w..];
-                    dst[..cols.start].fill(zero);
-                    dst[cols.end..].fill(zero);
-                    let x0 = cols.start * g.s + kx - g.p;
-                    if g.s == 1 {
-                        dst[cols.clone()].copy_from_slice(&src[x0..x0 + cols.len()]);
-                    } else {
-                        // iterators, not indices: no bounds check per element
-                        let src = src[x0..].iter().step_by(g.s);
-                        dst[cols.clone()].iter_mut().zip(src).for_each(|(d, v)| *d = *v);
-                    }
-                }
-            }
-        }
-    };
     let col = &mut col[..g.cin * k * k * l];
+    let fill = |(block, plane): (&mut [T], &[T])| im2col_plane_simd(g, plane, rows.clone(), block);
     if col.len() >= PAR_MIN {
         col.par_chunks_mut(k * k * l)
             .zip(x.par_chunks(g.h * g.w))
@@ -348,37 +321,60 @@ fn im2col<T: WithDType>(g: &Geom, x: &[T], rows: std::ops::Range<usize>, col: &m
     }
 }
 
+/// [`im2col`] of one input channel: its `k·k` rows of `block`.
+#[inline(always)]
+fn im2col_plane<T: WithDType>(g: &Geom, plane: &[T], rows: std::ops::Range<usize>, block: &mut [T]) {
+    let (k, l) = (g.k, rows.len() * g.wo);
+    let zero = T::zero();
+    for ky in 0..k {
+        let valid_rows = g.valid(ky, g.h, g.ho);
+        for kx in 0..k {
+            let cols = g.valid(kx, g.w, g.wo);
+            let row = &mut block[(ky * k + kx) * l..(ky * k + kx + 1) * l];
+            for oy in rows.clone() {
+                let dst = &mut row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo];
+                if !valid_rows.contains(&oy) || cols.is_empty() {
+                    dst.fill(zero);
+                    continue;
+                }
+                let src = &plane[(oy * g.s + ky - g.p) * g.w..];
+                dst[..cols.start].fill(zero);
+                dst[cols.end..].fill(zero);
+                let x0 = cols.start * g.s + kx - g.p;
+                let dst = &mut dst[cols.clone()];
+                match g.s {
+                    1 => dst.copy_from_slice(&src[x0..x0 + cols.len()]),
+                    // the stem's and the transitions' stride: pairs with a
+                    // constant stride, which the compiler vectorises as an
+                    // interleaved load; the last on its own, as its pair
+                    // may pass the end of the plane
+                    2 => {
+                        let n = dst.len();
+                        let src = &src[x0..x0 + 2 * n - 1];
+                        let (body, last) = dst.split_at_mut(n - 1);
+                        for (d, pair) in body.iter_mut().zip(src.chunks_exact(2)) {
+                            *d = pair[0];
+                        }
+                        last[0] = src[2 * (n - 1)];
+                    }
+                    s => {
+                        // iterators, not indices: no bounds check per element
+                        let src = src[x0..].iter().step_by(s);
+                        dst.iter_mut().zip(src).for_each(|(d, v)| *d = *v);
+                    }
+                }
+            }
+        }
+    }
+}
+cpu::simd!(im2col_plane_simd, im2col_plane, (g: &Geom, plane: &[T], rows: std::ops::Range<usize>, block: &mut [T]));
+
 /// The adjoint of [`im2col`] for the output rows `r0..r1`: adds every `col`
 /// entry onto the input position it was read from (the caller zeroes `x`
 /// once; neighbouring row tiles add onto shared input rows).
 fn col2im<T: WithDType>(g: &Geom, col: &[T], rows: std::ops::Range<usize>, x: &mut [T]) {
     let (k, l) = (g.k, rows.len() * g.wo);
-    let scatter = |(plane, block): (&mut [T], &[T])| {
-        for ky in 0..k {
-            let valid_rows = g.valid(ky, g.h, g.ho);
-            for kx in 0..k {
-                let cols = g.valid(kx, g.w, g.wo);
-                if cols.is_empty() {
-                    continue;
-                }
-                let row = &block[(ky * k + kx) * l..(ky * k + kx + 1) * l];
-                for oy in rows.start.max(valid_rows.start)..rows.end.min(valid_rows.end) {
-                    let src = &row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo];
-                    let dst = &mut plane[(oy * g.s + ky - g.p) * g.w..];
-                    let x0 = cols.start * g.s + kx - g.p;
-                    if g.s == 1 {
-                        // contiguous: vectorises
-                        for (d, v) in dst[x0..x0 + cols.len()].iter_mut().zip(&src[cols.clone()]) {
-                            *d += *v;
-                        }
-                    } else {
-                        let dst = dst[x0..].iter_mut().step_by(g.s);
-                        dst.zip(&src[cols.clone()]).for_each(|(d, v)| *d += *v);
-                    }
-                }
-            }
-        }
-    };
+    let scatter = |(plane, block): (&mut [T], &[T])| col2im_plane_simd(g, block, rows.clone(), plane);
     let col = &col[..g.cin * k * k * l];
     if col.len() >= PAR_MIN {
         x.par_chunks_mut(g.h * g.w)
@@ -390,6 +386,49 @@ fn col2im<T: WithDType>(g: &Geom, col: &[T], rows: std::ops::Range<usize>, x: &m
             .for_each(scatter);
     }
 }
+
+/// [`col2im`] onto one input channel from its `k·k` rows of `block`.
+#[inline(always)]
+fn col2im_plane<T: WithDType>(g: &Geom, block: &[T], rows: std::ops::Range<usize>, plane: &mut [T]) {
+    let (k, l) = (g.k, rows.len() * g.wo);
+    for ky in 0..k {
+        let valid_rows = g.valid(ky, g.h, g.ho);
+        for kx in 0..k {
+            let cols = g.valid(kx, g.w, g.wo);
+            if cols.is_empty() {
+                continue;
+            }
+            let row = &block[(ky * k + kx) * l..(ky * k + kx + 1) * l];
+            for oy in rows.start.max(valid_rows.start)..rows.end.min(valid_rows.end) {
+                let src = &row[(oy - rows.start) * g.wo..(oy - rows.start + 1) * g.wo][cols.clone()];
+                let dst = &mut plane[(oy * g.s + ky - g.p) * g.w..];
+                let x0 = cols.start * g.s + kx - g.p;
+                match g.s {
+                    // contiguous: vectorises
+                    1 => {
+                        for (d, v) in dst[x0..x0 + src.len()].iter_mut().zip(src) {
+                            *d += *v;
+                        }
+                    }
+                    // pairs, as in `im2col_plane`
+                    2 => {
+                        let n = src.len();
+                        let dst = &mut dst[x0..x0 + 2 * n - 1];
+                        for (pair, v) in dst.chunks_exact_mut(2).zip(&src[..n - 1]) {
+                            pair[0] += *v;
+                        }
+                        dst[2 * (n - 1)] += src[n - 1];
+                    }
+                    s => {
+                        let dst = dst[x0..].iter_mut().step_by(s);
+                        dst.zip(src).for_each(|(d, v)| *d += *v);
+                    }
+                }
+            }
+        }
+    }
+}
+cpu::simd!(col2im_plane_simd, col2im_plane, (g: &Geom, block: &[T], rows: std::ops::Range<usize>, plane: &mut [T]));
 
 /// Output-row tiles whose `col` (K × rows·Wo) stays within about 2 MB of
 /// f32, so that building it and the gemm reading it stay in cache; a full
