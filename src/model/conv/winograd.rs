@@ -93,8 +93,19 @@ fn lincomb<T: WithDType>(out: &mut [T], m: &[T], ins: &[&[T]]) {
 #[inline(always)]
 fn bt6<T: WithDType>(d: [&[T]; 6], out: [&mut [T]; 6]) {
     let n = out[0].len();
-    let [d0, d1, d2, d3, d4, d5] = d.map(|s| &s[..n]);
-    let [o0, o1, o2, o3, o4, o5] = out.map(|s| &mut s[..n]);
+    // slices cut to `n` by hand (`array::map` is a call per use), so the
+    // loop runs without bounds checks
+    let [d0, d1, d2, d3, d4, d5] = d;
+    let (d0, d1, d2, d3, d4, d5) = (&d0[..n], &d1[..n], &d2[..n], &d3[..n], &d4[..n], &d5[..n]);
+    let [o0, o1, o2, o3, o4, o5] = out;
+    let (o0, o1, o2, o3, o4, o5) = (
+        &mut o0[..n],
+        &mut o1[..n],
+        &mut o2[..n],
+        &mut o3[..n],
+        &mut o4[..n],
+        &mut o5[..n],
+    );
     let (two, four, five) = (T::from_f64(2.), T::from_f64(4.), T::from_f64(5.));
     for t in 0..n {
         let (a, b, c, e) = (d1[t], d2[t], d3[t], d4[t]);
@@ -110,7 +121,8 @@ fn bt6<T: WithDType>(d: [&[T]; 6], out: [&mut [T]; 6]) {
 /// `Aᵀ·m` for six rows in one pass: the four outputs.
 #[inline(always)]
 fn at4<T: WithDType>(m: [&[T]; 6], n: usize, mut out: impl FnMut(usize, [T; 4])) {
-    let [m0, m1, m2, m3, m4, m5] = m.map(|s| &s[..n]);
+    let [m0, m1, m2, m3, m4, m5] = m;
+    let (m0, m1, m2, m3, m4, m5) = (&m0[..n], &m1[..n], &m2[..n], &m3[..n], &m4[..n], &m5[..n]);
     let (two, four, eight) = (T::from_f64(2.), T::from_f64(4.), T::from_f64(8.));
     for t in 0..n {
         let (p12, d12, p34, d34) = (m1[t] + m2[t], m1[t] - m2[t], m3[t] + m4[t], m3[t] - m4[t]);
@@ -131,8 +143,17 @@ fn at4<T: WithDType>(m: [&[T]; 6], n: usize, mut out: impl FnMut(usize, [T; 4]))
 #[inline(always)]
 fn a6<T: WithDType>(y: [&[T]; 4], out: [&mut [T]; 6]) {
     let n = out[0].len();
-    let [y0, y1, y2, y3] = y.map(|s| &s[..n]);
-    let [o0, o1, o2, o3, o4, o5] = out.map(|s| &mut s[..n]);
+    let [y0, y1, y2, y3] = y;
+    let (y0, y1, y2, y3) = (&y0[..n], &y1[..n], &y2[..n], &y3[..n]);
+    let [o0, o1, o2, o3, o4, o5] = out;
+    let (o0, o1, o2, o3, o4, o5) = (
+        &mut o0[..n],
+        &mut o1[..n],
+        &mut o2[..n],
+        &mut o3[..n],
+        &mut o4[..n],
+        &mut o5[..n],
+    );
     let (two, four, eight) = (T::from_f64(2.), T::from_f64(4.), T::from_f64(8.));
     for t in 0..n {
         let (p02, d13, p02b, d13b) = (
