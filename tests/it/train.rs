@@ -72,7 +72,7 @@ color_jitter = 0.0
 class_uniform = 0.0
 
 [train]
-steps = 100
+steps = 200
 batch = 1
 checkpoint_every = 1000
 [train.optim]
@@ -87,10 +87,12 @@ main = "ce"
 }
 
 /// Train, checkpoint, load and evaluate on the training image. Which
-/// pixels the evaluation gets right is chaotic in the rounding of training
-/// (BatchNorm's running statistics at batch 1 lag the weights): one seed
-/// varies between 0.86 and 0.95 mIoU with numerically equivalent changes,
-/// so the bound is on the mean over three seeds, each also above 0.8.
+/// pixels the evaluation gets right after a short run is chaotic in the
+/// rounding of training (BatchNorm's running statistics at batch 1 lag the
+/// weights): after 100 steps one seed varied between 0.73 and 0.95 mIoU
+/// with numerically equivalent changes (a gemm summing in another order).
+/// After 200 steps five seeds gave 0.94–0.98, so each seed must pass 0.9
+/// and their mean 0.93.
 #[test]
 fn a_small_model_overfits_one_image() {
     let mut mious = vec![];
@@ -100,7 +102,7 @@ fn a_small_model_overfits_one_image() {
         let mut cfg = overfit_config(d.path());
         cfg.train.seed = seed;
         let r = train(&cfg, &d.path().join("run"), &mut Quiet).unwrap();
-        assert!(r.finished && r.step == 100);
+        assert!(r.finished && r.step == 200);
         let net = hmsa_lab::model::checkpoint::load(
             &cfg.model,
             r.weights.as_ref().unwrap(),
@@ -117,14 +119,14 @@ fn a_small_model_overfits_one_image() {
         let (first, last) = (r.steps[0].loss, r.steps.last().unwrap().loss);
         assert!(last < first / 20.0, "seed {seed}: loss {first} -> {last}");
         assert!(
-            res[0].metrics.miou > 0.8,
+            res[0].metrics.miou > 0.9,
             "seed {seed}: mIoU {}",
             res[0].metrics.miou
         );
         mious.push(res[0].metrics.miou);
     }
     let mean = mious.iter().sum::<f64>() / 3.0;
-    assert!(mean > 0.9, "mean mIoU {mean} ({mious:?})");
+    assert!(mean > 0.93, "mean mIoU {mean} ({mious:?})");
 }
 
 #[test]
