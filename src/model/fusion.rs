@@ -582,14 +582,11 @@ mod tests {
             .fuse(&outs, (24, 40), None, false)
             .unwrap()
             .pred;
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let max_diff = |a: Tensor, b: Tensor| -> f64 {
+            let d = (a - b).unwrap().abs().unwrap();
+            d.max_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let d = max_diff(got, want);
         assert!(d < 1e-12, "hierarchical: {d}");
         // averaging: mean of the softmaxes of every scale brought to 24x40
         let sm = |t: &Tensor| candle_nn::ops::softmax(t, 1).unwrap();
@@ -598,14 +595,7 @@ mod tests {
         .unwrap();
         let want = (mean / 3.0).unwrap().log().unwrap();
         let got = Fusion::Average.fuse(&outs, (24, 40), None, false).unwrap().pred;
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = max_diff(got, want);
         assert!(d < 1e-12, "average: {d}");
     }
 

@@ -93,19 +93,11 @@ fn lincomb<T: WithDType>(out: &mut [T], m: &[T], ins: &[&[T]]) {
 #[inline(always)]
 fn bt6<T: WithDType>(d: [&[T]; 6], out: [&mut [T]; 6]) {
     let n = out[0].len();
-    // slices cut to `n` by hand (`array::map` is a call per use), so the
-    // loop runs without bounds checks
+    // slices cut to `n` by hand (`array::map` is a call per use, see
+    // `cut6`), so the loop runs without bounds checks
     let [d0, d1, d2, d3, d4, d5] = d;
     let (d0, d1, d2, d3, d4, d5) = (&d0[..n], &d1[..n], &d2[..n], &d3[..n], &d4[..n], &d5[..n]);
-    let [o0, o1, o2, o3, o4, o5] = out;
-    let (o0, o1, o2, o3, o4, o5) = (
-        &mut o0[..n],
-        &mut o1[..n],
-        &mut o2[..n],
-        &mut o3[..n],
-        &mut o4[..n],
-        &mut o5[..n],
-    );
+    let [o0, o1, o2, o3, o4, o5] = cut6(out, n);
     let (two, four, five) = (T::from_f64(2.), T::from_f64(4.), T::from_f64(5.));
     for t in 0..n {
         let (a, b, c, e) = (d1[t], d2[t], d3[t], d4[t]);
@@ -145,15 +137,7 @@ fn a6<T: WithDType>(y: [&[T]; 4], out: [&mut [T]; 6]) {
     let n = out[0].len();
     let [y0, y1, y2, y3] = y;
     let (y0, y1, y2, y3) = (&y0[..n], &y1[..n], &y2[..n], &y3[..n]);
-    let [o0, o1, o2, o3, o4, o5] = out;
-    let (o0, o1, o2, o3, o4, o5) = (
-        &mut o0[..n],
-        &mut o1[..n],
-        &mut o2[..n],
-        &mut o3[..n],
-        &mut o4[..n],
-        &mut o5[..n],
-    );
+    let [o0, o1, o2, o3, o4, o5] = cut6(out, n);
     let (two, four, eight) = (T::from_f64(2.), T::from_f64(4.), T::from_f64(8.));
     for t in 0..n {
         let (p02, d13, p02b, d13b) = (
@@ -169,6 +153,22 @@ fn a6<T: WithDType>(y: [&[T]; 4], out: [&mut [T]; 6]) {
         o4[t] = p02b - d13b;
         o5[t] = y3[t];
     }
+}
+
+/// Each of six slices cut to its first `n` elements, by hand:
+/// `array::map` is not always inlined, and a call per use keeps the
+/// caller's loop from dropping its bounds checks.
+#[inline(always)]
+fn cut6<T>(s: [&mut [T]; 6], n: usize) -> [&mut [T]; 6] {
+    let [a, b, c, d, e, f] = s;
+    [
+        &mut a[..n],
+        &mut b[..n],
+        &mut c[..n],
+        &mut d[..n],
+        &mut e[..n],
+        &mut f[..n],
+    ]
 }
 
 /// Six disjoint runs of `len` elements of `buf`, `stride` apart.
