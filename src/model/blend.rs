@@ -130,7 +130,7 @@ pub(crate) fn softmax_planes<T: cpu::Real, R: Send>(
 
 /// One block of [`softmax_planes`]: the `len = m.len()` pixels from `at`
 /// of one item's `c` planes; leaves the channel maximum in `m` and the
-/// exp-sum in `s`.
+/// exp-sum in `s`. `y` points at an output of `x`'s length.
 #[inline(always)]
 fn softmax_block<T: cpu::Real>(
     x: &[T],
@@ -142,6 +142,8 @@ fn softmax_block<T: cpu::Real>(
     s: &mut [T],
 ) {
     let len = m.len();
+    // the block's last plane inside `x`, and so inside `y`
+    assert!(c > 0 && at + (c - 1) * hw + len <= x.len() && s.len() == len);
     m.fill(T::from_f64(f64::NEG_INFINITY));
     for k in 0..c {
         for (m, v) in m.iter_mut().zip(&x[at + k * hw..][..len]) {
@@ -151,8 +153,9 @@ fn softmax_block<T: cpu::Real>(
     }
     s.fill(T::zero());
     for k in 0..c {
-        // SAFETY: callers hand each block a disjoint pixel range of one
-        // item, so no two blocks write the same element of `y`.
+        // SAFETY: in bounds (asserted above, `y` as long as `x`); callers
+        // hand each block a disjoint pixel range of one item, so no two
+        // blocks write the same element of `y`.
         let dst = unsafe { std::slice::from_raw_parts_mut(y.get().add(at + k * hw), len) };
         for (((d, v), m), s) in dst
             .iter_mut()

@@ -1,14 +1,16 @@
 //! Scale fusion: one enum, one `fuse`, used by training and inference alike.
 //!
 //! Every rule takes the per-scale outputs of the shared network (logits `L_s`,
-//! aux logits `A_s`, each at its own input resolution) and returns one
-//! prediction at the 1.0x input resolution:
+//! aux logits `A_s`, kept at 1/4 of the scale's input and read at that input
+//! size, as the official `scale_as` does, or composed straight to another
+//! size) and returns one prediction at the 1.0x input resolution; the aux
+//! logits go through the same rule in training only (the loss reads them):
 //! - `Single`: the one scale, resized to the output size.
 //! - `Average` / `Max`: mean / per-pixel max of the softmax probabilities of
 //!   every scale resized to the output; returned as log-probabilities.
 //! - `Hierarchical`: the paper's recurrence, scales high to low (1.0 required):
 //!   first `P = L_s`; then for `s >= 1`: `P = a_s·L_s + (1 − a_s)·resize(P)`;
-//!   for `s < 1`: `P = up(a_s·L_s) + (1 − up(a_s))·P`. The same on aux.
+//!   for `s < 1`: `P = up(a_s·L_s) + (1 − up(a_s))·P`.
 //! - `Explicit`: every scale's OCR features resized to the 1.0x feature map and
 //!   concatenated, one head gives a channel per scale, softmax across scales,
 //!   weighted sum of the predictions resized to 1.0x.
@@ -564,30 +566,34 @@ mod tests {
                 feats: konst(0.0, 1, 1, 1),
             })
             .collect();
-        let up = |o: &ScaleOutput| resize(&o.cls, o.size.0, o.size.1).unwrap();
-        let (l2, l1, l05) = (up(&outs[0]), up(&outs[1]), up(&outs[2]));
         let (a1, a05) = (outs[1].attn.clone().unwrap(), outs[2].attn.clone().unwrap());
-        // the recurrence with candle's own broadcast arithmetic
-        let one_minus = |a: &Tensor| a.affine(-1.0, 1.0).unwrap();
-        let p = (l1.broadcast_mul(&a1).unwrap()
-            + resize(&l2, 24, 40)
-                .unwrap()
-                .broadcast_mul(&one_minus(&a1))
-                .unwrap())
-        .unwrap();
-        let lo = resize(&l05.broadcast_mul(&a05).unwrap(), 24, 40).unwrap();
-        let up_a = resize(&a05, 24, 40).unwrap();
-        let want = (lo + p.broadcast_mul(&one_minus(&up_a)).unwrap()).unwrap();
-        let got = Fusion::Hierarchical
-            .fuse(&outs, (24, 40), None, false)
-            .unwrap()
-            .pred;
-        let max_diff = |a: Tensor, b: Tensor| -> f64 {
+        let max_diff = |a: &Tensor, b: Tensor| -> f64 {
             let d = (a - b).unwrap().abs().unwrap();
             d.max_all().unwrap().to_scalar::<f64>().unwrap()
         };
-        let d = max_diff(got, want);
+        // the recurrence with candle's own broadcast arithmetic, on the
+        // logits (`aux = false`) or the aux logits
+        let one_minus = |a: &Tensor| a.affine(-1.0, 1.0).unwrap();
+        let up = |o: &ScaleOutput, aux: bool| {
+            let t = if aux { &o.aux } else { &o.cls };
+            resize(t, o.size.0, o.size.1).unwrap()
+        };
+        let recurrence = |aux: bool| {
+            let (l2, l1, l05) = (up(&outs[0], aux), up(&outs[1], aux), up(&outs[2], aux));
+            let low2 = resize(&l2, 24, 40).unwrap();
+            let p = (l1.broadcast_mul(&a1).unwrap() + low2.broadcast_mul(&one_minus(&a1)).unwrap()).unwrap();
+            let lo = resize(&l05.broadcast_mul(&a05).unwrap(), 24, 40).unwrap();
+            let up_a = resize(&a05, 24, 40).unwrap();
+            (lo + p.broadcast_mul(&one_minus(&up_a)).unwrap()).unwrap()
+        };
+        let f = Fusion::Hierarchical.fuse(&outs, (24, 40), None, false).unwrap();
+        let d = max_diff(&f.pred, recurrence(false));
         assert!(d < 1e-12, "hierarchical: {d}");
+        // in training the aux logits, through the same composed resizes
+        let f = Fusion::Hierarchical.fuse(&outs, (24, 40), None, true).unwrap();
+        let d = max_diff(f.aux.as_ref().unwrap(), recurrence(true));
+        assert!(d < 1e-12, "hierarchical aux: {d}");
+        let (l2, l1, l05) = (up(&outs[0], false), up(&outs[1], false), up(&outs[2], false));
         // averaging: mean of the softmaxes of every scale brought to 24x40
         let sm = |t: &Tensor| candle_nn::ops::softmax(t, 1).unwrap();
         let mean = ((sm(&resize(&l2, 24, 40).unwrap()) + sm(&l1)).unwrap()
@@ -595,7 +601,7 @@ mod tests {
         .unwrap();
         let want = (mean / 3.0).unwrap().log().unwrap();
         let got = Fusion::Average.fuse(&outs, (24, 40), None, false).unwrap().pred;
-        let d = max_diff(got, want);
+        let d = max_diff(&got, want);
         assert!(d < 1e-12, "average: {d}");
     }
 

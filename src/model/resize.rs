@@ -4,7 +4,8 @@
 //! candle 0.11's `upsample_bilinear2d` has no backward, so the network, the
 //! fusion and the losses all go through [`resize`] instead:
 //! - on the CPU a custom op, separable (each input row resized horizontally
-//!   once, then output rows blended from two of those rows), with the
+//!   once, then output rows blended from N of those rows: two for one
+//!   resize, three for two resizes composed by [`resize_via`]), with the
 //!   adjoint as backward (rayon over the N·C planes);
 //! - on other devices `A_h · x · A_wᵀ` with dense interpolation matrices, which
 //!   candle differentiates by itself.
@@ -332,6 +333,13 @@ impl<const N: usize> CustomOp1 for Bilinear<N> {
 impl<const N: usize> BilinearGrad<N> {
     fn run<T: WithDType>(&self, g: &[T], l: &Layout) -> Result<(Vec<T>, Shape)> {
         let (n, c, oh, ow) = l.shape().dims4()?;
+        if (oh, ow) != (self.ty.len(), self.tx.len()) {
+            candle_core::bail!(
+                "bilinear resize grad built for {}x{}, got {oh}x{ow}",
+                self.ty.len(),
+                self.tx.len()
+            );
+        }
         let g = super::cpu::contiguous(g, l)?;
         let plane = self.in_h * self.in_w;
         let mut dst = vec![T::zero(); n * c * plane];
@@ -456,14 +464,18 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f64, 1., (2, 3, 5, 7), &dev).unwrap();
         // the network's 4x upsampling then the fusion's resize; odd sizes;
-        // a first resize that shrinks (more than three taps: two ops)
-        for (mid, out) in [
-            ((20, 28), (10, 14)),
-            ((20, 28), (40, 56)),
-            ((20, 28), (13, 9)),
-            ((9, 11), (4, 30)),
-            ((3, 4), (6, 8)),
+        // a first resize that shrinks and still composes (5 -> 3 -> 6), and
+        // one that needs more than three taps (7 -> 4 -> 8: two ops)
+        for (mid, out, one_op) in [
+            ((20, 28), (10, 14), true),
+            ((20, 28), (40, 56), true),
+            ((20, 28), (13, 9), true),
+            ((9, 11), (4, 30), true),
+            ((3, 9), (6, 10), true),
+            ((3, 4), (6, 8), false),
         ] {
+            let fits = composed(5, mid.0, out.0).is_some() && composed(7, mid.1, out.1).is_some();
+            assert_eq!(fits, one_op, "{mid:?} -> {out:?}");
             let one = vals(&resize_via(&x, mid, out).unwrap());
             let two = vals(&resize(&resize(&x, mid.0, mid.1).unwrap(), out.0, out.1).unwrap());
             close(&one, &two, 1e-12);
