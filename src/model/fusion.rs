@@ -254,14 +254,22 @@ impl Fusion {
                     attn: vec![],
                 })
             }
-            Fusion::Hierarchical => Ok(Fused {
-                pred: hierarchical(&outs, Part::Pred)?,
-                aux: aux(&|p| hierarchical(&outs, p))?,
-                attn: outs[1..]
-                    .iter()
-                    .map(|o| Ok((o.scale, attn_of(o)?)))
-                    .collect::<Result<_>>()?,
-            }),
+            Fusion::Hierarchical => {
+                let parts: &[Part] = if train {
+                    &[Part::Pred, Part::Aux]
+                } else {
+                    &[Part::Pred]
+                };
+                let mut fused = hierarchical(&outs, parts)?.into_iter();
+                Ok(Fused {
+                    pred: fused.next().expect("one per part"),
+                    aux: fused.next(),
+                    attn: outs[1..]
+                        .iter()
+                        .map(|o| Ok((o.scale, attn_of(o)?)))
+                        .collect::<Result<_>>()?,
+                })
+            }
             Fusion::Explicit => {
                 let head = explicit.ok_or_else(|| {
                     Error::invalid(
@@ -310,38 +318,48 @@ fn attn_of(o: &ScaleOutput) -> Result<Tensor> {
     })
 }
 
-/// The recurrence over scales sorted high to low. The running prediction
-/// starts as the highest scale's logits, kept unmade until a blend needs
-/// them, so that bringing them down to the next scale is one resize.
-fn hierarchical(outs: &[&ScaleOutput], part: Part) -> Result<Tensor> {
+/// The recurrence over scales sorted high to low, for each of `parts`
+/// (sharing each scale's attention and its upsampling). The running
+/// prediction starts as the highest scale's logits, kept unmade until a
+/// blend needs them, so that bringing them down to the next scale is one
+/// resize.
+fn hierarchical(outs: &[&ScaleOutput], parts: &[Part]) -> Result<Vec<Tensor>> {
     let first = outs[0];
-    let mut pred: Option<Tensor> = None;
+    let mut preds: Vec<Option<Tensor>> = vec![None; parts.len()];
     let mut size = first.size;
     for o in &outs[1..] {
         let a = attn_of(o)?;
         if o.scale >= 1.0 {
             // Bring the running prediction down to this scale, then blend.
-            let low = match &pred {
-                None => part.at(first, o.size)?,
-                Some(p) => resize(p, o.size.0, o.size.1)?,
-            };
-            pred = Some(blend::mix(&part.input_size(o)?, &low, &a)?);
+            for (part, pred) in parts.iter().zip(&mut preds) {
+                let low = match pred {
+                    None => part.at(first, o.size)?,
+                    Some(p) => resize(p, o.size.0, o.size.1)?,
+                };
+                *pred = Some(blend::mix(&part.input_size(o)?, &low, &a)?);
+            }
             size = o.size;
         } else {
             // Weight this (lower) scale at its own resolution, then bring it up.
             let up_a = resize(&a, size.0, size.1)?;
-            let high = match pred {
-                None => part.input_size(first)?,
-                Some(p) => p,
-            };
-            let low = resize(&blend::weight(&part.input_size(o)?, &a)?, size.0, size.1)?;
-            pred = Some(blend::add_rest(&low, &high, &up_a)?);
+            for (part, pred) in parts.iter().zip(&mut preds) {
+                let high = match pred.take() {
+                    None => part.input_size(first)?,
+                    Some(p) => p,
+                };
+                let low = resize(&blend::weight(&part.input_size(o)?, &a)?, size.0, size.1)?;
+                *pred = Some(blend::add_rest(&low, &high, &up_a)?);
+            }
         }
     }
-    match pred {
-        Some(p) => Ok(p),
-        None => part.input_size(first),
-    }
+    parts
+        .iter()
+        .zip(preds)
+        .map(|(part, pred)| match pred {
+            Some(p) => Ok(p),
+            None => part.input_size(first),
+        })
+        .collect()
 }
 
 fn explicit_fuse(
