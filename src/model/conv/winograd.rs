@@ -180,14 +180,7 @@ fn rows6<T>(buf: &mut [T], stride: usize, len: usize) -> [&mut [T]; 6] {
     let (r2, rest) = rest.split_at_mut(stride);
     let (r3, rest) = rest.split_at_mut(stride);
     let (r4, r5) = rest.split_at_mut(stride);
-    [
-        &mut r0[..len],
-        &mut r1[..len],
-        &mut r2[..len],
-        &mut r3[..len],
-        &mut r4[..len],
-        &mut r5[..len],
-    ]
+    cut6([r0, r1, r2, r3, r4, r5], len)
 }
 
 fn cast<T: WithDType, const R: usize, const C: usize>(m: &[[f64; C]; R]) -> [[T; C]; R] {
