@@ -5,6 +5,9 @@
 //! - [`add_rest`]: `u + (1 − a)·v` (hierarchical fusion below 1, where `u`
 //!   is the already weighted, upsampled lower scale);
 //! - [`weight`]: `a·u` (explicit attention, and the lower scale's weighting);
+//! - [`add_rest_up`]: `up(u) + (1 − up(a))·up(v)`, [`add_rest`] with the
+//!   bilinear resizes of its operands to the output inside the op (hierarchical
+//!   fusion below 1 as one op: no resized maps, and no gradients of them);
 //! - [`softmax_channels`]: softmax across the channels of each pixel
 //!   (average and max fusion, explicit attention's scale weights, flip).
 //!
@@ -17,6 +20,7 @@
 //! `a` enters. Other devices and dtypes use candle's broadcast ops.
 
 use super::cpu;
+use super::resize::{resize, PlaneResize};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -33,6 +37,308 @@ pub fn add_rest(u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
 /// `a·u`.
 pub fn weight(u: &Tensor, a: &Tensor) -> Result<Tensor> {
     apply(Kind::Weight, u, u, a)
+}
+
+/// `up(a·up(l)) + (1 − up(a))·up(v)` at `out` (H, W), where each `up` is
+/// the bilinear resize ([`resize`]) of its operand from its own size to the
+/// next: hierarchical fusion below 1 as one op. `l` (N, C, h', w') is the
+/// lower scale's logits (at the network's resolution, or already at `a`'s
+/// size), `a` (N, 1, h, w) its attention at its input size, `v`
+/// (N, C, h'', w'') the running prediction at `out`, or smaller (the
+/// highest scale's logits at the network's resolution). Equal to
+/// `add_rest(up(weight(up(l), a)), up(v), up(a))` up to rounding, but every
+/// resized and weighted map is a plane in the op's loops, never a tensor:
+/// no allocations, passes or gradient-store entries for them. Backward,
+/// with `m = upᵀ(g)`: `∂l = upᵀ(a·m)`, `∂v = upᵀ((1 − up(a))·g)`, `∂a =
+/// Σ_c up(l)·m − upᵀ(Σ_c g·up(v))`. Other devices and dtypes: the separate
+/// ops.
+pub fn add_rest_up(l: &Tensor, v: &Tensor, a: &Tensor, out: (usize, usize)) -> Result<Tensor> {
+    let size = |t: &Tensor| -> Result<(usize, usize)> {
+        let (_, _, h, w) = t.dims4()?;
+        Ok((h, w))
+    };
+    let (from_l, from_a, from_v) = (size(l)?, size(a)?, size(v)?);
+    if l.device().is_cpu() && matches!(l.dtype(), DType::F32 | DType::F64) && out.0 > 0 && out.1 > 0 {
+        let resizer = |from: (usize, usize), to| (from != to).then(|| PlaneResize::new(from, to));
+        let op = AddRestUp {
+            rl: resizer(from_l, from_a),
+            ra: PlaneResize::new(from_a, out),
+            rv: resizer(from_v, out),
+            sizes: [from_l, from_a, from_v, out],
+        };
+        return l.contiguous()?.apply_op3(&v.contiguous()?, &a.contiguous()?, op);
+    }
+    let up = |t: &Tensor, to: (usize, usize)| resize(t, to.0, to.1);
+    add_rest(
+        &up(&weight(&up(l, from_a)?, a)?, out)?,
+        &up(v, out)?,
+        &up(a, out)?,
+    )
+}
+
+struct AddRestUp {
+    /// `l`'s resize to `a`'s size, unless it is at that size.
+    rl: Option<PlaneResize>,
+    /// `a`'s (and `a·up(l)`'s) resize to the output.
+    ra: PlaneResize,
+    /// `v`'s resize to the output, unless it is at the output size.
+    rv: Option<PlaneResize>,
+    /// Plane sizes of `l`, `a`, `v` and the output.
+    sizes: [(usize, usize); 4],
+}
+
+/// `o += (1 − a)·v`.
+#[inline(always)]
+fn add_rest_row<T: WithDType>(o: &mut [T], a: &[T], v: &[T]) {
+    let one = T::one();
+    for ((o, a), v) in o.iter_mut().zip(a).zip(v) {
+        *o += (one - *a) * *v;
+    }
+}
+cpu::simd!(add_rest_row_simd, add_rest_row, (o: &mut [T], a: &[T], v: &[T]));
+
+/// `o = (1 − a)·g`.
+#[inline(always)]
+fn rest_row<T: WithDType>(o: &mut [T], a: &[T], g: &[T]) {
+    let one = T::one();
+    for ((o, a), g) in o.iter_mut().zip(a).zip(g) {
+        *o = (one - *a) * *g;
+    }
+}
+cpu::simd!(rest_row_simd, rest_row, (o: &mut [T], a: &[T], g: &[T]));
+
+/// `o = x·y`.
+#[inline(always)]
+fn product_row<T: WithDType>(o: &mut [T], x: &[T], y: &[T]) {
+    for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+        *o = *x * *y;
+    }
+}
+cpu::simd!(product_row_simd, product_row, (o: &mut [T], x: &[T], y: &[T]));
+
+/// `o += s·x·y`, `s` = ±1.
+#[inline(always)]
+fn add_product_row<T: WithDType>(o: &mut [T], x: &[T], y: &[T], s: T) {
+    for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+        *o += s * *x * *y;
+    }
+}
+cpu::simd!(add_product_row_simd, add_product_row, (o: &mut [T], x: &[T], y: &[T], s: T));
+
+/// `x` resized by `r` into `buf`, or `x` itself when there is no resize.
+fn up_or<'a, T: WithDType>(
+    r: &Option<PlaneResize>,
+    x: &'a [T],
+    tmp: &mut Vec<T>,
+    buf: &'a mut Vec<T>,
+) -> &'a [T] {
+    match r {
+        Some(r) => {
+            buf.resize(r.out_len(), T::zero());
+            r.apply(x, tmp, buf);
+            buf
+        }
+        None => x,
+    }
+}
+
+/// Scratch planes of one worker.
+struct Scratch<T> {
+    tmp: Vec<T>,
+    l: Vec<T>,
+    m: Vec<T>,
+    v: Vec<T>,
+}
+
+impl<T: WithDType> Scratch<T> {
+    fn new() -> Self {
+        Scratch {
+            tmp: Vec::new(),
+            l: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+
+    /// `buf` resized to `n` elements (contents unspecified).
+    fn plane(buf: &mut Vec<T>, n: usize) -> &mut [T] {
+        buf.resize(n, T::zero());
+        &mut buf[..n]
+    }
+}
+
+impl AddRestUp {
+    /// Plane lengths of `l`, `a`, `v` and the output.
+    fn lens(&self) -> [usize; 4] {
+        self.sizes.map(|(h, w)| h * w)
+    }
+
+    /// `up(a)`, one output-size plane per item.
+    fn attention_up<T: WithDType>(&self, a: &[T]) -> Vec<T> {
+        let [_, hw, _, out] = self.lens();
+        let mut up = vec![T::zero(); a.len() / hw * out];
+        up.par_chunks_mut(out)
+            .zip(a.par_chunks(hw))
+            .for_each_init(Vec::new, |tmp, (o, a)| self.ra.apply(a, tmp, o));
+        up
+    }
+
+    fn fwd<T: WithDType>(&self, l: &[T], v: &[T], a: &[T], c: usize) -> Vec<T> {
+        let [hw_l, hw_a, hw_v, out] = self.lens();
+        let a_up = self.attention_up(a);
+        let mut y = vec![T::zero(); l.len() / hw_l * out];
+        y.par_chunks_mut(out)
+            .enumerate()
+            .for_each_init(Scratch::new, |s, (p, o)| {
+                let item = p / c;
+                let lp = up_or(&self.rl, &l[p * hw_l..][..hw_l], &mut s.tmp, &mut s.l);
+                let w = Scratch::plane(&mut s.m, hw_a);
+                product_row_simd(w, &a[item * hw_a..][..hw_a], lp);
+                self.ra.apply(w, &mut s.tmp, o);
+                let vp = up_or(&self.rv, &v[p * hw_v..][..hw_v], &mut s.tmp, &mut s.v);
+                add_rest_row_simd(o, &a_up[item * out..][..out], vp);
+            });
+        y
+    }
+
+    /// (∂l, ∂v, ∂a). Per plane, with `m = upᵀ(g)`: `∂l = upᵀ(a·m)`, `∂v =
+    /// upᵀ((1 − up(a))·g)` and `up(l)·m`; per item, `∂a` as the sum of the
+    /// last over the channels minus `upᵀ(Σ_c g·up(v))` (the sum made at the
+    /// output size, so each item takes one transposed resize).
+    fn grads<T: WithDType>(&self, l: &[T], v: &[T], a: &[T], g: &[T], c: usize) -> [Vec<T>; 3] {
+        let [hw_l, hw_a, hw_v, out] = self.lens();
+        let planes = g.len() / out;
+        let a_up = self.attention_up(a);
+        let (mut gl, mut gv, mut pa) = (
+            vec![T::zero(); planes * hw_l],
+            vec![T::zero(); planes * hw_v],
+            vec![T::zero(); planes * hw_a],
+        );
+        gl.par_chunks_mut(hw_l)
+            .zip(gv.par_chunks_mut(hw_v))
+            .zip(pa.par_chunks_mut(hw_a))
+            .enumerate()
+            .for_each_init(Scratch::new, |s, (p, ((gl, gv), pa))| {
+                let item = p / c;
+                let (g, ap) = (&g[p * out..][..out], &a_up[item * out..][..out]);
+                let m = Scratch::plane(&mut s.m, hw_a);
+                self.ra.adjoint(g, &mut s.tmp, m);
+                let lp = up_or(&self.rl, &l[p * hw_l..][..hw_l], &mut s.tmp, &mut s.l);
+                product_row_simd(pa, lp, m);
+                let ai = &a[item * hw_a..][..hw_a];
+                match &self.rl {
+                    Some(r) => {
+                        let am = Scratch::plane(&mut s.l, hw_a);
+                        product_row_simd(am, ai, m);
+                        r.adjoint(am, &mut s.tmp, gl);
+                    }
+                    None => product_row_simd(gl, ai, m),
+                }
+                match &self.rv {
+                    Some(r) => {
+                        let full = Scratch::plane(&mut s.v, out);
+                        rest_row_simd(full, ap, g);
+                        r.adjoint(full, &mut s.tmp, gv);
+                    }
+                    None => rest_row_simd(gv, ap, g),
+                }
+            });
+        let mut ga = vec![T::zero(); planes / c * hw_a];
+        ga.par_chunks_mut(hw_a).enumerate().for_each(|(item, ga)| {
+            let mut s = Scratch::new();
+            let mut sum = vec![T::zero(); out];
+            for p in item * c..(item + 1) * c {
+                let vp = up_or(&self.rv, &v[p * hw_v..][..hw_v], &mut s.tmp, &mut s.v);
+                add_product_row_simd(&mut sum, &g[p * out..][..out], vp, T::one());
+            }
+            self.ra.adjoint(&sum, &mut s.tmp, ga);
+            for ga in ga.iter_mut() {
+                *ga = T::zero() - *ga;
+            }
+            for p in pa[item * c * hw_a..][..c * hw_a].chunks_exact(hw_a) {
+                ga.iter_mut().zip(p).for_each(|(o, x)| *o += *x);
+            }
+        });
+        [gl, gv, ga]
+    }
+
+    fn check(&self, ll: &Layout, lv: &Layout, la: &Layout) -> Result<()> {
+        let (n, c, _, _) = ll.shape().dims4()?;
+        let [(hl, wl), (ha, wa), (hv, wv), _] = self.sizes;
+        if ll.shape().dims() != [n, c, hl, wl]
+            || lv.shape().dims() != [n, c, hv, wv]
+            || la.shape().dims() != [n, 1, ha, wa]
+        {
+            candle_core::bail!(
+                "add_rest_up built for {hl}x{wl}, {hv}x{wv} and weight {ha}x{wa}: got {:?}, {:?}, weight {:?}",
+                ll.shape(),
+                lv.shape(),
+                la.shape()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp3 for AddRestUp {
+    fn name(&self) -> &'static str {
+        "add-rest-up"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(l1, l2, l3)?;
+        let (n, c, _, _) = l1.shape().dims4()?;
+        let (oh, ow) = self.sizes[3];
+        let out = match s1 {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.fwd(cpu::slice(s1, l1)?, cpu::slice(s2, l2)?, cpu::slice(s3, l3)?, c))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.fwd(cpu::slice(s1, l1)?, cpu::slice(s2, l2)?, cpu::slice(s3, l3)?, c))
+            }
+            _ => candle_core::bail!("add_rest_up: f32 or f64 only"),
+        };
+        Ok((out, Shape::from((n, c, oh, ow))))
+    }
+
+    fn bwd(
+        &self,
+        l: &Tensor,
+        v: &Tensor,
+        a: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let c = l.dim(1)?;
+        fn run<T: WithDType>(op: &AddRestUp, ts: [&Tensor; 4], c: usize) -> Result<[Tensor; 3]> {
+            let guards = ts.iter().map(|t| cpu::read(t)).collect::<Result<Vec<_>>>()?;
+            let s = guards
+                .iter()
+                .map(|(st, lay)| cpu::elems::<T>(st, lay))
+                .collect::<Result<Vec<_>>>()?;
+            let grads = op.grads(s[0], s[1], s[2], s[3], c);
+            let mut out = grads
+                .into_iter()
+                .zip(ts)
+                .map(|(x, t)| Tensor::from_vec(x, t.shape(), t.device()));
+            let mut next = || out.next().expect("three gradients");
+            Ok([next()?, next()?, next()?])
+        }
+        let [gl, gv, ga] = match l.dtype() {
+            DType::F32 => run::<f32>(self, [l, v, a, &g], c)?,
+            _ => run::<f64>(self, [l, v, a, &g], c)?,
+        };
+        Ok((Some(gl), Some(gv), Some(ga)))
+    }
 }
 
 /// Softmax over dim 1 of an (N, C, H, W) map. candle's softmax on a
@@ -469,6 +775,105 @@ mod tests {
                     close(&ours.2.unwrap(), &theirs.2.unwrap(), "dv");
                 }
                 close(&ours.3.unwrap(), &theirs.3.unwrap(), "da");
+            }
+        }
+    }
+
+    /// `add_rest_up` against the separate ops it stands for (resizes,
+    /// `weight`, `add_rest`) and candle's autograd through them (f64): `l`
+    /// smaller than `a` and at its size, `v` at the output size and smaller,
+    /// whole and non-integer factors, more than one item.
+    #[test]
+    fn add_rest_up_equals_resizes_weight_and_add_rest() {
+        let dev = Device::Cpu;
+        let vals = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        // (n, c, l size, a size, v size, output size)
+        let cases = [
+            (2, 3, (2, 3), (4, 6), (8, 12), (8, 12)),
+            (2, 3, (4, 6), (4, 6), (2, 3), (8, 12)),
+            (1, 2, (2, 3), (5, 7), (3, 4), (11, 13)),
+            (2, 1, (6, 6), (6, 6), (6, 6), (6, 6)),
+        ];
+        for (n, c, (hl, wl), (h, w), (hv, wv), out) in cases {
+            let l0 = Tensor::randn(0f64, 1., (n, c, hl, wl), &dev).unwrap();
+            let v0 = Tensor::randn(0f64, 1., (n, c, hv, wv), &dev).unwrap();
+            let a0 = Tensor::rand(0f64, 1., (n, 1, h, w), &dev).unwrap();
+            let r = Tensor::randn(0f64, 1., (n, c, out.0, out.1), &dev).unwrap();
+            let run = |ours: bool| {
+                let vars = [&l0, &v0, &a0].map(|t| Var::from_tensor(t).unwrap());
+                let [l, v, a] = vars.each_ref().map(|v| v.as_tensor());
+                let y = if ours {
+                    add_rest_up(l, v, a, out).unwrap()
+                } else {
+                    let up = |t: &Tensor, hw: (usize, usize)| resize(t, hw.0, hw.1).unwrap();
+                    let low = weight(&up(l, (h, w)), a).unwrap();
+                    add_rest(&up(&low, out), &up(v, out), &up(a, out)).unwrap()
+                };
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut all = vec![vals(&y)];
+                all.extend([l, v, a].map(|t| vals(g.get(t).unwrap())));
+                all
+            };
+            let (ours, theirs) = (run(true), run(false));
+            for (what, (x, y)) in ["forward", "dl", "dv", "da"].iter().zip(ours.iter().zip(&theirs)) {
+                assert_eq!(x.len(), y.len(), "{what}");
+                for (p, q) in x.iter().zip(y) {
+                    assert!(
+                        (p - q).abs() < 1e-12,
+                        "{what} at {:?}: {p} vs {q}",
+                        ((hl, wl), (h, w), (hv, wv), out)
+                    );
+                }
+            }
+        }
+    }
+
+    /// `add_rest_up`'s gradients against central differences (f64), the
+    /// check that does not go through candle's autograd at all.
+    #[test]
+    fn add_rest_up_gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let (u0, v0, a0) = (
+            Tensor::randn(0f64, 1., (1, 2, 2, 3), &dev).unwrap(),
+            Tensor::randn(0f64, 1., (1, 2, 4, 3), &dev).unwrap(),
+            Tensor::rand(0f64, 1., (1, 1, 3, 4), &dev).unwrap(),
+        );
+        let out = (7, 9);
+        let r = Tensor::randn(0f64, 1., (1, 2, 7, 9), &dev).unwrap();
+        let loss = |u: &Tensor, v: &Tensor, a: &Tensor| -> Tensor {
+            (add_rest_up(u, v, a, out).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let vars = [&u0, &v0, &a0].map(|t| Var::from_tensor(t).unwrap());
+        let g = loss(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor())
+            .backward()
+            .unwrap();
+        let eps = 1e-6;
+        for k in 0..3 {
+            let analytic: Vec<f64> = g
+                .get(vars[k].as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let base: Vec<f64> = [&u0, &v0, &a0][k].flatten_all().unwrap().to_vec1().unwrap();
+            for i in 0..base.len() {
+                let at = |d: f64| {
+                    let mut x = base.clone();
+                    x[i] += d;
+                    let mut ops = [u0.clone(), v0.clone(), a0.clone()];
+                    ops[k] = Tensor::from_vec(x, ops[k].shape(), &dev).unwrap();
+                    loss(&ops[0], &ops[1], &ops[2]).to_scalar::<f64>().unwrap()
+                };
+                let numeric = (at(eps) - at(-eps)) / (2. * eps);
+                assert!(
+                    (analytic[i] - numeric).abs() < 1e-6,
+                    "operand {k}, element {i}: {} vs {numeric}",
+                    analytic[i]
+                );
             }
         }
     }

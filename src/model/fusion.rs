@@ -291,6 +291,14 @@ enum Part {
 }
 
 impl Part {
+    /// The logits as the network gives them.
+    fn logits(self, o: &ScaleOutput) -> &Tensor {
+        match self {
+            Part::Pred => &o.cls,
+            Part::Aux => &o.aux,
+        }
+    }
+
     fn input_size(self, o: &ScaleOutput) -> Result<Tensor> {
         match self {
             Part::Pred => o.pred(),
@@ -340,15 +348,17 @@ fn hierarchical(outs: &[&ScaleOutput], parts: &[Part]) -> Result<Vec<Tensor>> {
             }
             size = o.size;
         } else {
-            // Weight this (lower) scale at its own resolution, then bring it up.
-            let up_a = resize(&a, size.0, size.1)?;
+            // Weight this (lower) scale at its own resolution, bring it up
+            // and add the rest of the running prediction, in one op that
+            // also brings this scale's logits to its input size and the
+            // highest scale's logits up when they are the running
+            // prediction still.
             for (part, pred) in parts.iter().zip(&mut preds) {
                 let high = match pred.take() {
-                    None => part.input_size(first)?,
+                    None => part.logits(first).clone(),
                     Some(p) => p,
                 };
-                let low = resize(&blend::weight(&part.input_size(o)?, &a)?, size.0, size.1)?;
-                *pred = Some(blend::add_rest(&low, &high, &up_a)?);
+                *pred = Some(blend::add_rest_up(part.logits(o), &high, &a, size)?);
             }
         }
     }

@@ -199,6 +199,47 @@ struct Bilinear<const N: usize> {
     in_w: usize,
 }
 
+/// A bilinear resize of single planes, for ops that resize inside their
+/// own loops (the blends of hierarchical fusion): [`PlaneResize::apply`]
+/// is the resize, [`PlaneResize::adjoint`] its transpose; `tmp` is scratch
+/// kept between calls.
+pub(crate) struct PlaneResize(Bilinear<2>);
+
+impl PlaneResize {
+    pub(crate) fn new(from: (usize, usize), to: (usize, usize)) -> Self {
+        PlaneResize(Bilinear {
+            ty: axis(from.0, to.0),
+            tx: axis(from.1, to.1),
+            in_h: from.0,
+            in_w: from.1,
+        })
+    }
+
+    /// Elements of an input plane.
+    pub(crate) fn in_len(&self) -> usize {
+        self.0.in_h * self.0.in_w
+    }
+
+    /// Elements of an output plane.
+    pub(crate) fn out_len(&self) -> usize {
+        self.0.ty.len() * self.0.tx.len()
+    }
+
+    /// Resizes `src` (one input plane) into `dst` (one output plane, every
+    /// element written).
+    pub(crate) fn apply<T: WithDType>(&self, src: &[T], tmp: &mut Vec<T>, dst: &mut [T]) {
+        assert!(src.len() == self.in_len() && dst.len() == self.out_len());
+        plane_forward_simd(src, self.0.in_w, &self.0.ty, &self.0.tx, tmp, dst)
+    }
+
+    /// The transpose: `g` (one output plane) scattered into `dst` (one input
+    /// plane, overwritten).
+    pub(crate) fn adjoint<T: WithDType>(&self, g: &[T], tmp: &mut Vec<T>, dst: &mut [T]) {
+        assert!(g.len() == self.out_len() && dst.len() == self.in_len());
+        plane_backward_simd(g, &self.0.ty, &self.0.tx, self.0.in_w, tmp, dst)
+    }
+}
+
 /// Backward of [`Bilinear`]: scatters the output gradient onto the input grid.
 struct BilinearGrad<const N: usize> {
     ty: Vec<Taps<N>>,
