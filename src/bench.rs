@@ -337,11 +337,11 @@ impl Case {
                 };
                 let t = timed(&dev, *reps, || {
                     let t0 = now()?;
-                    let (f, outs) = net.infer(&x, *fusion, scales, false, true)?;
+                    let f = crate::train::step::forward(&net, &x, *fusion, scales)?;
                     let t1 = now()?;
-                    let l = crate::train::loss::combined(&loss_cfg, &f, &outs, &y)?;
+                    let l = crate::train::loss::combined(&loss_cfg, &f.fused, &f.outs, &y)?;
                     let t2 = now()?;
-                    let g = l.total.backward()?;
+                    let g = f.backward(&l.total)?;
                     let t3 = now()?;
                     opt.step(&g, 1e-3)?;
                     if split {

@@ -13,6 +13,7 @@
 
 pub mod loss;
 pub mod optim;
+pub mod step;
 
 use crate::config::RunConfig;
 use crate::data::loader::{batch_seed, Loader};
@@ -217,8 +218,8 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             let images = batch.images.to_device(&dev)?.to_dtype(precision.dtype())?;
             let labels = batch.labels.to_device(&dev)?;
             let parts = crate::on_pool(&dev, || -> Result<_> {
-                let (fused, outs) = net.infer(&images, cfg.model.fusion, &cfg.model.scales, false, true)?;
-                let parts = loss::combined(&t.loss, &fused, &outs, &labels)?;
+                let fwd = step::forward(&net, &images, cfg.model.fusion, &cfg.model.scales)?;
+                let parts = loss::combined(&t.loss, &fwd.fused, &fwd.outs, &labels)?;
                 let value = parts
                     .total
                     .to_dtype(candle_core::DType::F32)?
@@ -226,7 +227,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
                 if !value.is_finite() {
                     return Err(Error::NonFinite { step, value });
                 }
-                let grads = parts.total.backward()?;
+                let grads = fwd.backward(&parts.total)?;
                 opt.step(&grads, lr)?;
                 Ok((parts, value))
             })?;

@@ -455,3 +455,79 @@ fn a_mixed_precision_step_matches_the_f32_step() {
         assert!(checked > 20, "only {checked} conv weights compared");
     }
 }
+
+/// The training step cuts its graph between the scales' networks and the
+/// fusion and runs the networks' backwards concurrently
+/// (`train::step`). Its loss and every parameter's gradient must be the
+/// whole graph's (`infer` then `backward`), for hierarchical fusion and for
+/// explicit attention (whose head reads the OCR features across the cut),
+/// up to the f32 rounding of summing the scales' contributions in another
+/// order.
+#[test]
+fn the_cut_training_graph_gives_the_whole_graphs_gradients() {
+    use candle_core::{DType, Device, Tensor};
+    use hmsa_lab::model::{init::seeded_varbuilder, Fusion, HmsaNet, ModelConfig};
+    use hmsa_lab::train::loss::{combined, LossConfig};
+    use hmsa_lab::train::step;
+    let dev = Device::Cpu;
+    let n = 2 * 64 * 96;
+    let xs: Vec<f64> = (0..3 * n)
+        .map(|i| (i as f64 * 0.37).sin() + (i as f64 * 0.011).cos())
+        .collect();
+    let x = Tensor::from_vec(xs, (2, 3, 64, 96), &dev).unwrap();
+    for (fusion, scales) in [
+        (Fusion::Hierarchical, vec![0.5, 1.0]),
+        (Fusion::Explicit, vec![0.5, 1.0, 2.0]),
+    ] {
+        let mut cfg = ModelConfig::small();
+        cfg.fusion = fusion;
+        cfg.scales = scales.clone();
+        let ys: Vec<u32> = (0..n)
+            .map(|i| ((i / 16 + i / 2048) % cfg.num_classes) as u32)
+            .collect();
+        let y = Tensor::from_vec(ys, (2, 64, 96), &dev).unwrap();
+        let vm = candle_nn::VarMap::new();
+        let net = HmsaNet::new(&cfg, seeded_varbuilder(&vm, 5, &dev)).unwrap();
+        let loss_cfg = LossConfig {
+            scale_weight: 0.3,
+            ..Default::default()
+        };
+        net.seed_dropout(11);
+        let (f, outs) = net.infer(&x, fusion, &scales, false, true).unwrap();
+        let whole = combined(&loss_cfg, &f, &outs, &y).unwrap();
+        let g_whole = whole.total.backward().unwrap();
+        net.seed_dropout(11);
+        let fwd = step::forward(&net, &x, fusion, &scales).unwrap();
+        let cut = combined(&loss_cfg, &fwd.fused, &fwd.outs, &y).unwrap();
+        let g_cut = fwd.backward(&cut.total).unwrap();
+        let value = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        assert_eq!(
+            value(&whole.total),
+            value(&cut.total),
+            "{fusion}: the same forward"
+        );
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut compared = 0;
+        for v in vm.all_vars() {
+            let (a, b) = (g_whole.get(&v), g_cut.get(&v));
+            assert_eq!(
+                a.is_some(),
+                b.is_some(),
+                "{fusion}: a gradient on one side only, {:?}",
+                v.shape()
+            );
+            let (Some(a), Some(b)) = (a, b) else { continue };
+            let (a, b) = (flat(a), flat(b));
+            let scale = a.iter().fold(0f32, |m, p| m.max(p.abs()));
+            for (p, q) in a.iter().zip(&b) {
+                assert!(
+                    (p - q).abs() <= 1e-5 * scale + 1e-30,
+                    "{fusion}: {p} vs {q} (largest {scale}) in {:?}",
+                    v.shape()
+                );
+            }
+            compared += 1;
+        }
+        assert!(compared > 50, "{fusion}: only {compared} gradients");
+    }
+}
