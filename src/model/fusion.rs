@@ -10,7 +10,8 @@
 //!   every scale resized to the output; returned as log-probabilities.
 //! - `Hierarchical`: the paper's recurrence, scales high to low (1.0 required):
 //!   first `P = L_s`; then for `s >= 1`: `P = a_s·L_s + (1 − a_s)·resize(P)`;
-//!   for `s < 1`: `P = up(a_s·L_s) + (1 − up(a_s))·P`.
+//!   for `s < 1`: `P = up(a_s·L_s) + (1 − up(a_s))·P` (one op,
+//!   `blend::add_rest_up`, with every resize inside it).
 //! - `Explicit`: every scale's OCR features resized to the 1.0x feature map and
 //!   concatenated, one head gives a channel per scale, softmax across scales,
 //!   weighted sum of the predictions resized to 1.0x.

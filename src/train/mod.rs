@@ -10,6 +10,8 @@
 //!   all the state there is, so a resumed run repeats the uninterrupted one.
 //! - Checkpoints are written to a fresh folder and then named in `latest`
 //!   (atomic rename), so a kill at any moment leaves the last good one.
+//! - A step's forward and backward go through [`step`], which runs the
+//!   scales' networks' backwards concurrently.
 
 pub mod loss;
 pub mod optim;
