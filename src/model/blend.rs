@@ -116,14 +116,14 @@ fn product_row<T: WithDType>(o: &mut [T], x: &[T], y: &[T]) {
 }
 cpu::simd!(product_row_simd, product_row, (o: &mut [T], x: &[T], y: &[T]));
 
-/// `o += s·x·y`, `s` = ±1.
+/// `o −= x·y`.
 #[inline(always)]
-fn add_product_row<T: WithDType>(o: &mut [T], x: &[T], y: &[T], s: T) {
+fn sub_product_row<T: WithDType>(o: &mut [T], x: &[T], y: &[T]) {
     for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
-        *o += s * *x * *y;
+        *o -= *x * *y;
     }
 }
-cpu::simd!(add_product_row_simd, add_product_row, (o: &mut [T], x: &[T], y: &[T], s: T));
+cpu::simd!(sub_product_row_simd, sub_product_row, (o: &mut [T], x: &[T], y: &[T]));
 
 /// `x` resized by `r` into `buf`, or `x` itself when there is no resize.
 fn up_or<'a, T: WithDType>(
@@ -246,15 +246,12 @@ impl AddRestUp {
         let mut ga = vec![T::zero(); planes / c * hw_a];
         ga.par_chunks_mut(hw_a).enumerate().for_each(|(item, ga)| {
             let mut s = Scratch::new();
-            let mut sum = vec![T::zero(); out];
+            let mut minus_sum = vec![T::zero(); out];
             for p in item * c..(item + 1) * c {
                 let vp = up_or(&self.rv, &v[p * hw_v..][..hw_v], &mut s.tmp, &mut s.v);
-                add_product_row_simd(&mut sum, &g[p * out..][..out], vp, T::one());
+                sub_product_row_simd(&mut minus_sum, &g[p * out..][..out], vp);
             }
-            self.ra.adjoint(&sum, &mut s.tmp, ga);
-            for ga in ga.iter_mut() {
-                *ga = T::zero() - *ga;
-            }
+            self.ra.adjoint(&minus_sum, &mut s.tmp, ga);
             for p in pa[item * c * hw_a..][..c * hw_a].chunks_exact(hw_a) {
                 ga.iter_mut().zip(p).for_each(|(o, x)| *o += *x);
             }
