@@ -45,13 +45,13 @@ pub fn nc_hw(l: &Layout) -> Result<(usize, usize, usize)> {
 
 /// `simd!(name, body, (args))` defines `name(args)`, which runs the
 /// `#[inline(always)]` function `body(args)` compiled for AVX2 and FMA
-/// where the CPU has them, else as is. The crate is built for baseline
-/// x86-64, so the plain loops the compiler vectorises are SSE2 (4-wide)
-/// outside such a wrapper. `simd!(name, body, [const N: usize], (args),
+/// where the CPU has them, else as is. The crate is built for x86-64-v2
+/// (`.cargo/config.toml`), so the plain loops the compiler vectorises are
+/// SSE (4-wide) outside such a wrapper. `simd!(name, body, [const N: usize], (args),
 /// Bound)` adds generics after `T` and bounds `T` by another trait than
 /// `WithDType`. (A generic `avx2(|| body)` helper does not
 /// work: the compiler does not inline a large closure into the wrapper, so
-/// the body stays SSE2.)
+/// the body stays 4-wide.)
 macro_rules! simd {
     ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
         $crate::model::cpu::simd!($name, $body, [], ($($arg: $ty),*), candle_core::WithDType);
