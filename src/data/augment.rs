@@ -133,39 +133,54 @@ fn centred_origin(n: u32, c: u32, p: u32) -> i64 {
 }
 
 /// Brightness, contrast, saturation and hue jitter, in that order.
+///
+/// Each step is affine in RGB (brightness scales; contrast and saturation
+/// blend with a grey level; hue rotates the chroma plane of YIQ) and only
+/// the result is clamped, so the four compose into one 3x3 matrix and an
+/// offset, applied once per pixel.
 pub fn color_jitter(img: &mut RgbImage, j: f64, rng: &mut StdRng) {
     if j <= 0.0 {
         return;
     }
+    let (a, t) = jitter_map(img, j, rng);
+    for p in img.pixels_mut() {
+        let v = p.0.map(f32::from);
+        p.0 = std::array::from_fn(|r| {
+            let x = a[r][0] * v[0] + a[r][1] * v[1] + a[r][2] * v[2] + t[r];
+            x.round().clamp(0.0, 255.0) as u8
+        });
+    }
+}
+
+/// ITU-R 601 luma weights.
+const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
+
+/// The jitter's draws on `img` as one affine map `v -> a·v + t`.
+fn jitter_map(img: &RgbImage, j: f64, rng: &mut StdRng) -> ([[f32; 3]; 3], [f32; 3]) {
     let b = rng.random_range(1.0 - j..=1.0 + j) as f32;
     let c = rng.random_range(1.0 - j..=1.0 + j) as f32;
     let s = rng.random_range(1.0 - j..=1.0 + j) as f32;
     let hue = rng.random_range(-j / 2.0..=j / 2.0) as f32 * std::f32::consts::TAU;
     let n = (img.width() * img.height()) as f32;
-    let mean_grey: f32 = img
-        .pixels()
-        .map(|p| 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32)
-        .sum::<f32>()
-        / n
-        * b;
+    let luma = |p: &Rgb<u8>| (0..3).map(|k| LUMA[k] * p[k] as f32).sum::<f32>();
+    // contrast blends with the mean grey of the brightened image
+    let mean_grey = img.pixels().map(luma).sum::<f32>() / n * b;
     let (ch, sh) = (hue.cos(), hue.sin());
-    for p in img.pixels_mut() {
-        let mut v = p.0.map(|x| x as f32 * b);
-        v = v.map(|x| (x - mean_grey) * c + mean_grey);
-        let g = 0.299 * v[0] + 0.587 * v[1] + 0.114 * v[2];
-        v = v.map(|x| (x - g) * s + g);
-        // hue: rotate the chroma plane of YIQ
-        let y = 0.299 * v[0] + 0.587 * v[1] + 0.114 * v[2];
-        let i = 0.596 * v[0] - 0.274 * v[1] - 0.322 * v[2];
-        let q = 0.211 * v[0] - 0.523 * v[1] + 0.312 * v[2];
-        let (i, q) = (i * ch - q * sh, i * sh + q * ch);
-        let rgb = [
-            y + 0.956 * i + 0.621 * q,
-            y - 0.272 * i - 0.647 * q,
-            y - 1.106 * i + 1.703 * q,
-        ];
-        p.0 = rgb.map(|x| x.round().clamp(0.0, 255.0) as u8);
-    }
+    // saturation: s·v + (1 − s)·luma(v) on every channel
+    let sat: [[f32; 3]; 3] =
+        std::array::from_fn(|r| std::array::from_fn(|k| (1.0 - s) * LUMA[k] + if r == k { s } else { 0.0 }));
+    // hue: RGB -> YIQ, rotate (I, Q), back
+    let yiq = [LUMA, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]];
+    let rot = [[1.0, 0.0, 0.0], [0.0, ch, -sh], [0.0, sh, ch]];
+    let rgb = [[1.0, 0.956, 0.621], [1.0, -0.272, -0.647], [1.0, -1.106, 1.703]];
+    let mul = |x: &[[f32; 3]; 3], y: &[[f32; 3]; 3]| -> [[f32; 3]; 3] {
+        std::array::from_fn(|r| std::array::from_fn(|k| (0..3).map(|i| x[r][i] * y[i][k]).sum()))
+    };
+    let hs = mul(&mul(&mul(&rgb, &rot), &yiq), &sat);
+    // brightness then contrast: c·b·v + (1 − c)·mean_grey
+    let a = hs.map(|row| row.map(|x| x * c * b));
+    let t = hs.map(|row| row.iter().sum::<f32>() * (1.0 - c) * mean_grey);
+    (a, t)
 }
 
 /// One training crop. `centre` is a class centroid in the unscaled image.
@@ -306,6 +321,66 @@ mod tests {
         assert_eq!(a.0.as_raw(), b.0.as_raw());
         assert_eq!(a.1.as_raw(), b.1.as_raw());
         assert_ne!(a.0.as_raw(), c.0.as_raw());
+    }
+
+    /// The composed map against the four steps applied one after another
+    /// (in f64, from the same draws): brightness, contrast around the mean
+    /// grey, saturation around each pixel's grey, hue as a rotation in YIQ.
+    #[test]
+    fn jitter_equals_its_four_steps_in_turn() {
+        let mut img = RgbImage::from_fn(13, 7, |x, y| {
+            Rgb([
+                (x * 19 + y * 7) as u8,
+                (x * 3 + y * 31) as u8,
+                (200 - x * 9) as u8,
+            ])
+        });
+        img.put_pixel(0, 0, Rgb([255, 255, 255]));
+        img.put_pixel(1, 0, Rgb([0, 0, 0]));
+        for seed in 0..20 {
+            let j = 0.45;
+            let mut rng = StdRng::seed_from_u64(seed);
+            let b = rng.random_range(1.0 - j..=1.0 + j) as f32 as f64;
+            let c = rng.random_range(1.0 - j..=1.0 + j) as f32 as f64;
+            let s = rng.random_range(1.0 - j..=1.0 + j) as f32 as f64;
+            let hue = (rng.random_range(-j / 2.0..=j / 2.0) as f32 * std::f32::consts::TAU) as f64;
+            let grey = |v: [f64; 3]| 0.299 * v[0] + 0.587 * v[1] + 0.114 * v[2];
+            let pixels: Vec<[f64; 3]> = img.pixels().map(|p| p.0.map(f64::from)).collect();
+            let mean = pixels.iter().map(|v| grey(v.map(|x| x * b))).sum::<f64>() / pixels.len() as f64;
+            let want: Vec<[f64; 3]> = pixels
+                .iter()
+                .map(|v| {
+                    let v = v.map(|x| x * b);
+                    let v = v.map(|x| (x - mean) * c + mean);
+                    let g = grey(v);
+                    let v = v.map(|x| (x - g) * s + g);
+                    let (y, i, q) = (
+                        grey(v),
+                        0.596 * v[0] - 0.274 * v[1] - 0.322 * v[2],
+                        0.211 * v[0] - 0.523 * v[1] + 0.312 * v[2],
+                    );
+                    let (i, q) = (i * hue.cos() - q * hue.sin(), i * hue.sin() + q * hue.cos());
+                    [
+                        y + 0.956 * i + 0.621 * q,
+                        y - 0.272 * i - 0.647 * q,
+                        y - 1.106 * i + 1.703 * q,
+                    ]
+                    .map(|x| x.clamp(0.0, 255.0))
+                })
+                .collect();
+            let mut got = img.clone();
+            color_jitter(&mut got, j, &mut StdRng::seed_from_u64(seed));
+            for (p, w) in got.pixels().zip(&want) {
+                for k in 0..3 {
+                    // rounding to u8: within half a level, plus f32 slack
+                    assert!(
+                        (p[k] as f64 - w[k]).abs() <= 0.5 + 1e-3,
+                        "seed {seed}: {:?} vs {w:?}",
+                        p.0
+                    );
+                }
+            }
+        }
     }
 
     #[test]
