@@ -2,12 +2,10 @@
 //! arithmetic of scale fusion, as single CPU ops with their own backward:
 //!
 //! - [`mix`]: `a·u + (1 − a)·v` (hierarchical fusion at scales ≥ 1);
-//! - [`add_rest`]: `u + (1 − a)·v` (hierarchical fusion below 1, where `u`
-//!   is the already weighted, upsampled lower scale);
-//! - [`weight`]: `a·u` (explicit attention, and the lower scale's weighting);
-//! - [`add_rest_up`]: `up(u) + (1 − up(a))·up(v)`, [`add_rest`] with the
-//!   bilinear resizes of its operands to the output inside the op (hierarchical
-//!   fusion below 1 as one op: no resized maps, and no gradients of them);
+//! - [`weight`]: `a·u` (explicit attention);
+//! - [`add_rest_up`]: `up(a·up(l)) + (1 − up(a))·up(v)`, hierarchical
+//!   fusion below 1 with the bilinear resizes of its operands inside the op
+//!   (no resized maps, and no gradients of them);
 //! - [`softmax_channels`]: softmax across the channels of each pixel
 //!   (average and max fusion, explicit attention's scale weights, flip).
 //!
@@ -15,9 +13,10 @@
 //! new tensors, and the gradient of `a` is a sum over channels that candle
 //! reduces with a division per element on one thread; at the input
 //! resolution of a training batch these were most of what hierarchical
-//! fusion added to a single-scale step. Gradients: `∂u = α·g`, `∂v =
-//! (1 − a)·g`, `∂a = Σ_c g·(α′·u − v)`, with `α = a` or 1, `α′` 1 or 0 as
-//! `a` enters. Other devices and dtypes use candle's broadcast ops.
+//! fusion added to a single-scale step. Gradients of `mix` and `weight`:
+//! `∂u = a·g`, `∂v = (1 − a)·g`, `∂a = Σ_c g·(u − v)` (`v` = 0 for
+//! `weight`); `add_rest_up` gives its own. Other devices and dtypes use
+//! candle's broadcast ops.
 
 use super::cpu;
 use super::resize::{resize, PlaneResize};
@@ -27,11 +26,6 @@ use rayon::prelude::*;
 /// `a·u + (1 − a)·v`.
 pub fn mix(u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
     apply(Kind::Mix, u, v, a)
-}
-
-/// `u + (1 − a)·v`.
-pub fn add_rest(u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
-    apply(Kind::AddRest, u, v, a)
 }
 
 /// `a·u`.
@@ -46,12 +40,12 @@ pub fn weight(u: &Tensor, a: &Tensor) -> Result<Tensor> {
 /// size), `a` (N, 1, h, w) its attention at its input size, `v`
 /// (N, C, h'', w'') the running prediction at `out`, or smaller (the
 /// highest scale's logits at the network's resolution). Equal to
-/// `add_rest(up(weight(up(l), a)), up(v), up(a))` up to rounding, but every
+/// `up(weight(up(l), a)) + (1 − up(a))·up(v)` up to rounding, but every
 /// resized and weighted map is a plane in the op's loops, never a tensor:
 /// no allocations, passes or gradient-store entries for them. Backward,
 /// with `m = upᵀ(g)`: `∂l = upᵀ(a·m)`, `∂v = upᵀ((1 − up(a))·g)`, `∂a =
 /// Σ_c up(l)·m − upᵀ(Σ_c g·up(v))`. Other devices and dtypes: the separate
-/// ops.
+/// ops, candle's broadcasts and [`resize`].
 pub fn add_rest_up(l: &Tensor, v: &Tensor, a: &Tensor, out: (usize, usize)) -> Result<Tensor> {
     let size = |t: &Tensor| -> Result<(usize, usize)> {
         let (_, _, h, w) = t.dims4()?;
@@ -69,11 +63,8 @@ pub fn add_rest_up(l: &Tensor, v: &Tensor, a: &Tensor, out: (usize, usize)) -> R
         return l.contiguous()?.apply_op3(&v.contiguous()?, &a.contiguous()?, op);
     }
     let up = |t: &Tensor, to: (usize, usize)| resize(t, to.0, to.1);
-    add_rest(
-        &up(&weight(&up(l, from_a)?, a)?, out)?,
-        &up(v, out)?,
-        &up(a, out)?,
-    )
+    let rest = up(v, out)?.broadcast_mul(&up(a, out)?.affine(-1.0, 1.0)?)?;
+    up(&weight(&up(l, from_a)?, a)?, out)? + rest
 }
 
 struct AddRestUp {
@@ -244,18 +235,20 @@ impl AddRestUp {
                 }
             });
         let mut ga = vec![T::zero(); planes / c * hw_a];
-        ga.par_chunks_mut(hw_a).enumerate().for_each(|(item, ga)| {
-            let mut s = Scratch::new();
-            let mut minus_sum = vec![T::zero(); out];
-            for p in item * c..(item + 1) * c {
-                let vp = up_or(&self.rv, &v[p * hw_v..][..hw_v], &mut s.tmp, &mut s.v);
-                sub_product_row_simd(&mut minus_sum, &g[p * out..][..out], vp);
-            }
-            self.ra.adjoint(&minus_sum, &mut s.tmp, ga);
-            for p in pa[item * c * hw_a..][..c * hw_a].chunks_exact(hw_a) {
-                ga.iter_mut().zip(p).for_each(|(o, x)| *o += *x);
-            }
-        });
+        ga.par_chunks_mut(hw_a)
+            .enumerate()
+            .for_each_init(Scratch::new, |s, (item, ga)| {
+                let minus_sum = Scratch::plane(&mut s.m, out);
+                minus_sum.fill(T::zero());
+                for p in item * c..(item + 1) * c {
+                    let vp = up_or(&self.rv, &v[p * hw_v..][..hw_v], &mut s.tmp, &mut s.v);
+                    sub_product_row_simd(minus_sum, &g[p * out..][..out], vp);
+                }
+                self.ra.adjoint(minus_sum, &mut s.tmp, ga);
+                for p in pa[item * c * hw_a..][..c * hw_a].chunks_exact(hw_a) {
+                    ga.iter_mut().zip(p).for_each(|(o, x)| *o += *x);
+                }
+            });
         [gl, gv, ga]
     }
 
@@ -523,7 +516,6 @@ impl candle_core::CustomOp1 for SoftmaxChannels {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
     Mix,
-    AddRest,
     Weight,
 }
 
@@ -536,7 +528,6 @@ fn apply(kind: Kind, u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
     let rest = || v.broadcast_mul(&a.affine(-1.0, 1.0)?);
     match kind {
         Kind::Mix => u.broadcast_mul(a)? + rest()?,
-        Kind::AddRest => u + rest()?,
         Kind::Weight => u.broadcast_mul(a),
     }
 }
@@ -559,23 +550,21 @@ impl Blend {
                 let it = o.iter_mut().zip(u).zip(v).zip(w);
                 match self.kind {
                     Kind::Mix => it.for_each(|(((o, u), v), w)| *o = *w * *u + (one - *w) * *v),
-                    Kind::AddRest => it.for_each(|(((o, u), v), w)| *o = *u + (one - *w) * *v),
                     Kind::Weight => it.for_each(|(((o, u), _), w)| *o = *w * *u),
                 }
             });
         out
     }
 
-    /// `α·g` (∂u; `None` for `AddRest`, where it is `g` itself) and
-    /// `(1 − a)·g` (∂v; `None` for `Weight`).
-    fn grads_uv<T: WithDType>(&self, a: &[T], g: &[T], c: usize, hw: usize) -> [Option<Vec<T>>; 2] {
+    /// `a·g` (∂u) and `(1 − a)·g` (∂v; `None` for `Weight`).
+    fn grads_uv<T: WithDType>(&self, a: &[T], g: &[T], c: usize, hw: usize) -> (Vec<T>, Option<Vec<T>>) {
         let one = T::one();
-        let gu = (self.kind != Kind::AddRest).then(|| scaled(a, g, c, hw, |w| w));
+        let gu = scaled(a, g, c, hw, |w| w);
         let gv = (self.kind != Kind::Weight).then(|| scaled(a, g, c, hw, |w| one - w));
-        [gu, gv]
+        (gu, gv)
     }
 
-    /// `∂a = Σ_c g·(α′·u − v)`, in blocks of pixels.
+    /// `∂a = Σ_c g·(u − v)` (`v` = 0 for `Weight`), in blocks of pixels.
     fn grad_a<T: WithDType>(&self, u: &[T], v: &[T], g: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
         const BLOCK: usize = 4096;
         let mut ga = vec![T::zero(); n * hw];
@@ -590,7 +579,6 @@ impl Blend {
                         Kind::Mix => it
                             .zip(u.iter().zip(v))
                             .for_each(|((o, g), (u, v))| *o += *g * (*u - *v)),
-                        Kind::AddRest => it.zip(v).for_each(|((o, g), v)| *o -= *g * *v),
                         Kind::Weight => it.zip(u).for_each(|((o, g), u)| *o += *g * *u),
                     }
                 }
@@ -614,24 +602,24 @@ fn scaled<T: WithDType>(a: &[T], g: &[T], c: usize, hw: usize, f: impl Fn(T) -> 
 }
 
 impl Blend {
-    /// (∂u unless `AddRest`, ∂v unless `Weight`, ∂a) as tensors, from the
-    /// storages of (u, v, a, g).
+    /// (∂u, ∂v unless `Weight`, ∂a) as tensors, from the storages of
+    /// (u, v, a, g).
     fn grad_tensors<T: WithDType>(
         &self,
         slices: &[(&CpuStorage, &Layout)],
         (u, a): (&Tensor, &Tensor),
         c: usize,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
+    ) -> Result<(Tensor, Option<Tensor>, Tensor)> {
         let s: Vec<&[T]> = slices
             .iter()
             .map(|(s, l)| cpu::slice(s, l))
             .collect::<Result<_>>()?;
         let (n, _, h, w) = u.dims4()?;
-        let [gu, gv] = self.grads_uv(s[2], s[3], c, h * w);
+        let (gu, gv) = self.grads_uv(s[2], s[3], c, h * w);
         let ga = self.grad_a(s[0], s[1], s[3], n, c, h * w);
         let t = |v: Vec<T>| Tensor::from_vec(v, u.shape(), u.device());
         Ok((
-            gu.map(t).transpose()?,
+            t(gu)?,
             gv.map(t).transpose()?,
             Tensor::from_vec(ga, a.shape(), a.device())?,
         ))
@@ -704,8 +692,6 @@ impl CustomOp3 for Blend {
             _ => self.grad_tensors::<f64>(&slices, (u, a), c)?,
         };
         drop(guards);
-        // ∂u of `AddRest` is the output gradient itself
-        let gu = gu.unwrap_or(g);
         Ok((Some(gu), gv, Some(ga)))
     }
 }
@@ -728,13 +714,10 @@ mod tests {
             let r = Tensor::randn(0f64, 1., (n, c, h, w), &dev).unwrap();
             let vals = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
             type Formula = fn(&Tensor, &Tensor, &Tensor) -> Tensor;
-            let cases: [(Kind, Formula); 3] = [
+            let cases: [(Kind, Formula); 2] = [
                 (Kind::Mix, |u, v, a| {
                     (u.broadcast_mul(a).unwrap() + v.broadcast_mul(&a.affine(-1.0, 1.0).unwrap()).unwrap())
                         .unwrap()
-                }),
-                (Kind::AddRest, |u, v, a| {
-                    (u + v.broadcast_mul(&a.affine(-1.0, 1.0).unwrap()).unwrap()).unwrap()
                 }),
                 (Kind::Weight, |u, _v, a| u.broadcast_mul(a).unwrap()),
             ];
@@ -748,7 +731,6 @@ mod tests {
                     let out = if ours {
                         match kind {
                             Kind::Mix => mix(&u, &v, &a),
-                            Kind::AddRest => add_rest(&u, &v, &a),
                             Kind::Weight => weight(&u, &a),
                         }
                         .unwrap()
@@ -776,12 +758,12 @@ mod tests {
         }
     }
 
-    /// `add_rest_up` against the separate ops it stands for (resizes,
-    /// `weight`, `add_rest`) and candle's autograd through them (f64): `l`
+    /// `add_rest_up` against the separate ops it stands for (our resizes,
+    /// candle's broadcasts) and candle's autograd through them (f64): `l`
     /// smaller than `a` and at its size, `v` at the output size and smaller,
     /// whole and non-integer factors, more than one item.
     #[test]
-    fn add_rest_up_equals_resizes_weight_and_add_rest() {
+    fn add_rest_up_equals_resizes_and_broadcasts() {
         let dev = Device::Cpu;
         let vals = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
         // (n, c, l size, a size, v size, output size)
@@ -803,8 +785,12 @@ mod tests {
                     add_rest_up(l, v, a, out).unwrap()
                 } else {
                     let up = |t: &Tensor, hw: (usize, usize)| resize(t, hw.0, hw.1).unwrap();
-                    let low = weight(&up(l, (h, w)), a).unwrap();
-                    add_rest(&up(&low, out), &up(v, out), &up(a, out)).unwrap()
+                    // candle's broadcasts, our resize (tested on its own)
+                    let low = up(l, (h, w)).broadcast_mul(a).unwrap();
+                    let rest = up(v, out)
+                        .broadcast_mul(&up(a, out).affine(-1.0, 1.0).unwrap())
+                        .unwrap();
+                    (up(&low, out) + rest).unwrap()
                 };
                 let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
                 let mut all = vec![vals(&y)];

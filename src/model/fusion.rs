@@ -328,10 +328,12 @@ fn attn_of(o: &ScaleOutput) -> Result<Tensor> {
 }
 
 /// The recurrence over scales sorted high to low, for each of `parts`
-/// (sharing each scale's attention and its upsampling). The running
-/// prediction starts as the highest scale's logits, kept unmade until a
-/// blend needs them, so that bringing them down to the next scale is one
-/// resize.
+/// (the prediction, and in training the aux logits). The running
+/// prediction starts as the highest scale's logits at the network's
+/// resolution, kept unmade until a blend needs them, so that bringing them
+/// to the next scale is one resize (or, below 1.0, part of
+/// `blend::add_rest_up`, which also brings up each part's attention map
+/// itself: one channel, cheaper to redo than to keep).
 fn hierarchical(outs: &[&ScaleOutput], parts: &[Part]) -> Result<Vec<Tensor>> {
     let first = outs[0];
     let mut preds: Vec<Option<Tensor>> = vec![None; parts.len()];

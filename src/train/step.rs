@@ -53,7 +53,8 @@ pub fn forward(net: &HmsaNet, x: &Tensor, fusion: Fusion, scales: &[f64]) -> Res
 /// `o`'s tensors as leaf variables (copies), the OCR features too where
 /// the fusion reads them (explicit attention), else detached.
 fn cut(o: &ScaleOutput, feats: bool) -> Result<ScaleOutput> {
-    let leaf = |t: &Tensor| -> Result<Tensor> { Ok(Var::from_tensor(&t.detach())?.as_tensor().clone()) };
+    // (a network output is never a variable, so `from_tensor` copies it)
+    let leaf = |t: &Tensor| -> Result<Tensor> { Ok(Var::from_tensor(t)?.as_tensor().clone()) };
     Ok(ScaleOutput {
         scale: o.scale,
         size: o.size,
@@ -92,7 +93,9 @@ impl StepForward {
 
 /// The backward of one scale's network from the gradients `head` holds for
 /// its cut outputs: `Σ_t sum(t·∂t)` has exactly those gradients at the
-/// outputs `t`. `None` when nothing read them.
+/// outputs `t`. `None` when nothing read them. (candle's product rule also
+/// makes the gradient of each `∂t`, a map the size of the 1/4-resolution
+/// logits, which is dropped with the store after the optimiser step.)
 fn net_backward(net: &ScaleOutput, cut: &ScaleOutput, head: &GradStore) -> Result<Option<GradStore>> {
     let mut seed: Option<Tensor> = None;
     for (t, c) in tensors(net).into_iter().zip(tensors(cut)) {
