@@ -252,6 +252,19 @@ impl AddRestUp {
         [gl, gv, ga]
     }
 
+    /// The forward on (l, v, a) storages holding `T`.
+    fn run<T: WithDType>(
+        &self,
+        (sl, ll): (&CpuStorage, &Layout),
+        (sv, lv): (&CpuStorage, &Layout),
+        (sa, la): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, _, _) = ll.shape().dims4()?;
+        let (oh, ow) = self.sizes[3];
+        let y = self.fwd::<T>(cpu::slice(sl, ll)?, cpu::slice(sv, lv)?, cpu::slice(sa, la)?, c);
+        Ok((T::to_cpu_storage_owned(y), Shape::from((n, c, oh, ow))))
+    }
+
     fn check(&self, ll: &Layout, lv: &Layout, la: &Layout) -> Result<()> {
         let (n, c, _, _) = ll.shape().dims4()?;
         let [(hl, wl), (ha, wa), (hv, wv), _] = self.sizes;
@@ -285,18 +298,11 @@ impl CustomOp3 for AddRestUp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.check(l1, l2, l3)?;
-        let (n, c, _, _) = l1.shape().dims4()?;
-        let (oh, ow) = self.sizes[3];
-        let out = match s1 {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(self.fwd(cpu::slice(s1, l1)?, cpu::slice(s2, l2)?, cpu::slice(s3, l3)?, c))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(self.fwd(cpu::slice(s1, l1)?, cpu::slice(s2, l2)?, cpu::slice(s3, l3)?, c))
-            }
+        match s1 {
+            CpuStorage::F32(_) => self.run::<f32>((s1, l1), (s2, l2), (s3, l3)),
+            CpuStorage::F64(_) => self.run::<f64>((s1, l1), (s2, l2), (s3, l3)),
             _ => candle_core::bail!("add_rest_up: f32 or f64 only"),
-        };
-        Ok((out, Shape::from((n, c, oh, ow))))
+        }
     }
 
     fn bwd(
