@@ -244,6 +244,43 @@ pub struct Measured {
     pub unit: String,
 }
 
+/// The paper's cost ratios from `train` measurements, one line per preset
+/// with all three training cases: explicit / hierarchical and hierarchical
+/// / single, in time (min ms) and peak memory (the paper's theory: 4.2x
+/// and 1.25x in time).
+pub fn training_ratios(ms: &[Measured]) -> Vec<String> {
+    let preset = |m: &Measured| m.params.split_whitespace().next().unwrap_or("").to_string();
+    let mut presets: Vec<String> = vec![];
+    for p in ms.iter().map(preset) {
+        if !presets.contains(&p) {
+            presets.push(p);
+        }
+    }
+    presets
+        .into_iter()
+        .filter_map(|p| {
+            let find = |f: Fusion| ms.iter().find(|m| m.name == f.name() && preset(m) == p);
+            let (s, h, e) = (
+                find(Fusion::Single)?,
+                find(Fusion::Hierarchical)?,
+                find(Fusion::Explicit)?,
+            );
+            let ratio = |a: &Measured, b: &Measured| {
+                let mem = a
+                    .peak_mib
+                    .zip(b.peak_mib)
+                    .map(|(x, y)| format!(", {:.2}x memory", x / y));
+                format!("{:.2}x time{}", a.min_ms / b.min_ms, mem.unwrap_or_default())
+            };
+            Some(format!(
+                "{p}: explicit / hierarchical {}; hierarchical / single {} (theory 4.2x and 1.25x in time)",
+                ratio(e, h),
+                ratio(h, s)
+            ))
+        })
+        .collect()
+}
+
 fn timed(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()> + Send) -> Result<(f64, f64)> {
     let mut g = || {
         crate::on_pool(dev, &mut f)?;
@@ -592,4 +629,48 @@ pub fn suite_cases(suite: &str, full: bool, precision: Precision) -> Option<Vec<
         }
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(name: &str, params: &str, min_ms: f64, peak: Option<f64>) -> Measured {
+        Measured {
+            name: name.into(),
+            params: params.into(),
+            min_ms,
+            median_ms: min_ms,
+            peak_mib: peak,
+            value: None,
+            unit: String::new(),
+        }
+    }
+
+    #[test]
+    fn training_ratios_per_preset_by_hand() {
+        let ms = [
+            m("single", "small single 1.0 batch 4", 100.0, Some(200.0)),
+            m(
+                "hierarchical",
+                "small hierarchical 0.5,1.0 batch 4",
+                125.0,
+                Some(250.0),
+            ),
+            m(
+                "explicit",
+                "small explicit 0.5,1.0,2.0 batch 4",
+                500.0,
+                Some(1000.0),
+            ),
+            // a preset without its explicit case gives no line
+            m("single", "w48 single 1.0 batch 1", 10.0, None),
+            m("hierarchical", "w48 hierarchical 0.5,1.0 batch 1", 15.0, None),
+        ];
+        let lines = training_ratios(&ms);
+        assert_eq!(
+            lines,
+            ["small: explicit / hierarchical 4.00x time, 4.00x memory; hierarchical / single 1.25x time, 1.25x memory (theory 4.2x and 1.25x in time)"]
+        );
+    }
 }

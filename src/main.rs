@@ -688,6 +688,14 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!(
             "{threads} threads; {mach}; warm-up 1, min and median of the repetitions; one process per case"
         );
+        let train: Vec<_> = all
+            .iter()
+            .filter(|(s, _)| s == "train")
+            .map(|(_, m)| m.clone())
+            .collect();
+        for line in hmsa_lab::bench::training_ratios(&train) {
+            println!("{line}");
+        }
     }
     if failed > 0 {
         bail!("{failed} benchmark case(s) failed (above); the others are recorded");
