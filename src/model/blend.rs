@@ -52,7 +52,13 @@ pub fn add_rest_up(l: &Tensor, v: &Tensor, a: &Tensor, out: (usize, usize)) -> R
         Ok((h, w))
     };
     let (from_l, from_a, from_v) = (size(l)?, size(a)?, size(v)?);
-    if l.device().is_cpu() && matches!(l.dtype(), DType::F32 | DType::F64) && out.0 > 0 && out.1 > 0 {
+    if [from_l, from_a, from_v, out]
+        .iter()
+        .any(|&(h, w)| h == 0 || w == 0)
+    {
+        candle_core::bail!("add_rest_up of empty maps: {from_l:?}, {from_a:?}, {from_v:?} to {out:?}");
+    }
+    if l.device().is_cpu() && matches!(l.dtype(), DType::F32 | DType::F64) {
         let resizer = |from: (usize, usize), to| (from != to).then(|| PlaneResize::new(from, to));
         let op = AddRestUp {
             rl: resizer(from_l, from_a),
@@ -815,6 +821,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn add_rest_up_refuses_empty_maps() {
+        let dev = Device::Cpu;
+        let z = |h, w, c| Tensor::zeros((1, c, h, w), DType::F32, &dev).unwrap();
+        assert!(add_rest_up(&z(2, 2, 3), &z(4, 4, 3), &z(4, 4, 1), (8, 8)).is_ok());
+        assert!(add_rest_up(&z(2, 2, 3), &z(4, 4, 3), &z(4, 4, 1), (0, 8)).is_err());
+        assert!(add_rest_up(&z(0, 2, 3), &z(4, 4, 3), &z(4, 4, 1), (8, 8)).is_err());
     }
 
     /// `add_rest_up`'s gradients against central differences (f64), the
