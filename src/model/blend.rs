@@ -661,21 +661,19 @@ impl CustomOp3 for Blend {
                 l3.shape()
             );
         }
+        fn run<T: WithDType>(
+            b: &Blend,
+            s: [(&CpuStorage, &Layout); 3],
+            c: usize,
+            hw: usize,
+        ) -> Result<CpuStorage> {
+            let [u, v, a] = s.map(|(s, l)| cpu::slice::<T>(s, l));
+            Ok(T::to_cpu_storage_owned(b.fwd(u?, v?, a?, c, hw)))
+        }
+        let s = [(s1, l1), (s2, l2), (s3, l3)];
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.fwd(
-                cpu::slice(s1, l1)?,
-                cpu::slice(s2, l2)?,
-                cpu::slice(s3, l3)?,
-                c,
-                h * w,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(self.fwd(
-                cpu::slice(s1, l1)?,
-                cpu::slice(s2, l2)?,
-                cpu::slice(s3, l3)?,
-                c,
-                h * w,
-            )),
+            CpuStorage::F32(_) => run::<f32>(self, s, c, h * w)?,
+            CpuStorage::F64(_) => run::<f64>(self, s, c, h * w)?,
             _ => candle_core::bail!("blend: f32 or f64 only"),
         };
         Ok((out, l1.shape().clone()))
