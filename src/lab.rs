@@ -259,8 +259,8 @@ fn run_one(
                 let _ = std::fs::remove_dir_all(&run_dir);
             }
             let mut cfg = r.config.clone();
-            if let Some(t) = r.teacher {
-                cfg = with_autolabels(rt, store, suite, r, t, cfg, &run_dir)?;
+            if r.teacher.is_some() {
+                cfg = with_autolabels(rt, store, suite, r, row.id, cfg, &run_dir)?;
             }
             rt.block_on(store.write_params(row.id, &flatten(&cfg)))?;
             let mut obs = LabObserver {
@@ -292,17 +292,18 @@ fn run_one(
 }
 
 /// Labels the teacher's images into `run_dir/autolabel` (skipped when a
-/// previous attempt completed it) and adds them as the second source.
+/// previous attempt completed it), records the pixels kept per class as
+/// the student's metrics, and adds the images as the second source.
 fn with_autolabels(
     rt: &Runtime,
     store: &Store,
     suite: &Suite,
     r: &PlannedRun,
-    teacher: usize,
+    student: i64,
     mut cfg: RunConfig,
     run_dir: &Path,
 ) -> Result<RunConfig> {
-    let t = &suite.runs[teacher];
+    let t = &suite.runs[r.teacher.expect("a student has a teacher")];
     let row = rt
         .block_on(store.find_run(&suite.header.name, &t.variant, &t.hash, t.seed))?
         .filter(|row| row.status == Status::Finished.as_str())
@@ -320,7 +321,8 @@ fn with_autolabels(
             threshold: 0.9,
             scales: None,
             fusion: None,
-            share: 0.5,
+            share: None,
+            boost_classes: vec![],
         });
     let out: PathBuf = run_dir.join("autolabel");
     let marker = out.join("complete");
@@ -339,6 +341,26 @@ fn with_autolabels(
         let fusion = spec.fusion.unwrap_or(t.config.model.fusion);
         let s = crate::autolabel::autolabel(&net, &ds, &scales, fusion, spec.threshold, &out, &dev)?;
         tracing::info!(images = s.images, "auto-labelled");
+        // What the threshold kept, per class, as the student's metrics
+        // (step 0); the marker is written last.
+        let mut rows: Vec<(String, i64, f64)> = crate::data::cityscapes::CLASSES
+            .iter()
+            .zip(&s.kept)
+            .map(|(c, &k)| (format!("autolabel_kept/{}", c.name), 0, k as f64))
+            .collect();
+        rows.push(("autolabel_dropped".into(), 0, s.dropped as f64));
+        // The teacher's validation mIoU at the labelling scales and fusion.
+        let key = crate::model::fusion::format_scales(&scales);
+        if let Some(e) = rt
+            .block_on(store.evaluations(row.id))?
+            .iter()
+            .find(|e| e.scales == key && e.fusion == fusion.name() && !e.flip)
+        {
+            rows.push(("autolabel_teacher_miou".into(), 0, e.miou));
+        }
+        rows.push(("autolabel_images".into(), 0, s.images as f64));
+        let rows: Vec<(&str, i64, f64)> = rows.iter().map(|(k, st, v)| (k.as_str(), *st, *v)).collect();
+        rt.block_on(store.log_metrics(student, &rows))?;
         std::fs::write(&marker, format!("{}\n", s.images)).map_err(|e| Error::io(&marker, e))?;
     }
     cfg.data.second = Some(SecondSource {
@@ -346,6 +368,7 @@ fn with_autolabels(
         split: spec.split.clone(),
         labels: "fine".into(),
     });
-    cfg.data.sampler.second_share = spec.share;
+    cfg.data.sampler.second_boost = spec.boost_ids().map_err(|m| Error::invalid("autolabel.boost_classes", m))?;
+    cfg.data.sampler.second_share = spec.share.unwrap_or(0.5);
     Ok(cfg)
 }

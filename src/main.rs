@@ -371,18 +371,31 @@ fn synth(a: SynthArgs) -> Result<()> {
         cfg.train_extra = v;
     }
     if let Some(n) = a.stats {
-        let st = synth::stats(&cfg, n);
-        println!("scenes: {} train (classifier fit) + {} val (scored)", n, n);
+        let st = synth::stats(&cfg, &hmsa_lab::data::augment::AugmentConfig::default(), n);
+        println!("{n} training scenes (classifier fit, training crops) and {n} validation scenes");
         println!(
-            "context-only classes (vegetation vs terrain): local 7x7 nearest-mean accuracy {:.3} (chance 0.5)",
+            "context classes (vegetation vs terrain): local 7x7 nearest-mean accuracy {:.3} (chance 0.5)",
             st.local_accuracy
         );
-        for (name, share, pixels) in &st.survival {
-            println!(
-                "{name}: {:.3} of {pixels} pixels survive a 0.5x down/up round trip",
-                share
-            );
+        let mut t = comfy_table::Table::new();
+        t.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+        let mut header = vec!["measured on".to_string(), "context: cue distance (output px)".into()];
+        for d in &st.cues[0].detail {
+            header.push(format!("{}: visible", d.class));
+            header.push(format!("{}: contrast", d.class));
+            header.push(format!("{}: width (output px)", d.class));
         }
+        t.set_header(header);
+        for c in &st.cues {
+            let mut row = vec![c.at.to_string(), format!("{:.1}", c.context_cue_px)];
+            for d in &c.detail {
+                row.push(format!("{:.3}", d.visible));
+                row.push(format!("{:.0}", d.contrast));
+                row.push(format!("{:.2}", d.width_px));
+            }
+            t.add_row(row);
+        }
+        println!("{t}");
         return Ok(());
     }
     let w = synth::generate(&cfg, &a.out)?;
@@ -921,6 +934,9 @@ fn run(cli: Cli) -> Result<()> {
             let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&suite));
             let files = rt.block_on(report::write_report(&store, &suite, &out))?;
             let s = rt.block_on(report::summarise(&store, &suite))?;
+            if let Some((h, r)) = report::premise_table(&s) {
+                println!("{}", report::terminal_table(&h, &r));
+            }
             let (h, r) = report::ablation_table(&s);
             println!("{}", report::terminal_table(&h, &r));
             let (h, r) = report::class_table(&s);

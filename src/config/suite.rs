@@ -66,9 +66,15 @@ pub struct AutolabelSpec {
     /// Teacher inference scales and fusion (default: the teacher's own).
     pub scales: Option<Vec<f64>>,
     pub fusion: Option<Fusion>,
-    /// Share of each batch from the auto-labelled images.
-    #[serde(default = "half")]
-    pub share: f64,
+    /// Share of each batch from the auto-labelled images (default 0.5;
+    /// not with `boost_classes`).
+    pub share: Option<f64>,
+    /// Class names whose auto-labelled centroids join the class-uniform
+    /// lists, as the official `coarse_boost_classes`: the auto-labelled
+    /// images then reach batches only through class-uniform crops of
+    /// those classes.
+    #[serde(default)]
+    pub boost_classes: Vec<String>,
 }
 
 fn extra() -> String {
@@ -77,8 +83,22 @@ fn extra() -> String {
 fn ninety() -> f64 {
     0.9
 }
-fn half() -> f64 {
-    0.5
+impl AutolabelSpec {
+    /// The train ids of `boost_classes`; an unknown name is an error.
+    pub fn boost_ids(&self) -> std::result::Result<Vec<usize>, String> {
+        use crate::data::cityscapes::CLASSES;
+        self.boost_classes
+            .iter()
+            .map(|n| {
+                CLASSES.iter().position(|c| c.name == n).ok_or_else(|| {
+                    format!(
+                        "autolabel.boost_classes: unknown class `{n}` (known: {})",
+                        CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+                    )
+                })
+            })
+            .collect()
+    }
 }
 
 #[derive(Deserialize)]
@@ -296,6 +316,17 @@ impl Suite {
             }
             if v.autolabel.is_some() && v.teacher.is_none() {
                 return Err(verr("`autolabel` needs a `teacher`".into()));
+            }
+            if let Some(al) = &v.autolabel {
+                al.boost_ids().map_err(verr)?;
+                if al.share.is_some() && !al.boost_classes.is_empty() {
+                    return Err(verr(
+                        "autolabel: `share` and `boost_classes` exclude each other (boosted classes reach batches through class-uniform crops)".into(),
+                    ));
+                }
+                if let Some(sh) = al.share.filter(|s| !(0.0..=1.0).contains(s)) {
+                    return Err(verr(format!("autolabel.share: {sh} is not a share in [0, 1]")));
+                }
             }
             // Sweep: the cross product of every axis.
             let mut points: Vec<Vec<(String, Value)>> = vec![vec![]];

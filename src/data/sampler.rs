@@ -7,7 +7,10 @@
 //! - [`epoch_plan`]: a share `class_uniform` of the crops picks a class
 //!   uniformly among those with centroids, then one of its centroids, and is
 //!   centred there; the rest are random crops of random images. A second
-//!   source (auto-labelled or coarse images) fills a set share of every batch.
+//!   source (auto-labelled or coarse images) fills a set share of every
+//!   batch, or, as the official recipe feeds auto-labelled coarse images
+//!   (`coarse_boost_classes`), joins the class-uniform lists of chosen
+//!   classes (`second_boost`).
 
 use super::Dataset;
 use crate::{Error, Result};
@@ -133,9 +136,14 @@ pub struct SamplerConfig {
     pub class_uniform: f64,
     /// Centroid tile size in pixels.
     pub tile: u32,
-    /// Share of each batch drawn from the second source (0.5 in the paper's
-    /// auto-labelling recipe).
+    /// Share of each batch drawn from the second source.
     pub second_share: f64,
+    /// Train ids whose centroids in the second source join the primary's
+    /// class-uniform lists, as the official `coarse_boost_classes`
+    /// (datasets/cityscapes.py: the coarse centroids of those classes are
+    /// appended to the fine ones). With any, the second source enters
+    /// batches only that way and `second_share` is not used.
+    pub second_boost: Vec<usize>,
 }
 
 impl Default for SamplerConfig {
@@ -144,19 +152,45 @@ impl Default for SamplerConfig {
             class_uniform: 0.5,
             tile: 256,
             second_share: 0.5,
+            second_boost: vec![],
         }
     }
 }
 
-fn draw(src: &Source, source: usize, class_uniform: f64, rng: &mut StdRng) -> Item {
+/// One crop from `src` (source index `source`): a class-uniform crop with
+/// probability `class_uniform`, else a random image. `boost` adds a second
+/// source's centroids of some classes to `src`'s lists.
+fn draw(
+    src: &Source,
+    source: usize,
+    boost: Option<(&Source, &[usize])>,
+    class_uniform: f64,
+    rng: &mut StdRng,
+) -> Item {
     if let Some(c) = src.centroids {
-        let present = c.classes_present();
+        let extra = |class: usize| -> &[(u32, u32, u32)] {
+            match boost {
+                Some((b, classes)) if classes.contains(&class) => b
+                    .centroids
+                    .and_then(|bc| bc.by_class.get(class))
+                    .map_or(&[], |l| l.as_slice()),
+                _ => &[],
+            }
+        };
+        let present: Vec<usize> = (0..c.by_class.len())
+            .filter(|&k| !c.by_class[k].is_empty() || !extra(k).is_empty())
+            .collect();
         if !present.is_empty() && rng.random_bool(class_uniform) {
             let class = present[rng.random_range(0..present.len())];
-            let list = &c.by_class[class];
-            let (i, x, y) = list[rng.random_range(0..list.len())];
+            let (list, more) = (&c.by_class[class], extra(class));
+            let j = rng.random_range(0..list.len() + more.len());
+            let (from, (i, x, y)) = if j < list.len() {
+                (source, list[j])
+            } else {
+                (1, more[j - list.len()])
+            };
             return Item {
-                source,
+                source: from,
                 index: i as usize,
                 centre: Some((x, y)),
                 class: Some(class),
@@ -189,18 +223,21 @@ pub fn epoch_plan(
             msg: format!("split `{}` has no labelled images", primary.dataset.split),
         });
     }
+    let boost = second
+        .filter(|s| !s.dataset.is_empty() && !cfg.second_boost.is_empty())
+        .map(|s| (s, cfg.second_boost.as_slice()));
     let n_second = match second {
-        Some(s) if !s.dataset.is_empty() => (cfg.second_share * batch as f64).round() as usize,
+        Some(s) if !s.dataset.is_empty() && boost.is_none() => (cfg.second_share * batch as f64).round() as usize,
         _ => 0,
     };
     let mut rng = StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut plan = Vec::with_capacity(batches);
     for _ in 0..batches {
         let mut items: Vec<Item> = (0..batch - n_second)
-            .map(|_| draw(primary, 0, cfg.class_uniform, &mut rng))
+            .map(|_| draw(primary, 0, boost, cfg.class_uniform, &mut rng))
             .collect();
         if let Some(s) = second.filter(|_| n_second > 0) {
-            items.extend((0..n_second).map(|_| draw(s, 1, cfg.class_uniform, &mut rng)));
+            items.extend((0..n_second).map(|_| draw(s, 1, None, cfg.class_uniform, &mut rng)));
         }
         items.shuffle(&mut rng);
         plan.push(items);

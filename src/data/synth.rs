@@ -1,23 +1,30 @@
-//! The synthetic street-scene benchmark: deterministic from a seed, written
-//! in the Cityscapes layout with real labelIds, and built so that the paper's
-//! question (which scale is best for which pixel) has a real answer.
+//! The synthetic street-scene benchmark (v2): deterministic from a seed,
+//! written in the Cityscapes layout with real labelIds, and built so that
+//! the paper's question (which scale is best for which pixel) has an
+//! answer whose premise can be measured (`synth --stats`, [`stats`]).
 //!
-//! - **Context-only classes.** `vegetation` and `terrain` are large ellipses
-//!   filled with the *same* texture generator; only a 3-pixel ring at the
-//!   ellipse's border (dark blue-green for vegetation, ochre for terrain)
-//!   tells them apart. Interior pixels up to `blob_radius` away from the ring
-//!   need a receptive field the small network only has at a lower scale.
-//! - **Vanishing structures.** `pole` (5–8 px wide, one or two output
-//!   pixels of the stride-4 network at 1.0x) and `traffic sign` (12–18 px
-//!   squares) are drawn as ±A modulation of the background whose sign
-//!   alternates every row (and every column for signs): the 2x2 averages a
-//!   0.5x bilinear downscale takes cancel it exactly. Signs exist only at
-//!   1.0x and above; poles keep a faint dark tint at 0.5x (where they are
-//!   half an output pixel wide) and are resolved best at 2.0x. Distant
-//!   `person`s are plain, 8–23 px tall.
-//! - The rest (sky, buildings, sidewalk, road, cars) is easy scenery.
-//!
-//! `synth --stats` measures both properties (see [`stats`]).
+//! - **Band-limited.** Every scene is drawn at twice its size and
+//!   box-filtered down (2x2 means), so no cue lives at the highest spatial
+//!   frequency: the random rescaling of training (0.5–2.0) no longer
+//!   changes the image statistics, and an unresampled 1.0x image is in the
+//!   training distribution. (v1 drew poles and signs as a ±A modulation
+//!   alternating every pixel, which training's resampling attenuated.)
+//! - **Detail classes** are visible but unresolved at the low scale: solid
+//!   `pole`s 4–6 px wide (2–3 px at 0.5x, under one output pixel of the
+//!   stride-4 network; 2–3 output pixels at 2.0x) and solid `traffic
+//!   sign`s 8–12 px square in their own hue. Distant `person`s (8–23 px)
+//!   and `car`s are small objects too.
+//! - **Context classes**: exactly one `vegetation` and one `terrain`
+//!   region per image, one in each half: wide ellipses (semi-axes up to
+//!   `blob_radius` and 0.45 of it) filled with the *same* texture law.
+//!   Only a 5 px disc at one end of the long axis (dark blue-green for
+//!   vegetation, ochre for terrain) tells them apart, so most of a
+//!   region's pixels are tens of pixels from their cue: beyond the
+//!   receptive field the small network has at 1.0x, within it more often
+//!   at 0.5x, where the distances halve. With one region of each class,
+//!   the image-level pooling of OCR cannot settle the class from which
+//!   classes are present.
+//! - The rest (sky, buildings, sidewalk, road) is easy scenery.
 
 use super::cityscapes::{label_to_train, CLASSES};
 use crate::{Error, Result};
@@ -40,10 +47,8 @@ pub struct SynthConfig {
     pub train_extra: usize,
     /// Images with no labels at all.
     pub unlabeled: usize,
-    /// Largest semi-axis of the context-only ellipses.
+    /// Largest semi-axis of the context regions.
     pub blob_radius: u32,
-    /// Modulation amplitude of poles and signs.
-    pub thin_amplitude: u8,
     /// Erosion (pixels) of coarse labels.
     pub coarse_erosion: u32,
 }
@@ -56,10 +61,9 @@ impl Default for SynthConfig {
             width: 512,
             train: 120,
             val: 30,
-            train_extra: 120,
+            train_extra: 240,
             unlabeled: 0,
             blob_radius: 100,
-            thin_amplitude: 70,
             coarse_erosion: 6,
         }
     }
@@ -80,6 +84,11 @@ pub mod ids {
     pub const UNLABELED: u8 = 0;
 }
 
+/// The classes the benchmark builds to need the high scale (detail) and
+/// the low scale (context), as labelIds.
+pub const DETAIL: [u8; 2] = [ids::POLE, ids::SIGN];
+pub const CONTEXT: [u8; 2] = [ids::VEGETATION, ids::TERRAIN];
+
 /// Classes whose coarse labels are kept (large regions only, like gtCoarse).
 const COARSE_CLASSES: [u8; 6] = [
     ids::ROAD,
@@ -90,16 +99,21 @@ const COARSE_CLASSES: [u8; 6] = [
     ids::SKY,
 ];
 
-/// One rendered scene: the image, the same scene without the vanishing
-/// structures, and the labelIds map.
+/// Scenes are drawn at this many times their size, then box-filtered down.
+const SUPERSAMPLE: u32 = 2;
+
+/// Radius (pixels, at 1.0x) of the marker that is the context classes' cue.
+const MARKER: f32 = 5.0;
+
+/// One rendered scene: the image, the same scene without the detail
+/// classes (poles, signs), the labelIds map, and per pixel the distance
+/// (pixels) from a context-class pixel to its region's cue (NaN elsewhere).
 pub struct Scene {
     pub image: RgbImage,
-    pub without_thin: RgbImage,
+    pub without_detail: RgbImage,
     pub label_ids: GrayImage,
+    pub cue_distance: Vec<f32>,
 }
-
-/// The dark grey poles are blended toward (40% of their colour).
-const POLE_TINT: [f32; 3] = [45.0, 45.0, 55.0];
 
 fn clamp8(v: f32) -> u8 {
     v.round().clamp(0.0, 255.0) as u8
@@ -148,6 +162,64 @@ impl Texture {
     }
 }
 
+/// The supersampled canvas a scene is drawn on.
+struct Canvas {
+    img: RgbImage,
+    lab: GrayImage,
+    dist: Vec<f32>,
+}
+
+impl Canvas {
+    fn put(&mut self, x: u32, y: u32, p: [u8; 3], id: u8) {
+        self.img.put_pixel(x, y, Rgb(p));
+        self.lab.put_pixel(x, y, Luma([id]));
+        self.dist[(y * self.img.width() + x) as usize] = f32::NAN;
+    }
+}
+
+/// 2x2 (k x k) means of the image; each label block's most frequent label
+/// (ties to the first in row order); mean cue distance over a block's
+/// context pixels.
+fn downsample(img: &RgbImage, lab: &GrayImage, dist: &[f32], k: u32) -> (RgbImage, GrayImage, Vec<f32>) {
+    let (w, h) = (img.width() / k, img.height() / k);
+    let mut oi = RgbImage::new(w, h);
+    let mut ol = GrayImage::new(w, h);
+    let mut od = vec![f32::NAN; (w * h) as usize];
+    let n = (k * k) as f32;
+    for y in 0..h {
+        for x in 0..w {
+            let mut sum = [0f32; 3];
+            let mut labels = Vec::with_capacity((k * k) as usize);
+            let (mut dsum, mut dn) = (0f32, 0u32);
+            for yy in y * k..(y + 1) * k {
+                for xx in x * k..(x + 1) * k {
+                    let p = img.get_pixel(xx, yy).0;
+                    for c in 0..3 {
+                        sum[c] += p[c] as f32;
+                    }
+                    labels.push(lab.get_pixel(xx, yy)[0]);
+                    let d = dist[(yy * img.width() + xx) as usize];
+                    if !d.is_nan() {
+                        dsum += d;
+                        dn += 1;
+                    }
+                }
+            }
+            oi.put_pixel(x, y, Rgb(sum.map(|v| clamp8(v / n))));
+            let mode = labels
+                .iter()
+                .copied()
+                .max_by_key(|l| (labels.iter().filter(|m| *m == l).count(), std::cmp::Reverse(labels.iter().position(|m| m == l))))
+                .expect("a block has pixels");
+            ol.put_pixel(x, y, Luma([mode]));
+            if dn > 0 && CONTEXT.contains(&mode) {
+                od[(y * w + x) as usize] = dsum / dn as f32;
+            }
+        }
+    }
+    (oi, ol, od)
+}
+
 /// Renders scene `index` of a split; deterministic in (seed, split, index).
 pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
     let split_salt = split
@@ -159,50 +231,48 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
             .wrapping_add(split_salt.wrapping_mul(0xBF58_476D_1CE4_E5B9))
             .wrapping_add(index as u64),
     );
-    let (w, h) = (cfg.width, cfg.height);
+    let k = SUPERSAMPLE;
+    let kf = k as f32;
+    let (w, h) = (cfg.width * k, cfg.height * k);
     let hf = h as f32;
-    let mut img = RgbImage::new(w, h);
-    let mut lab = GrayImage::from_pixel(w, h, Luma([ids::UNLABELED]));
+    let mut cv = Canvas {
+        img: RgbImage::new(w, h),
+        lab: GrayImage::from_pixel(w, h, Luma([ids::UNLABELED])),
+        dist: vec![f32::NAN; (w * h) as usize],
+    };
     let horizon = (rng.random_range(0.30..0.42) * hf) as u32;
     let ground = (rng.random_range(0.55..0.65) * hf) as u32;
     let curb = ground + (rng.random_range(0.08..0.14) * hf) as u32;
 
-    // Sky: a vertical gradient with faint noise (kept within [60, 200] so the
-    // ± modulation of poles never clips).
+    // Sky: a vertical gradient with faint noise.
     for y in 0..h {
         for x in 0..w {
             let t = y as f32 / hf;
             let n = rng.random_range(-3.0f32..3.0);
-            img.put_pixel(
-                x,
-                y,
-                Rgb([
-                    clamp8(100.0 + 60.0 * t + n),
-                    clamp8(140.0 + 40.0 * t + n),
-                    clamp8(200.0 + n),
-                ]),
-            );
-            lab.put_pixel(x, y, Luma([ids::SKY]));
+            let p = [
+                clamp8(100.0 + 60.0 * t + n),
+                clamp8(140.0 + 40.0 * t + n),
+                clamp8(200.0 + n),
+            ];
+            cv.put(x, y, p, ids::SKY);
         }
     }
     // Buildings: blocks with a skyline, a wall colour and a window grid.
     let mut x0 = 0u32;
     while x0 < w {
-        let bw = rng.random_range(40..130).min(w - x0);
+        let bw = (rng.random_range(40..130) * k).min(w - x0);
         let top = (rng.random_range(0.12..(horizon as f32 / hf).max(0.13)) * hf) as u32;
         let wall = [
             rng.random_range(90.0..150.0f32),
             rng.random_range(80.0..130.0),
             rng.random_range(70.0..120.0),
         ];
-        let tex = Texture::new(&mut rng, wall, 8.0, 8.0, 4.0, w, h);
+        let tex = Texture::new(&mut rng, wall, 8.0 * kf, 8.0, 4.0, w, h);
         let (wx, wy) = (rng.random_range(8..14u32), rng.random_range(10..16u32));
         for y in top..ground {
             for x in x0..x0 + bw {
-                let win = (x - x0) % wx >= 2
-                    && (x - x0) % wx < wx - 2
-                    && (y - top) % wy >= 3
-                    && (y - top) % wy < wy - 3;
+                let (cx, cy) = ((x - x0) / k, (y - top) / k);
+                let win = cx % wx >= 2 && cx % wx < wx - 2 && cy % wy >= 3 && cy % wy < wy - 3;
                 let mut p = tex.at(&mut rng, x, y);
                 if win {
                     p = [
@@ -211,63 +281,60 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
                         clamp8(p[2] as f32 * 0.8),
                     ];
                 }
-                img.put_pixel(x, y, Rgb(p));
-                lab.put_pixel(x, y, Luma([ids::BUILDING]));
+                cv.put(x, y, p, ids::BUILDING);
             }
         }
         x0 += bw;
     }
     // Ground: sidewalk band (tiles) then road (fine asphalt).
-    let side = Texture::new(&mut rng, [150.0, 145.0, 140.0], 6.0, 6.0, 5.0, w, h);
-    let road = Texture::new(&mut rng, [85.0, 85.0, 90.0], 12.0, 5.0, 7.0, w, h);
+    let side = Texture::new(&mut rng, [150.0, 145.0, 140.0], 6.0 * kf, 6.0, 5.0, w, h);
+    let road = Texture::new(&mut rng, [85.0, 85.0, 90.0], 12.0 * kf, 5.0, 7.0, w, h);
     for y in ground..h {
         for x in 0..w {
             let (p, id) = if y < curb {
                 let mut p = side.at(&mut rng, x, y);
-                if x.is_multiple_of(16) || (y - ground).is_multiple_of(12) {
-                    p = [
-                        clamp8(p[0] as f32 - 25.0),
-                        clamp8(p[1] as f32 - 25.0),
-                        clamp8(p[2] as f32 - 25.0),
-                    ];
+                if (x / k).is_multiple_of(16) || ((y - ground) / k).is_multiple_of(12) {
+                    p = p.map(|c| clamp8(c as f32 - 25.0));
                 }
                 (p, ids::SIDEWALK)
             } else {
                 (road.at(&mut rng, x, y), ids::ROAD)
             };
-            img.put_pixel(x, y, Rgb(p));
-            lab.put_pixel(x, y, Luma([id]));
+            cv.put(x, y, p, id);
         }
     }
-    // Context-only ellipses: one texture law for both classes; only the ring differs.
-    let blobs = rng.random_range(1..=3);
-    for _ in 0..blobs {
-        let rmax = cfg.blob_radius as f32;
-        let rx = rng.random_range(0.5 * rmax..rmax);
-        let ry = rng.random_range(0.35 * rmax..0.7 * rmax);
-        let cx = rng.random_range(0.0..w as f32);
-        let cy = rng.random_range(0.25 * hf..0.9 * hf);
-        let veg = rng.random_bool(0.5);
-        let (id, ring) = if veg {
+    // Context: one vegetation and one terrain region, one in each half,
+    // one texture law for both; only a small marker at one end differs.
+    let veg_left = rng.random_bool(0.5);
+    for half in 0..2u32 {
+        let veg = (half == 0) == veg_left;
+        let rmax = cfg.blob_radius as f32 * kf;
+        let rx = rng.random_range(0.8 * rmax..rmax).min(0.25 * w as f32);
+        let ry = rng.random_range(0.3 * rmax..0.45 * rmax).min(0.3 * hf);
+        let cx = (half as f32 + 0.5) * 0.5 * w as f32 + rng.random_range(-0.05..0.05) * w as f32;
+        let cy = rng.random_range(0.5 * hf..0.75 * hf);
+        let (id, marker) = if veg {
             (ids::VEGETATION, [30u8, 70, 95])
         } else {
             (ids::TERRAIN, [205u8, 170, 60])
         };
-        let tex = Texture::new(&mut rng, [95.0, 130.0, 70.0], 7.0, 22.0, 10.0, w, h);
+        // the marker: a disc at one end of the region's long axis
+        let mx = cx + if rng.random_bool(0.5) { 0.7 } else { -0.7 } * rx;
+        let mr = MARKER * kf;
+        let tex = Texture::new(&mut rng, [95.0, 130.0, 70.0], 7.0 * kf, 22.0, 10.0, w, h);
         let (ya, yb) = ((cy - ry).max(0.0) as u32, ((cy + ry) as u32 + 1).min(h));
         let (xa, xb) = ((cx - rx).max(0.0) as u32, ((cx + rx) as u32 + 1).min(w));
         for y in ya..yb {
             for x in xa..xb {
                 let (dx, dy) = ((x as f32 - cx) / rx, (y as f32 - cy) / ry);
-                let r = (dx * dx + dy * dy).sqrt();
-                if r > 1.0 {
+                if dx * dx + dy * dy > 1.0 {
                     continue;
                 }
-                // distance to the border in pixels, approximately
-                let edge = (1.0 - r) * rx.min(ry);
-                let p = if edge < 3.0 { ring } else { tex.at(&mut rng, x, y) };
-                img.put_pixel(x, y, Rgb(p));
-                lab.put_pixel(x, y, Luma([id]));
+                // distance to the marker in (1.0x) pixels
+                let d = ((x as f32 - mx).hypot(y as f32 - cy) - mr).max(0.0) / kf;
+                let p = if d == 0.0 { marker } else { tex.at(&mut rng, x, y) };
+                cv.put(x, y, p, id);
+                cv.dist[(y * w + x) as usize] = d;
             }
         }
     }
@@ -285,17 +352,15 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
         for y in bottom.saturating_sub(ch)..bottom {
             for x in cx0..(cx0 + cw).min(w) {
                 let glass = y < bottom - ch * 2 / 3 && x > cx0 + cw / 5 && x < cx0 + cw * 4 / 5;
-                let p = if glass { [60, 70, 80] } else { col };
-                img.put_pixel(x, y, Rgb(p));
-                lab.put_pixel(x, y, Luma([ids::CAR]));
+                cv.put(x, y, if glass { [60, 70, 80] } else { col }, ids::CAR);
             }
         }
     }
     // Distant people on the sidewalk: a few pixels, plain colours.
     for _ in 0..rng.random_range(3..=8) {
-        let ph = rng.random_range(0.10 * hf..0.18 * hf).max(8.0) as u32;
-        let pw = (ph * 2 / 5).max(4);
-        let feet = rng.random_range(ground + 2..curb.max(ground + 3));
+        let ph = rng.random_range(0.10 * hf..0.18 * hf).max(8.0 * kf) as u32;
+        let pw = (ph * 2 / 5).max(4 * k);
+        let feet = rng.random_range(ground + 2 * k..curb.max(ground + 3 * k));
         let px0 = rng.random_range(0..w - pw);
         let shirt = [
             rng.random_range(150..255u8),
@@ -305,73 +370,56 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
         for y in feet.saturating_sub(ph)..feet.min(h) {
             for x in px0..px0 + pw {
                 let head = y < feet - ph * 4 / 5;
-                img.put_pixel(x, y, Rgb(if head { [225, 180, 150] } else { shirt }));
-                lab.put_pixel(x, y, Luma([ids::PERSON]));
+                cv.put(x, y, if head { [225, 180, 150] } else { shirt }, ids::PERSON);
             }
         }
     }
-    let without_thin = img.clone();
-    // Poles and signs: zero-mean ± modulation, sign flipping every row (and
-    // column for signs), aligned to even coordinates so that the 2x2 averages
-    // of a 0.5x downscale cancel it.
-    let a = cfg.thin_amplitude as f32;
-    // Each pixel is set from the scene without thin structures (overlaps
-    // overwrite), poles first tinted toward dark grey (a faint cue that
-    // survives downscaling, as a real pole's colour does; signs have none).
-    // The amplitude is A, or less where a colour of the aligned 2x2 block is
-    // within A of 0 or 255: one amplitude per block keeps the block's sum
-    // exact (no clipping, no residue after the 2x2 averages).
-    let base = |x: u32, y: u32, tint: bool| -> [f32; 3] {
-        let p = without_thin.get_pixel(x, y).0.map(|c| c as f32);
-        if tint {
-            [0, 1, 2].map(|c| (0.6 * p[c] + 0.4 * POLE_TINT[c]).round())
-        } else {
-            p
-        }
-    };
-    let modulate = |img: &mut RgbImage, lab: &mut GrayImage, x: u32, y: u32, sign: f32, id: u8| {
-        let tint = id == ids::POLE;
-        let (bx, by) = (x & !1, y & !1);
-        let mut room = a;
-        for yy in by..(by + 2).min(h) {
-            for xx in bx..(bx + 2).min(w) {
-                for c in base(xx, yy, tint) {
-                    room = room.min(c).min(255.0 - c);
-                }
-            }
-        }
-        let p = base(x, y, tint);
-        img.put_pixel(x, y, Rgb(p.map(|c| clamp8(c + sign * room))));
-        lab.put_pixel(x, y, Luma([id]));
-    };
+    let without_detail = cv.img.clone();
+    // Detail: solid poles 4–6 px wide (steel grey), some with a sign on
+    // top: a solid 8–12 px square of its own hue. Aligned to whole output
+    // pixels of the supersampled canvas.
     for _ in 0..rng.random_range(3..=7) {
-        let pw = rng.random_range(5..=8u32);
-        let x = rng.random_range(1..w - 8);
-        let foot = rng.random_range(ground + 2..curb.max(ground + 3)) & !1;
-        let ph = (rng.random_range(0.15 * hf..0.35 * hf) as u32) & !1;
-        let top = foot.saturating_sub(ph) & !1;
+        let pw = rng.random_range(4..=6u32) * k;
+        let x = rng.random_range(1..cfg.width - 8) * k;
+        let foot = rng.random_range(ground + 2 * k..curb.max(ground + 3 * k)) / k * k;
+        let ph = (rng.random_range(0.15 * hf..0.35 * hf) as u32) / k * k;
+        let top = foot.saturating_sub(ph);
+        let steel = [
+            rng.random_range(60.0..80.0f32),
+            rng.random_range(70.0..90.0),
+            rng.random_range(95.0..115.0),
+        ];
         for y in top..foot {
-            let s = if y % 2 == 0 { 1.0 } else { -1.0 };
             for dx in 0..pw {
-                modulate(&mut img, &mut lab, x + dx, y, s, ids::POLE);
+                let n = rng.random_range(-4.0f32..4.0);
+                cv.put(x + dx, y, steel.map(|c| clamp8(c + n)), ids::POLE);
             }
         }
         if rng.random_bool(0.6) {
-            let side = (rng.random_range(12..=18u32)) & !1;
-            let sx = (x.saturating_sub(side / 2)) & !1;
-            let sy = top.saturating_sub(side) & !1;
+            let side = rng.random_range(8..=12u32) * k;
+            let sx = (x + pw / 2).saturating_sub(side / 2) / k * k;
+            let sy = top.saturating_sub(side);
+            let hue = [
+                rng.random_range(235.0..255.0f32),
+                rng.random_range(205.0..235.0),
+                rng.random_range(10.0..50.0),
+            ];
             for y in sy..sy + side {
                 for xx in sx..(sx + side).min(w) {
-                    let s = if (xx + y) % 2 == 0 { 1.0 } else { -1.0 };
-                    modulate(&mut img, &mut lab, xx, y, s, ids::SIGN);
+                    let n = rng.random_range(-4.0f32..4.0);
+                    cv.put(xx, y, hue.map(|c| clamp8(c + n)), ids::SIGN);
                 }
             }
         }
     }
+    let (image, label_ids, cue_distance) = downsample(&cv.img, &cv.lab, &cv.dist, k);
+    let nan = vec![f32::NAN; cv.dist.len()];
+    let (without_detail, _, _) = downsample(&without_detail, &cv.lab, &nan, k);
     Scene {
-        image: img,
-        without_thin,
-        label_ids: lab,
+        image,
+        without_detail,
+        label_ids,
+        cue_distance,
     }
 }
 
@@ -482,16 +530,62 @@ pub fn generate(cfg: &SynthConfig, root: &Path) -> Result<Written> {
     Ok(n)
 }
 
+/// Where a cue is measured: a validation image resized by the network's
+/// rule (bilinear, PyTorch's; labels nearest) to one scale, or training
+/// crops resampled as the augmentation does (random scale in
+/// [`AugmentConfig::scale_min`, `scale_max`], the image crate's filter).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Where {
+    Val(f64),
+    TrainCrops,
+}
+
+impl std::fmt::Display for Where {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Where::Val(s) => write!(f, "validation at {s}x"),
+            Where::TrainCrops => write!(f, "training crops"),
+        }
+    }
+}
+
+/// The cues measured at one [`Where`].
+#[derive(Debug, Clone, Serialize)]
+pub struct CueStats {
+    pub at: Where,
+    /// Median distance from a context-class pixel to its region's cue, in
+    /// output pixels of the stride-4 network.
+    pub context_cue_px: f64,
+    /// Per detail class (labelId): the share of its pixels whose colour
+    /// differs by more than 8 levels from the same scene without the
+    /// detail classes (visible), and its median width in output pixels
+    /// (resolved when at least 1).
+    pub detail: Vec<DetailStats>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DetailStats {
+    pub class: String,
+    pub visible: f64,
+    /// Mean over its pixels of the largest channel difference (levels)
+    /// from the scene without the detail classes.
+    pub contrast: f64,
+    pub width_px: f64,
+    pub pixels: usize,
+}
+
 /// The measured properties of the benchmark (see the module docs).
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
     /// Accuracy of a nearest-class-mean classifier on 7x7 patch features
-    /// (mean and std of each channel) for vegetation vs terrain on held-out
-    /// scenes; chance is 0.5.
+    /// (mean and std of each channel) for vegetation vs terrain pixels more
+    /// than 5 px from their cue, fitted on training scenes and scored on
+    /// validation scenes; chance is 0.5.
     pub local_accuracy: f64,
-    /// Per thin class (name, share of its pixels still visible after a 0.5x
-    /// down and up round trip of the image, pixel count).
-    pub survival: Vec<(String, f64, usize)>,
+    /// The cues on validation images at 0.25, 0.5, 1.0 and 2.0, and on
+    /// augmented training crops.
+    pub cues: Vec<CueStats>,
     pub scenes: usize,
 }
 
@@ -520,39 +614,125 @@ fn patch_features(img: &RgbImage, x: u32, y: u32) -> Option<[f64; 6]> {
     Some(f)
 }
 
-/// 0.5x then back up, bilinear with PyTorch's rule, per channel.
-fn round_trip(img: &RgbImage) -> Vec<[f32; 3]> {
+/// Bilinear resize with PyTorch's rule (align_corners=false, no
+/// antialiasing), as the network's `ResizeX` of a validation image.
+fn resize_torch(img: &RgbImage, dw: u32, dh: u32) -> RgbImage {
     use crate::model::resize::taps;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let (hw, hh) = (w / 2, h / 2);
-    let resample = |src: &dyn Fn(usize, usize) -> [f32; 3], sw: usize, sh: usize, dw: usize, dh: usize| {
-        let (tx, ty) = (taps(sw, dw), taps(sh, dh));
-        let mut out = vec![[0f32; 3]; dw * dh];
-        for (oy, t) in ty.iter().enumerate() {
-            for (ox, s) in tx.iter().enumerate() {
-                let mut v = [0f32; 3];
-                for (yy, wy) in [(t.i0, t.w0), (t.i1, t.w1)] {
-                    for (xx, wx) in [(s.i0, s.w0), (s.i1, s.w1)] {
-                        let p = src(xx, yy);
-                        for c in 0..3 {
-                            v[c] += p[c] * (wy * wx) as f32;
-                        }
-                    }
+    let (tx, ty) = (
+        taps(img.width() as usize, dw as usize),
+        taps(img.height() as usize, dh as usize),
+    );
+    RgbImage::from_fn(dw, dh, |ox, oy| {
+        let (s, t) = (tx[ox as usize], ty[oy as usize]);
+        let mut v = [0f64; 3];
+        for (yy, wy) in [(t.i0, t.w0), (t.i1, t.w1)] {
+            for (xx, wx) in [(s.i0, s.w0), (s.i1, s.w1)] {
+                let p = img.get_pixel(xx as u32, yy as u32).0;
+                for c in 0..3 {
+                    v[c] += p[c] as f64 * wy * wx;
                 }
-                out[oy * dw + ox] = v;
             }
         }
-        out
-    };
-    let at = |x: usize, y: usize| img.get_pixel(x as u32, y as u32).0.map(|c| c as f32);
-    let small = resample(&at, w, h, hw, hh);
-    let at_small = |x: usize, y: usize| small[y * hw + x];
-    resample(&at_small, hw, hh, w, h)
+        Rgb(v.map(|c| clamp8(c as f32)))
+    })
 }
 
-/// Measures the benchmark's two properties on `n` scenes per split (train
-/// scenes fit the classifier, val scenes score it).
-pub fn stats(cfg: &SynthConfig, n: usize) -> Stats {
+/// Labels (and the cue distance) at the nearest source pixel.
+fn resize_nearest<T: Copy>(src: &[T], w: u32, h: u32, dw: u32, dh: u32) -> Vec<T> {
+    let mut out = Vec::with_capacity((dw * dh) as usize);
+    for y in 0..dh {
+        let sy = ((y as f64 + 0.5) * h as f64 / dh as f64) as u32;
+        for x in 0..dw {
+            let sx = ((x as f64 + 0.5) * w as f64 / dw as f64) as u32;
+            out.push(src[(sy.min(h - 1) * w + sx.min(w - 1)) as usize]);
+        }
+    }
+    out
+}
+
+/// Accumulates one [`CueStats`].
+#[derive(Default)]
+struct CueAcc {
+    dists: Vec<f32>,
+    seen: [usize; 2],
+    visible: [usize; 2],
+    contrast: [f64; 2],
+    widths: [Vec<f32>; 2],
+}
+
+impl CueAcc {
+    /// One scene resampled by `s` to `image`/`without` (`dw` x `dh`), with
+    /// the labels and cue distances of the unresampled scene.
+    fn add(&mut self, scene: &Scene, image: &RgbImage, without: &RgbImage, s: f64) {
+        let (w, h) = scene.label_ids.dimensions();
+        let (dw, dh) = image.dimensions();
+        let labels = resize_nearest(scene.label_ids.as_raw(), w, h, dw, dh);
+        let dist = resize_nearest(&scene.cue_distance, w, h, dw, dh);
+        for (i, (&l, &d)) in labels.iter().zip(&dist).enumerate() {
+            if CONTEXT.contains(&l) && !d.is_nan() {
+                self.dists.push(d * s as f32 / 4.0);
+            }
+            let Some(k) = DETAIL.iter().position(|&c| c == l) else {
+                continue;
+            };
+            self.seen[k] += 1;
+            let (x, y) = (i as u32 % dw, i as u32 / dw);
+            let (a, b) = (image.get_pixel(x, y).0, without.get_pixel(x, y).0);
+            let diff = (0..3).map(|c| (a[c] as i32 - b[c] as i32).abs()).max().unwrap_or(0);
+            self.visible[k] += usize::from(diff > 8);
+            self.contrast[k] += diff as f64;
+        }
+        // widths: horizontal runs of each detail class in the unresampled
+        // labels (poles are vertical, signs square), times s / 4
+        for (k, &id) in DETAIL.iter().enumerate() {
+            for row in scene.label_ids.rows() {
+                let mut run = 0u32;
+                for p in row.chain(std::iter::once(&Luma([ids::UNLABELED]))) {
+                    if p[0] == id {
+                        run += 1;
+                    } else if run > 0 {
+                        self.widths[k].push(run as f32 * s as f32 / 4.0);
+                        run = 0;
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(mut self, at: Where) -> CueStats {
+        let median = |v: &mut Vec<f32>| -> f64 {
+            if v.is_empty() {
+                return f64::NAN;
+            }
+            v.sort_by(f32::total_cmp);
+            v[v.len() / 2] as f64
+        };
+        let context_cue_px = median(&mut self.dists);
+        let detail = DETAIL
+            .iter()
+            .enumerate()
+            .map(|(k, &id)| DetailStats {
+                class: CLASSES[label_to_train(id) as usize].name.to_string(),
+                visible: self.visible[k] as f64 / self.seen[k].max(1) as f64,
+                contrast: self.contrast[k] / self.seen[k].max(1) as f64,
+                width_px: median(&mut self.widths[k]),
+                pixels: self.seen[k],
+            })
+            .collect();
+        CueStats {
+            at,
+            context_cue_px,
+            detail,
+        }
+    }
+}
+
+/// Measures the benchmark's cues on `n` scenes per split: the context
+/// classifier is fitted on training scenes and scored on validation
+/// scenes; the cues are measured on validation scenes at each scale and
+/// on training scenes resampled as `augment` resamples them (one random
+/// scale per scene, drawn from `seed`).
+pub fn stats(cfg: &SynthConfig, augment: &super::augment::AugmentConfig, n: usize) -> Stats {
     // (class 0 = vegetation / 1 = terrain, 7x7 patch features) on a grid.
     let samples = |s: &Scene| -> Vec<(usize, [f64; 6])> {
         let mut v = vec![];
@@ -563,6 +743,10 @@ pub fn stats(cfg: &SynthConfig, n: usize) -> Stats {
                     ids::TERRAIN => 1,
                     _ => continue,
                 };
+                // the patch must not touch the cue itself
+                if !(s.cue_distance[(y * cfg.width + x) as usize] > 5.0) {
+                    continue;
+                }
                 if let Some(f) = patch_features(&s.image, x, y) {
                     v.push((k, f));
                 }
@@ -572,93 +756,52 @@ pub fn stats(cfg: &SynthConfig, n: usize) -> Stats {
     };
     let mut sums = [[0f64; 6]; 2];
     let mut counts = [0usize; 2];
+    let mut crops = CueAcc::default();
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5747);
     for i in 0..n {
-        for (k, f) in samples(&render(cfg, "train", i)) {
+        let scene = render(cfg, "train", i);
+        for (k, f) in samples(&scene) {
             for (a, b) in sums[k].iter_mut().zip(f) {
                 *a += b;
             }
             counts[k] += 1;
         }
+        let s = rng.random_range(augment.scale_min..=augment.scale_max);
+        let (img, _) = super::augment::scale(&scene.image, &scene.label_ids, s);
+        let (without, _) = super::augment::scale(&scene.without_detail, &scene.label_ids, s);
+        crops.add(&scene, &img, &without, s);
     }
     let means: Vec<[f64; 6]> = (0..2)
         .map(|k| sums[k].map(|v| v / counts[k].max(1) as f64))
         .collect();
     let (mut right, mut total) = (0usize, 0usize);
-    let thin = [
-        (ids::POLE, "pole"),
-        (ids::SIGN, "traffic sign"),
-        (ids::PERSON, "person"),
-    ];
-    let mut seen = [0usize; 3];
-    let mut kept = [0usize; 3];
+    let scales = [0.25, 0.5, 1.0, 2.0];
+    let mut at_scale: Vec<CueAcc> = scales.iter().map(|_| CueAcc::default()).collect();
     for i in 0..n {
-        let s = render(cfg, "val", i);
-        for (k, f) in samples(&s) {
+        let scene = render(cfg, "val", i);
+        for (k, f) in samples(&scene) {
             let d = |m: &[f64; 6]| m.iter().zip(&f).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
             let guess = if d(&means[0]) <= d(&means[1]) { 0 } else { 1 };
             right += usize::from(guess == k);
             total += 1;
         }
-        // Survival: the thin structure is visible after the round trip if the
-        // image differs from the same round trip of the scene without it.
-        let with = round_trip(&s.image);
-        let without = round_trip(&s.without_thin);
-        let w = cfg.width as usize;
-        for (y, row) in s.label_ids.rows().enumerate() {
-            for (x, p) in row.enumerate() {
-                let Some(t) = thin.iter().position(|(id, _)| *id == p[0]) else {
-                    continue;
-                };
-                seen[t] += 1;
-                let i = y * w + x;
-                let visible = if thin[t].0 == ids::PERSON {
-                    // Persons are plain: one survives where the round trip
-                    // stays closer to its own colour than to the background.
-                    let orig = s.image.get_pixel(x as u32, y as u32).0.map(|c| c as f32);
-                    let bg = background_of(&s, x, y);
-                    let rt = with[i];
-                    let to_orig: f32 = (0..3).map(|c| (rt[c] - orig[c]).powi(2)).sum();
-                    let to_bg: f32 = (0..3).map(|c| (rt[c] - bg[c]).powi(2)).sum();
-                    to_orig < to_bg
-                } else {
-                    (0..3).any(|c| (with[i][c] - without[i][c]).abs() > 8.0)
-                };
-                kept[t] += usize::from(visible);
-            }
+        for (acc, &s) in at_scale.iter_mut().zip(&scales) {
+            let (hs, ws) = crate::model::resize::scaled_size(cfg.height as usize, cfg.width as usize, s);
+            let img = resize_torch(&scene.image, ws as u32, hs as u32);
+            let without = resize_torch(&scene.without_detail, ws as u32, hs as u32);
+            acc.add(&scene, &img, &without, s);
         }
     }
+    let mut cues: Vec<CueStats> = at_scale
+        .into_iter()
+        .zip(scales)
+        .map(|(acc, s)| acc.finish(Where::Val(s)))
+        .collect();
+    cues.push(crops.finish(Where::TrainCrops));
     Stats {
         local_accuracy: right as f64 / total.max(1) as f64,
-        survival: thin
-            .iter()
-            .enumerate()
-            .map(|(t, (_, name))| (name.to_string(), kept[t] as f64 / seen[t].max(1) as f64, seen[t]))
-            .collect(),
+        cues,
         scenes: n,
-    }
-}
-
-/// Mean colour of the nearest pixels left and right of (x, y) that are not
-/// the same class: the local background of a small object.
-fn background_of(s: &Scene, x: usize, y: usize) -> [f32; 3] {
-    let id = s.label_ids.get_pixel(x as u32, y as u32)[0];
-    let w = s.label_ids.width() as usize;
-    let find = |dir: isize| -> Option<[f32; 3]> {
-        let mut xx = x as isize;
-        loop {
-            xx += dir;
-            if xx < 0 || xx as usize >= w {
-                return None;
-            }
-            if s.label_ids.get_pixel(xx as u32, y as u32)[0] != id {
-                return Some(s.image.get_pixel(xx as u32, y as u32).0.map(|c| c as f32));
-            }
-        }
-    };
-    match (find(-1), find(1)) {
-        (Some(a), Some(b)) => [0, 1, 2].map(|c| (a[c] + b[c]) / 2.0),
-        (Some(a), None) | (None, Some(a)) => a,
-        (None, None) => [0.0; 3],
     }
 }
 

@@ -46,11 +46,20 @@ impl Conv {
     /// `nn.Conv2d(cin, cout, k, stride, padding=k/2, bias)`, initialised as
     /// candle-nn does (Kaiming normal weights, uniform bias).
     pub fn new(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints(
-            (cout, cin, k, k),
-            "weight",
-            candle_nn::init::DEFAULT_KAIMING_NORMAL,
-        )?;
+        Self::with_init(cin, cout, k, stride, bias, candle_nn::init::DEFAULT_KAIMING_NORMAL, vb)
+    }
+
+    /// [`Conv::new`] with the weights drawn from `init`.
+    pub fn with_init(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        bias: bool,
+        init: Init,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints((cout, cin, k, k), "weight", init)?;
         let bias = if bias {
             let b = 1.0 / ((cin * k * k) as f64).sqrt();
             Some(vb.get_with_hints(cout, "bias", Init::Uniform { lo: -b, up: b })?)

@@ -56,6 +56,16 @@ impl ConvBn {
         })
     }
 
+    /// A convolution built elsewhere (another initialisation), then the
+    /// BatchNorm at `bn_at`.
+    pub fn with_conv(conv: Conv, cout: usize, relu: bool, bn_at: &str, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv,
+            bn: batch_norm(cout, vb.pp(bn_at))?,
+            relu,
+        })
+    }
+
     /// The common `Sequential(conv, BN[, ReLU])` of the backbone: `.0`, `.1`.
     pub fn seq(cin: usize, cout: usize, k: usize, stride: usize, relu: bool, vb: VarBuilder) -> Result<Self> {
         Self::new(cin, cout, k, stride, false, relu, "0", "1", vb)
@@ -120,6 +130,17 @@ impl Dropout2d {
             p,
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(0))),
         }
+    }
+
+    /// Sets the drop probability, `0 <= p < 1` (0 turns the layer off).
+    /// For parity checks against another implementation, which cannot
+    /// draw our masks: with dropout off both compute the same function.
+    pub fn set_p(&mut self, p: f64) -> Result<()> {
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("dropout probability {p} is not in [0, 1)");
+        }
+        self.p = p;
+        Ok(())
     }
 
     /// Reseeds the generator.

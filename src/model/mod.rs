@@ -259,6 +259,15 @@ impl HmsaNet {
         self.ocr.seed_dropout(seed);
     }
 
+    /// Sets the drop probability of the OCR's Dropout2d, the network's only
+    /// dropout (the official 0.05 as built). For parity checks against
+    /// another implementation (tests/it/train.rs against PyTorch): it cannot
+    /// draw our masks, so both sides turn dropout off (`p = 0`) and compute
+    /// the same function. `p` must be in [0, 1).
+    pub fn set_dropout(&mut self, p: f64) -> Result<()> {
+        Ok(self.ocr.set_dropout(p)?)
+    }
+
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let high = cfg.backbone.out_channels();
@@ -318,9 +327,14 @@ impl HmsaNet {
         })
     }
 
-    /// Every scale's output, for fusing several ways (scales high to low).
-    /// The highest scale's attention is never used by the recurrence, so it
-    /// is not computed.
+    /// Every scale's output, for fusing several ways (returned high to low).
+    ///
+    /// Training runs as the official `two_scale_forward` does: the passes
+    /// low to high (the last BatchNorm update of a step is the 1.0x pass),
+    /// and `_fwd` runs the attention head on every pass, so its BatchNorm
+    /// statistics see every training scale although the fusion never reads
+    /// the highest scale's attention. In inference (BatchNorm frozen) the
+    /// order is immaterial and the highest scale's attention is skipped.
     pub fn forward_scales(
         &self,
         x: &Tensor,
@@ -329,13 +343,16 @@ impl HmsaNet {
         train: bool,
     ) -> Result<Vec<ScaleOutput>> {
         let mut sorted = scales.to_vec();
-        sorted.sort_by(|a, b| b.total_cmp(a));
+        sorted.sort_by(f64::total_cmp);
+        let top = sorted.len().saturating_sub(1);
         crate::on_pool(x.device(), || {
-            sorted
+            let mut outs = sorted
                 .iter()
                 .enumerate()
-                .map(|(i, &s)| self.forward_scale(x, s, with_attn && i > 0, train))
-                .collect()
+                .map(|(i, &s)| self.forward_scale(x, s, with_attn && (train || i < top), train))
+                .collect::<Result<Vec<_>>>()?;
+            outs.reverse();
+            Ok(outs)
         })
     }
 

@@ -7,13 +7,15 @@
 //!   (key 256, scaled dot product) and concatenates the context with the
 //!   features; `cls_head` gives the semantic logits.
 //! - `scale_attn` is the paper's attention head (3x3 conv-BN-ReLU twice, 1x1
-//!   conv to one channel, sigmoid); the explicit variant reads all scales'
-//!   features at once and gives one channel per scale (softmax outside).
+//!   conv to one channel, sigmoid), initialised as PyTorch's default, as the
+//!   official head is; the explicit variant reads all scales' features at
+//!   once and gives one channel per scale (softmax outside).
 
 use super::conv::Conv;
 use super::layers::{conv, ConvBn, Dropout2d};
 use candle_core::{Module, ModuleT, Result, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use candle_nn::{Init, VarBuilder};
 
 /// The official `_ObjectAttentionBlock` (scale 1).
 #[derive(Debug, Clone)]
@@ -102,14 +104,20 @@ impl Ocr {
         })
     }
 
-    /// Takes the backbone's map by value: at inference it is freed as soon
-    /// as the two heads have read it (for W48 in the 2.0x pass of a
-    /// 1024x2048 image it is 1.4 GiB).
     /// Reseeds the dropout of `conv_bn_dropout`.
     pub fn seed_dropout(&self, seed: u64) {
         self.dropout.seed(seed);
     }
 
+    /// Sets the drop probability of `conv_bn_dropout`'s Dropout2d (0.05 as
+    /// built; 0 turns it off, for parity checks).
+    pub fn set_dropout(&mut self, p: f64) -> Result<()> {
+        self.dropout.set_p(p)
+    }
+
+    /// Takes the backbone's map by value: at inference it is freed as soon
+    /// as the two heads have read it (for W48 in the 2.0x pass of a
+    /// 1024x2048 image it is 1.4 GiB).
     pub fn forward_t(&self, high: Tensor, train: bool) -> Result<OcrOut> {
         let feats = self.conv3x3_ocr.forward_t(&high, train)?;
         let (c0, c2) = &self.aux_head;
@@ -142,12 +150,23 @@ pub struct AttnHead {
     conv2: Conv,
 }
 
+/// PyTorch's default initialisation of `nn.Conv2d` weights:
+/// `kaiming_uniform_(a = √5)`, i.e. U(±1/√fan_in). The official
+/// `make_attn_head` (network/utils.py) leaves its head at this default
+/// (its `init_attn` call is commented out).
+pub const TORCH_DEFAULT_CONV: Init = Init::Kaiming {
+    dist: NormalOrUniform::Uniform,
+    fan: FanInOut::FanIn,
+    non_linearity: NonLinearity::ExplicitGain(0.577_350_269_189_625_8), // √(2 / (1 + 5))
+};
+
 impl AttnHead {
     pub fn new(cin: usize, bot: usize, out: usize, vb: VarBuilder) -> Result<Self> {
+        let c = |cin, cout, k, at: &str| Conv::with_init(cin, cout, k, 1, false, TORCH_DEFAULT_CONV, vb.pp(at));
         Ok(Self {
-            conv0: ConvBn::new(cin, bot, 3, 1, false, true, "conv0", "bn0", vb.clone())?,
-            conv1: ConvBn::new(bot, bot, 3, 1, false, true, "conv1", "bn1", vb.clone())?,
-            conv2: conv(bot, out, 1, 1, false, vb.pp("conv2"))?,
+            conv0: ConvBn::with_conv(c(cin, bot, 3, "conv0")?, bot, true, "bn0", vb.clone())?,
+            conv1: ConvBn::with_conv(c(bot, bot, 3, "conv1")?, bot, true, "bn1", vb.clone())?,
+            conv2: c(bot, out, 1, "conv2")?,
         })
     }
 }

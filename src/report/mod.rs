@@ -259,6 +259,122 @@ pub fn class_table(s: &SuiteSummary) -> (Vec<String>, Vec<Vec<String>>) {
     (head, rows)
 }
 
+/// How a class's single-scale IoU moves with the scale (the paper's
+/// Figure 1 in numbers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleRole {
+    /// IoU rises with the scale: 2.0 > 1.0 > 0.5.
+    Detail,
+    /// IoU rises as the scale falls: 0.5 > 1.0 > 2.0.
+    Context,
+    Neither,
+}
+
+impl ScaleRole {
+    /// The role of mean IoUs at 0.5, 1.0 and 2.0 (None when one is missing).
+    pub fn of(at_05: Option<f64>, at_1: Option<f64>, at_2: Option<f64>) -> Option<Self> {
+        let (a, b, c) = (at_05?, at_1?, at_2?);
+        Some(if c > b && b > a {
+            ScaleRole::Detail
+        } else if a > b && b > c {
+            ScaleRole::Context
+        } else {
+            ScaleRole::Neither
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ScaleRole::Detail => "detail",
+            ScaleRole::Context => "context",
+            ScaleRole::Neither => "neither",
+        }
+    }
+}
+
+/// One class of the premise table: IoU (mean, std, n over seeds) at each
+/// single scale, and its role.
+#[derive(Clone, Debug, Serialize)]
+pub struct PremiseRow {
+    pub class: usize,
+    pub at: Vec<(f64, f64, f64, usize)>,
+    pub role: Option<ScaleRole>,
+}
+
+/// The premise of the paper measured on the baseline: per class, the IoU
+/// of every single-scale evaluation of the baseline variant (`single`
+/// fusion at one scale), scales ascending. Empty when the baseline has
+/// fewer than two such evaluations.
+pub fn premise(s: &SuiteSummary) -> (Vec<f64>, Vec<PremiseRow>) {
+    let mut scales: Vec<f64> = s
+        .evals
+        .iter()
+        .filter(|(r, e)| r.variant == s.baseline && e.fusion == "single" && !e.flip)
+        .filter_map(|(_, e)| e.scales.parse::<f64>().ok())
+        .collect();
+    scales.sort_by(f64::total_cmp);
+    scales.dedup();
+    if scales.len() < 2 {
+        return (scales, vec![]);
+    }
+    let per_class = |scale: f64, c: usize| -> Vec<f64> {
+        s.evals
+            .iter()
+            .filter(|(r, e)| {
+                r.variant == s.baseline && e.fusion == "single" && !e.flip && e.scales.parse::<f64>().ok() == Some(scale)
+            })
+            .filter_map(|(_, e)| {
+                serde_json::from_str::<Vec<Option<f64>>>(&e.class_iou)
+                    .ok()
+                    .and_then(|v| v.get(c).copied().flatten())
+            })
+            .collect()
+    };
+    let mut rows = vec![];
+    for c in 0..CLASSES.len() {
+        let at: Vec<(f64, f64, f64, usize)> = scales
+            .iter()
+            .map(|&sc| {
+                let v = per_class(sc, c);
+                let (m, sd, n) = stats::mean_std(&v);
+                (sc, m, sd, n)
+            })
+            .collect();
+        if at.iter().all(|a| a.3 == 0) {
+            continue;
+        }
+        let mean_at = |x: f64| at.iter().find(|a| a.0 == x && a.3 > 0).map(|a| a.1);
+        rows.push(PremiseRow {
+            class: c,
+            role: ScaleRole::of(mean_at(0.5), mean_at(1.0), mean_at(2.0)),
+            at,
+        });
+    }
+    (scales, rows)
+}
+
+/// The premise table: class, IoU % (mean ± std) at each single scale, role.
+pub fn premise_table(s: &SuiteSummary) -> Option<TextTable> {
+    let (scales, rows) = premise(s);
+    if rows.is_empty() {
+        return None;
+    }
+    let mut head = vec!["class".to_string()];
+    head.extend(scales.iter().map(|&x| format!("IoU % at {}x", crate::model::fusion::format_scale(x))));
+    head.push("role".into());
+    let rows = rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![CLASSES[r.class].name.to_string()];
+            row.extend(r.at.iter().map(|&(_, m, sd, n)| if n == 0 { "–".into() } else { pm(m, sd) }));
+            row.push(r.role.map_or("–", ScaleRole::name).to_string());
+            row
+        })
+        .collect();
+    Some((head, rows))
+}
+
 /// comfy-table rendering for the terminal.
 pub fn terminal_table(head: &[String], rows: &[Vec<String>]) -> String {
     let mut t = comfy_table::Table::new();
@@ -383,6 +499,81 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
     Ok(Some((text, (head, rows))))
 }
 
+async fn first_metric(store: &Store, run: i64, key: &str) -> Result<Option<f64>> {
+    Ok(store.metric(run, key).await?.first().map(|x| x.1))
+}
+
+/// Auto-labelling as the students recorded it: per student variant, the
+/// teacher's validation mIoU at the labelling scales, the images labelled,
+/// and the share of pixels the threshold kept per class (mean over seeds).
+pub async fn autolabel_section(store: &Store, s: &SuiteSummary) -> Result<Option<(String, TextTable)>> {
+    let mut rows = vec![];
+    let mut kept_classes: Vec<usize> = vec![];
+    type PerVariant = (String, Vec<f64>, Vec<f64>, Vec<Vec<f64>>, Vec<f64>);
+    let mut per_variant: Vec<PerVariant> = vec![];
+    for v in variant_order(&s.runs) {
+        let (mut teacher, mut images, mut kept, mut dropped) = (vec![], vec![], vec![], vec![]);
+        for r in s
+            .runs
+            .iter()
+            .filter(|r| r.variant == v && r.status == Status::Finished.as_str())
+        {
+            let Some(n) = first_metric(store, r.id, "autolabel_images").await? else {
+                continue;
+            };
+            images.push(n);
+            dropped.push(first_metric(store, r.id, "autolabel_dropped").await?.unwrap_or(0.0));
+            if let Some(t) = first_metric(store, r.id, "autolabel_teacher_miou").await? {
+                teacher.push(t);
+            }
+            let mut per = vec![0.0; CLASSES.len()];
+            for (c, cls) in CLASSES.iter().enumerate() {
+                per[c] = first_metric(store, r.id, &format!("autolabel_kept/{}", cls.name))
+                    .await?
+                    .unwrap_or(0.0);
+                if per[c] > 0.0 && !kept_classes.contains(&c) {
+                    kept_classes.push(c);
+                }
+            }
+            kept.push(per);
+        }
+        if !images.is_empty() {
+            per_variant.push((v, teacher, images, kept, dropped));
+        }
+    }
+    if per_variant.is_empty() {
+        return Ok(None);
+    }
+    kept_classes.sort();
+    let mut head = vec![
+        "student".to_string(),
+        "teacher mIoU % (val)".into(),
+        "images".into(),
+        "pixels kept %".into(),
+    ];
+    head.extend(kept_classes.iter().map(|&c| format!("{} (Mpx)", CLASSES[c].name)));
+    for (v, teacher, images, kept, dropped) in &per_variant {
+        let (tm, tsd, _) = stats::mean_std(teacher);
+        let n = kept.len() as f64;
+        let total: f64 = kept.iter().map(|k| k.iter().sum::<f64>()).sum();
+        let all = total + dropped.iter().sum::<f64>();
+        let mut row = vec![
+            v.clone(),
+            if teacher.is_empty() { "–".into() } else { pm(tm, tsd) },
+            format!("{:.0}", images.iter().sum::<f64>() / images.len() as f64),
+            format!("{:.1}", 100.0 * total / all.max(1.0)),
+        ];
+        row.extend(
+            kept_classes
+                .iter()
+                .map(|&c| format!("{:.3}", kept.iter().map(|k| k[c]).sum::<f64>() / n / 1e6)),
+        );
+        rows.push(row);
+    }
+    let text = "The teacher is the same seed's run of the teacher variant; its mIoU is its own validation score at the scales and fusion it labels with. Pixels kept: what the confidence threshold leaves labelled, per class, in millions of pixels (mean over seeds).".to_string();
+    Ok(Some((text, (head, rows))))
+}
+
 /// Writes `index.md`, `index.html` and the figures into `out`; returns the
 /// files written.
 pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBuf>> {
@@ -390,6 +581,9 @@ pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<
     let mut extra = paper::extra(&s);
     if let Some((text, table)) = efficiency(store, &s).await? {
         extra.sections.push(("Efficiency".into(), text, Some(table)));
+    }
+    if let Some((text, table)) = autolabel_section(store, &s).await? {
+        extra.sections.push(("Auto-labelling".into(), text, Some(table)));
     }
     std::fs::create_dir_all(out.join("figures")).map_err(|e| Error::io(out, e))?;
     let figs = figures::draw_all(store, &s, &out.join("figures")).await?;
@@ -408,17 +602,25 @@ pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<
         finished,
         s.baseline
     );
-    let mut md = format!(
-        "# Report: {}\n\n{intro}\n## Ablation\n\n{}\n",
-        s.suite,
-        markdown_table(&ah, &ar)
-    );
+    let premise = premise_table(&s);
+    let mut md = format!("# Report: {}\n\n{intro}\n", s.suite);
+    if let Some((h, r)) = &premise {
+        md.push_str(&format!("## Premise\n\n{PREMISE_TEXT}\n\n{}\n", markdown_table(h, r)));
+    }
+    md.push_str(&format!("## Ablation\n\n{}\n", markdown_table(&ah, &ar)));
     let mut html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{0}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body><h1>Report: {0}</h1><p>{1}</p><h2>Ablation</h2>{2}",
         html_escape(&s.suite),
         html_escape(&intro),
         html_table(&ah, &ar)
     );
+    if let Some((h, r)) = &premise {
+        html.push_str(&format!(
+            "<h2>Premise</h2><p>{}</p>{}",
+            html_escape(PREMISE_TEXT),
+            html_table(h, r)
+        ));
+    }
     for (title, body, table) in &extra.sections {
         md.push_str(&format!("\n## {title}\n\n{body}\n"));
         html.push_str(&format!(
@@ -460,6 +662,9 @@ pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<
     Ok(files)
 }
 
+/// What the premise table shows.
+pub const PREMISE_TEXT: &str = "The paper's premise, measured on the baseline before any fusion: IoU of each class when the single-scale model is evaluated at one scale alone (mean ± std over seeds). A class is *detail* when its IoU rises with the scale (2.0 > 1.0 > 0.5), *context* when it rises as the scale falls (0.5 > 1.0 > 2.0). Hierarchical attention has something to learn only where both kinds exist.";
+
 /// Markers of the generated results section in a README.
 pub const README_BEGIN: &str = "<!-- results:begin (generated by `hmsa-lab report --readme`) -->";
 pub const README_END: &str = "<!-- results:end -->";
@@ -475,11 +680,14 @@ pub fn readme_section(
 ) -> String {
     let (ah, ar) = ablation_table(s);
     let mut out = format!(
-        "{README_BEGIN}\n\nSuite `{}`, {} finished runs; mIoU in % on the synthetic validation split, mean ± std over seeds.\n\n{}",
+        "{README_BEGIN}\n\nSuite `{}`, {} finished runs; mIoU in % on the synthetic validation split, mean ± std over seeds.\n\n",
         s.suite,
         s.runs.iter().filter(|r| r.status == Status::Finished.as_str()).count(),
-        markdown_table(&ah, &ar)
     );
+    if let Some((h, r)) = premise_table(s) {
+        out.push_str(&format!("{PREMISE_TEXT}\n\n{}\n", markdown_table(&h, &r)));
+    }
+    out.push_str(&markdown_table(&ah, &ar));
     if let Some((text, (h, r))) = paper {
         out.push_str(&format!("\n{}\n{text}\n", markdown_table(h, r)));
     }

@@ -367,7 +367,8 @@ pub struct LossConfig {
     pub main: MainLoss,
     /// OCR_ALPHA: weight of the cross-entropy on the fused aux logits.
     pub aux_weight: f64,
-    /// SUPERVISED_MSCALE_WT: weight of each scale's own prediction (main loss).
+    /// SUPERVISED_MSCALE_WT: weight of the cross-entropy on each scale's own
+    /// prediction (the official code turns RMI off for these terms).
     pub scale_weight: f64,
     pub class_weights: Option<Vec<f32>>,
 }
@@ -398,7 +399,7 @@ fn main_loss(cfg: &LossConfig, logits: &Tensor, labels: &Tensor) -> Result<Tenso
     }
 }
 
-/// main(fused) + aux_weight·CE(fused aux) + scale_weight·Σ_s main(resize(L_s)).
+/// main(fused) + aux_weight·CE(fused aux) + scale_weight·Σ_s CE(resize(L_s)).
 pub fn combined(
     cfg: &LossConfig,
     fused: &Fused,
@@ -417,9 +418,12 @@ pub fn combined(
     let aux = cross_entropy(&f32(fused_aux)?, labels, cfg.class_weights.as_deref())?;
     let mut total = (&main + (&aux * cfg.aux_weight)?)?;
     if cfg.scale_weight > 0.0 && per_scale.len() > 1 {
+        // The official `two_scale_forward`: `criterion(..., do_rmi=False)`,
+        // cross-entropy on each scale's own prediction at the input size.
         let (_, _, h, w) = fused.pred.dims4()?;
         for o in per_scale {
-            let l = main_loss(cfg, &resize_via(&f32(&o.cls)?, o.size, (h, w))?, labels)?;
+            let logits = resize_via(&f32(&o.cls)?, o.size, (h, w))?;
+            let l = cross_entropy(&logits, labels, cfg.class_weights.as_deref())?;
             total = (total + (l * cfg.scale_weight)?)?;
         }
     }
