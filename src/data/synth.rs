@@ -10,20 +10,20 @@
 //!   training distribution. (v1 drew poles and signs as a ±A modulation
 //!   alternating every pixel, which training's resampling attenuated.)
 //! - **Detail classes** are visible but unresolved at the low scale: solid
-//!   `pole`s 4–6 px wide (2–3 px at 0.5x, under one output pixel of the
-//!   stride-4 network; 2–3 output pixels at 2.0x) and solid `traffic
-//!   sign`s 8–12 px square in their own hue. Distant `person`s (8–23 px)
-//!   and `car`s are small objects too.
-//! - **Context classes**: exactly one `vegetation` and one `terrain`
-//!   region per image, one in each half: wide ellipses (semi-axes up to
-//!   `blob_radius` and 0.45 of it) filled with the *same* texture law.
-//!   Only a 5 px disc at one end of the long axis (dark blue-green for
-//!   vegetation, ochre for terrain) tells them apart, so most of a
-//!   region's pixels are tens of pixels from their cue: beyond the
-//!   receptive field the small network has at 1.0x, within it more often
-//!   at 0.5x, where the distances halve. With one region of each class,
-//!   the image-level pooling of OCR cannot settle the class from which
-//!   classes are present.
+//!   `pole`s 4–6 px wide in their own colour (2–3 px at 0.5x, under one
+//!   output pixel of the stride-4 network; 2–3 output pixels at 2.0x) and
+//!   solid `traffic sign`s 8–12 px square in their own hue. Distant
+//!   `person`s (13–23 px) and `car`s are small objects too.
+//! - **Context classes**: exactly one `vegetation` and one `terrain` field
+//!   per image, one in each half, from below the horizon towards the
+//!   bottom (up to `blob_radius` px wide and tall), filled with the *same*
+//!   texture law; only a 4 px band along the field's top edge (dark
+//!   blue-green for vegetation, ochre for terrain) tells them apart, so a
+//!   field's lower pixels are tens of pixels from their cue. With one
+//!   field of each class, the image-level pooling of OCR cannot settle the
+//!   class from which classes are present. (Whether the low scale helps
+//!   them is what the premise table measures; docs/ablation-tuning.md
+//!   records the designs tried.)
 //! - The rest (sky, buildings, sidewalk, road) is easy scenery.
 
 use super::cityscapes::{label_to_train, CLASSES};
@@ -102,8 +102,9 @@ const COARSE_CLASSES: [u8; 6] = [
 /// Scenes are drawn at this many times their size, then box-filtered down.
 const SUPERSAMPLE: u32 = 2;
 
-/// Radius (pixels, at 1.0x) of the marker that is the context classes' cue.
-const MARKER: f32 = 5.0;
+/// Height (pixels, at 1.0x) of the band along a context field's top edge
+/// that is its class's only cue.
+const BAND: f32 = 4.0;
 
 /// One rendered scene: the image, the same scene without the detail
 /// classes (poles, signs), the labelIds map, and per pixel the distance
@@ -303,36 +304,40 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
             cv.put(x, y, p, id);
         }
     }
-    // Context: one vegetation and one terrain region, one in each half,
-    // one texture law for both; only a small marker at one end differs.
+    // Context: one vegetation and one terrain field, one in each half,
+    // from below the horizon towards the bottom, one texture law for both;
+    // only a band along the field's top edge differs.
     let veg_left = rng.random_bool(0.5);
+    let band = BAND * kf;
     for half in 0..2u32 {
         let veg = (half == 0) == veg_left;
-        let rmax = cfg.blob_radius as f32 * kf;
-        let rx = rng.random_range(0.8 * rmax..rmax).min(0.25 * w as f32);
-        let ry = rng.random_range(0.3 * rmax..0.45 * rmax).min(0.3 * hf);
-        let cx = (half as f32 + 0.5) * 0.5 * w as f32 + rng.random_range(-0.05..0.05) * w as f32;
-        let cy = rng.random_range(0.5 * hf..0.75 * hf);
-        let (id, marker) = if veg {
+        let (id, cue) = if veg {
             (ids::VEGETATION, [30u8, 70, 95])
         } else {
             (ids::TERRAIN, [205u8, 170, 60])
         };
-        // the marker: a disc at one end of the region's long axis
-        let mx = cx + if rng.random_bool(0.5) { 0.7 } else { -0.7 } * rx;
-        let mr = MARKER * kf;
+        let rmax = cfg.blob_radius as f32 * kf;
+        let fw = rng.random_range(0.8 * rmax..rmax).min(0.45 * w as f32);
+        let x0 = (half as f32 * 0.5 + 0.25) * w as f32 - fw / 2.0 + rng.random_range(-0.02..0.02) * w as f32;
+        let top = rng.random_range(0.45 * hf..0.55 * hf);
+        let bottom = (top + rng.random_range(0.7 * rmax..rmax)).min(0.97 * hf);
+        let corner = 6.0 * kf;
         let tex = Texture::new(&mut rng, [95.0, 130.0, 70.0], 7.0 * kf, 22.0, 10.0, w, h);
-        let (ya, yb) = ((cy - ry).max(0.0) as u32, ((cy + ry) as u32 + 1).min(h));
-        let (xa, xb) = ((cx - rx).max(0.0) as u32, ((cx + rx) as u32 + 1).min(w));
-        for y in ya..yb {
-            for x in xa..xb {
-                let (dx, dy) = ((x as f32 - cx) / rx, (y as f32 - cy) / ry);
-                if dx * dx + dy * dy > 1.0 {
+        for y in top as u32..bottom as u32 {
+            for x in x0.max(0.0) as u32..((x0 + fw) as u32).min(w) {
+                let (fx, fy) = (x as f32 - x0, y as f32 - top);
+                // rounded top corners
+                let (cx, cy) = ((corner - fx).max(fx - (fw - corner)).max(0.0), (corner - fy).max(0.0));
+                if cx.hypot(cy) > corner {
                     continue;
                 }
-                // distance to the marker in (1.0x) pixels
-                let d = ((x as f32 - mx).hypot(y as f32 - cy) - mr).max(0.0) / kf;
-                let p = if d == 0.0 { marker } else { tex.at(&mut rng, x, y) };
+                // distance to the cue in (1.0x) pixels
+                let d = (fy - band).max(0.0) / kf;
+                let p = if fy < band {
+                    cue
+                } else {
+                    tex.at(&mut rng, x, y)
+                };
                 cv.put(x, y, p, id);
                 cv.dist[(y * w + x) as usize] = d;
             }
@@ -375,24 +380,25 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
         }
     }
     let without_detail = cv.img.clone();
-    // Detail: solid poles 4–6 px wide (steel grey), some with a sign on
-    // top: a solid 8–12 px square of its own hue. Aligned to whole output
-    // pixels of the supersampled canvas.
+    // Detail: solid poles 4–6 px wide in their own colour (violet: a grey
+    // pole was lost among the building windows), some with a sign on top:
+    // a solid 8–12 px square of its own hue. Aligned to whole pixels of the
+    // downsampled image.
     for _ in 0..rng.random_range(3..=7) {
         let pw = rng.random_range(4..=6u32) * k;
         let x = rng.random_range(1..cfg.width - 8) * k;
         let foot = rng.random_range(ground + 2 * k..curb.max(ground + 3 * k)) / k * k;
         let ph = (rng.random_range(0.15 * hf..0.35 * hf) as u32) / k * k;
         let top = foot.saturating_sub(ph);
-        let steel = [
-            rng.random_range(60.0..80.0f32),
-            rng.random_range(70.0..90.0),
-            rng.random_range(95.0..115.0),
+        let violet = [
+            rng.random_range(110.0..130.0f32),
+            rng.random_range(50.0..70.0),
+            rng.random_range(130.0..150.0),
         ];
         for y in top..foot {
             for dx in 0..pw {
                 let n = rng.random_range(-4.0f32..4.0);
-                cv.put(x + dx, y, steel.map(|c| clamp8(c + n)), ids::POLE);
+                cv.put(x + dx, y, violet.map(|c| clamp8(c + n)), ids::POLE);
             }
         }
         if rng.random_bool(0.6) {

@@ -738,6 +738,17 @@ mod tests {
     }
 
     #[test]
+    fn scale_roles_need_strict_orderings_over_the_three_scales() {
+        let r = |a, b, c| ScaleRole::of(Some(a), Some(b), Some(c));
+        assert_eq!(r(0.1, 0.2, 0.3), Some(ScaleRole::Detail));
+        assert_eq!(r(0.3, 0.2, 0.1), Some(ScaleRole::Context));
+        // a tie is not an ordering; a peak in the middle is neither
+        assert_eq!(r(0.2, 0.2, 0.3), Some(ScaleRole::Neither));
+        assert_eq!(r(0.1, 0.3, 0.2), Some(ScaleRole::Neither));
+        assert_eq!(ScaleRole::of(None, Some(0.3), Some(0.2)), None);
+    }
+
+    #[test]
     fn markdown_tables_escape_pipes() {
         let t = markdown_table(&["a".into(), "b".into()], &[vec!["x|y".into(), "1".into()]]);
         assert_eq!(t, "| a | b |\n|---|---|\n| x\\|y | 1 |\n");
