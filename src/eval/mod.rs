@@ -26,6 +26,10 @@ pub struct EvalResult {
     pub confusion: Confusion,
     /// Per scale (high to low), the mean weight the fusion gave it.
     pub attn_means: Vec<(f64, f64)>,
+    /// Per scale (high to low), per class, the mean weight over the
+    /// ground-truth pixels of that class (None where it has none): which
+    /// scale the attention trusts for which class.
+    pub attn_class_means: Vec<(f64, Vec<Option<f64>>)>,
     /// Forward time of the scales this set uses plus its fusion, per image.
     pub ms_per_image: f64,
     /// Peak resident memory of the whole pass (MiB), where measurable.
@@ -52,6 +56,9 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalSet], device: &Device) 
     let any_flip = sets.iter().any(|s| s.flip);
     let mut conf: Vec<Confusion> = sets.iter().map(|_| Confusion::new(k)).collect();
     let mut attn_sum: Vec<Vec<(f64, f64)>> = sets.iter().map(|_| vec![]).collect();
+    // per set, per scale: (scale, per class (sum of weights, pixels))
+    type ClassSums = Vec<(f64, Vec<(f64, u64)>)>;
+    let mut attn_class: Vec<ClassSums> = sets.iter().map(|_| vec![]).collect();
     let mut ms: Vec<f64> = vec![0.0; sets.len()];
     let reset = reset_peak_rss();
     let mut images = 0;
@@ -106,8 +113,19 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalSet], device: &Device) 
                     let m = a.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     if attn_sum[si].len() <= j {
                         attn_sum[si].push((*s, 0.0));
+                        attn_class[si].push((*s, vec![(0.0, 0); k]));
                     }
                     attn_sum[si][j].1 += m;
+                    // the weight map at the label's size, summed per class
+                    let full = crate::model::resize::resize(a, h, w)?;
+                    let wv: Vec<f32> = full.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                    let sums = &mut attn_class[si][j].1;
+                    for (&c, &v) in label.as_raw().iter().zip(&wv) {
+                        if let Some(e) = sums.get_mut(c as usize) {
+                            e.0 += v as f64;
+                            e.1 += 1;
+                        }
+                    }
                 }
             }
             ms[si] += own + t.elapsed().as_secs_f64() * 1e3;
@@ -123,6 +141,10 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalSet], device: &Device) 
             metrics: conf[si].metrics(),
             confusion: conf[si].clone(),
             attn_means: attn_sum[si].iter().map(|(s, v)| (*s, v / n)).collect(),
+            attn_class_means: attn_class[si]
+                .iter()
+                .map(|(s, c)| (*s, c.iter().map(|&(v, n)| (n > 0).then(|| v / n as f64)).collect()))
+                .collect(),
             ms_per_image: ms[si] / n,
             peak_mib: peak,
             images,

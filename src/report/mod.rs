@@ -227,27 +227,19 @@ pub fn ablation_table(s: &SuiteSummary) -> (Vec<String>, Vec<Vec<String>>) {
     (head, rows)
 }
 
-/// Per-class IoU of each variant's first evaluation.
+/// Per-class IoU (mean over seeds) of every evaluation.
 pub fn class_table(s: &SuiteSummary) -> (Vec<String>, Vec<Vec<String>>) {
-    let mut firsts: Vec<&AggRow> = vec![];
-    for r in &s.rows {
-        if !firsts.iter().any(|f| f.key.variant == r.key.variant) {
-            firsts.push(r);
-        }
-    }
     let present: Vec<usize> = (0..CLASSES.len())
-        .filter(|&c| {
-            firsts
-                .iter()
-                .any(|r| r.class_iou.get(c).copied().flatten().is_some())
-        })
+        .filter(|&c| s.rows.iter().any(|r| r.class_iou.get(c).copied().flatten().is_some()))
         .collect();
-    let mut head = vec!["variant (first evaluation)".to_string()];
+    let mut head = vec!["evaluation".to_string()];
     head.extend(present.iter().map(|&c| CLASSES[c].name.to_string()));
-    let rows = firsts
+    let rows = s
+        .rows
         .iter()
         .map(|r| {
-            let mut row = vec![format!("{} {} {}", r.key.variant, r.key.fusion, r.key.scales)];
+            let flip = if r.key.flip { " flip" } else { "" };
+            let mut row = vec![format!("{} {} {}{flip}", r.key.variant, r.key.fusion, r.key.scales)];
             row.extend(present.iter().map(|&c| {
                 opt(r.class_iou.get(c).copied().flatten(), |v| {
                     format!("{:.1}", 100.0 * v)
@@ -375,6 +367,66 @@ pub fn premise_table(s: &SuiteSummary) -> Option<TextTable> {
     Some((head, rows))
 }
 
+/// Mean attention weight per class (mean over seeds of each evaluation's
+/// per-class means): one row per attention evaluation and scale, one
+/// column per class present.
+pub fn attention_table(s: &SuiteSummary) -> Option<TextTable> {
+    let mut rows: Vec<(String, Vec<Option<f64>>)> = vec![];
+    for r in s.rows.iter().filter(|r| r.key.fusion == "hierarchical" || r.key.fusion == "explicit") {
+        let per_seed: Vec<Vec<(f64, Vec<Option<f64>>)>> = s
+            .evals
+            .iter()
+            .filter(|(run, e)| {
+                run.variant == r.key.variant && e.scales == r.key.scales && e.fusion == r.key.fusion && e.flip == r.key.flip
+            })
+            .filter_map(|(_, e)| serde_json::from_str(&e.attn_class_means).ok())
+            .filter(|v: &Vec<(f64, Vec<Option<f64>>)>| !v.is_empty())
+            .collect();
+        let Some(first) = per_seed.first() else { continue };
+        for (j, (scale, _)) in first.iter().enumerate() {
+            let means = (0..CLASSES.len())
+                .map(|c| {
+                    let xs: Vec<f64> = per_seed
+                        .iter()
+                        .filter_map(|v| v.get(j).and_then(|(_, cl)| cl.get(c).copied().flatten()))
+                        .collect();
+                    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+                })
+                .collect();
+            rows.push((
+                format!(
+                    "{} {} {}: {}x",
+                    r.key.variant,
+                    r.key.fusion,
+                    r.key.scales,
+                    crate::model::fusion::format_scale(*scale)
+                ),
+                means,
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    let present: Vec<usize> = (0..CLASSES.len())
+        .filter(|&c| rows.iter().any(|(_, m)| m[c].is_some()))
+        .collect();
+    let mut head = vec!["evaluation: attention at scale".to_string()];
+    head.extend(present.iter().map(|&c| CLASSES[c].name.to_string()));
+    let rows = rows
+        .into_iter()
+        .map(|(name, m)| {
+            let mut row = vec![name];
+            row.extend(present.iter().map(|&c| opt(m[c], |v| format!("{v:.2}"))));
+            row
+        })
+        .collect();
+    Some((head, rows))
+}
+
+/// What the attention table shows.
+pub const ATTENTION_TEXT: &str = "Mean attention weight per class over the validation pixels of that class (mean over seeds). Hierarchical: the relative weight `a_s` each scale below the top gets against the prediction built from the scales above it (0.5 = no preference); explicit: the softmax weight of each scale.";
+
 /// comfy-table rendering for the terminal.
 pub fn terminal_table(head: &[String], rows: &[Vec<String>]) -> String {
     let mut t = comfy_table::Table::new();
@@ -461,10 +513,19 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
         if xs.is_empty() {
             continue;
         }
+        let seeds = s.runs.iter().filter(|r| r.variant == v).count().max(1);
+        let per_run = xs.iter().sum::<f64>() / seeds as f64;
         xs.sort_by(f64::total_cmp);
         let m = xs[xs.len() / 2];
         med.insert(v.clone(), m);
-        rows.push(vec![v, scales, format!("{m:.3}"), xs.len().to_string()]);
+        rows.push(vec![v, scales, format!("{m:.3}"), xs.len().to_string(), format!("{per_run:.0}")]);
+    }
+    // each variant's step cost against the baseline's
+    if let Some(b) = med.get(&s.baseline).copied() {
+        for row in &mut rows {
+            let m = med[&row[0]];
+            row.push(format!("{:.2}x", m / b));
+        }
     }
     let (Some(e), Some(h)) = (med.get("explicit"), med.get("hierarchical")) else {
         return Ok(None);
@@ -493,9 +554,18 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
             me / mh
         ));
     }
-    let head = ["variant", "training fusion and scales", "median s/step", "steps"]
-        .map(String::from)
-        .to_vec();
+    let mut head = [
+        "variant",
+        "training fusion and scales",
+        "median s/step",
+        "steps",
+        "training s per run",
+    ]
+    .map(String::from)
+    .to_vec();
+    if med.contains_key(&s.baseline) {
+        head.push(format!("step cost vs {}", s.baseline));
+    }
     Ok(Some((text, (head, rows))))
 }
 
@@ -633,14 +703,21 @@ pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<
             html.push_str(&html_table(h, r));
         }
     }
-    md.push_str(&format!(
-        "\n## Per-class IoU (%)\n\n{}\n## Figures\n\n",
-        markdown_table(&ch, &cr)
-    ));
-    html.push_str(&format!(
-        "<h2>Per-class IoU (%)</h2>{}<h2>Figures</h2>",
-        html_table(&ch, &cr)
-    ));
+    md.push_str(&format!("\n## Per-class IoU (%)\n\n{}\n", markdown_table(&ch, &cr)));
+    html.push_str(&format!("<h2>Per-class IoU (%)</h2>{}", html_table(&ch, &cr)));
+    if let Some((h, r)) = attention_table(&s) {
+        md.push_str(&format!(
+            "\n## Attention by class\n\n{ATTENTION_TEXT}\n\n{}\n",
+            markdown_table(&h, &r)
+        ));
+        html.push_str(&format!(
+            "<h2>Attention by class</h2><p>{}</p>{}",
+            html_escape(ATTENTION_TEXT),
+            html_table(&h, &r)
+        ));
+    }
+    md.push_str("\n## Figures\n\n");
+    html.push_str("<h2>Figures</h2>");
     for f in &figs {
         if f.extension().and_then(|e| e.to_str()) == Some("png") {
             let rel = format!("figures/{}", f.file_name().and_then(|n| n.to_str()).unwrap_or(""));
@@ -691,8 +768,8 @@ pub fn readme_section(
     if let Some((text, (h, r))) = paper {
         out.push_str(&format!("\n{}\n{text}\n", markdown_table(h, r)));
     }
-    if let Some((text, _)) = eff {
-        out.push_str(&format!("\n{text}\n"));
+    if let Some((text, (h, r))) = eff {
+        out.push_str(&format!("\n{text}\n\n{}", markdown_table(h, r)));
     }
     out.push_str(&format!("\n![mIoU per evaluation]({figure})\n\n{README_END}"));
     out

@@ -126,6 +126,8 @@ pub struct EvalRow {
     pub class_iou: String,
     pub confusion: String,
     pub attn_means: String,
+    /// JSON: per scale, per class, the mean attention weight.
+    pub attn_class_means: String,
     pub ms_per_image: f64,
     pub peak_mib: Option<f64>,
     pub images: i64,
@@ -430,9 +432,9 @@ impl Store {
             let iou = serde_json::to_string(&e.metrics.iou).expect("serialisable");
             sqlx::query(
                 r#"INSERT OR REPLACE INTO evaluations (run_id, scales, fusion, flip, miou, pixel_acc,
-                       mean_class_acc, fw_iou, class_iou, confusion, attn_means, ms_per_image, peak_mib,
-                       images, created_ms)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"#,
+                       mean_class_acc, fw_iou, class_iou, confusion, attn_means, attn_class_means,
+                       ms_per_image, peak_mib, images, created_ms)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"#,
             )
             .bind(id)
             .bind(format_scales(&e.set.scales))
@@ -445,6 +447,7 @@ impl Store {
             .bind(iou)
             .bind(serde_json::to_string(&e.confusion).expect("serialisable"))
             .bind(serde_json::to_string(&e.attn_means).expect("serialisable"))
+            .bind(serde_json::to_string(&e.attn_class_means).expect("serialisable"))
             .bind(e.ms_per_image)
             .bind(e.peak_mib)
             .bind(e.images as i64)
@@ -535,6 +538,7 @@ impl Store {
                 class_iou: r.get("class_iou"),
                 confusion: r.get("confusion"),
                 attn_means: r.get("attn_means"),
+                attn_class_means: r.get("attn_class_means"),
                 ms_per_image: r.get("ms_per_image"),
                 peak_mib: r.get("peak_mib"),
                 images: r.get("images"),
