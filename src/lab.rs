@@ -368,7 +368,9 @@ fn with_autolabels(
         split: spec.split.clone(),
         labels: "fine".into(),
     });
-    cfg.data.sampler.second_boost = spec.boost_ids().map_err(|m| Error::invalid("autolabel.boost_classes", m))?;
+    cfg.data.sampler.second_boost = spec
+        .boost_ids()
+        .map_err(|m| Error::invalid("autolabel.boost_classes", m))?;
     cfg.data.sampler.second_share = spec.share.unwrap_or(0.5);
     Ok(cfg)
 }

@@ -244,8 +244,12 @@ struct SynthArgs {
     #[arg(long, default_value = "data/synth")]
     out: PathBuf,
     /// TOML with generator options (seed, height, width, train, val, ...).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "suite")]
     config: Option<PathBuf>,
+    /// Take the generator and augmentation options of this suite's first
+    /// run (e.g. experiments/ablation.toml).
+    #[arg(long)]
+    suite: Option<PathBuf>,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long)]
@@ -351,12 +355,22 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
 }
 
 fn synth(a: SynthArgs) -> Result<()> {
-    let mut cfg = match &a.config {
-        Some(p) => {
+    let mut augment = hmsa_lab::data::augment::AugmentConfig::default();
+    let mut cfg = match (&a.config, &a.suite) {
+        (Some(p), _) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             toml::from_str::<SynthConfig>(&text).with_context(|| format!("{}", p.display()))?
         }
-        None => SynthConfig::default(),
+        (None, Some(p)) => {
+            let suite = Suite::load(p, &[])?;
+            let first = suite
+                .runs
+                .first()
+                .with_context(|| format!("{}: the suite plans no runs", p.display()))?;
+            augment = first.config.data.augment.clone();
+            first.config.data.synth.clone()
+        }
+        (None, None) => SynthConfig::default(),
     };
     if let Some(v) = a.seed {
         cfg.seed = v;
@@ -371,7 +385,7 @@ fn synth(a: SynthArgs) -> Result<()> {
         cfg.train_extra = v;
     }
     if let Some(n) = a.stats {
-        let st = synth::stats(&cfg, &hmsa_lab::data::augment::AugmentConfig::default(), n);
+        let st = synth::stats(&cfg, &augment, n);
         println!("{n} training scenes (classifier fit, training crops) and {n} validation scenes");
         println!(
             "context classes (vegetation vs terrain): local 7x7 nearest-mean accuracy {:.3} (chance 0.5)",
@@ -379,7 +393,10 @@ fn synth(a: SynthArgs) -> Result<()> {
         );
         let mut t = comfy_table::Table::new();
         t.load_preset(comfy_table::presets::ASCII_MARKDOWN);
-        let mut header = vec!["measured on".to_string(), "context: cue distance (output px)".into()];
+        let mut header = vec![
+            "measured on".to_string(),
+            "context: cue distance (output px)".into(),
+        ];
         for d in &st.cues[0].detail {
             header.push(format!("{}: visible", d.class));
             header.push(format!("{}: contrast", d.class));

@@ -20,12 +20,28 @@ two checks that need PyTorch, run where PyTorch is installed:
            standard mixed precision): inference forwards and training steps,
            each timed between synchronisations, min of 3 after a warm-up,
            with the peak of allocated device memory.
+  trainstep  one hierarchical training step run the official way
+           (`official_train_step`: MscaleOCR.two_scale_forward in training,
+           0.5x pass first, the attention head on both passes, CE + 0.4 aux
+           CE on the fused outputs + 0.05 CE per scale, then torch.optim.SGD
+           with momentum 0.9 and weight decay 5e-4; OCR dropout off) on a
+           network built with torch.manual_seed(0) and PyTorch's default
+           initialisation and a seeded batch (2 images 3x32x64, labels in
+           0..num_classes with some 255). Writes OUT.safetensors: `image`,
+           `labels` (u32), `lr` (f64), `loss_total`/`loss_main`/`loss_aux`,
+           every parameter and BatchNorm running statistic before the step
+           (`before.NAME`, our state_dict names) and after it (`after.NAME`).
+           The fixture of tests/it/train.rs is written by
+             python3 tools/torch_reference.py trainstep tests/data/trainstep.json tests/data/trainstep.safetensors
+           (torch 2.15.0 wrote the committed file, byte for byte reproducibly;
+           the version is in its __metadata__).
 
 usage: python3 tools/torch_reference.py parity WEIGHTS.safetensors INPUT.safetensors DUMP.safetensors CONFIG.json
        python3 tools/torch_reference.py bench CONFIG.json THREADS H W SCALES FUSION
        python3 tools/torch_reference.py train CONFIG.json THREADS BATCH H W SCALES FUSION
        python3 tools/torch_reference.py compare HMSA_LAB_BINARY THREADS
        python3 tools/torch_reference.py gpu f32|bf16 [cuda|cpu]
+       python3 tools/torch_reference.py trainstep CONFIG.json OUT.safetensors
 
 CONFIG.json is the model config as serde writes it (hmsa-lab's ModelConfig).
 """
@@ -57,6 +73,31 @@ def load_safetensors(path):
         a, b = info["data_offsets"]
         out[name] = np.frombuffer(raw[base + a : base + b], dtype=types[info["dtype"]]).reshape(info["shape"])
     return out
+
+
+def save_safetensors(path, tensors, metadata=None):
+    """Writes name -> numpy array (f32/f64/i64/u32/u8) as safetensors by
+    hand, the layout `load_safetensors` reads: 8-byte little-endian header
+    length, JSON header (names sorted, padded with spaces to 8 bytes), raw
+    little-endian data in header order."""
+    types = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.int64): "I64",
+             np.dtype(np.uint32): "U32", np.dtype(np.uint8): "U8"}
+    header, blobs, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    for name in sorted(tensors):
+        a = np.array(tensors[name], order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+        blob = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": types[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for blob in blobs:
+            f.write(blob)
 
 
 def up(x, size):
@@ -321,6 +362,103 @@ def build(cfg_path, weights=None):
     return cfg, net
 
 
+def scale_as(x, y):
+    """The official `scale_as`: `x` resized (bilinear, align_corners=False)
+    to the spatial size of `y`."""
+    return up(x, y.shape[-2:])
+
+
+def official_train_step(net, x_1x, gts, lr, ocr_alpha=0.4, mscale_wt=0.05):
+    """One training step as the official code runs it, literally:
+    network/ocrnet.py `MscaleOCR.two_scale_forward` with `self.training`
+    (`_fwd` on the 0.5x input first, then on the 1.0x input; `_fwd` runs
+    `scale_attn` (sigmoid) on every pass, so its BatchNorm running
+    statistics see both scales; each pass's outputs upsampled to its own
+    input size), the loss with RMI off (`criterion` = CE, ignore 255, mean
+    over labelled pixels), then `torch.optim.SGD` (momentum 0.9, weight
+    decay 5e-4) over every parameter. The network is in train() mode (batch
+    statistics, running statistics updated with momentum 0.1 and the
+    unbiased variance) but for the OCR's Dropout2d, which is put in eval()
+    mode: with dropout off both sides compute the same function.
+    Returns (loss, main_loss, aux_loss)."""
+    net.train()
+    net.ocr.ocr_distri_head.conv_bn_dropout[2].eval()
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+    def criterion(logits):
+        return F.cross_entropy(logits, gts, ignore_index=255)
+
+    def _fwd(x):
+        cls_out, aux_out, attn = net.fwd(x, with_attn=True, with_aux=True)
+        return {"cls_out": cls_out, "aux_out": aux_out, "logit_attn": attn}
+
+    x_lo = resize_x(x_1x, 0.5)
+    lo_outs = _fwd(x_lo)
+    pred_05x = lo_outs["cls_out"]
+    p_lo = pred_05x
+    aux_lo = lo_outs["aux_out"]
+    logit_attn = lo_outs["logit_attn"]
+
+    hi_outs = _fwd(x_1x)
+    pred_10x = hi_outs["cls_out"]
+    p_1x = pred_10x
+    aux_1x = hi_outs["aux_out"]
+
+    p_lo = logit_attn * p_lo
+    aux_lo = logit_attn * aux_lo
+    p_lo = scale_as(p_lo, p_1x)
+    aux_lo = scale_as(aux_lo, p_1x)
+    logit_attn = scale_as(logit_attn, p_1x)
+
+    joint_pred = p_lo + (1 - logit_attn) * p_1x
+    joint_aux = aux_lo + (1 - logit_attn) * aux_1x
+
+    aux_loss = criterion(joint_aux)
+    main_loss = criterion(joint_pred)
+    loss = ocr_alpha * aux_loss + main_loss
+    scaled_pred_05x = scale_as(pred_05x, p_1x)
+    loss_lo = criterion(scaled_pred_05x)
+    loss_hi = criterion(pred_10x)
+    loss = loss + mscale_wt * loss_lo
+    loss = loss + mscale_wt * loss_hi
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    no_grad = [n for n, p in net.named_parameters() if p.grad is None]
+    assert not no_grad, "parameters without a gradient: %s" % no_grad[:5]
+    opt.step()
+    return loss.detach(), main_loss.detach(), aux_loss.detach()
+
+
+def state(net):
+    """Every parameter and BatchNorm running statistic by state_dict name
+    (num_batches_tracked, which we do not keep, left out)."""
+    return {k: v.detach().numpy().copy() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def trainstep(cfg_path, out, lr=0.01):
+    cfg = json.load(open(cfg_path))
+    assert cfg["fusion"] == "hierarchical" and sorted(cfg["scales"]) == [0.5, 1.0], "two_scale_forward: hierarchical on 0.5, 1.0"
+    torch.manual_seed(0)
+    net = Net(cfg)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 64, generator=g)
+    y = torch.randint(0, cfg["num_classes"], (2, 32, 64), generator=g)
+    y[torch.rand(2, 32, 64, generator=g) < 0.1] = 255
+    before = state(net)
+    loss, main, aux = official_train_step(net, x, y, lr)
+    after = state(net)
+    tensors = {"image": x.numpy(), "labels": y.numpy().astype(np.uint32), "lr": np.array(lr, dtype=np.float64),
+               "loss_total": loss.numpy().astype(np.float32), "loss_main": main.numpy().astype(np.float32),
+               "loss_aux": aux.numpy().astype(np.float32)}
+    tensors.update({"before." + k: v for k, v in before.items()})
+    tensors.update({"after." + k: v for k, v in after.items()})
+    save_safetensors(out, tensors, {"torch": torch.__version__, "config": json.dumps(cfg)})
+    print("torch %s: loss %.6f (main %.6f, aux %.6f), %d state tensors, labelled pixels %d of %d; wrote %s"
+          % (torch.__version__, loss, main, aux, len(after), int((y != 255).sum()), y.numel(), out))
+    return 0
+
+
 def parity(weights, inp, dump, cfg_path):
     cfg, net = build(cfg_path, weights)
     x = torch.from_numpy(load_safetensors(inp)["image"].copy())
@@ -536,6 +674,8 @@ if __name__ == "__main__":
         sys.exit(compare(sys.argv[2], int(sys.argv[3])))
     elif cmd == "gpu":
         sys.exit(gpu(*sys.argv[2:4]))
+    elif cmd == "trainstep":
+        sys.exit(trainstep(*sys.argv[2:4]))
     else:
         print(__doc__)
         sys.exit(2)

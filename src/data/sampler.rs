@@ -227,7 +227,9 @@ pub fn epoch_plan(
         .filter(|s| !s.dataset.is_empty() && !cfg.second_boost.is_empty())
         .map(|s| (s, cfg.second_boost.as_slice()));
     let n_second = match second {
-        Some(s) if !s.dataset.is_empty() && boost.is_none() => (cfg.second_share * batch as f64).round() as usize,
+        Some(s) if !s.dataset.is_empty() && boost.is_none() => {
+            (cfg.second_share * batch as f64).round() as usize
+        }
         _ => 0,
     };
     let mut rng = StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));

@@ -210,7 +210,12 @@ fn downsample(img: &RgbImage, lab: &GrayImage, dist: &[f32], k: u32) -> (RgbImag
             let mode = labels
                 .iter()
                 .copied()
-                .max_by_key(|l| (labels.iter().filter(|m| *m == l).count(), std::cmp::Reverse(labels.iter().position(|m| m == l))))
+                .max_by_key(|l| {
+                    (
+                        labels.iter().filter(|m| *m == l).count(),
+                        std::cmp::Reverse(labels.iter().position(|m| m == l)),
+                    )
+                })
                 .expect("a block has pixels");
             ol.put_pixel(x, y, Luma([mode]));
             if dn > 0 && CONTEXT.contains(&mode) {
@@ -327,17 +332,16 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
             for x in x0.max(0.0) as u32..((x0 + fw) as u32).min(w) {
                 let (fx, fy) = (x as f32 - x0, y as f32 - top);
                 // rounded top corners
-                let (cx, cy) = ((corner - fx).max(fx - (fw - corner)).max(0.0), (corner - fy).max(0.0));
+                let (cx, cy) = (
+                    (corner - fx).max(fx - (fw - corner)).max(0.0),
+                    (corner - fy).max(0.0),
+                );
                 if cx.hypot(cy) > corner {
                     continue;
                 }
                 // distance to the cue in (1.0x) pixels
                 let d = (fy - band).max(0.0) / kf;
-                let p = if fy < band {
-                    cue
-                } else {
-                    tex.at(&mut rng, x, y)
-                };
+                let p = if fy < band { cue } else { tex.at(&mut rng, x, y) };
                 cv.put(x, y, p, id);
                 cv.dist[(y * w + x) as usize] = d;
             }
@@ -684,7 +688,10 @@ impl CueAcc {
             self.seen[k] += 1;
             let (x, y) = (i as u32 % dw, i as u32 / dw);
             let (a, b) = (image.get_pixel(x, y).0, without.get_pixel(x, y).0);
-            let diff = (0..3).map(|c| (a[c] as i32 - b[c] as i32).abs()).max().unwrap_or(0);
+            let diff = (0..3)
+                .map(|c| (a[c] as i32 - b[c] as i32).abs())
+                .max()
+                .unwrap_or(0);
             self.visible[k] += usize::from(diff > 8);
             self.contrast[k] += diff as f64;
         }
@@ -750,7 +757,8 @@ pub fn stats(cfg: &SynthConfig, augment: &super::augment::AugmentConfig, n: usiz
                     _ => continue,
                 };
                 // the patch must not touch the cue itself
-                if !(s.cue_distance[(y * cfg.width + x) as usize] > 5.0) {
+                let d = s.cue_distance[(y * cfg.width + x) as usize];
+                if d.is_nan() || d <= 5.0 {
                     continue;
                 }
                 if let Some(f) = patch_features(&s.image, x, y) {

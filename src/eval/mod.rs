@@ -143,7 +143,12 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalSet], device: &Device) 
             attn_means: attn_sum[si].iter().map(|(s, v)| (*s, v / n)).collect(),
             attn_class_means: attn_class[si]
                 .iter()
-                .map(|(s, c)| (*s, c.iter().map(|&(v, n)| (n > 0).then(|| v / n as f64)).collect()))
+                .map(|(s, c)| {
+                    (
+                        *s,
+                        c.iter().map(|&(v, n)| (n > 0).then(|| v / n as f64)).collect(),
+                    )
+                })
                 .collect(),
             ms_per_image: ms[si] / n,
             peak_mib: peak,

@@ -46,7 +46,15 @@ impl Conv {
     /// `nn.Conv2d(cin, cout, k, stride, padding=k/2, bias)`, initialised as
     /// candle-nn does (Kaiming normal weights, uniform bias).
     pub fn new(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        Self::with_init(cin, cout, k, stride, bias, candle_nn::init::DEFAULT_KAIMING_NORMAL, vb)
+        Self::with_init(
+            cin,
+            cout,
+            k,
+            stride,
+            bias,
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            vb,
+        )
     }
 
     /// [`Conv::new`] with the weights drawn from `init`.

@@ -162,7 +162,8 @@ pub const TORCH_DEFAULT_CONV: Init = Init::Kaiming {
 
 impl AttnHead {
     pub fn new(cin: usize, bot: usize, out: usize, vb: VarBuilder) -> Result<Self> {
-        let c = |cin, cout, k, at: &str| Conv::with_init(cin, cout, k, 1, false, TORCH_DEFAULT_CONV, vb.pp(at));
+        let c =
+            |cin, cout, k, at: &str| Conv::with_init(cin, cout, k, 1, false, TORCH_DEFAULT_CONV, vb.pp(at));
         Ok(Self {
             conv0: ConvBn::with_conv(c(cin, bot, 3, "conv0")?, bot, true, "bn0", vb.clone())?,
             conv1: ConvBn::with_conv(c(bot, bot, 3, "conv1")?, bot, true, "bn1", vb.clone())?,

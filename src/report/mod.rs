@@ -230,7 +230,11 @@ pub fn ablation_table(s: &SuiteSummary) -> (Vec<String>, Vec<Vec<String>>) {
 /// Per-class IoU (mean over seeds) of every evaluation.
 pub fn class_table(s: &SuiteSummary) -> (Vec<String>, Vec<Vec<String>>) {
     let present: Vec<usize> = (0..CLASSES.len())
-        .filter(|&c| s.rows.iter().any(|r| r.class_iou.get(c).copied().flatten().is_some()))
+        .filter(|&c| {
+            s.rows
+                .iter()
+                .any(|r| r.class_iou.get(c).copied().flatten().is_some())
+        })
         .collect();
     let mut head = vec!["evaluation".to_string()];
     head.extend(present.iter().map(|&c| CLASSES[c].name.to_string()));
@@ -239,7 +243,10 @@ pub fn class_table(s: &SuiteSummary) -> (Vec<String>, Vec<Vec<String>>) {
         .iter()
         .map(|r| {
             let flip = if r.key.flip { " flip" } else { "" };
-            let mut row = vec![format!("{} {} {}{flip}", r.key.variant, r.key.fusion, r.key.scales)];
+            let mut row = vec![format!(
+                "{} {} {}{flip}",
+                r.key.variant, r.key.fusion, r.key.scales
+            )];
             row.extend(present.iter().map(|&c| {
                 opt(r.class_iou.get(c).copied().flatten(), |v| {
                     format!("{:.1}", 100.0 * v)
@@ -314,7 +321,10 @@ pub fn premise(s: &SuiteSummary) -> (Vec<f64>, Vec<PremiseRow>) {
         s.evals
             .iter()
             .filter(|(r, e)| {
-                r.variant == s.baseline && e.fusion == "single" && !e.flip && e.scales.parse::<f64>().ok() == Some(scale)
+                r.variant == s.baseline
+                    && e.fusion == "single"
+                    && !e.flip
+                    && e.scales.parse::<f64>().ok() == Some(scale)
             })
             .filter_map(|(_, e)| {
                 serde_json::from_str::<Vec<Option<f64>>>(&e.class_iou)
@@ -353,13 +363,20 @@ pub fn premise_table(s: &SuiteSummary) -> Option<TextTable> {
         return None;
     }
     let mut head = vec!["class".to_string()];
-    head.extend(scales.iter().map(|&x| format!("IoU % at {}x", crate::model::fusion::format_scale(x))));
+    head.extend(
+        scales
+            .iter()
+            .map(|&x| format!("IoU % at {}x", crate::model::fusion::format_scale(x))),
+    );
     head.push("role".into());
     let rows = rows
         .iter()
         .map(|r| {
             let mut row = vec![CLASSES[r.class].name.to_string()];
-            row.extend(r.at.iter().map(|&(_, m, sd, n)| if n == 0 { "–".into() } else { pm(m, sd) }));
+            row.extend(
+                r.at.iter()
+                    .map(|&(_, m, sd, n)| if n == 0 { "–".into() } else { pm(m, sd) }),
+            );
             row.push(r.role.map_or("–", ScaleRole::name).to_string());
             row
         })
@@ -372,12 +389,19 @@ pub fn premise_table(s: &SuiteSummary) -> Option<TextTable> {
 /// column per class present.
 pub fn attention_table(s: &SuiteSummary) -> Option<TextTable> {
     let mut rows: Vec<(String, Vec<Option<f64>>)> = vec![];
-    for r in s.rows.iter().filter(|r| r.key.fusion == "hierarchical" || r.key.fusion == "explicit") {
+    for r in s
+        .rows
+        .iter()
+        .filter(|r| r.key.fusion == "hierarchical" || r.key.fusion == "explicit")
+    {
         let per_seed: Vec<Vec<(f64, Vec<Option<f64>>)>> = s
             .evals
             .iter()
             .filter(|(run, e)| {
-                run.variant == r.key.variant && e.scales == r.key.scales && e.fusion == r.key.fusion && e.flip == r.key.flip
+                run.variant == r.key.variant
+                    && e.scales == r.key.scales
+                    && e.fusion == r.key.fusion
+                    && e.flip == r.key.flip
             })
             .filter_map(|(_, e)| serde_json::from_str(&e.attn_class_means).ok())
             .filter(|v: &Vec<(f64, Vec<Option<f64>>)>| !v.is_empty())
@@ -518,7 +542,13 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
         xs.sort_by(f64::total_cmp);
         let m = xs[xs.len() / 2];
         med.insert(v.clone(), m);
-        rows.push(vec![v, scales, format!("{m:.3}"), xs.len().to_string(), format!("{per_run:.0}")]);
+        rows.push(vec![
+            v,
+            scales,
+            format!("{m:.3}"),
+            xs.len().to_string(),
+            format!("{per_run:.0}"),
+        ]);
     }
     // each variant's step cost against the baseline's
     if let Some(b) = med.get(&s.baseline).copied() {
@@ -592,7 +622,11 @@ pub async fn autolabel_section(store: &Store, s: &SuiteSummary) -> Result<Option
                 continue;
             };
             images.push(n);
-            dropped.push(first_metric(store, r.id, "autolabel_dropped").await?.unwrap_or(0.0));
+            dropped.push(
+                first_metric(store, r.id, "autolabel_dropped")
+                    .await?
+                    .unwrap_or(0.0),
+            );
             if let Some(t) = first_metric(store, r.id, "autolabel_teacher_miou").await? {
                 teacher.push(t);
             }
@@ -629,7 +663,11 @@ pub async fn autolabel_section(store: &Store, s: &SuiteSummary) -> Result<Option
         let all = total + dropped.iter().sum::<f64>();
         let mut row = vec![
             v.clone(),
-            if teacher.is_empty() { "–".into() } else { pm(tm, tsd) },
+            if teacher.is_empty() {
+                "–".into()
+            } else {
+                pm(tm, tsd)
+            },
             format!("{:.0}", images.iter().sum::<f64>() / images.len() as f64),
             format!("{:.1}", 100.0 * total / all.max(1.0)),
         ];
@@ -675,7 +713,10 @@ pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<
     let premise = premise_table(&s);
     let mut md = format!("# Report: {}\n\n{intro}\n", s.suite);
     if let Some((h, r)) = &premise {
-        md.push_str(&format!("## Premise\n\n{PREMISE_TEXT}\n\n{}\n", markdown_table(h, r)));
+        md.push_str(&format!(
+            "## Premise\n\n{PREMISE_TEXT}\n\n{}\n",
+            markdown_table(h, r)
+        ));
     }
     md.push_str(&format!("## Ablation\n\n{}\n", markdown_table(&ah, &ar)));
     let mut html = format!(
@@ -703,7 +744,10 @@ pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<
             html.push_str(&html_table(h, r));
         }
     }
-    md.push_str(&format!("\n## Per-class IoU (%)\n\n{}\n", markdown_table(&ch, &cr)));
+    md.push_str(&format!(
+        "\n## Per-class IoU (%)\n\n{}\n",
+        markdown_table(&ch, &cr)
+    ));
     html.push_str(&format!("<h2>Per-class IoU (%)</h2>{}", html_table(&ch, &cr)));
     if let Some((h, r)) = attention_table(&s) {
         md.push_str(&format!(

@@ -63,6 +63,20 @@ fn suite_errors_name_file_line_and_key() {
     assert!(e.contains("teacher `nobody`, which does not exist"), "{e}");
     let e = err("[[variant]]\nname = \"a\"\nteacher = \"b\"\n[[variant]]\nname = \"b\"\nteacher = \"a\"\n");
     assert!(e.contains("dependency cycle: a -> b -> a"), "{e}");
+    let student = |al: &str| {
+        format!(
+            "[[variant]]\nname = \"a\"\n[[variant]]\nname = \"b\"\nteacher = \"a\"\nautolabel = {{ {al} }}\n"
+        )
+    };
+    let e = err(&student("boost_classes = [\"pole\", \"tree\"]"));
+    assert!(
+        e.contains("s.toml:11") && e.contains("unknown class `tree`") && e.contains("traffic sign"),
+        "{e}"
+    );
+    let e = err(&student("share = 0.5, boost_classes = [\"pole\"]"));
+    assert!(e.contains("exclude each other"), "{e}");
+    let e = err(&student("share = 1.5"));
+    assert!(e.contains("autolabel.share"), "{e}");
     let e = err("[[variant]]\nname = \"a\"\nbogus = 1\n");
     assert!(e.contains("s.toml:1") && e.contains("bogus"), "{e}");
     let e = Suite::load(
@@ -154,9 +168,9 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         again.contains("0 trained, 0 evaluated, 10 already done"),
         "{again}"
     );
-    // every finished run has every evaluation its variant lists: 4+1+3+2+1 per seed
+    // every finished run has every evaluation its variant lists: 6+1+3+2+1 per seed
     let n = sqlite(&db, "SELECT COUNT(*) AS n FROM evaluations");
-    assert_eq!(n.lines().nth(1).unwrap(), "22");
+    assert_eq!(n.lines().nth(1).unwrap(), "26");
     let runs = ok(bin()
         .args([
             "runs",
@@ -219,6 +233,41 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
     assert!(
         md.contains("explicit {0.5, 1.0, 2.0} / hierarchical {0.5, 1.0} ="),
         "{md}"
+    );
+    // The premise table: the baseline's single-scale IoU per class, its
+    // cells recomputed here from the evaluations table (seed mean, %).
+    assert!(md.contains("## Premise"), "{md}");
+    let road_at = |scale: &str| -> f64 {
+        let out = sqlite(
+            &db,
+            &format!(
+                "SELECT json_extract(e.class_iou, '$[0]') AS v FROM evaluations e JOIN runs r ON r.id = e.run_id \
+                 WHERE r.variant = 'baseline' AND e.fusion = 'single' AND e.scales = '{scale}'"
+            ),
+        );
+        let v: Vec<f64> = out.lines().skip(1).map(|l| l.trim().parse().unwrap()).collect();
+        assert_eq!(v.len(), 2, "{out}");
+        100.0 * (v[0] + v[1]) / 2.0
+    };
+    let line = md
+        .lines()
+        .find(|l| l.starts_with("| road |"))
+        .expect("a road row");
+    let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+    for (i, scale) in ["0.5", "1.0", "2.0"].iter().enumerate() {
+        let shown: f64 = cells[2 + i].split(' ').next().unwrap().parse().unwrap();
+        assert!((shown - road_at(scale)).abs() < 0.006, "road at {scale}: {line}");
+    }
+    // Auto-labelling: the teacher's score and what the threshold kept.
+    assert!(md.contains("## Auto-labelling"), "{md}");
+    let kept = sqlite(
+        &db,
+        "SELECT COUNT(*) AS n FROM metrics WHERE key = 'autolabel_images' AND value = 8",
+    );
+    assert_eq!(
+        kept.lines().nth(1).unwrap(),
+        "4",
+        "every student labelled train_extra's 8 images"
     );
     // a write through `query` is refused
     let o = bin()
