@@ -111,7 +111,7 @@ struct BenchArgs {
     #[arg(long)]
     full: bool,
     /// Arithmetic of the forward and training cases: f32, or mixed
-    /// precision bf16 / f16 (for a GPU; see README, Performance).
+    /// precision bf16 / f16 (for a GPU; see docs/performance.md).
     #[arg(long, default_value = "f32")]
     precision: hmsa_lab::model::Precision,
     /// table or json
