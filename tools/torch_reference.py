@@ -7,7 +7,7 @@ two checks that need PyTorch, run where PyTorch is installed:
            `hmsa-lab infer --dump` wrote (max abs difference per tensor).
   bench    CPU inference latency of the same network and input with a given
            number of threads (for the comparison with `hmsa-lab bench`).
-  compare  both sides on one machine: the README's inference and training
+  compare  both sides on one machine: docs/performance.md's inference and training
            cases, PyTorch in this process and `hmsa-lab bench --case` as a
            child, alternating, two rounds; prints a markdown table of the
            minimum times.
