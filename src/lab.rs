@@ -56,6 +56,34 @@ pub enum Outcome {
     Busy,
     Failed(String),
     Killed,
+    /// Removed with `rm` (restorable until `gc` purges it): not run.
+    Removed(i64),
+    /// Not runnable yet: its teacher has not finished (why, in words).
+    Blocked(String),
+}
+
+impl Outcome {
+    /// Did the run end this invocation with every evaluation recorded?
+    pub fn is_complete(&self) -> bool {
+        matches!(self, Outcome::Done | Outcome::Evaluated | Outcome::Trained)
+    }
+}
+
+/// Is the process that wrote `holder` (`host:pid:start_ms`) known to be
+/// gone? Only a holder on this host can be checked; elsewhere the
+/// heartbeat decides.
+pub fn holder_is_gone(holder: &str, host: &str) -> bool {
+    let mut parts = holder.rsplitn(3, ':');
+    let (_, pid, h) = (parts.next(), parts.next(), parts.next());
+    let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) else {
+        return false;
+    };
+    if h != Some(host) || pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 /// Where this process runs: git commit, host, versions.
@@ -152,13 +180,35 @@ pub fn run_suite(
         &suite.baseline,
     ))?;
     let prov = provenance();
-    let who = format!("{}:{}:{}", prov.host, std::process::id(), crate::store::now_ms());
+    let started = crate::store::now_ms();
+    let who = format!("{}:{}:{}", prov.host, std::process::id(), started);
+    let ctx = Ctx {
+        rt,
+        store,
+        suite,
+        opts,
+        who: &who,
+        prov: &prov,
+        stop: &stop,
+        store_id: rt.block_on(store.id())?,
+        started,
+    };
     let mut out = vec![];
     for r in &suite.runs {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let outcome = match run_one(rt, store, suite, r, opts, &who, &prov, &stop) {
+        // A panic is a failure like any other: recorded with its message.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_one(&ctx, r)))
+            .unwrap_or_else(|p| {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(Error::Store(format!("internal error (panic): {msg}")))
+            });
+        let outcome = match result {
             Ok(o) => o,
             Err(e) => {
                 if let Some(row) = rt.block_on(store.find_run(&h.name, &r.variant, &r.hash, r.seed))? {
@@ -177,17 +227,33 @@ pub fn run_suite(
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_one(
-    rt: &Runtime,
-    store: &Store,
-    suite: &Suite,
-    r: &PlannedRun,
-    opts: &RunOptions,
-    who: &str,
-    prov: &Provenance,
-    stop: &Arc<AtomicBool>,
-) -> Result<Outcome> {
+/// What every run of one `run_suite` call shares.
+struct Ctx<'a> {
+    rt: &'a Runtime,
+    store: &'a Store,
+    suite: &'a Suite,
+    opts: &'a RunOptions,
+    who: &'a str,
+    prov: &'a Provenance,
+    stop: &'a Arc<AtomicBool>,
+    /// The database's id, written into each run folder's owner file.
+    store_id: String,
+    /// When this process started (ms): `--force` retrains only runs that
+    /// finished before it.
+    started: i64,
+}
+
+fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
+    let Ctx {
+        rt,
+        store,
+        suite,
+        opts,
+        who,
+        prov,
+        stop,
+        ..
+    } = *ctx;
     let h = &suite.header;
     let run_dir = suite.run_dir(r);
     let json = serde_json::to_string(&r.config).expect("serialisable");
@@ -199,6 +265,9 @@ fn run_one(
         r.seed,
         &run_dir.display().to_string(),
     ))?;
+    if row.removed_ms.is_some() {
+        return Ok(Outcome::Removed(row.id));
+    }
     let done = row.status == Status::Finished.as_str();
     let evaluated = rt.block_on(store.evaluated(row.id))?;
     let missing: Vec<_> = r
@@ -224,20 +293,51 @@ fn run_one(
             Some(s) if s == Status::Finished.as_str() => {}
             Some(s) if s == Status::Running.as_str() => return Ok(Outcome::Busy),
             other => {
-                return Err(Error::invalid(
-                    "teacher",
-                    format!(
-                        "teacher `{}` (seed {}) has not finished ({})",
-                        tr.variant,
-                        tr.seed,
-                        other.unwrap_or_else(|| "never run".into())
-                    ),
-                ))
+                return Ok(Outcome::Blocked(format!(
+                    "its teacher `{}` (seed {}) has not finished ({})",
+                    tr.variant,
+                    tr.seed,
+                    other.unwrap_or_else(|| "never run".into())
+                )))
             }
         }
     }
-    if !rt.block_on(store.claim(row.id, who, opts.stale_ms, opts.force || done, prov))? {
-        return Ok(Outcome::Busy);
+    let dead = (row.status == Status::Running.as_str())
+        .then_some(row.claimed_by.as_deref())
+        .flatten()
+        .filter(|holder| holder_is_gone(holder, &prov.host));
+    let claim = crate::store::Claim {
+        who,
+        stale_ms: opts.stale_ms,
+        dead_holder: dead,
+        refinish_before_ms: (opts.force || done).then_some(ctx.started),
+    };
+    if !rt.block_on(store.claim(row.id, &claim, prov))? {
+        // Held by another process, or finished by one meanwhile (with the
+        // evaluations this suite asks for).
+        let now = rt.block_on(store.run(row.id))?;
+        return Ok(match now {
+            Some(x) if x.removed_ms.is_some() => Outcome::Removed(x.id),
+            Some(x) if x.status == Status::Finished.as_str() => {
+                let have = rt.block_on(store.evaluated(x.id))?;
+                let complete = r.config.eval.sets.iter().all(|s| {
+                    have.iter().any(|(sc, f, fl)| {
+                        *sc == crate::model::fusion::format_scales(&s.scales)
+                            && f == s.fusion.name()
+                            && *fl == s.flip
+                    })
+                });
+                if complete {
+                    Outcome::Done
+                } else {
+                    Outcome::Busy
+                }
+            }
+            _ => Outcome::Busy,
+        });
+    }
+    if let Some(d) = dead {
+        tracing::warn!(run = row.id, holder = d, "took over a run whose process is gone");
     }
     // Heartbeat while this run is held.
     let hb = {
@@ -255,8 +355,18 @@ fn run_one(
         let (outcome, step, sets) = if done && !opts.force {
             (Outcome::Evaluated, row.step, missing)
         } else {
+            let owner = crate::gc::Owner {
+                store: ctx.store_id.clone(),
+                run: row.id,
+                suite: h.name.clone(),
+                variant: r.variant.clone(),
+                seed: r.seed,
+            };
+            // The folder must be this run's before anything in it changes.
+            crate::gc::take_folder(&run_dir, &owner)?;
             if opts.force && done {
-                let _ = std::fs::remove_dir_all(&run_dir);
+                std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+                crate::gc::take_folder(&run_dir, &owner)?;
             }
             let mut cfg = r.config.clone();
             if r.teacher.is_some() {

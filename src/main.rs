@@ -1,5 +1,8 @@
 //! The `hmsa-lab` command line: parse, call the library, print the error
-//! chain once. Exit codes: 0 ok, 2 error.
+//! chain once. Exit codes: 0 ok; 2 an error (clap's usage errors too); 3
+//! the command ran and left work unfinished (`run`: runs failed, held
+//! elsewhere or removed); 130 interrupted (Ctrl-C or SIGTERM, after the
+//! running run is checkpointed and marked KILLED).
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -62,28 +65,51 @@ enum Cmd {
         #[command(flatten)]
         db: DbArg,
     },
-    /// Run SQL on a read-only connection to the results database.
+    /// Run read-only SQL on the results database (writes and VACUUM INTO are refused).
     Query {
         sql: String,
         #[command(flatten)]
         db: DbArg,
+        /// table, csv, md or json
         #[arg(long, default_value = "table")]
         format: String,
+        /// Seconds after which the query is interrupted.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
     },
-    /// Delete runs from the database (their files stay until `gc`).
+    /// Remove runs: hidden from every listing and report, restorable until `gc` purges them.
     Rm {
         #[arg(required = true)]
         runs: Vec<i64>,
         #[command(flatten)]
         db: DbArg,
+        /// Go ahead without asking (needed off a terminal).
+        #[arg(long, short)]
+        yes: bool,
+        /// Also remove RUNNING runs whose heartbeat is older than --stale-after.
+        #[arg(long)]
+        force: bool,
+        /// Seconds without a heartbeat after which a RUNNING run counts as stale.
+        #[arg(long, default_value_t = 60)]
+        stale_after: u64,
     },
-    /// Remove artifacts and run folders that no run refers to.
+    /// Bring back runs removed with `rm` (until `gc` has purged them).
+    Restore {
+        #[arg(required = true)]
+        runs: Vec<i64>,
+        #[command(flatten)]
+        db: DbArg,
+    },
+    /// Purge removed runs and delete the run folders this database owns for runs it no longer holds.
     Gc {
         #[command(flatten)]
         db: DbArg,
-        /// Run folders root to sweep.
-        #[arg(long, default_value = "runs")]
-        runs_dir: PathBuf,
+        /// List what would be removed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Go ahead without asking (needed off a terminal).
+        #[arg(long, short)]
+        yes: bool,
     },
     /// Benchmarks (not tests): model, train, data, kernels; one process per case; stored in the database.
     Bench(BenchArgs),
@@ -359,7 +385,10 @@ fn synth(a: SynthArgs) -> Result<()> {
     let mut cfg = match (&a.config, &a.suite) {
         (Some(p), _) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str::<SynthConfig>(&text).with_context(|| format!("{}", p.display()))?
+            let cfg = toml::from_str::<SynthConfig>(&text).with_context(|| format!("{}", p.display()))?;
+            cfg.validate("synth")
+                .with_context(|| format!("{}", p.display()))?;
+            cfg
         }
         (None, Some(p)) => {
             let suite = Suite::load(p, &[])?;
@@ -497,6 +526,73 @@ fn data_check(dir: &std::path::Path, splits: &[String]) -> Result<bool> {
     Ok(clean)
 }
 
+/// Ends the process with a specific exit code (see the module docs).
+#[derive(Debug)]
+enum Exit {
+    /// The command ran and left work unfinished: 3.
+    Unfinished(String),
+    /// Ctrl-C or SIGTERM: 130.
+    Interrupted(String),
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Unfinished(m) | Exit::Interrupted(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Asks before a destructive step: `--yes` goes ahead; on a terminal the
+/// user is asked; otherwise the command stops, changing nothing.
+fn confirm(yes: bool, what: &str) -> Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("{what}: not a terminal, so nothing was changed; pass --yes to go ahead");
+    }
+    eprint!("{what}? [y/N] ");
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if !matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+        bail!("{what}: not confirmed, nothing was changed");
+    }
+    Ok(())
+}
+
+/// Sets `stop` on Ctrl-C or SIGTERM (what Slurm, systemd and `timeout`
+/// send): the running run saves a checkpoint and is marked KILLED. A
+/// second signal exits at once.
+fn stop_on_signals(rt: &tokio::runtime::Runtime, stop: Arc<AtomicBool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _in_runtime = rt.enter();
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for (kind, name) in [
+        (SignalKind::interrupt(), "interrupt"),
+        (SignalKind::terminate(), "SIGTERM"),
+    ] {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        let Ok(mut sig) = signal(kind) else {
+            continue;
+        };
+        rt.spawn(async move {
+            while sig.recv().await.is_some() {
+                if seen.fetch_add(1, Ordering::SeqCst) > 0 {
+                    eprintln!("{name} again: exiting now");
+                    std::process::exit(130);
+                }
+                eprintln!("{name}: saving a checkpoint, then stopping");
+                stop.store(true, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -582,15 +678,7 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        rt.spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("interrupt: saving a checkpoint, then stopping");
-                stop.store(true, Ordering::Relaxed);
-            }
-        });
-    }
+    stop_on_signals(&rt, stop.clone());
     let opts = RunOptions {
         force: a.force,
         fail_fast: a.fail_fast,
@@ -600,8 +688,9 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
     let out = run_suite(&rt, &store, &suite, &opts, stop.clone())?;
     let failed = out.iter().filter(|o| matches!(o.2, Outcome::Failed(_))).count();
     let busy = out.iter().filter(|o| o.2 == Outcome::Busy).count();
+    let removed = out.iter().filter(|o| matches!(o.2, Outcome::Removed(_))).count();
     println!(
-        "{}: {} runs, {} trained, {} evaluated, {} already done, {} held elsewhere, {} failed{}",
+        "{}: {} runs, {} trained, {} evaluated, {} already done, {} held elsewhere, {} failed{}{}",
         suite.header.name,
         out.len(),
         out.iter().filter(|o| o.2 == Outcome::Trained).count(),
@@ -609,17 +698,43 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
         out.iter().filter(|o| o.2 == Outcome::Done).count(),
         busy,
         failed,
+        if removed > 0 {
+            format!(", {removed} removed")
+        } else {
+            String::new()
+        },
         if stop.load(Ordering::Relaxed) {
             " (interrupted)"
         } else {
             ""
         }
     );
-    if failed > 0 {
-        bail!("{failed} run(s) failed: `hmsa-lab runs --status failed --db {url}` shows why");
-    }
     if stop.load(Ordering::Relaxed) {
-        bail!("interrupted; run the same command again to resume");
+        return Err(Exit::Interrupted("interrupted; run the same command again to resume".into()).into());
+    }
+    // Every run the plan holds must end complete; say which did not, and why.
+    let mut why = vec![];
+    for (variant, seed, o) in &out {
+        let reason = match o {
+            Outcome::Failed(e) => format!("failed: {e}"),
+            Outcome::Busy => "held by another process (rerun when it is done)".into(),
+            Outcome::Killed => "interrupted".into(),
+            Outcome::Blocked(why) => why.clone(),
+            Outcome::Removed(id) => format!(
+                "run {id} was removed with `rm`: `hmsa-lab restore {id}` brings it back, `hmsa-lab gc` purges it so that `run` trains it anew"
+            ),
+            _ => continue,
+        };
+        why.push(format!("  {variant} seed {seed}: {reason}"));
+    }
+    if !why.is_empty() {
+        return Err(Exit::Unfinished(format!(
+            "{} of {} run(s) unfinished (`hmsa-lab runs --db {url}` lists them):\n{}",
+            why.len(),
+            out.len(),
+            why.join("\n")
+        ))
+        .into());
     }
     Ok(())
 }
@@ -739,11 +854,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Run(a) => run_suite_cmd(a)?,
         Cmd::Runs(a) => {
             let rt = runtime()?;
-            let store = rt.block_on(Store::open(&a.db.url(a.suite.as_deref())))?;
+            let store = rt.block_on(Store::open_read_only(&a.db.url(a.suite.as_deref())))?;
             let filter = RunFilter {
                 suite: a.suite.clone(),
                 variant: a.variant.clone(),
                 status: a.status.as_deref().map(Status::parse).transpose()?,
+                removed: false,
             };
             let mut rows = vec![];
             for r in rt.block_on(store.runs(&filter))? {
@@ -779,7 +895,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Show { run, db } => {
             let rt = runtime()?;
-            let store = rt.block_on(Store::open(&db.url(None)))?;
+            let store = rt.block_on(Store::open_read_only(&db.url(None)))?;
             let r = rt
                 .block_on(store.run(run))?
                 .with_context(|| format!("no run {run}"))?;
@@ -799,6 +915,13 @@ fn run(cli: Cli) -> Result<()> {
                 r.versions.as_deref().unwrap_or("")
             );
             println!("folder {}", r.run_dir);
+            if let Some(t) = r.removed_ms {
+                println!(
+                    "removed {:.0} s ago: `hmsa-lab restore {}` brings it back until `hmsa-lab gc` purges it",
+                    (hmsa_lab::store::now_ms() - t) as f64 / 1000.0,
+                    r.id
+                );
+            }
             if let Some(e) = &r.error {
                 println!("error: {e}");
             }
@@ -842,7 +965,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Compare { runs, db } => {
             let rt = runtime()?;
-            let store = rt.block_on(Store::open(&db.url(None)))?;
+            let store = rt.block_on(Store::open_read_only(&db.url(None)))?;
             let mut params = vec![];
             let mut evals = vec![];
             for id in &runs {
@@ -893,52 +1016,157 @@ fn run(cli: Cli) -> Result<()> {
             head.extend(runs[1..].iter().map(|r| format!("run {r} (Δ)")));
             println!("{}", report::terminal_table(&head, &erows));
         }
-        Cmd::Query { sql, db, format } => {
+        Cmd::Query {
+            sql,
+            db,
+            format,
+            timeout,
+        } => {
+            if !(timeout.is_finite() && timeout > 0.0) {
+                bail!("--timeout {timeout}: expected a positive number of seconds");
+            }
             let rt = runtime()?;
             let store = rt.block_on(Store::open_read_only(&db.url(None)))?;
-            let (cols, rows) = rt.block_on(store.query(&sql))?;
+            let (cols, rows) = rt.block_on(store.query(&sql, std::time::Duration::from_secs_f64(timeout)))?;
             print_rows(&format, &cols, &rows)?;
         }
-        Cmd::Rm { runs, db } => {
+        Cmd::Rm {
+            runs,
+            db,
+            yes,
+            force,
+            stale_after,
+        } => {
             let rt = runtime()?;
-            let store = rt.block_on(Store::open(&db.url(None)))?;
-            let n = rt.block_on(store.delete_runs(&runs))?;
-            println!("deleted {n} run(s); `hmsa-lab gc` removes their files");
+            let store = rt.block_on(Store::open_existing(&db.url(None)))?;
+            let stale_before = hmsa_lab::store::now_ms() - stale_after as i64 * 1000;
+            let mut refused = vec![];
+            let mut lines = vec![];
+            for &id in &runs {
+                let r = rt
+                    .block_on(store.run(id))?
+                    .with_context(|| format!("no run {id} in {}", store.url()))?;
+                if r.removed_ms.is_some() {
+                    bail!("run {id} is already removed (`hmsa-lab restore {id}` brings it back)");
+                }
+                let fresh = r.heartbeat_ms.is_some_and(|h| h >= stale_before);
+                if r.status == Status::Running.as_str() && (!force || fresh) {
+                    refused.push(format!(
+                        "run {id} ({} {} seed {}) is RUNNING{}, held by {}",
+                        r.suite,
+                        r.variant,
+                        r.seed,
+                        r.heartbeat_ms.map_or(String::new(), |h| format!(
+                            ", last heartbeat {:.0} s ago",
+                            (hmsa_lab::store::now_ms() - h) as f64 / 1000.0
+                        )),
+                        r.claimed_by.as_deref().unwrap_or("?")
+                    ));
+                }
+                lines.push(format!(
+                    "  run {id}: {} {} seed {} ({}, {} evaluation(s))",
+                    r.suite,
+                    r.variant,
+                    r.seed,
+                    r.status,
+                    rt.block_on(store.evaluations(id))?.len()
+                ));
+            }
+            if !refused.is_empty() {
+                bail!(
+                    "{}\nstop it first; `--force` removes a RUNNING run only once its heartbeat is older than --stale-after ({stale_after} s)",
+                    refused.join("\n")
+                );
+            }
+            println!(
+                "to remove (restorable until `hmsa-lab gc`):\n{}",
+                lines.join("\n")
+            );
+            confirm(yes, &format!("remove {} run(s)", runs.len()))?;
+            let done = rt.block_on(store.remove_runs(&runs, force.then_some(stale_before)))?;
+            if done.len() != runs.len() {
+                let missed: Vec<String> = runs
+                    .iter()
+                    .filter(|i| !done.contains(i))
+                    .map(i64::to_string)
+                    .collect();
+                bail!(
+                    "removed {} run(s); not {} (claimed or removed meanwhile)",
+                    done.len(),
+                    missed.join(", ")
+                );
+            }
+            let ids: Vec<String> = done.iter().map(i64::to_string).collect();
+            println!(
+                "removed {} run(s); `hmsa-lab restore {}` brings them back until `hmsa-lab gc` purges them",
+                done.len(),
+                ids.join(" ")
+            );
         }
-        Cmd::Gc { db, runs_dir } => {
+        Cmd::Restore { runs, db } => {
             let rt = runtime()?;
-            let store = rt.block_on(Store::open(&db.url(None)))?;
-            let mut removed = 0;
-            for (id, path) in rt.block_on(store.orphan_artifacts())? {
-                let p = PathBuf::from(&path);
-                if p.exists() {
-                    std::fs::remove_file(&p).with_context(|| format!("removing {path}"))?;
-                }
-                rt.block_on(store.delete_artifact(id))?;
-                removed += 1;
-            }
-            let known: std::collections::HashSet<PathBuf> = rt
-                .block_on(store.run_dirs())?
-                .into_iter()
-                .map(PathBuf::from)
+            let store = rt.block_on(Store::open_existing(&db.url(None)))?;
+            let done = rt.block_on(store.restore_runs(&runs))?;
+            let missed: Vec<String> = runs
+                .iter()
+                .filter(|i| !done.contains(i))
+                .map(i64::to_string)
                 .collect();
-            let mut dirs = 0;
-            if runs_dir.is_dir() {
-                for suite_dir in std::fs::read_dir(&runs_dir)?.flatten() {
-                    if !suite_dir.path().is_dir() {
-                        continue;
-                    }
-                    for d in std::fs::read_dir(suite_dir.path())?.flatten() {
-                        let p = d.path();
-                        if p.is_dir() && !known.contains(&p) {
-                            std::fs::remove_dir_all(&p)
-                                .with_context(|| format!("removing {}", p.display()))?;
-                            dirs += 1;
-                        }
-                    }
-                }
+            println!("restored {} run(s)", done.len());
+            if !missed.is_empty() {
+                bail!(
+                    "not restored: {} (not removed, or purged by gc)",
+                    missed.join(", ")
+                );
             }
-            println!("removed {removed} artifact(s) and {dirs} run folder(s) no run refers to");
+        }
+        Cmd::Gc { db, dry_run, yes } => {
+            let rt = runtime()?;
+            let store = rt.block_on(Store::open_existing(&db.url(None)))?;
+            let plan = hmsa_lab::gc::plan(&rt, &store)?;
+            for r in &plan.purge {
+                println!(
+                    "purge run {} ({} {} seed {}, {}) and its rows",
+                    r.id, r.suite, r.variant, r.seed, r.status
+                );
+            }
+            for d in &plan.folders {
+                println!("delete folder {}", d.display());
+            }
+            if !plan.foreign.is_empty() {
+                println!(
+                    "left alone: {} folder(s) another database owns",
+                    plan.foreign.len()
+                );
+            }
+            if !plan.unowned.is_empty() {
+                println!(
+                    "left alone: {} folder(s) without {} (made before owners were recorded, or not by hmsa-lab)",
+                    plan.unowned.len(),
+                    hmsa_lab::gc::OWNER_FILE
+                );
+            }
+            if plan.is_empty() {
+                println!("nothing to remove");
+                return Ok(());
+            }
+            if dry_run {
+                println!("(dry run: nothing changed)");
+                return Ok(());
+            }
+            confirm(
+                yes,
+                &format!(
+                    "purge {} run(s) and delete {} folder(s)",
+                    plan.purge.len(),
+                    plan.folders.len()
+                ),
+            )?;
+            let done = hmsa_lab::gc::apply(&rt, &store, &plan)?;
+            println!(
+                "purged {} run(s) and deleted {} folder(s)",
+                done.runs, done.folders
+            );
         }
         Cmd::Report {
             suite,
@@ -947,7 +1175,7 @@ fn run(cli: Cli) -> Result<()> {
             readme,
         } => {
             let rt = runtime()?;
-            let store = rt.block_on(Store::open(&db.url(Some(&suite))))?;
+            let store = rt.block_on(Store::open_read_only(&db.url(Some(&suite))))?;
             let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&suite));
             let files = rt.block_on(report::write_report(&store, &suite, &out))?;
             let s = rt.block_on(report::summarise(&store, &suite))?;
@@ -1115,6 +1343,10 @@ fn main() {
         .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
-        std::process::exit(2);
+        std::process::exit(match e.downcast_ref::<Exit>() {
+            Some(Exit::Unfinished(_)) => 3,
+            Some(Exit::Interrupted(_)) => 130,
+            None => 2,
+        });
     }
 }

@@ -163,6 +163,29 @@ impl RunConfig {
         if self.train.steps == 0 || self.train.epochs == Some(0) {
             return Err(Error::invalid("train.steps", "must be at least 1"));
         }
+        let lr = self.train.optim.lr;
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(Error::invalid(
+                "train.optim.lr",
+                format!("{lr} is not a positive learning rate"),
+            ));
+        }
+        for (k, v) in [
+            ("train.optim.momentum", self.train.optim.momentum),
+            ("train.optim.weight_decay", self.train.optim.weight_decay),
+            ("train.optim.poly_power", self.train.optim.poly_power),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::invalid(k, format!("{v} must be a non-negative number")));
+            }
+        }
+        if self.data.val_limit == Some(0) {
+            return Err(Error::invalid(
+                "data.val_limit",
+                "must be at least 1 (0 would evaluate no image); leave it out to use every validation image",
+            ));
+        }
+        self.data.synth.validate("data.synth")?;
         if self.train.checkpoint_every == 0 {
             return Err(Error::invalid("train.checkpoint_every", "must be at least 1"));
         }

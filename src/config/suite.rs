@@ -220,9 +220,18 @@ impl Suite {
             let line = e.span().map(|s| line_of(&text, s.start));
             cfg_err(line, e.message().to_string())
         })?;
+        let suite_line = line_at_pat(&text, "[suite]");
         if file.suite.seeds.is_empty() {
-            return Err(cfg_err(None, "suite.seeds is empty".into()));
+            return Err(cfg_err(suite_line, "suite.seeds is empty".into()));
         }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(d) = file.suite.seeds.iter().find(|s| !seen.insert(**s)) {
+            return Err(cfg_err(
+                suite_line,
+                format!("suite.seeds: seed {d} is listed twice"),
+            ));
+        }
+        check_name(&file.suite.name).map_err(|m| cfg_err(suite_line, format!("suite.name: {m}")))?;
         // Lines of the sections, for messages: `[defaults` and each `[[variant]]`.
         let line_at = |pat: &str, nth: usize| -> Option<usize> {
             text.match_indices(pat).nth(nth).map(|(o, _)| line_of(&text, o))
@@ -242,6 +251,7 @@ impl Suite {
         }
         let mut names: HashMap<String, usize> = HashMap::new();
         for (i, v) in file.variant.iter().enumerate() {
+            check_name(&v.name).map_err(|m| cfg_err(variant_line(i), format!("variant name: {m}")))?;
             if names.insert(v.name.clone(), i).is_some() {
                 return Err(cfg_err(
                     variant_line(i),
@@ -327,6 +337,12 @@ impl Suite {
                 if let Some(sh) = al.share.filter(|s| !(0.0..=1.0).contains(s)) {
                     return Err(verr(format!("autolabel.share: {sh} is not a share in [0, 1]")));
                 }
+                if !(al.threshold > 0.0 && al.threshold <= 1.0) {
+                    return Err(verr(format!(
+                        "autolabel.threshold: {} is not a confidence in (0, 1]",
+                        al.threshold
+                    )));
+                }
             }
             // Sweep: the cross product of every axis.
             let mut points: Vec<Vec<(String, Value)>> = vec![vec![]];
@@ -404,15 +420,33 @@ impl Suite {
             }
             let _ = &v.description;
         }
-        Ok(Self {
+        let suite = Self {
             file: path.to_path_buf(),
             header: file.suite,
             baseline,
             runs,
-        })
+        };
+        // Two runs never share a folder (names that sanitise alike, e.g.
+        // `a/b` and `a_b`, with the same config).
+        let mut folders: HashMap<PathBuf, &str> = HashMap::new();
+        for r in &suite.runs {
+            if let Some(other) = folders.insert(suite.run_dir(r), &r.variant) {
+                if other != r.variant {
+                    return Err(cfg_err(
+                        None,
+                        format!(
+                            "variants `{other}` and `{}` would share the run folder {}: rename one",
+                            r.variant,
+                            suite.run_dir(r).display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(suite)
     }
 
-    /// The run folder of a planned run.
+    /// The run folder of a planned run: `runs_dir/<suite>/<variant>-<hash>-s<seed>`.
     pub fn run_dir(&self, r: &PlannedRun) -> PathBuf {
         let safe: String = r
             .variant
@@ -435,4 +469,29 @@ impl Suite {
     pub fn default_db(&self) -> PathBuf {
         self.file.with_extension("db")
     }
+}
+
+/// The line of the first occurrence of `pat` in `text`.
+fn line_at_pat(text: &str, pat: &str) -> Option<usize> {
+    text.find(pat).map(|o| line_of(text, o))
+}
+
+/// Suite and variant names become folder names: letters, digits and
+/// `-_.+=,[]`, not empty, not starting with a dot.
+fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-_.+=,[]".contains(*c)))
+    {
+        return Err(format!(
+            "`{name}` contains `{c}`; names become folder names, so use letters, digits and - _ . + = , [ ]"
+        ));
+    }
+    if name.starts_with('.') {
+        return Err(format!("`{name}` starts with a dot"));
+    }
+    Ok(())
 }

@@ -48,8 +48,11 @@ impl Default for AugmentConfig {
 impl AugmentConfig {
     pub fn validate(&self, field: &str) -> Result<()> {
         let bad = |k: &str, m: &str| Err(Error::invalid(format!("{field}.{k}"), m));
-        if self.crop[0] == 0 || self.crop[1] == 0 {
-            return bad("crop", "must be positive");
+        if self.crop.iter().any(|&c| c == 0 || c % 32 != 0) {
+            return bad(
+                "crop",
+                "must be positive multiples of 32 (HRNet's lowest branch has stride 32)",
+            );
         }
         if !(self.scale_min > 0.0 && self.scale_min <= self.scale_max) {
             return bad("scale_min", "needs 0 < scale_min <= scale_max");

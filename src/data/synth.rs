@@ -69,6 +69,37 @@ impl Default for SynthConfig {
     }
 }
 
+impl SynthConfig {
+    /// The smallest scene the layout fits in (sky, buildings, road, a
+    /// field of each context class, objects), in pixels.
+    pub const MIN_SIZE: u32 = 64;
+
+    /// Checks sizes and counts; `field` prefixes the key in messages.
+    pub fn validate(&self, field: &str) -> Result<()> {
+        for (k, v) in [("height", self.height), ("width", self.width)] {
+            if v < Self::MIN_SIZE {
+                return Err(Error::invalid(
+                    format!("{field}.{k}"),
+                    format!("{v} is below the smallest scene, {} pixels", Self::MIN_SIZE),
+                ));
+            }
+            if v > 8192 {
+                return Err(Error::invalid(
+                    format!("{field}.{k}"),
+                    format!("{v} is above 8192 pixels"),
+                ));
+            }
+        }
+        if self.blob_radius == 0 {
+            return Err(Error::invalid(
+                format!("{field}.blob_radius"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// labelIds of the classes the generator draws.
 pub mod ids {
     pub const ROAD: u8 = 7;
@@ -171,7 +202,11 @@ struct Canvas {
 }
 
 impl Canvas {
+    /// Paints one pixel; shapes are clipped at the canvas edge.
     fn put(&mut self, x: u32, y: u32, p: [u8; 3], id: u8) {
+        if x >= self.img.width() || y >= self.img.height() {
+            return;
+        }
         self.img.put_pixel(x, y, Rgb(p));
         self.lab.put_pixel(x, y, Luma([id]));
         self.dist[(y * self.img.width() + x) as usize] = f32::NAN;

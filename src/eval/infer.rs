@@ -51,7 +51,24 @@ pub fn read_inputs(path: &Path, device: &Device) -> Result<Vec<InputImage>> {
         if dims.len() != 4 || dims[1] != 3 {
             return Err(bad(format!("`image` must be N x 3 x H x W, got shape {dims:?}")));
         }
+        if !matches!(t.dtype(), DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
+            return Err(bad(format!(
+                "`image` holds {:?} values; the network reads normalised floating-point images (f32, f64, f16 or bf16)",
+                t.dtype()
+            )));
+        }
         let t = t.to_dtype(DType::F32)?;
+        let bad_values = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .filter(|v| !v.is_finite())
+            .count();
+        if bad_values > 0 {
+            return Err(bad(format!(
+                "`image` holds {bad_values} NaN or infinite value(s)"
+            )));
+        }
         let n = dims[0];
         return (0..n)
             .map(|i| {

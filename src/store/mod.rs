@@ -12,9 +12,9 @@ use crate::eval::EvalResult;
 use crate::model::fusion::format_scales;
 use crate::{Error, Result};
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
 use sqlx::{Column, Row, SqlitePool, TypeInfo, ValueRef};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -23,10 +23,6 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn db_err(e: impl std::fmt::Display) -> Error {
-    Error::Store(e.to_string())
 }
 
 /// A run's lifecycle.
@@ -87,6 +83,10 @@ pub struct RunRow {
     pub versions: Option<String>,
     pub run_dir: String,
     pub error: Option<String>,
+    /// Who holds (or last held) it: `host:pid:start_ms`.
+    pub claimed_by: Option<String>,
+    /// When `rm` removed it (it is restorable until `gc` purges it).
+    pub removed_ms: Option<i64>,
 }
 
 fn run_row(r: &SqliteRow) -> RunRow {
@@ -108,6 +108,8 @@ fn run_row(r: &SqliteRow) -> RunRow {
         versions: r.get("versions"),
         run_dir: r.get("run_dir"),
         error: r.get("error"),
+        claimed_by: r.get("claimed_by"),
+        removed_ms: r.get("removed_ms"),
     }
 }
 
@@ -157,18 +159,49 @@ pub struct BenchRow {
     pub machine: String,
 }
 
+/// Who claims a run, and which held or finished runs it may take.
+#[derive(Clone, Debug)]
+pub struct Claim<'a> {
+    /// `host:pid:start_ms` of the claiming process.
+    pub who: &'a str,
+    /// A RUNNING run whose heartbeat is older than this is taken over.
+    pub stale_ms: i64,
+    /// The holder of a RUNNING run whose process is known to be gone.
+    pub dead_holder: Option<&'a str>,
+    /// FINISHED runs that ended before this time are claimed (`--force`).
+    pub refinish_before_ms: Option<i64>,
+}
+
 /// Filters for listing runs.
 #[derive(Clone, Debug, Default)]
 pub struct RunFilter {
     pub suite: Option<String>,
     pub variant: Option<String>,
     pub status: Option<Status>,
+    /// Include runs removed with `rm` (and not yet purged by `gc`).
+    pub removed: bool,
 }
 
 /// A results database.
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
+    /// The URL or path it was opened with, for messages.
+    url: String,
+}
+
+/// The migrations this build knows, applied by [`Store::open`].
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The file behind `url`: `sqlite://path`, `sqlite:path` (query string
+/// dropped) or a plain path; `None` for an in-memory database.
+fn file_of(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or(url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
 }
 
 /// `sqlite://path`, `sqlite:path` or a plain file path.
@@ -181,43 +214,177 @@ fn options(url: &str) -> Result<SqliteConnectOptions> {
     Ok(o.foreign_keys(true).busy_timeout(Duration::from_secs(30)))
 }
 
-impl Store {
-    /// Opens (creating if needed) and migrates the database at `url`.
-    pub async fn open(url: &str) -> Result<Self> {
-        let path_like = url
-            .strip_prefix("sqlite://")
-            .or(url.strip_prefix("sqlite:"))
-            .unwrap_or(url);
-        if let Some(dir) = Path::new(path_like)
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
+/// What an opener needs of the file's schema.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// An empty file is fine (it is about to be created and migrated).
+    Nothing,
+    /// Our schema, possibly older (the opener migrates it).
+    Ours,
+    /// Our schema with every migration applied (a read-only opener).
+    Current,
+}
+
+/// Is the database behind `pool` one of ours? A file with tables but no
+/// `_sqlx_migrations`, or with migrations this build does not know, is
+/// another program's (or a newer hmsa-lab's) and is refused untouched.
+async fn check_schema(pool: &SqlitePool, url: &str, need: Need) -> Result<()> {
+    let err = |msg: String| Error::Store(format!("{url}: {msg}"));
+    let q = |e: sqlx::Error| err(format!("reading the schema: {e}"));
+    let tables: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'")
+        .fetch_one(pool)
+        .await
+        .map_err(q)?;
+    let ours: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(q)?;
+    if ours == 0 {
+        return match (tables, need) {
+            (0, Need::Nothing) => Ok(()),
+            (0, _) => Err(err("an empty SQLite file, not an hmsa-lab results database".into())),
+            _ => Err(err(format!(
+                "not an hmsa-lab results database (it has {tables} table(s) but no _sqlx_migrations); left untouched"
+            ))),
+        };
+    }
+    let applied: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await
+            .map_err(q)?;
+    for (v, sum) in &applied {
+        if !MIGRATOR
+            .iter()
+            .any(|m| m.version == *v && m.checksum.as_ref() == sum.as_slice())
         {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            return Err(err(format!(
+                "schema migration {v} is not one this hmsa-lab knows: another program's database, or a newer hmsa-lab's; left untouched"
+            )));
         }
-        let opts = options(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await
-            .map_err(|e| Error::Store(format!("{url}: {e}")))?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(|e| Error::Store(format!("{url}: migrating: {e}")))?;
-        Ok(Self { pool })
+    }
+    let known = MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .count();
+    if need == Need::Current && applied.len() < known {
+        return Err(err(format!(
+            "written by an older hmsa-lab (schema {} of {known}); a writing command (`hmsa-lab run`, `rm`, `gc`) migrates it",
+            applied.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens the database at `url` for writing, creating and migrating it
+    /// if needed (`run`, `bench`). Creation and migration hold an exclusive
+    /// lock on the file's folder, so processes started at once on a new
+    /// database wait for one migrator. A file that is not ours is refused
+    /// and left as it is.
+    pub async fn open(url: &str) -> Result<Self> {
+        Self::open_writable(url, true).await
     }
 
-    /// Opens an existing database read-only (for `hmsa-lab query`).
+    /// Opens an existing results database for writing (`rm`, `restore`,
+    /// `gc`): a missing file is an error, nothing is created.
+    pub async fn open_existing(url: &str) -> Result<Self> {
+        Self::open_writable(url, false).await
+    }
+
+    async fn open_writable(url: &str, create: bool) -> Result<Self> {
+        let _lock = match file_of(url) {
+            Some(path) => {
+                if !create && !path.is_file() {
+                    return Err(Error::Store(format!("{url}: no such database")));
+                }
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .to_path_buf();
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                let lock = std::fs::File::open(&dir).map_err(|e| Error::io(&dir, e))?;
+                lock.lock().map_err(|e| Error::io(&dir, e))?;
+                Some(lock)
+            }
+            None => None,
+        };
+        // One connection creates (WAL is a property of the file), checks
+        // and migrates; the pool opens after it.
+        {
+            let opts = options(url)?.create_if_missing(create);
+            let first = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts)
+                .await
+                .map_err(|e| Error::Store(format!("{url}: opening: {e}")))?;
+            // Checked before anything is written: another program's file is
+            // left exactly as it was.
+            check_schema(&first, url, if create { Need::Nothing } else { Need::Ours }).await?;
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&first)
+                .await
+                .map_err(|e| Error::Store(format!("{url}: setting the WAL journal: {e}")))?;
+            MIGRATOR
+                .run(&first)
+                .await
+                .map_err(|e| Error::Store(format!("{url}: migrating: {e}")))?;
+            first.close().await;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options(url)?)
+            .await
+            .map_err(|e| Error::Store(format!("{url}: opening: {e}")))?;
+        Ok(Self {
+            pool,
+            url: url.to_string(),
+        })
+    }
+
+    /// Opens an existing results database read-only (`runs`, `show`,
+    /// `compare`, `report`, `query`): nothing is created or migrated; a
+    /// missing file, another program's database or an older schema is an
+    /// error naming the file.
     pub async fn open_read_only(url: &str) -> Result<Self> {
+        if let Some(path) = file_of(url) {
+            if !path.is_file() {
+                return Err(Error::Store(format!("{url}: no such database")));
+            }
+        }
         let opts = options(url)?.read_only(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(opts)
             .await
-            .map_err(|e| Error::Store(format!("{url}: {e}")))?;
-        Ok(Self { pool })
+            .map_err(|e| Error::Store(format!("{url}: opening: {e}")))?;
+        check_schema(&pool, url, Need::Current).await?;
+        Ok(Self {
+            pool,
+            url: url.to_string(),
+        })
+    }
+
+    /// The URL or path this store was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// This database's identity (written once by migration 0003); run
+    /// folders name it in their owner file.
+    pub async fn id(&self) -> Result<String> {
+        sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'id'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.fail("reading its id", e))
+    }
+
+    /// A store error naming the database and the operation.
+    fn fail(&self, op: &str, e: impl std::fmt::Display) -> Error {
+        Error::Store(format!("{}: {op}: {e}", self.url))
     }
 
     pub async fn upsert_suite(
@@ -239,7 +406,7 @@ impl Store {
         .bind(now_ms())
         .execute(&self.pool)
         .await
-        .map_err(db_err)?;
+        .map_err(|e| self.fail("recording the suite", e))?;
         Ok(())
     }
 
@@ -249,7 +416,7 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("reading the suite", e))?;
         Ok(r.map(|r| r.get("baseline")))
     }
 
@@ -275,7 +442,7 @@ impl Store {
         .bind(run_dir)
         .execute(&self.pool)
         .await
-        .map_err(db_err)?;
+        .map_err(|e| self.fail("recording a run", e))?;
         self.find_run(suite, variant, hash, seed)
             .await?
             .ok_or_else(|| Error::Store("run row vanished after insert".into()))
@@ -297,31 +464,28 @@ impl Store {
         .bind(seed as i64)
         .fetch_optional(&self.pool)
         .await
-        .map_err(db_err)?;
+        .map_err(|e| self.fail("finding a run", e))?;
         Ok(r.as_ref().map(run_row))
     }
 
-    /// Claims a run for `who`: one conditional UPDATE, so of two processes
-    /// only one succeeds. A RUNNING run is taken over when its heartbeat is
-    /// older than `stale_ms`; FINISHED runs are claimed only with `force`.
-    pub async fn claim(
-        &self,
-        id: i64,
-        who: &str,
-        stale_ms: i64,
-        force: bool,
-        prov: &Provenance,
-    ) -> Result<bool> {
+    /// Claims a run: one conditional UPDATE, so of two processes only one
+    /// succeeds. Claimable are SCHEDULED, KILLED and FAILED runs; a RUNNING
+    /// run whose heartbeat is stale, or whose holder is `c.dead_holder`
+    /// (a process known to be gone); a FINISHED run only when it finished
+    /// before `c.refinish_before_ms` (`run --force`: what another forced
+    /// process finished meanwhile is not trained again). Removed runs never.
+    pub async fn claim(&self, id: i64, c: &Claim<'_>, prov: &Provenance) -> Result<bool> {
         let now = now_ms();
         let r = sqlx::query(
             r#"UPDATE runs SET status = 'RUNNING', claimed_by = ?, heartbeat_ms = ?,
                    start_ms = COALESCE(start_ms, ?), end_ms = NULL, error = NULL,
                    git_commit = ?, git_dirty = ?, host = ?, versions = ?
-               WHERE id = ? AND (status IN ('SCHEDULED', 'KILLED', 'FAILED')
+               WHERE id = ? AND removed_ms IS NULL AND (status IN ('SCHEDULED', 'KILLED', 'FAILED')
                    OR (status = 'RUNNING' AND (heartbeat_ms IS NULL OR heartbeat_ms < ?))
-                   OR (status = 'FINISHED' AND ?))"#,
+                   OR (status = 'RUNNING' AND claimed_by = ?)
+                   OR (status = 'FINISHED' AND end_ms < ?))"#,
         )
-        .bind(who)
+        .bind(c.who)
         .bind(now)
         .bind(now)
         .bind(&prov.git_commit)
@@ -329,11 +493,12 @@ impl Store {
         .bind(&prov.host)
         .bind(&prov.versions)
         .bind(id)
-        .bind(now - stale_ms)
-        .bind(force)
+        .bind(now - c.stale_ms)
+        .bind(c.dead_holder)
+        .bind(c.refinish_before_ms)
         .execute(&self.pool)
         .await
-        .map_err(db_err)?;
+        .map_err(|e| self.fail("claiming a run", e))?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -348,7 +513,7 @@ impl Store {
         .bind(who)
         .execute(&self.pool)
         .await
-        .map_err(db_err)?;
+        .map_err(|e| self.fail("writing a heartbeat", e))?;
         Ok(())
     }
 
@@ -362,13 +527,17 @@ impl Store {
             .bind(who)
             .execute(&self.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("ending a run", e))?;
         Ok(())
     }
 
     /// Params are written once: existing keys are left as they are.
     pub async fn write_params(&self, id: i64, params: &[(String, String)]) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.fail("writing params", e))?;
         for (k, v) in params {
             sqlx::query("INSERT OR IGNORE INTO params (run_id, key, value) VALUES (?, ?, ?)")
                 .bind(id)
@@ -376,14 +545,18 @@ impl Store {
                 .bind(v)
                 .execute(&mut *tx)
                 .await
-                .map_err(db_err)?;
+                .map_err(|e| self.fail("writing params", e))?;
         }
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(|e| self.fail("writing params", e))
     }
 
     /// Per-step metrics; a step recomputed after a resume replaces its row.
     pub async fn log_metrics(&self, id: i64, rows: &[(&str, i64, f64)]) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.fail("writing metrics", e))?;
         let now = now_ms();
         for (k, step, v) in rows {
             let nan = !v.is_finite();
@@ -398,9 +571,9 @@ impl Store {
             .bind(nan)
             .execute(&mut *tx)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("writing metrics", e))?;
         }
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(|e| self.fail("writing metrics", e))
     }
 
     /// Evaluations already recorded for a run: (scales, fusion, flip).
@@ -409,7 +582,7 @@ impl Store {
             .bind(id)
             .fetch_all(&self.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("reading evaluations", e))?;
         Ok(rows
             .iter()
             .map(|r| (r.get("scales"), r.get("fusion"), r.get::<i64, _>("flip") != 0))
@@ -426,7 +599,11 @@ impl Store {
         evals: &[EvalResult],
         artifacts: &[(String, String, String)],
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.fail("finishing a run", e))?;
         let now = now_ms();
         for e in evals {
             let iou = serde_json::to_string(&e.metrics.iou).expect("serialisable");
@@ -454,7 +631,7 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("finishing a run", e))?;
         }
         for (kind, path, digest) in artifacts {
             sqlx::query("DELETE FROM artifacts WHERE run_id = ? AND kind = ? AND path = ?")
@@ -463,7 +640,7 @@ impl Store {
                 .bind(path)
                 .execute(&mut *tx)
                 .await
-                .map_err(db_err)?;
+                .map_err(|e| self.fail("finishing a run", e))?;
             sqlx::query(
                 "INSERT INTO artifacts (run_id, kind, path, digest, created_ms) VALUES (?, ?, ?, ?, ?)",
             )
@@ -474,7 +651,7 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("finishing a run", e))?;
         }
         let r = sqlx::query(
             "UPDATE runs SET status = 'FINISHED', step = ?, end_ms = ?, heartbeat_ms = ? WHERE id = ? AND claimed_by = ?",
@@ -486,26 +663,27 @@ impl Store {
         .bind(who)
         .execute(&mut *tx)
         .await
-        .map_err(db_err)?;
+        .map_err(|e| self.fail("finishing a run", e))?;
         if r.rows_affected() != 1 {
             return Err(Error::Store(format!(
                 "run {id} is no longer held by this process"
             )));
         }
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(|e| self.fail("finishing a run", e))
     }
 
     pub async fn runs(&self, f: &RunFilter) -> Result<Vec<RunRow>> {
         let rows = sqlx::query(
             r#"SELECT * FROM runs WHERE (?1 IS NULL OR suite = ?1) AND (?2 IS NULL OR variant = ?2)
-               AND (?3 IS NULL OR status = ?3) ORDER BY id"#,
+               AND (?3 IS NULL OR status = ?3) AND (?4 OR removed_ms IS NULL) ORDER BY id"#,
         )
         .bind(&f.suite)
         .bind(&f.variant)
         .bind(f.status.map(|s| s.as_str()))
+        .bind(f.removed)
         .fetch_all(&self.pool)
         .await
-        .map_err(db_err)?;
+        .map_err(|e| self.fail("listing runs", e))?;
         Ok(rows.iter().map(run_row).collect())
     }
 
@@ -514,7 +692,7 @@ impl Store {
             .bind(id)
             .fetch_optional(&self.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("reading a run", e))?;
         Ok(r.as_ref().map(run_row))
     }
 
@@ -523,7 +701,7 @@ impl Store {
             .bind(run_id)
             .fetch_all(&self.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("reading evaluations", e))?;
         Ok(rows
             .iter()
             .map(|r| EvalRow {
@@ -551,7 +729,7 @@ impl Store {
             .bind(run_id)
             .fetch_all(&self.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("reading params", e))?;
         Ok(rows.iter().map(|r| (r.get("key"), r.get("value"))).collect())
     }
 
@@ -563,7 +741,7 @@ impl Store {
                 .bind(key)
                 .fetch_all(&self.pool)
                 .await
-                .map_err(db_err)?;
+                .map_err(|e| self.fail("reading a metric", e))?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -579,57 +757,104 @@ impl Store {
             .bind(run_id)
             .fetch_all(&self.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("reading artifacts", e))?;
         Ok(rows
             .iter()
             .map(|r| (r.get("kind"), r.get("path"), r.get("digest")))
             .collect())
     }
 
-    /// Deletes runs (with their params, metrics and evaluations); their
-    /// artifacts stay until `gc`.
-    pub async fn delete_runs(&self, ids: &[i64]) -> Result<u64> {
-        let mut n = 0;
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+    /// Marks runs removed (`rm`); returns the ids it marked. A RUNNING
+    /// run is marked only when `running_stale_before` is given and its
+    /// heartbeat is older (`rm --force`): the check is part of the UPDATE,
+    /// so a run claimed meanwhile is not removed. Removed runs keep every
+    /// row and file until `gc` purges them.
+    pub async fn remove_runs(&self, ids: &[i64], running_stale_before: Option<i64>) -> Result<Vec<i64>> {
+        let mut done = vec![];
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.fail("removing runs", e))?;
+        let now = now_ms();
         for id in ids {
-            n += sqlx::query("DELETE FROM runs WHERE id = ?")
+            let n = sqlx::query(
+                r#"UPDATE runs SET removed_ms = ?1 WHERE id = ?2 AND removed_ms IS NULL
+                   AND (status != 'RUNNING' OR (?3 IS NOT NULL AND (heartbeat_ms IS NULL OR heartbeat_ms < ?3)))"#,
+            )
+            .bind(now)
+            .bind(id)
+            .bind(running_stale_before)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.fail("removing runs", e))?
+            .rows_affected();
+            if n == 1 {
+                done.push(*id);
+            }
+        }
+        tx.commit().await.map_err(|e| self.fail("removing runs", e))?;
+        Ok(done)
+    }
+
+    /// Brings removed runs back (`restore`); returns the ids restored.
+    pub async fn restore_runs(&self, ids: &[i64]) -> Result<Vec<i64>> {
+        let mut done = vec![];
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.fail("restoring runs", e))?;
+        for id in ids {
+            let n = sqlx::query("UPDATE runs SET removed_ms = NULL WHERE id = ? AND removed_ms IS NOT NULL")
                 .bind(id)
                 .execute(&mut *tx)
                 .await
-                .map_err(db_err)?
+                .map_err(|e| self.fail("restoring runs", e))?
+                .rows_affected();
+            if n == 1 {
+                done.push(*id);
+            }
+        }
+        tx.commit().await.map_err(|e| self.fail("restoring runs", e))?;
+        Ok(done)
+    }
+
+    /// Deletes removed runs for good (`gc`) with their params, metrics,
+    /// evaluations and artifact rows, and artifact rows whose run is gone;
+    /// one transaction. Runs restored meanwhile are kept.
+    pub async fn purge_removed(&self, ids: &[i64]) -> Result<u64> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.fail("purging runs", e))?;
+        let mut n = 0;
+        for id in ids {
+            n += sqlx::query("DELETE FROM runs WHERE id = ? AND removed_ms IS NOT NULL")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.fail("purging runs", e))?
                 .rows_affected();
         }
-        tx.commit().await.map_err(db_err)?;
+        sqlx::query("DELETE FROM artifacts WHERE run_id IS NULL OR run_id NOT IN (SELECT id FROM runs)")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.fail("purging artifacts", e))?;
+        tx.commit().await.map_err(|e| self.fail("purging runs", e))?;
         Ok(n)
     }
 
-    /// Artifacts whose run is gone: (id, path).
+    /// Artifact rows whose run is gone (left by an older `rm`).
     pub async fn orphan_artifacts(&self) -> Result<Vec<(i64, String)>> {
         let rows = sqlx::query(
             "SELECT id, path FROM artifacts WHERE run_id IS NULL OR run_id NOT IN (SELECT id FROM runs)",
         )
         .fetch_all(&self.pool)
         .await
-        .map_err(db_err)?;
+        .map_err(|e| self.fail("reading artifacts", e))?;
         Ok(rows.iter().map(|r| (r.get("id"), r.get("path"))).collect())
-    }
-
-    pub async fn delete_artifact(&self, id: i64) -> Result<()> {
-        sqlx::query("DELETE FROM artifacts WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(())
-    }
-
-    /// Run folders the database still refers to.
-    pub async fn run_dirs(&self) -> Result<Vec<String>> {
-        let rows = sqlx::query("SELECT run_dir FROM runs")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(rows.iter().map(|r| r.get("run_dir")).collect())
     }
 
     pub async fn add_benchmark(&self, b: &BenchRow) -> Result<()> {
@@ -650,7 +875,7 @@ impl Store {
         .bind(now_ms())
         .execute(&self.pool)
         .await
-        .map_err(db_err)?;
+        .map_err(|e| self.fail("recording a benchmark", e))?;
         Ok(())
     }
 
@@ -660,7 +885,7 @@ impl Store {
             .bind(suite)
             .fetch_all(&self.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(|e| self.fail("reading benchmarks", e))?;
         Ok(rows
             .iter()
             .map(|r| BenchRow {
@@ -678,13 +903,43 @@ impl Store {
             .collect())
     }
 
-    /// Runs any SQL and returns column names and rows rendered as text. On
-    /// a read-only store a write fails with SQLite's own error.
-    pub async fn query(&self, sql: &str) -> Result<(Vec<String>, Vec<Vec<String>>)> {
+    /// Runs read-only SQL (`hmsa-lab query`) and returns column names and
+    /// rows rendered as text. Every statement is prepared first and refused
+    /// unless SQLite itself calls it read-only (`sqlite3_stmt_readonly`):
+    /// that refuses every write, and `VACUUM INTO`, which writes a new file
+    /// even through a read-only connection. A query still running after
+    /// `timeout` is interrupted.
+    pub async fn query(&self, sql: &str, timeout: Duration) -> Result<(Vec<String>, Vec<Vec<String>>)> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.fail("query", e))?;
+        let deadline = std::time::Instant::now() + timeout;
+        {
+            let mut h = conn.lock_handle().await.map_err(|e| self.fail("query", e))?;
+            if let Some(stmt) =
+                writing_statement(h.as_raw_handle(), sql).map_err(|e| self.fail("query", e))?
+            {
+                return Err(self.fail(
+                    "query",
+                    format!("`{stmt}` would write; `hmsa-lab query` runs read-only statements only"),
+                ));
+            }
+            h.set_progress_handler(1000, move || std::time::Instant::now() < deadline);
+        }
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
+            .fetch_all(&mut *conn)
+            .await;
+        if let Ok(mut h) = conn.lock_handle().await {
+            h.remove_progress_handler();
+        }
+        let rows = rows.map_err(|e| {
+            if std::time::Instant::now() >= deadline {
+                self.fail(
+                    "query",
+                    format!("stopped after {:.1} s (--timeout)", timeout.as_secs_f64()),
+                )
+            } else {
+                self.fail("query", e)
+            }
+        })?;
         let cols: Vec<String> = rows
             .first()
             .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
@@ -693,17 +948,26 @@ impl Store {
         for r in &rows {
             let mut line = Vec::with_capacity(cols.len());
             for i in 0..cols.len() {
-                let raw = r.try_get_raw(i).map_err(db_err)?;
+                let raw = r.try_get_raw(i).map_err(|e| self.fail("query", e))?;
                 let text = if raw.is_null() {
                     "NULL".to_string()
                 } else {
                     match raw.type_info().name() {
-                        "INTEGER" | "BOOLEAN" => {
-                            r.try_get::<i64, _>(i).map(|v| v.to_string()).map_err(db_err)?
-                        }
-                        "REAL" => r.try_get::<f64, _>(i).map(|v| v.to_string()).map_err(db_err)?,
-                        "BLOB" => format!("<{} bytes>", r.try_get::<Vec<u8>, _>(i).map_err(db_err)?.len()),
-                        _ => r.try_get::<String, _>(i).map_err(db_err)?,
+                        "INTEGER" | "BOOLEAN" => r
+                            .try_get::<i64, _>(i)
+                            .map(|v| v.to_string())
+                            .map_err(|e| self.fail("query", e))?,
+                        "REAL" => r
+                            .try_get::<f64, _>(i)
+                            .map(|v| v.to_string())
+                            .map_err(|e| self.fail("query", e))?,
+                        "BLOB" => format!(
+                            "<{} bytes>",
+                            r.try_get::<Vec<u8>, _>(i)
+                                .map_err(|e| self.fail("query", e))?
+                                .len()
+                        ),
+                        _ => r.try_get::<String, _>(i).map_err(|e| self.fail("query", e))?,
                     }
                 };
                 line.push(text);
@@ -712,4 +976,49 @@ impl Store {
         }
         Ok((cols, out))
     }
+}
+
+/// The first statement of `sql` that SQLite does not call read-only, as
+/// written; statements are prepared (never run) one after another.
+fn writing_statement(
+    db: std::ptr::NonNull<libsqlite3_sys::sqlite3>,
+    sql: &str,
+) -> std::result::Result<Option<String>, String> {
+    use libsqlite3_sys as ffi;
+    use std::os::raw::{c_char, c_int};
+    let bytes = sql.as_bytes();
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let mut stmt: *mut ffi::sqlite3_stmt = std::ptr::null_mut();
+        let mut tail: *const c_char = std::ptr::null();
+        let rest = &bytes[at..];
+        let len = c_int::try_from(rest.len()).map_err(|_| "the SQL text is too long".to_string())?;
+        // SAFETY: `db` is the locked connection's live handle; `rest` is a
+        // valid buffer of `len` bytes (not necessarily NUL-terminated, which
+        // prepare allows when given the length); `tail` points into it.
+        unsafe {
+            let rc = ffi::sqlite3_prepare_v2(db.as_ptr(), rest.as_ptr().cast(), len, &mut stmt, &mut tail);
+            if rc != ffi::SQLITE_OK {
+                let msg = std::ffi::CStr::from_ptr(ffi::sqlite3_errmsg(db.as_ptr()));
+                return Err(msg.to_string_lossy().into_owned());
+            }
+            let used = if tail.is_null() {
+                rest.len()
+            } else {
+                tail.offset_from(rest.as_ptr().cast()) as usize
+            };
+            if stmt.is_null() {
+                // only whitespace or comments were left
+                break;
+            }
+            let read_only = ffi::sqlite3_stmt_readonly(stmt) != 0;
+            ffi::sqlite3_finalize(stmt);
+            if !read_only {
+                let text = String::from_utf8_lossy(&rest[..used]).trim().to_string();
+                return Ok(Some(text));
+            }
+            at += used.max(1);
+        }
+    }
+    Ok(None)
 }

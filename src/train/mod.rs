@@ -93,7 +93,8 @@ fn write_checkpoint(run_dir: &Path, step: usize, vm: &VarMap, opt: &Sgd) -> Resu
     crate::model::checkpoint::save_varmap(vm, &dir.join("model.safetensors"))?;
     opt.save(&dir.join("optim.safetensors"))?;
     let st = serde_json::to_string(&CkptState { step }).expect("serialisable");
-    std::fs::write(dir.join("state.json"), st).map_err(|e| Error::io(&dir, e))?;
+    let state = dir.join("state.json");
+    std::fs::write(&state, st).map_err(|e| Error::io(&state, e))?;
     let tmp = ck.join("latest.tmp");
     std::fs::write(&tmp, format!("step-{step:07}")).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, ck.join("latest")).map_err(|e| Error::io(&ck, e))?;

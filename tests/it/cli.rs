@@ -170,6 +170,31 @@ fn infer_bad_input_gets_a_clear_error() {
         e.contains("bad.safetensors") && e.contains("N x 3 x H x W"),
         "{e}"
     );
+    // Integer and non-finite tensors are refused, naming the file.
+    let ints = dir.path().join("ints.safetensors");
+    let mut m = std::collections::HashMap::new();
+    m.insert(
+        "image".to_string(),
+        Tensor::zeros((1, 3, 8, 8), candle_core::DType::U8, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&m, &ints).unwrap();
+    let e = run(&["--checkpoint", &ck, ints.to_str().unwrap()]);
+    assert!(e.contains("ints.safetensors") && e.contains("U8"), "{e}");
+    let nan = dir.path().join("nan.safetensors");
+    let mut v = vec![0f32; 3 * 8 * 8];
+    v[5] = f32::NAN;
+    v[7] = f32::INFINITY;
+    let mut m = std::collections::HashMap::new();
+    m.insert(
+        "image".to_string(),
+        Tensor::from_vec(v, (1, 3, 8, 8), &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&m, &nan).unwrap();
+    let e = run(&["--checkpoint", &ck, nan.to_str().unwrap()]);
+    assert!(
+        e.contains("nan.safetensors") && e.contains("2 NaN or infinite"),
+        "{e}"
+    );
     // A model config with an unknown key names the file and the key.
     let toml = dir.path().join("m.toml");
     std::fs::write(&toml, "num_classes = 3\nwidth = 4\n").unwrap();

@@ -4,6 +4,7 @@ mod cli;
 mod data;
 mod lab;
 mod model;
+mod safety;
 mod train;
 
 use candle_core::{DType, Device, Tensor};

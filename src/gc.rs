@@ -1,0 +1,175 @@
+//! What the lab may delete, and the proof that it may.
+//!
+//! Every run folder holds an `owner.json` naming the database (its id, from
+//! `store_meta`) and the run that made it; a folder already owned by
+//! another database or run is never trained into. `hmsa-lab gc` removes a
+//! folder only when its owner file names the given database and a run that
+//! database no longer holds (removed with `rm`, or purged). Folders of
+//! other databases, folders without an owner file (made before owners were
+//! recorded, or not by hmsa-lab) and folders of live runs are never
+//! touched. Paths are compared after canonicalisation, so `./runs`,
+//! `runs` and an absolute path are the same folder.
+
+use crate::store::{RunFilter, RunRow, Store};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use tokio::runtime::Runtime;
+
+/// The file in each run folder that names its owner.
+pub const OWNER_FILE: &str = "owner.json";
+
+/// Who made a run folder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// The database's id (`store_meta`).
+    pub store: String,
+    /// The run's id in that database.
+    pub run: i64,
+    pub suite: String,
+    pub variant: String,
+    pub seed: u64,
+}
+
+/// The owner recorded in `dir`, if it has a readable owner file.
+pub fn read_owner(dir: &Path) -> Option<Owner> {
+    let text = std::fs::read_to_string(dir.join(OWNER_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Takes `dir` for `owner`'s run: creates it and writes the owner file. A
+/// folder that another database or another run already owns is refused:
+/// two runs never share a folder.
+pub fn take_folder(dir: &Path, owner: &Owner) -> Result<()> {
+    if let Some(o) = read_owner(dir) {
+        if o.store != owner.store || o.run != owner.run {
+            return Err(Error::Store(format!(
+                "{} belongs to run {} ({} {} seed {}) of another {}: two runs never share a folder \
+                 (the same suite recorded in a second database? give one of them another `runs_dir`)",
+                dir.display(),
+                o.run,
+                o.suite,
+                o.variant,
+                o.seed,
+                if o.store == owner.store {
+                    "run of this database"
+                } else {
+                    "database"
+                }
+            )));
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join(OWNER_FILE);
+    let tmp = dir.join(format!("{OWNER_FILE}.tmp"));
+    let text = serde_json::to_string_pretty(owner).expect("serialisable");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+}
+
+/// What `gc` would do.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    /// Removed runs whose rows are purged.
+    pub purge: Vec<RunRow>,
+    /// Folders this database owns for runs it no longer holds.
+    pub folders: Vec<PathBuf>,
+    /// Folders left alone: another database owns them.
+    pub foreign: Vec<PathBuf>,
+    /// Folders left alone: no owner file.
+    pub unowned: Vec<PathBuf>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.purge.is_empty() && self.folders.is_empty()
+    }
+}
+
+/// The sub-folders of every folder that holds this database's run
+/// folders, canonical.
+fn suite_folders(runs: &[RunRow]) -> BTreeSet<PathBuf> {
+    runs.iter()
+        .filter_map(|r| Path::new(&r.run_dir).parent().map(Path::to_path_buf))
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect()
+}
+
+fn live(runs: &[RunRow]) -> (HashSet<PathBuf>, HashSet<i64>) {
+    let alive: Vec<&RunRow> = runs.iter().filter(|r| r.removed_ms.is_none()).collect();
+    (
+        alive
+            .iter()
+            .filter_map(|r| std::fs::canonicalize(&r.run_dir).ok())
+            .collect(),
+        alive.iter().map(|r| r.id).collect(),
+    )
+}
+
+/// Works out what `gc` would remove; changes nothing.
+pub fn plan(rt: &Runtime, store: &Store) -> Result<Plan> {
+    let id = rt.block_on(store.id())?;
+    let runs = rt.block_on(store.runs(&RunFilter {
+        removed: true,
+        ..Default::default()
+    }))?;
+    let (live_dirs, live_ids) = live(&runs);
+    let mut plan = Plan {
+        purge: runs.iter().filter(|r| r.removed_ms.is_some()).cloned().collect(),
+        ..Default::default()
+    };
+    for parent in suite_folders(&runs) {
+        let entries = std::fs::read_dir(&parent).map_err(|e| Error::io(&parent, e))?;
+        for entry in entries.flatten() {
+            let Ok(dir) = std::fs::canonicalize(entry.path()) else {
+                continue;
+            };
+            if !dir.is_dir() || live_dirs.contains(&dir) {
+                continue;
+            }
+            match read_owner(&dir) {
+                None => plan.unowned.push(dir),
+                Some(o) if o.store != id => plan.foreign.push(dir),
+                Some(o) if live_ids.contains(&o.run) => {}
+                Some(_) => plan.folders.push(dir),
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// What `gc` did.
+#[derive(Clone, Debug, Default)]
+pub struct Done {
+    pub runs: u64,
+    pub folders: usize,
+}
+
+/// Carries out `plan`: purges the removed runs' rows (one transaction),
+/// then removes the folders, each checked again against the database (a
+/// run restored meanwhile keeps its folder).
+pub fn apply(rt: &Runtime, store: &Store, plan: &Plan) -> Result<Done> {
+    let ids: Vec<i64> = plan.purge.iter().map(|r| r.id).collect();
+    let runs = rt.block_on(store.purge_removed(&ids))?;
+    let now = rt.block_on(store.runs(&RunFilter {
+        removed: true,
+        ..Default::default()
+    }))?;
+    let (live_dirs, _) = live(&now);
+    // Runs still in the database (restored, or removed after the plan) keep
+    // their folders.
+    let held: HashSet<i64> = now.iter().map(|r| r.id).collect();
+    let mut folders = 0;
+    for dir in &plan.folders {
+        let owner = read_owner(dir);
+        let keep = live_dirs.contains(dir) || owner.as_ref().is_none_or(|o| held.contains(&o.run));
+        if keep {
+            continue;
+        }
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        folders += 1;
+    }
+    Ok(Done { runs, folders })
+}
