@@ -545,6 +545,16 @@ impl std::fmt::Display for Exit {
 
 impl std::error::Error for Exit {}
 
+/// Training observer of `hmsa-lab train`: stops (after a checkpoint) on
+/// Ctrl-C or SIGTERM.
+struct UntilSignal(Arc<AtomicBool>);
+
+impl hmsa_lab::train::Observer for UntilSignal {
+    fn should_stop(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Asks before a destructive step: `--yes` goes ahead; on a terminal the
 /// user is asked; otherwise the command stops, changing nothing.
 fn confirm(yes: bool, what: &str) -> Result<()> {
@@ -1206,7 +1216,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Train(a) => {
             let cfg = RunConfig::from_toml_file(&a.config)?;
-            let report = hmsa_lab::train::train(&cfg, &a.out, &mut hmsa_lab::train::Quiet)?;
+            let rt = runtime()?;
+            let stop = Arc::new(AtomicBool::new(false));
+            stop_on_signals(&rt, stop.clone());
+            let report = hmsa_lab::train::train(&cfg, &a.out, &mut UntilSignal(stop))?;
+            if !report.finished {
+                return Err(Exit::Interrupted(format!(
+                    "interrupted at step {}, checkpoint saved; the same command resumes",
+                    report.step
+                ))
+                .into());
+            }
             let weights = report.weights.context("training did not finish")?;
             let net = checkpoint::load(&cfg.model, &weights, &device()?)?;
             let results = hmsa_lab::eval::evaluate(&net, &cfg.val_dataset()?, &cfg.eval.sets, &device()?)?;
