@@ -509,14 +509,28 @@ pub struct Extra {
     pub sections: Vec<(String, String, Option<TextTable>)>,
 }
 
-/// Median training step time per variant (from the `step_secs` metrics)
-/// and the benchmark's peak memory: the paper's efficiency claim.
-pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(String, TextTable)>> {
-    let mut rows = vec![];
-    let mut med = BTreeMap::new();
+/// One variant's training cost, from its runs' `step_secs` metrics.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cost {
+    pub variant: String,
+    /// Training fusion and scales, e.g. `hierarchical 0.5,1.0`.
+    pub training: String,
+    /// Median seconds per step over every step of every seed.
+    pub median_step_s: f64,
+    /// Steps measured (all seeds).
+    pub steps: usize,
+    /// Seconds of training per run: the sum over steps / runs.
+    pub seconds_per_run: f64,
+    /// median_step_s / the baseline's.
+    pub vs_baseline: Option<f64>,
+}
+
+/// The training cost of every variant with step timings.
+pub async fn costs(store: &Store, s: &SuiteSummary) -> Result<Vec<Cost>> {
+    let mut out = vec![];
     for v in variant_order(&s.runs) {
         let mut xs = vec![];
-        let mut scales = String::new();
+        let mut training = String::new();
         for r in s.runs.iter().filter(|r| r.variant == v) {
             xs.extend(
                 store
@@ -527,7 +541,7 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
                     .filter(|x| x.is_finite()),
             );
             if let Ok(c) = serde_json::from_str::<crate::config::RunConfig>(&r.config_json) {
-                scales = format!(
+                training = format!(
                     "{} {}",
                     c.model.fusion,
                     crate::model::fusion::format_scales(&c.model.scales)
@@ -537,34 +551,43 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
         if xs.is_empty() {
             continue;
         }
-        let seeds = s.runs.iter().filter(|r| r.variant == v).count().max(1);
-        let per_run = xs.iter().sum::<f64>() / seeds as f64;
+        let runs = s.runs.iter().filter(|r| r.variant == v).count().max(1);
+        let seconds_per_run = xs.iter().sum::<f64>() / runs as f64;
         xs.sort_by(f64::total_cmp);
-        let m = xs[xs.len() / 2];
-        med.insert(v.clone(), m);
-        rows.push(vec![
-            v,
-            scales,
-            format!("{m:.3}"),
-            xs.len().to_string(),
-            format!("{per_run:.0}"),
-        ]);
+        out.push(Cost {
+            variant: v,
+            training,
+            median_step_s: xs[xs.len() / 2],
+            steps: xs.len(),
+            seconds_per_run,
+            vs_baseline: None,
+        });
     }
-    // each variant's step cost against the baseline's
-    if let Some(b) = med.get(&s.baseline).copied() {
-        for row in &mut rows {
-            let m = med[&row[0]];
-            row.push(format!("{:.2}x", m / b));
+    if let Some(b) = out
+        .iter()
+        .find(|c| c.variant == s.baseline)
+        .map(|c| c.median_step_s)
+    {
+        for c in &mut out {
+            c.vs_baseline = Some(c.median_step_s / b);
         }
     }
-    let (Some(e), Some(h)) = (med.get("explicit"), med.get("hierarchical")) else {
+    Ok(out)
+}
+
+/// Median training step time per variant (from the `step_secs` metrics)
+/// and the benchmark's peak memory: the paper's efficiency claim.
+pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(String, TextTable)>> {
+    let list = costs(store, s).await?;
+    let med = |v: &str| list.iter().find(|c| c.variant == v).map(|c| c.median_step_s);
+    let (Some(e), Some(h)) = (med("explicit"), med("hierarchical")) else {
         return Ok(None);
     };
     let mut text = format!(
         "Training cost measured on the same model and crop (median seconds per step over every step of every seed, from the `step_secs` metrics): explicit {{0.5, 1.0, 2.0}} / hierarchical {{0.5, 1.0}} = {:.2}x (theory: 5.25 / 1.25 = 4.2x).",
         e / h
     );
-    if let Some(b) = med.get("baseline") {
+    if let Some(b) = med("baseline") {
         text.push_str(&format!(
             " Hierarchical / single-scale = {:.2}x (theory 1.25x).",
             h / b
@@ -593,9 +616,26 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
     ]
     .map(String::from)
     .to_vec();
-    if med.contains_key(&s.baseline) {
+    let with_ratio = list.iter().any(|c| c.vs_baseline.is_some());
+    if with_ratio {
         head.push(format!("step cost vs {}", s.baseline));
     }
+    let rows = list
+        .iter()
+        .map(|c| {
+            let mut row = vec![
+                c.variant.clone(),
+                c.training.clone(),
+                format!("{:.3}", c.median_step_s),
+                c.steps.to_string(),
+                format!("{:.0}", c.seconds_per_run),
+            ];
+            if let Some(r) = c.vs_baseline {
+                row.push(format!("{r:.2}x"));
+            }
+            row
+        })
+        .collect();
     Ok(Some((text, (head, rows))))
 }
 
@@ -776,9 +816,22 @@ pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<
     html.push_str("</body></html>\n");
     let mdp = out.join("index.md");
     let htp = out.join("index.html");
+    let jsp = out.join("index.json");
     std::fs::write(&mdp, md).map_err(|e| Error::io(&mdp, e))?;
     std::fs::write(&htp, html).map_err(|e| Error::io(&htp, e))?;
-    let mut files = vec![mdp, htp];
+    let json = serde_json::json!({
+        "suite": s.suite,
+        "baseline": s.baseline,
+        "evaluations": s.rows,
+        "effects": paper::effects(&s),
+        "costs": costs(store, &s).await?,
+    });
+    std::fs::write(
+        &jsp,
+        serde_json::to_string_pretty(&json).expect("serialisable") + "\n",
+    )
+    .map_err(|e| Error::io(&jsp, e))?;
+    let mut files = vec![mdp, htp, jsp];
     files.extend(figs);
     Ok(files)
 }

@@ -85,6 +85,57 @@ pub fn verdict(paper: f64, delta: f64, p: Option<f64>) -> &'static str {
     }
 }
 
+/// One of the paper's effects measured on our suite (points of mIoU).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Effect {
+    pub effect: String,
+    /// The paper's value.
+    pub paper: f64,
+    /// Ours: mean(a) − mean(b) over seeds.
+    pub delta: f64,
+    /// Standard error of that difference: sqrt(s_a²/n_a + s_b²/n_b).
+    pub se: f64,
+    /// Welch's two-sided p (None with fewer than two seeds a side).
+    pub p: Option<f64>,
+    pub verdict: &'static str,
+}
+
+/// The paper's effects that the suite's variants measure, in paper order.
+pub fn effects(s: &SuiteSummary) -> Vec<Effect> {
+    let mut list: Vec<(String, f64, Ev, Ev)> = EFFECTS
+        .iter()
+        .map(|(n, p, a, b)| (n.to_string(), *p, *a, *b))
+        .collect();
+    list.insert(
+        5,
+        (
+            "+ MS attention: hierarchical vs averaging, {0.5, 1, 2} (Cityscapes)".into(),
+            MS_ATTENTION_CITYSCAPES,
+            ("hierarchical", "0.5,1.0,2.0", "hierarchical"),
+            ("baseline", "0.5,1.0,2.0", "average"),
+        ),
+    );
+    let mut out = vec![];
+    for (name, paper, a, b) in list {
+        let (Some(va), Some(vb)) = (values(s, a), values(s, b)) else {
+            continue;
+        };
+        let delta = 100.0 * (mean_std(&va).0 - mean_std(&vb).0);
+        let (sa, sb) = (mean_std(&va).1, mean_std(&vb).1);
+        let se = 100.0 * (sa * sa / va.len() as f64 + sb * sb / vb.len() as f64).sqrt();
+        let p = welch(&va, &vb).map(|w| w.2);
+        out.push(Effect {
+            effect: name,
+            paper,
+            delta,
+            se,
+            p,
+            verdict: verdict(paper, delta, p),
+        });
+    }
+    out
+}
+
 /// The comparison table and a paragraph in words; None when the suite
 /// lacks the variants (not an ablation suite).
 pub fn comparison(s: &SuiteSummary) -> Option<(String, TextTable)> {
@@ -97,43 +148,31 @@ pub fn comparison(s: &SuiteSummary) -> Option<(String, TextTable)> {
     ]
     .map(String::from)
     .to_vec();
-    let mut rows = vec![];
-    let mut words = vec![];
-    let mut effects: Vec<(String, f64, Ev, Ev)> = EFFECTS
-        .iter()
-        .map(|(n, p, a, b)| (n.to_string(), *p, *a, *b))
-        .collect();
-    effects.insert(
-        5,
-        (
-            "+ MS attention: hierarchical vs averaging, {0.5, 1, 2} (Cityscapes)".into(),
-            MS_ATTENTION_CITYSCAPES,
-            ("hierarchical", "0.5,1.0,2.0", "hierarchical"),
-            ("baseline", "0.5,1.0,2.0", "average"),
-        ),
-    );
-    for (name, paper, a, b) in effects {
-        let (Some(va), Some(vb)) = (values(s, a), values(s, b)) else {
-            continue;
-        };
-        let delta = 100.0 * (mean_std(&va).0 - mean_std(&vb).0);
-        // std of the difference of means, for the ± column
-        let (sa, sb) = (mean_std(&va).1, mean_std(&vb).1);
-        let sd = 100.0 * (sa * sa / va.len() as f64 + sb * sb / vb.len() as f64).sqrt();
-        let p = welch(&va, &vb).map(|w| w.2);
-        let v = verdict(paper, delta, p);
-        words.push(format!("{name}: {v} ({delta:+.2} vs the paper's {paper:+.1})"));
-        rows.push(vec![
-            name,
-            format!("{paper:+.1}"),
-            format!("{delta:+.2} ± {sd:.2}"),
-            p.map_or("–".into(), |p| format!("{p:.3}")),
-            v.to_string(),
-        ]);
-    }
-    if rows.is_empty() {
+    let list = effects(s);
+    if list.is_empty() {
         return None;
     }
+    let words: Vec<String> = list
+        .iter()
+        .map(|e| {
+            format!(
+                "{}: {} ({:+.2} vs the paper's {:+.1})",
+                e.effect, e.verdict, e.delta, e.paper
+            )
+        })
+        .collect();
+    let rows = list
+        .iter()
+        .map(|e| {
+            vec![
+                e.effect.clone(),
+                format!("{:+.1}", e.paper),
+                format!("{:+.2} ± {:.2}", e.delta, e.se),
+                e.p.map_or("–".into(), |p| format!("{p:.3}")),
+                e.verdict.to_string(),
+            ]
+        })
+        .collect();
     let text = format!(
         "Differences in mIoU points between evaluations of our variants, beside the paper's. \
          `±` is the standard error of the difference of means over seeds. \

@@ -4,6 +4,7 @@ mod cli;
 mod data;
 mod lab;
 mod model;
+mod report;
 mod safety;
 mod train;
 
