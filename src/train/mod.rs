@@ -78,12 +78,30 @@ struct CkptState {
     step: usize,
 }
 
-/// The latest complete checkpoint folder of a run, if any.
-pub fn latest_checkpoint(run_dir: &Path) -> Option<(usize, PathBuf)> {
-    let name = std::fs::read_to_string(run_dir.join("ckpt/latest")).ok()?;
+/// The latest complete checkpoint folder of a run: `None` when the run has
+/// none (`ckpt/latest` is absent). A checkpoint that `ckpt/latest` names
+/// but that cannot be read is an error naming the file, never a silent
+/// restart from step 0 (checkpoints are written before `latest` is renamed
+/// onto them, so this means the files were damaged afterwards).
+pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(usize, PathBuf)>> {
+    let latest = run_dir.join("ckpt/latest");
+    let name = match std::fs::read_to_string(&latest) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&latest, e)),
+    };
     let dir = run_dir.join("ckpt").join(name.trim());
-    let st: CkptState = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).ok()?).ok()?;
-    Some((st.step, dir))
+    let state = dir.join("state.json");
+    let damaged = |msg: String| Error::Checkpoint {
+        path: state.clone(),
+        msg: format!(
+            "{msg}; the run cannot resume from it (remove {} to restart the run from step 0)",
+            run_dir.join("ckpt").display()
+        ),
+    };
+    let text = std::fs::read_to_string(&state).map_err(|e| damaged(e.to_string()))?;
+    let st: CkptState = serde_json::from_str(&text).map_err(|e| damaged(e.to_string()))?;
+    Ok(Some((st.step, dir)))
 }
 
 fn write_checkpoint(run_dir: &Path, step: usize, vm: &VarMap, opt: &Sgd) -> Result<PathBuf> {
@@ -129,7 +147,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
         .collect();
     let mut opt = Sgd::new(vars, &t.optim);
     let mut start = 0;
-    let resumed_from = latest_checkpoint(run_dir);
+    let resumed_from = latest_checkpoint(run_dir)?;
     if let Some((step, dir)) = &resumed_from {
         vm.load(dir.join("model.safetensors"))
             .map_err(|e| Error::Checkpoint {

@@ -156,38 +156,134 @@ impl Observer for StopAt {
     }
 }
 
-#[test]
-fn resuming_repeats_the_uninterrupted_run_exactly() {
-    let d = tempfile::tempdir().unwrap();
-    blocks_dataset(d.path());
-    let mut cfg = overfit_config(d.path());
-    // every source of randomness on: scale, flip, blur, jitter, class-uniform
-    // crops, dropout; hierarchical two-scale training with RMI.
-    cfg.data.augment = hmsa_lab::data::augment::AugmentConfig {
-        crop: [64, 64],
-        ..Default::default()
-    };
-    cfg.data.sampler.class_uniform = 0.5;
-    cfg.data.sampler.tile = 32;
-    cfg.model.fusion = hmsa_lab::model::Fusion::Hierarchical;
-    cfg.model.scales = vec![0.5, 1.0];
-    cfg.train.loss.main = hmsa_lab::train::loss::MainLoss::Rmi;
-    cfg.train.batch = 2;
-    cfg.train.steps = 6;
-    cfg.train.checkpoint_every = 2;
-    let whole = train(&cfg, &d.path().join("a"), &mut Quiet).unwrap();
-    let b = d.path().join("b");
-    let part = train(&cfg, &b, &mut StopAt(3, 0)).unwrap();
-    assert!(!part.finished && part.step == 3);
-    let rest = train(&cfg, &b, &mut Quiet).unwrap();
-    assert_eq!(rest.resumed_from, Some(3));
+/// `n` street-like images (the car moves) in the Cityscapes layout, as the
+/// `train` and `val` splits under `root`.
+fn blocks_dataset_n(root: &Path, n: u32) {
+    for k in 0..n {
+        let (w, h) = (128u32, 64u32);
+        let lab = GrayImage::from_fn(w, h, |x, y| {
+            Luma([if y < 16 {
+                23
+            } else if y < 36 {
+                11
+            } else if (20 + 15 * k..40 + 15 * k).contains(&x) && y < 52 {
+                26
+            } else {
+                7
+            }])
+        });
+        let img = RgbImage::from_fn(w, h, |x, y| {
+            let v = ((x * 7 + y * 13 + k * 5) % 11) as u8;
+            match lab.get_pixel(x, y)[0] {
+                23 => Rgb([110 + v, 150 + v, 210]),
+                11 => Rgb([120 + v, 100 + v, 90 + v]),
+                26 => Rgb([30, 40 + v, 160]),
+                _ => Rgb([80 + v, 80 + v, 85 + v]),
+            }
+        });
+        for split in ["train", "val"] {
+            let i = root.join(format!("leftImg8bit/{split}/c/c_000000_{k:06}_leftImg8bit.png"));
+            let l = root.join(format!("gtFine/{split}/c/c_000000_{k:06}_gtFine_labelIds.png"));
+            std::fs::create_dir_all(i.parent().unwrap()).unwrap();
+            std::fs::create_dir_all(l.parent().unwrap()).unwrap();
+            img.save(&i).unwrap();
+            lab.save(&l).unwrap();
+        }
+    }
+}
+
+/// Trains `cfg` whole, and again stopped after `stop` steps and resumed:
+/// the loss curves and the final weights must be identical.
+fn resume_matches(cfg: &RunConfig, dir: &Path, stop: usize, what: &str) {
+    let whole = train(cfg, &dir.join("a"), &mut Quiet).unwrap();
+    let b = dir.join("b");
+    let part = train(cfg, &b, &mut StopAt(stop, 0)).unwrap();
+    assert!(!part.finished && part.step == stop, "{what}");
+    let rest = train(cfg, &b, &mut Quiet).unwrap();
+    assert_eq!(rest.resumed_from, Some(stop), "{what}");
     let a: Vec<f32> = whole.steps.iter().map(|s| s.loss).collect();
     let mut bb: Vec<f32> = part.steps.iter().map(|s| s.loss).collect();
     bb.extend(rest.steps.iter().map(|s| s.loss));
-    assert_eq!(a, bb, "loss curves differ");
-    let wa = std::fs::read(d.path().join("a/model.safetensors")).unwrap();
+    assert_eq!(a, bb, "{what}: loss curves differ");
+    let wa = std::fs::read(dir.join("a/model.safetensors")).unwrap();
     let wb = std::fs::read(b.join("model.safetensors")).unwrap();
-    assert!(wa == wb, "final weights differ");
+    assert!(wa == wb, "{what}: final weights differ");
+}
+
+/// Resume inside an epoch (5 images, batch 2: 3 steps an epoch, stopped
+/// at step 4) for every training mode, with every source of randomness on
+/// (scale, flip, blur, jitter, class-uniform crops, dropout) and, for
+/// hierarchical, an auto-labelled-style second source in half the batch.
+#[test]
+fn resuming_mid_epoch_repeats_the_uninterrupted_run_exactly() {
+    use hmsa_lab::model::Fusion;
+    let cases: [(&str, Fusion, Vec<f64>, bool); 5] = [
+        ("single", Fusion::Single, vec![1.0], false),
+        ("average", Fusion::Average, vec![0.5, 1.0], false),
+        ("explicit", Fusion::Explicit, vec![0.5, 1.0, 2.0], false),
+        ("hierarchical + RMI", Fusion::Hierarchical, vec![0.5, 1.0], false),
+        (
+            "hierarchical + second source",
+            Fusion::Hierarchical,
+            vec![0.5, 1.0],
+            true,
+        ),
+    ];
+    for (what, fusion, scales, second) in cases {
+        let d = tempfile::tempdir().unwrap();
+        blocks_dataset_n(d.path(), 5);
+        let mut cfg = overfit_config(d.path());
+        cfg.data.augment = hmsa_lab::data::augment::AugmentConfig {
+            crop: [64, 64],
+            ..Default::default()
+        };
+        cfg.data.sampler.class_uniform = 0.5;
+        cfg.data.sampler.tile = 32;
+        cfg.model.fusion = fusion;
+        cfg.model.scales = scales;
+        if what.contains("RMI") {
+            cfg.train.loss.main = hmsa_lab::train::loss::MainLoss::Rmi;
+        }
+        if second {
+            let extra = d.path().join("auto");
+            blocks_dataset_n(&extra, 3);
+            cfg.data.second = Some(hmsa_lab::config::SecondSource {
+                root: extra,
+                split: "train".into(),
+                labels: "fine".into(),
+            });
+        }
+        cfg.train.batch = 2;
+        cfg.train.steps = 7;
+        cfg.train.checkpoint_every = 2;
+        resume_matches(&cfg, d.path(), 4, what);
+    }
+}
+
+/// A checkpoint that `ckpt/latest` names but that cannot be read stops the
+/// run with an error naming the file: never a silent restart from step 0.
+#[test]
+fn a_damaged_checkpoint_is_an_error_not_a_restart() {
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset(d.path());
+    let mut cfg = overfit_config(d.path());
+    cfg.train.steps = 6;
+    cfg.train.checkpoint_every = 2;
+    let run = d.path().join("run");
+    let part = train(&cfg, &run, &mut StopAt(3, 0)).unwrap();
+    assert_eq!(part.step, 3);
+    let state = run.join("ckpt/step-0000003/state.json");
+    std::fs::write(&state, "{ not json").unwrap();
+    let e = train(&cfg, &run, &mut Quiet).unwrap_err().to_string();
+    assert!(
+        e.contains("step-0000003/state.json") && e.contains("cannot resume"),
+        "{e}"
+    );
+    std::fs::remove_file(&state).unwrap();
+    let e = train(&cfg, &run, &mut Quiet).unwrap_err().to_string();
+    assert!(e.contains("state.json"), "{e}");
+    // No weights were written by either attempt.
+    assert!(!run.join("model.safetensors").exists());
 }
 
 #[test]
