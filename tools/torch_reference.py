@@ -42,6 +42,11 @@ usage: python3 tools/torch_reference.py parity WEIGHTS.safetensors INPUT.safeten
        python3 tools/torch_reference.py compare HMSA_LAB_BINARY THREADS
        python3 tools/torch_reference.py gpu f32|bf16 [cuda|cpu]
        python3 tools/torch_reference.py trainstep CONFIG.json OUT.safetensors
+       python3 tools/torch_reference.py inference CONFIG.json OUT.safetensors
+
+  inference  the fixture of tests/it/model.rs's parity test (see
+           `inference` below), written by
+             python3 tools/torch_reference.py inference tests/data/trainstep.json tests/data/inference.safetensors
 
 CONFIG.json is the model config as serde writes it (hmsa-lab's ModelConfig).
 """
@@ -459,6 +464,58 @@ def trainstep(cfg_path, out, lr=0.01):
     return 0
 
 
+def randomize_bn(net, g):
+    """BatchNorm away from the identity: random affine parameters and
+    running statistics, so that inference exercises them."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+
+
+def inference(cfg_path, out):
+    """The fixture of tests/it/model.rs's parity test: a hierarchical network
+    and an explicit one (torch.manual_seed(0), PyTorch's default
+    initialisation, BatchNorm randomised), a seeded 1x3x36x60 input, and
+    their eval-mode outputs: the single 1.0x forward (`single.pred`,
+    `single.aux`), the hierarchical fusion (`nscale_forward`) on {0.5, 1},
+    {0.5, 1, 2} and {0.25, 0.5, 1, 2} (`h2.pred`, `h3.pred`, `h4.pred`; fused
+    aux left out as in our inference), the per-scale attention of {0.5, 1, 2}
+    (`h3.attn_0.5`, `h3.attn_1.0`), and explicit attention on {0.5, 1, 2}
+    (`explicit.pred`). Weights as `state.NAME` and `explicit.state.NAME`."""
+    cfg = json.load(open(cfg_path))
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(0)
+    net = Net(dict(cfg, fusion="hierarchical", scales=[0.5, 1.0]))
+    randomize_bn(net, g)
+    torch.manual_seed(1)
+    ex = Net(dict(cfg, fusion="explicit", scales=[0.5, 1.0, 2.0]))
+    randomize_bn(ex, g)
+    net.eval()
+    ex.eval()
+    x = torch.randn(1, 3, 36, 60, generator=g)
+    t = {"image": x.numpy()}
+    with torch.no_grad():
+        cls, aux, _ = net.fwd(x, with_attn=False)
+        t["single.pred"], t["single.aux"] = cls.numpy(), aux.numpy()
+        for name, scales in [("h2", [0.5, 1.0]), ("h3", [0.5, 1.0, 2.0]), ("h4", [0.25, 0.5, 1.0, 2.0])]:
+            pred, _, per = net.hierarchical(x, scales, with_aux=False)
+            t[name + ".pred"] = pred.numpy()
+            if name == "h3":
+                t["h3.attn_0.5"] = per[0.5][2].numpy()
+                t["h3.attn_1.0"] = per[1.0][2].numpy()
+        t["explicit.pred"] = ex.explicit(x, [0.5, 1.0, 2.0])[0].numpy()
+    t.update({"state." + k: v for k, v in state(net).items()})
+    t.update({"explicit.state." + k: v for k, v in state(ex).items()})
+    save_safetensors(out, {k: np.ascontiguousarray(v) for k, v in t.items()}, {"torch": torch.__version__, "config": json.dumps(cfg)})
+    print("torch %s: %d tensors; wrote %s" % (torch.__version__, len(t), out))
+    return 0
+
+
 def parity(weights, inp, dump, cfg_path):
     cfg, net = build(cfg_path, weights)
     x = torch.from_numpy(load_safetensors(inp)["image"].copy())
@@ -674,6 +731,8 @@ if __name__ == "__main__":
         sys.exit(compare(sys.argv[2], int(sys.argv[3])))
     elif cmd == "gpu":
         sys.exit(gpu(*sys.argv[2:4]))
+    elif cmd == "inference":
+        sys.exit(inference(*sys.argv[2:4]))
     elif cmd == "trainstep":
         sys.exit(trainstep(*sys.argv[2:4]))
     else:

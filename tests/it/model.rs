@@ -342,3 +342,72 @@ fn torch_reference_configs_are_the_presets() {
         );
     }
 }
+
+/// Our inference against PyTorch's, through a fixture that
+/// `tools/torch_reference.py inference` wrote (an independent PyTorch
+/// implementation of the official MscaleOCR, its `nscale_forward` for the
+/// hierarchical fusion): the same weights (PyTorch's initialisation with
+/// BatchNorm randomised) and input (1x3x36x60, not a multiple of 32), every
+/// output within 1e-4 of its largest value. CI has no PyTorch; this keeps a
+/// kernel change that breaks fidelity from passing.
+#[test]
+fn inference_matches_the_pytorch_reference_fixture() {
+    let dev = Device::Cpu;
+    let fx = candle_core::safetensors::load(data("inference.safetensors"), &dev).unwrap();
+    let text = std::fs::read_to_string(data("trainstep.json")).unwrap();
+    let base: ModelConfig = serde_json::from_str(&text).unwrap();
+    let load = |cfg: &ModelConfig, prefix: &str| {
+        let (vm, net) = fresh(cfg, 0);
+        let vars = vm.data().lock().unwrap().clone();
+        for (name, v) in &vars {
+            let t = fx
+                .get(&format!("{prefix}{name}"))
+                .unwrap_or_else(|| panic!("{prefix}{name} is not in the fixture"));
+            v.set(t).unwrap();
+        }
+        let n = fx.keys().filter(|k| k.starts_with(prefix)).count();
+        assert_eq!(n, vars.len(), "{prefix}: the fixture holds tensors we lack");
+        net
+    };
+    let close = |name: &str, ours: &Tensor| {
+        let want = &fx[name];
+        assert_eq!(ours.dims(), want.dims(), "{name}");
+        let scale = vals(want).iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(ours, want);
+        assert!(
+            diff <= 1e-5 * scale.max(1e-3),
+            "{name}: max diff {diff} of {scale}"
+        );
+    };
+    let x = fx["image"].clone();
+    let (_, _, h, w) = x.dims4().unwrap();
+    let net = load(&base, "state.");
+    let (single, outs) = net.infer(&x, Fusion::Single, &[1.0], false, false).unwrap();
+    close("single.pred", &single.pred);
+    close("single.aux", &resize(&outs[0].aux, h, w).unwrap());
+    for (name, scales) in [
+        ("h2", vec![0.5, 1.0]),
+        ("h3", vec![0.5, 1.0, 2.0]),
+        ("h4", vec![0.25, 0.5, 1.0, 2.0]),
+    ] {
+        let (fused, outs) = net
+            .infer(&x, Fusion::Hierarchical, &scales, false, false)
+            .unwrap();
+        close(&format!("{name}.pred"), &fused.pred);
+        if name == "h3" {
+            for o in &outs {
+                if o.scale < 2.0 {
+                    close(&format!("h3.attn_{:.1}", o.scale), o.attn.as_ref().unwrap());
+                }
+            }
+        }
+    }
+    let mut ecfg = base.clone();
+    ecfg.fusion = Fusion::Explicit;
+    ecfg.scales = vec![0.5, 1.0, 2.0];
+    let ex = load(&ecfg, "explicit.state.");
+    let (fused, _) = ex
+        .infer(&x, Fusion::Explicit, &[0.5, 1.0, 2.0], false, false)
+        .unwrap();
+    close("explicit.pred", &fused.pred);
+}
