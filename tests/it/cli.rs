@@ -28,17 +28,42 @@ fn setup() -> (tempfile::TempDir, String, String) {
     (dir, s(&ck), s(&png))
 }
 
+/// `model --preset w48` lists the official MscaleOCR state dict
+/// (tests/data/mscale_ocr_w48_state_dict.tsv, dumped from the official
+/// code) line for line, and counts its parameters as the TSV's shapes add
+/// up (72,143,430 without BatchNorm's running statistics).
 #[test]
-fn model_lists_parameters_and_counts() {
-    let cfg = data("tiny.toml");
-    let o = hmsa(&["model", "--config", cfg.to_str().unwrap(), "--size", "64x128"]);
+fn model_lists_the_official_parameters_and_counts_them() {
+    let o = hmsa(&["model", "--preset", "w48", "--size", "64x128"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8(o.stdout).unwrap();
-    assert!(out.lines().next().unwrap() == "backbone.conv1.weight 8,3,3,3");
-    assert!(out.contains("\nbackbone.bn1.num_batches_tracked\n"));
-    let spec = hmsa_lab::model::checkpoint::param_spec(&tiny()).unwrap();
-    let n = hmsa_lab::model::checkpoint::parameter_count(&spec);
-    assert!(out.contains(&format!("parameters: {n}\n")), "{out}");
+    let tsv = std::fs::read_to_string(data("mscale_ocr_w48_state_dict.tsv")).unwrap();
+    let want: Vec<String> = tsv
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.replace('\t', " ").trim_end().to_string())
+        .collect();
+    let got: Vec<&str> = out.lines().take(want.len()).collect();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.trim_end(), w);
+    }
+    let count: usize = tsv
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(n, _)| {
+            !n.ends_with("running_mean") && !n.ends_with("running_var") && !n.ends_with("num_batches_tracked")
+        })
+        .map(|(_, s)| {
+            s.split(',')
+                .filter(|d| !d.is_empty())
+                .map(|d| d.parse::<usize>().unwrap())
+                .product::<usize>()
+        })
+        .sum();
+    assert_eq!(count, 72_143_430, "the TSV's own header");
+    assert!(out.contains(&format!("parameters: {count}\n")), "{out}");
     assert!(out.contains("GFLOPs at 64x128"));
 }
 
@@ -100,31 +125,87 @@ fn infer_writes_pngs_attention_maps_and_a_consistent_dump() {
     }
 }
 
+/// A safetensors batch is segmented as its images are: image 0 is the
+/// setup's PNG normalised here with ImageNet's mean and std, image 1 the PNG
+/// mirrored; each labelIds output equals the one `infer` writes for the PNG
+/// (and for the mirrored PNG) itself.
 #[test]
-fn infer_reads_a_safetensors_batch() {
-    let (dir, ck, _) = setup();
+fn infer_reads_a_safetensors_batch_as_it_reads_images() {
+    let (dir, ck, png) = setup();
+    let img = ::image::open(&png).unwrap().to_rgb8();
+    let mirrored = ::image::imageops::flip_horizontal(&img);
+    let png2 = dir.path().join("mirrored.png");
+    mirrored.save(&png2).unwrap();
+    let (w, h) = img.dimensions();
+    let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+    let mut v = vec![];
+    for im in [&img, &mirrored] {
+        for c in 0..3 {
+            for p in im.pixels() {
+                v.push((p[c] as f32 / 255.0 - mean[c]) / std[c]);
+            }
+        }
+    }
     let input = dir.path().join("batch.safetensors");
     let mut m = std::collections::HashMap::new();
-    m.insert("image".to_string(), noise((2, 3, 32, 32), 5));
+    m.insert(
+        "image".to_string(),
+        Tensor::from_vec(v, (2, 3, h as usize, w as usize), &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&m, &input).unwrap();
-    let out = dir.path().join("o");
     let cfg = data("tiny.toml");
-    let o = hmsa(&[
-        "infer",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--checkpoint",
-        &ck,
-        "--out",
-        out.to_str().unwrap(),
-        "--fusion",
-        "average",
-        "--scales",
-        "0.5,1",
-        input.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(out.join("batch_0_labelIds.png").exists() && out.join("batch_1_labelIds.png").exists());
+    let run = |inputs: &[&str], out: &str, dump: Option<&str>| {
+        let mut a = vec![
+            "infer",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--checkpoint",
+            &ck,
+            "--out",
+            out,
+            "--fusion",
+            "average",
+            "--scales",
+            "0.5,1",
+        ];
+        if let Some(d) = dump {
+            a.extend(["--dump", d]);
+        }
+        a.extend_from_slice(inputs);
+        let o = hmsa(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let o1 = dir.path().join("o1");
+    let o2 = dir.path().join("o2");
+    run(&[input.to_str().unwrap()], o1.to_str().unwrap(), None);
+    run(&[&png, png2.to_str().unwrap()], o2.to_str().unwrap(), None);
+    let ids = |p: std::path::PathBuf| ::image::open(p).unwrap().to_luma8().into_raw();
+    let a0 = ids(o1.join("batch_0_labelIds.png"));
+    assert_eq!(a0, ids(o2.join("street_labelIds.png")));
+    assert_eq!(
+        ids(o1.join("batch_1_labelIds.png")),
+        ids(o2.join("mirrored_labelIds.png"))
+    );
+    // The logits too, not only their argmax (a random network may predict
+    // one class everywhere): a batch of the first image alone against the PNG.
+    let one = dir.path().join("one.safetensors");
+    let mut m1 = std::collections::HashMap::new();
+    m1.insert("image".to_string(), m["image"].narrow(0, 0, 1).unwrap());
+    candle_core::safetensors::save(&m1, &one).unwrap();
+    let (d1, d2) = (
+        dir.path().join("d1.safetensors"),
+        dir.path().join("d2.safetensors"),
+    );
+    run(
+        &[one.to_str().unwrap()],
+        o1.to_str().unwrap(),
+        Some(d1.to_str().unwrap()),
+    );
+    run(&[&png], o2.to_str().unwrap(), Some(d2.to_str().unwrap()));
+    let p1 = candle_core::safetensors::load(&d1, &Device::Cpu).unwrap();
+    let p2 = candle_core::safetensors::load(&d2, &Device::Cpu).unwrap();
+    assert!(max_abs_diff(&p1["pred"], &p2["pred"]) < 1e-5);
+    assert!(vals(&p1["pred"]).iter().any(|v| v.abs() > 1e-3));
 }
 
 #[test]

@@ -90,7 +90,8 @@ fn fresh_f64(cfg: &ModelConfig, seed: u64) -> (VarMap, HmsaNet) {
     net.set_dropout(0.0).unwrap();
     let src = v32.data().lock().unwrap();
     for (name, v) in vm.data().lock().unwrap().iter() {
-        v.set(&src[name].as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+        v.set(&src[name].as_tensor().to_dtype(DType::F64).unwrap())
+            .unwrap();
     }
     (vm, net)
 }
@@ -167,9 +168,12 @@ fn hierarchical_training_gradients_match_finite_differences() {
 
 #[test]
 fn explicit_weights_sum_to_one_and_mix_the_predictions() {
-    // Two scales with constant predictions 1 and 3: fused = 1·w_1 + 3·w_0.5.
-    // With w_1 + w_0.5 = 1 that is 3 − 2·w_1, checked against the head's own
-    // softmax computed here.
+    // Two scales with constant predictions 1 and 3: with weights w_1 and
+    // w_0.5 that the fusion reports (`attn`), the fused prediction must be
+    // 1·w_1 + 3·w_0.5, the weights must be positive and sum to one, and
+    // they must vary over the image (the head reads the features). That the
+    // head computes the official weights is checked against PyTorch by
+    // `inference_matches_the_pytorch_reference_fixture`.
     let vm = VarMap::new();
     let head = AttnHead::new(2 * 4, 4, 2, seeded_varbuilder(&vm, 8, &Device::Cpu)).unwrap();
     let feats1 = noise((1, 4, 4, 4), 1);
@@ -182,7 +186,7 @@ fn explicit_weights_sum_to_one_and_mix_the_predictions() {
             cls: c(1.0, 16),
             aux: c(1.0, 16),
             attn: None,
-            feats: feats1.clone(),
+            feats: feats1,
         },
         ScaleOutput {
             scale: 0.5,
@@ -190,26 +194,38 @@ fn explicit_weights_sum_to_one_and_mix_the_predictions() {
             cls: c(3.0, 8),
             aux: c(3.0, 8),
             attn: None,
-            feats: feats05.clone(),
+            feats: feats05,
         },
     ];
     let f = Fusion::Explicit
         .fuse(&outs, (16, 16), Some(&head), false)
         .unwrap();
-    use candle_core::ModuleT;
-    let cat = Tensor::cat(&[feats1, resize(&feats05, 4, 4).unwrap()], 1).unwrap();
-    let logits = head.forward_t(&cat, false).unwrap();
-    let l = vals(&resize(&logits, 16, 16).unwrap());
-    let p = vals(&f.pred);
-    // softmax weights are resized after the softmax; at 4 -> 16 both orders
-    // agree only approximately, so recompute in the same order.
-    let w = vals(&resize(&candle_nn::ops::softmax(&logits, 1).unwrap(), 16, 16).unwrap());
-    for i in 0..256 {
-        let (w1, w05) = (w[i], w[256 + i]);
-        assert!((w1 + w05 - 1.0).abs() < 1e-5);
-        assert!((p[i] - (3.0 - 2.0 * w1)).abs() < 1e-5, "pixel {i}");
+    // Each map is reported at its scale's size: 1.0x at 16x16 (where the
+    // fusion weighs), 0.5x resized to 8x8. Resizing is linear with weights
+    // summing to one, so w_1 + w_0.5 = 1 holds at 8x8 as well.
+    let w_of = |s: f64| {
+        &f.attn
+            .iter()
+            .find(|(x, _)| *x == s)
+            .expect("a weight map per scale")
+            .1
+    };
+    let w1 = vals(w_of(1.0));
+    let w05 = vals(w_of(0.5));
+    let w1_small = vals(&resize(w_of(1.0), 8, 8).unwrap());
+    for i in 0..64 {
+        assert!(w05[i] > 0.0);
+        assert!((w1_small[i] + w05[i] - 1.0).abs() < 1e-5, "pixel {i}");
     }
-    assert!(l.iter().any(|v| v.abs() > 1e-6));
+    let p = vals(&f.pred);
+    for i in 0..256 {
+        assert!(w1[i] > 0.0 && w1[i] < 1.0);
+        // both classes carry the same constant
+        assert!((p[i] - (w1[i] + 3.0 * (1.0 - w1[i]))).abs() < 1e-5, "pixel {i}");
+        assert!((p[256 + i] - p[i]).abs() < 1e-6);
+    }
+    let (lo, hi) = w1.iter().fold((1f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+    assert!(hi - lo > 1e-3, "weights constant over the image: {lo}..{hi}");
     assert!(Fusion::Explicit
         .fuse(&outs[..1], (16, 16), Some(&head), false)
         .is_err());
@@ -374,10 +390,23 @@ fn official_style_pth_loads_with_wrapper_prefix_and_counters() {
             assert!((v[j] - want).abs() < 1e-6, "{name}[{j}]: {} vs {want}", v[j]);
         }
     }
-    // The same weights through safetensors give the same network.
+    // The network loaded from the .pth equals one whose weights are written
+    // here from the formula (not from what was parsed), through safetensors.
+    let mut formula = HashMap::new();
+    for (t, (name, shape)) in spec.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|j| (0.1 * t as f64 + 0.01 * j as f64).sin() as f32)
+            .collect();
+        let mut tensor = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap();
+        if name.ends_with("num_batches_tracked") {
+            tensor = tensor.to_dtype(DType::I64).unwrap();
+        }
+        formula.insert(name.clone(), tensor);
+    }
     let dir = tempfile::tempdir().unwrap();
     let st = dir.path().join("same.safetensors");
-    candle_core::safetensors::save(&map, &st).unwrap();
+    candle_core::safetensors::save(&formula, &st).unwrap();
     let a = checkpoint::load(&cfg, &path, &Device::Cpu).unwrap();
     let b = checkpoint::load(&cfg, &st, &Device::Cpu).unwrap();
     let x = image(32, 48, 21);
