@@ -504,3 +504,64 @@ fn inference_matches_the_pytorch_reference_fixture() {
         .unwrap();
     close("explicit.pred", &fused.pred);
 }
+
+/// The analytic FLOP count of HRNetV2-W48 + OCR at 1024x2048 (a walk of the
+/// structure `hrnet.rs` builds) against a count from the official state
+/// dict's convolution weights (tests/data/mscale_ocr_w48_state_dict.tsv):
+/// 2 · weight elements · output pixels, each convolution placed at its
+/// resolution by its name, plus OCR's two matrix products.
+#[test]
+fn w48_flops_equal_a_count_from_the_official_weights() {
+    let (h, w) = (1024usize, 2048usize);
+    let half = |(a, b): (usize, usize)| ((a - 1) / 2 + 1, (b - 1) / 2 + 1);
+    let r1 = half((h, w));
+    let mut res = vec![half(r1)];
+    for _ in 1..4 {
+        res.push(half(*res.last().unwrap()));
+    }
+    let r0 = res[0];
+    let k = 19usize;
+    let text = std::fs::read_to_string(data("mscale_ocr_w48_state_dict.tsv")).unwrap();
+    let mut total: u64 = 0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, shape) = line.split_once('\t').unwrap();
+        let dims: Vec<usize> = shape
+            .split(',')
+            .filter(|d| !d.is_empty())
+            .map(|d| d.parse().unwrap())
+            .collect();
+        if dims.len() != 4 || name.starts_with("scale_attn") {
+            continue;
+        }
+        let parts: Vec<&str> = name.split('.').collect();
+        let idx = |i: usize| parts[i].parse::<usize>().unwrap();
+        let at = if name == "backbone.conv1.weight" {
+            r1
+        } else if name.contains(".f_object.") || name.contains(".f_down.") {
+            (k, 1)
+        } else if parts[1].starts_with("transition") {
+            res[idx(2)]
+        } else if parts.get(3) == Some(&"branches") {
+            res[idx(4)]
+        } else if parts.get(3) == Some(&"fuse_layers") {
+            let (i, j) = (idx(4), idx(5));
+            if j > i {
+                res[j]
+            } else {
+                res[j + idx(6) + 1]
+            }
+        } else {
+            // stem conv2, layer1 and OCR's pixel-wise convolutions
+            r0
+        };
+        total += 2 * (dims.iter().product::<usize>() * at.0 * at.1) as u64;
+    }
+    let cfg = ModelConfig::w48();
+    let px = (r0.0 * r0.1) as u64;
+    let (mid, key) = (cfg.ocr_mid_channels as u64, cfg.ocr_key_channels as u64);
+    // soft object regions (K x mid from K x px times px x mid), then the
+    // pixel-region similarity and the context (2 products of K x key)
+    total += 2 * k as u64 * mid * px + 2 * 2 * k as u64 * key * px;
+    let f = hmsa_lab::model::flops::count(&cfg, h, w).unwrap();
+    assert_eq!(f.single, total);
+}
