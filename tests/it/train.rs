@@ -347,9 +347,25 @@ fn evaluation_sets_share_one_pass_and_match_single_runs() {
     ];
     let dev = candle_core::Device::Cpu;
     let together = hmsa_lab::eval::evaluate(&net, &ds, &sets, &dev).unwrap();
+    // Each set's confusion matrix, counted here from the network's own
+    // fused prediction of that set alone (argmax against the label's train
+    // ids): the shared pass of `evaluate` must give the same counts.
+    let k = cfg.model.num_classes;
     for (i, s) in sets.iter().enumerate() {
-        let alone = hmsa_lab::eval::evaluate(&net, &ds, std::slice::from_ref(s), &dev).unwrap();
-        assert_eq!(alone[0].confusion, together[i].confusion, "set {i}");
+        let mut m = vec![0u64; k * (k + 1)];
+        for j in 0..ds.len() {
+            let (img, lab) = ds.load(j).unwrap();
+            let x = hmsa_lab::data::image::normalize(&img, &dev).unwrap();
+            let (f, _) = net.infer(&x, s.fusion, &s.scales, s.flip, false).unwrap();
+            let pred: Vec<u32> = f.pred.argmax(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            // `load` gives train ids (255 ignored); m[gt][pred], K + 1 columns
+            for (p, g) in pred.iter().zip(lab.unwrap().pixels()) {
+                if (g[0] as usize) < k {
+                    m[g[0] as usize * (k + 1) + *p as usize] += 1;
+                }
+            }
+        }
+        assert_eq!(together[i].confusion.m, m, "set {i}");
     }
     // hierarchical sets report one mean attention per non-top scale
     assert_eq!(
