@@ -300,7 +300,42 @@ mod tests {
 
     #[test]
     fn flip_mirrors_both_and_centred_crops_contain_the_centre() {
+        // Flip: at scale 1 with a crop of the whole image and no photometric
+        // change, every crop is the image or its mirror, image and label
+        // alike, and both happen (a fair coin: 20 draws).
         let (img, lab) = pattern(64, 32);
+        let cfg = AugmentConfig {
+            crop: [32, 64],
+            scale_min: 1.0,
+            scale_max: 1.0,
+            flip: true,
+            blur: 0.0,
+            color_jitter: 0.0,
+        };
+        let (mut plain, mut mirrored) = (0, 0);
+        for seed in 0..20 {
+            let (ci, cl) = augment(&img, &lab, &cfg, None, &mut StdRng::seed_from_u64(seed));
+            if cl.as_raw() == lab.as_raw() {
+                assert_eq!(
+                    ci.as_raw(),
+                    img.as_raw(),
+                    "seed {seed}: label kept, image changed"
+                );
+                plain += 1;
+            } else {
+                for (x, y, l) in cl.enumerate_pixels() {
+                    assert_eq!(l, lab.get_pixel(63 - x, y), "seed {seed}: label at ({x}, {y})");
+                    assert_eq!(
+                        ci.get_pixel(x, y),
+                        img.get_pixel(63 - x, y),
+                        "seed {seed}: image at ({x}, {y})"
+                    );
+                }
+                mirrored += 1;
+            }
+        }
+        assert!(plain > 0 && mirrored > 0, "{plain} plain, {mirrored} mirrored");
+        // Crops: padding is ignore, the content is shifted by the origin.
         let (ci, cl) = crop_at(&img, &lab, -8, 4, 32, 32);
         assert_eq!(cl.get_pixel(0, 0)[0], IGNORE);
         assert_eq!(cl.get_pixel(8, 0)[0], lab.get_pixel(0, 4)[0]);

@@ -500,8 +500,18 @@ fn loader_delivers_the_same_batches_in_order_whatever_the_workers() {
     assert_eq!(one, three);
     // A resumed epoch starting at batch 4 sees batches 4 and 5 unchanged.
     assert_eq!(collect(2, 4), one[4..].to_vec());
-    // Dropping a loader mid-epoch stops its workers.
+    // Dropping a loader mid-epoch stops its workers: the drop joins them,
+    // so it returns only once they have ended (a worker blocked on a full
+    // queue would hang it; 60 s is a liveness bound, not a timing).
     let mut l = Loader::spawn(sources.clone(), plan.clone(), 0, aug.clone(), 11, 1, 2, 1);
     assert!(l.next().is_some());
-    drop(l);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(l);
+        tx.send(()).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(60)).is_ok(),
+        "dropping the loader did not stop its workers"
+    );
 }

@@ -486,9 +486,36 @@ fn bench_runs_each_case_in_its_own_process_and_stores_it() {
     let cases = v.as_array().unwrap();
     // one matmul, four conv shapes in our convolution and in candle's
     assert_eq!(cases.len(), 9);
-    assert_eq!(cases[0]["case"]["unit"], "GFLOP/s");
-    assert!(cases[0]["case"]["value"].as_f64().unwrap() > 0.0);
     assert!(cases[0]["machine"].as_str().unwrap().contains("cores"));
+    // Each rate is the case's arithmetic over its fastest repetition,
+    // worked out here from the shapes its params name.
+    for c in cases {
+        let m = &c["case"];
+        let params = m["params"].as_str().unwrap();
+        let (min, median) = (m["min_ms"].as_f64().unwrap(), m["median_ms"].as_f64().unwrap());
+        assert!(0.0 < min && min <= median, "{params}");
+        let dims = |s: &str| -> Vec<f64> {
+            s.split(['x', '-', '>'])
+                .filter(|t| !t.is_empty())
+                .map(|t| t.parse().unwrap())
+                .collect()
+        };
+        let words: Vec<&str> = params.split_whitespace().collect();
+        let flops = if params.ends_with(" f32") {
+            let n = dims(words[0]);
+            2.0 * n[0] * n[1] * n[2]
+        } else {
+            // "KxK A->B at HxW (who)"
+            let k = dims(words[0])[0];
+            let ab = dims(words[1]);
+            let hw = dims(words[3]);
+            2.0 * k * k * ab[0] * ab[1] * hw[0] * hw[1]
+        };
+        assert_eq!(m["unit"], "GFLOP/s");
+        let want = flops / (min * 1e-3) / 1e9;
+        let got = m["value"].as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-9 * want, "{params}: {got} vs {want}");
+    }
     let n = sqlite(
         &db,
         "SELECT COUNT(*) FROM benchmarks WHERE suite = 'kernels' AND median_ms > 0",
@@ -500,4 +527,33 @@ fn bench_runs_each_case_in_its_own_process_and_stores_it() {
         .unwrap();
     assert_eq!(e.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&e.stderr).contains("unknown bench suite `nonsense`"));
+}
+
+/// The model and train suites' cases, one small one each, as the parent
+/// runs them (`bench --case`, one process): a forward's rate is the
+/// analytic FLOP count (checked against the official weights elsewhere)
+/// over its fastest repetition; a training step reports time and memory.
+#[test]
+fn bench_model_and_train_cases_measure_what_they_name() {
+    let run = |case: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(bin().args(["bench", "--case", case]).output().unwrap())).unwrap()
+    };
+    let f = run(
+        r#"{"Forward":{"preset":"small","fusion":"hierarchical","scales":[0.5,1.0],"size":[64,128],"reps":2}}"#,
+    );
+    let mut cfg = hmsa_lab::model::ModelConfig::small();
+    cfg.fusion = hmsa_lab::model::Fusion::Hierarchical;
+    cfg.scales = vec![0.5, 1.0];
+    let flops = hmsa_lab::model::flops::count(&cfg, 64, 128).unwrap().fused as f64;
+    let min = f["min_ms"].as_f64().unwrap();
+    assert!(min > 0.0 && min <= f["median_ms"].as_f64().unwrap());
+    let want = flops / (min * 1e-3) / 1e9;
+    assert!((f["value"].as_f64().unwrap() - want).abs() <= 1e-9 * want, "{f}");
+    assert!(f["peak_mib"].as_f64().unwrap() > 0.0);
+    let t = run(
+        r#"{"TrainStep":{"preset":"small","fusion":"single","scales":[1.0],"crop":[64,128],"batch":1,"reps":2}}"#,
+    );
+    assert_eq!(t["params"], "small single 1.0 batch 1 crop 64x128");
+    assert!(t["min_ms"].as_f64().unwrap() <= t["median_ms"].as_f64().unwrap());
+    assert!(t["peak_mib"].as_f64().unwrap() > 0.0);
 }

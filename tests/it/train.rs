@@ -86,16 +86,15 @@ main = "ce"
     RunConfig::from_toml_str(&text, Path::new("overfit.toml")).unwrap()
 }
 
-/// Train, checkpoint, load and evaluate on the training image. Which
-/// pixels the evaluation gets right after a short run is chaotic in the
-/// rounding of training (BatchNorm's running statistics at batch 1 lag the
-/// weights): after 100 steps one seed varied between 0.73 and 0.95 mIoU
-/// with numerically equivalent changes (a gemm summing in another order).
-/// After 200 steps five seeds gave 0.94–0.98, so each seed must pass 0.9
-/// and their mean 0.93.
+/// Train, checkpoint, load and evaluate on the training image. The bound
+/// comes from what a model that has not learned the image can score: the
+/// image has four classes (sky, building, road, car), so a model that
+/// misses any one of them entirely has IoU 0 there and mIoU at most 0.75;
+/// each seed must pass 0.8 (five seeds measured 0.94–0.98 after 200 steps;
+/// which pixels a short run gets right is chaotic in the rounding of
+/// training, so the bound does not sit near the measurements).
 #[test]
 fn a_small_model_overfits_one_image() {
-    let mut mious = vec![];
     for seed in 0..3 {
         let d = tempfile::tempdir().unwrap();
         blocks_dataset(d.path());
@@ -119,14 +118,17 @@ fn a_small_model_overfits_one_image() {
         let (first, last) = (r.steps[0].loss, r.steps.last().unwrap().loss);
         assert!(last < first / 20.0, "seed {seed}: loss {first} -> {last}");
         assert!(
-            res[0].metrics.miou > 0.9,
+            res[0].metrics.miou > 0.8,
             "seed {seed}: mIoU {}",
             res[0].metrics.miou
         );
-        mious.push(res[0].metrics.miou);
+        // every class is found
+        for (c, iou) in res[0].metrics.iou.iter().enumerate() {
+            if let Some(v) = iou {
+                assert!(*v > 0.5, "seed {seed}: class {c} IoU {v}");
+            }
+        }
     }
-    let mean = mious.iter().sum::<f64>() / 3.0;
-    assert!(mean > 0.93, "mean mIoU {mean} ({mious:?})");
 }
 
 #[test]
@@ -357,7 +359,14 @@ fn evaluation_sets_share_one_pass_and_match_single_runs() {
             let (img, lab) = ds.load(j).unwrap();
             let x = hmsa_lab::data::image::normalize(&img, &dev).unwrap();
             let (f, _) = net.infer(&x, s.fusion, &s.scales, s.flip, false).unwrap();
-            let pred: Vec<u32> = f.pred.argmax(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let pred: Vec<u32> = f
+                .pred
+                .argmax(1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             // `load` gives train ids (255 ignored); m[gt][pred], K + 1 columns
             for (p, g) in pred.iter().zip(lab.unwrap().pixels()) {
                 if (g[0] as usize) < k {
@@ -503,13 +512,15 @@ fn autolabel_writes_a_cityscapes_layout_the_sampler_reads() {
 /// 1.4%, with norms 0.2% apart; the loss is RMI, whose log-determinants
 /// magnify f32 rounding); 0.999 allows 4.5% and the norms may differ by
 /// 1%, while a lost, doubled or misrouted gradient gives a cosine near 0
-/// or a norm ratio of 2. f16 (the CPU has no
-/// bf16 matmul) takes candle's generic CPU kernels, whose f16 gemm also
-/// accumulates in f16: a weight gradient sums over every pixel, so on this
-/// input the deepest reductions come out with cosine 0.78 and norms up to
-/// 1.77x the f32 ones (a loss scale of 1024 changes neither: not underflow).
-/// That bound still catches a lost, doubled or sign-flipped gradient. On a
-/// GPU cuBLAS accumulates half products in f32.
+/// or a norm ratio of 2. f16 (the CPU has no bf16 matmul) takes candle's
+/// generic CPU kernels, whose f16 gemm also accumulates in f16, so its
+/// precision cannot be bounded usefully here (on this input the deepest
+/// reductions measured cosine 0.78 and norms up to 1.77x the f32 ones; a
+/// loss scale of 1024 changes neither: not underflow). Its bounds come from
+/// the faults they must catch instead: a cosine above 0.5 separates a
+/// gradient in the right direction from an unrelated one (≈ 0) or a
+/// flipped one (−1), and norms within a factor 1.9 catch a lost (0) or
+/// doubled (2) gradient. On a GPU cuBLAS accumulates half products in f32.
 #[test]
 fn a_mixed_precision_step_matches_the_f32_step() {
     use candle_core::{DType, Device, Tensor};
@@ -541,7 +552,7 @@ fn a_mixed_precision_step_matches_the_f32_step() {
     };
     let (l32, g32) = step(DType::F32);
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for (dt, loss_tol, min_cos, norm_tol) in [(DType::F64, 1e-4, 0.999, 1e-2), (DType::F16, 0.01, 0.7, 0.9)] {
+    for (dt, loss_tol, min_cos, norm_tol) in [(DType::F64, 1e-4, 0.999, 1e-2), (DType::F16, 0.01, 0.5, 0.9)] {
         let (l, g) = step(dt);
         assert!(
             (l - l32).abs() < loss_tol * l32.abs(),
