@@ -16,6 +16,8 @@ pub mod lab;
 pub mod model;
 pub mod report;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -445,7 +445,7 @@ mod tests {
     /// ReLU): the same definitions, computed by a different sequence of ops.
     #[test]
     fn forward_and_running_statistics_match_candle_nn() {
-        let x = Tensor::randn(0f32, 1., (2, 3, 5, 4), &Device::Cpu)
+        let x = crate::testing::randn(7, 0f32, 1., (2, 3, 5, 4), &Device::Cpu)
             .unwrap()
             .affine(3.0, 1.0)
             .unwrap();
@@ -486,9 +486,9 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let dev = Device::Cpu;
-        let x0 = Tensor::randn(0f64, 1., (2, 3, 3, 4), &dev).unwrap();
-        let s0 = Tensor::randn(0f64, 1., (2, 3, 3, 4), &dev).unwrap();
-        let r = Tensor::randn(0f64, 1., (2, 3, 3, 4), &dev).unwrap();
+        let x0 = crate::testing::randn(8, 0f64, 1., (2, 3, 3, 4), &dev).unwrap();
+        let s0 = crate::testing::randn(9, 0f64, 1., (2, 3, 3, 4), &dev).unwrap();
+        let r = crate::testing::randn(10, 0f64, 1., (2, 3, 3, 4), &dev).unwrap();
         for (relu, residual) in [(false, false), (true, false), (false, true), (true, true)] {
             let (vm, norm) = bn(3, DType::F64);
             let x = Var::from_tensor(&x0).unwrap();

@@ -718,10 +718,10 @@ mod tests {
         let dev = Device::Cpu;
         // one block of pixels, and several with a partial last one
         for (n, c, h, w) in [(2, 3, 4, 5), (2, 3, 70, 90)] {
-            let u0 = Tensor::randn(0f64, 1., (n, c, h, w), &dev).unwrap();
-            let v0 = Tensor::randn(0f64, 1., (n, c, h, w), &dev).unwrap();
+            let u0 = crate::testing::randn(25, 0f64, 1., (n, c, h, w), &dev).unwrap();
+            let v0 = crate::testing::randn(26, 0f64, 1., (n, c, h, w), &dev).unwrap();
             let a0 = Tensor::rand(0f64, 1., (n, 1, h, w), &dev).unwrap();
-            let r = Tensor::randn(0f64, 1., (n, c, h, w), &dev).unwrap();
+            let r = crate::testing::randn(27, 0f64, 1., (n, c, h, w), &dev).unwrap();
             let vals = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
             type Formula = fn(&Tensor, &Tensor, &Tensor) -> Tensor;
             let cases: [(Kind, Formula); 2] = [
@@ -784,10 +784,10 @@ mod tests {
             (2, 1, (6, 6), (6, 6), (6, 6), (6, 6)),
         ];
         for (n, c, (hl, wl), (h, w), (hv, wv), out) in cases {
-            let l0 = Tensor::randn(0f64, 1., (n, c, hl, wl), &dev).unwrap();
-            let v0 = Tensor::randn(0f64, 1., (n, c, hv, wv), &dev).unwrap();
+            let l0 = crate::testing::randn(28, 0f64, 1., (n, c, hl, wl), &dev).unwrap();
+            let v0 = crate::testing::randn(29, 0f64, 1., (n, c, hv, wv), &dev).unwrap();
             let a0 = Tensor::rand(0f64, 1., (n, 1, h, w), &dev).unwrap();
-            let r = Tensor::randn(0f64, 1., (n, c, out.0, out.1), &dev).unwrap();
+            let r = crate::testing::randn(30, 0f64, 1., (n, c, out.0, out.1), &dev).unwrap();
             let run = |ours: bool| {
                 let vars = [&l0, &v0, &a0].map(|t| Var::from_tensor(t).unwrap());
                 let [l, v, a] = vars.each_ref().map(|v| v.as_tensor());
@@ -836,12 +836,12 @@ mod tests {
     fn add_rest_up_gradient_matches_finite_differences() {
         let dev = Device::Cpu;
         let (u0, v0, a0) = (
-            Tensor::randn(0f64, 1., (1, 2, 2, 3), &dev).unwrap(),
-            Tensor::randn(0f64, 1., (1, 2, 4, 3), &dev).unwrap(),
+            crate::testing::randn(31, 0f64, 1., (1, 2, 2, 3), &dev).unwrap(),
+            crate::testing::randn(32, 0f64, 1., (1, 2, 4, 3), &dev).unwrap(),
             Tensor::rand(0f64, 1., (1, 1, 3, 4), &dev).unwrap(),
         );
         let out = (7, 9);
-        let r = Tensor::randn(0f64, 1., (1, 2, 7, 9), &dev).unwrap();
+        let r = crate::testing::randn(33, 0f64, 1., (1, 2, 7, 9), &dev).unwrap();
         let loss = |u: &Tensor, v: &Tensor, a: &Tensor| -> Tensor {
             (add_rest_up(u, v, a, out).unwrap() * &r)
                 .unwrap()
@@ -886,8 +886,8 @@ mod tests {
     #[test]
     fn softmax_channels_matches_candle() {
         let dev = Device::Cpu;
-        let x0 = Tensor::randn(0f64, 3., (2, 5, 3, 401), &dev).unwrap();
-        let r = Tensor::randn(0f64, 1., (2, 5, 3, 401), &dev).unwrap();
+        let x0 = crate::testing::randn(34, 0f64, 3., (2, 5, 3, 401), &dev).unwrap();
+        let r = crate::testing::randn(35, 0f64, 1., (2, 5, 3, 401), &dev).unwrap();
         let vals = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
         let run = |ours: u8| {
             let x = Var::from_tensor(&x0).unwrap();

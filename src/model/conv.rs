@@ -1027,10 +1027,10 @@ mod tests {
     /// Gradients of Σ conv(x, w)·r against central finite differences (f64).
     fn check(shape: (usize, usize, usize, usize), cout: usize, k: usize, p: usize, s: usize) {
         let dev = Device::Cpu;
-        let x0 = Tensor::randn(0f64, 1., shape, &dev).unwrap();
-        let w0 = Tensor::randn(0f64, 1., (cout, shape.1, k, k), &dev).unwrap();
+        let x0 = crate::testing::randn(11, 0f64, 1., shape, &dev).unwrap();
+        let w0 = crate::testing::randn(12, 0f64, 1., (cout, shape.1, k, k), &dev).unwrap();
         let y = x0.conv2d(&w0, p, s, 1, 1).unwrap();
-        let r = Tensor::randn(0f64, 1., y.shape(), &dev).unwrap();
+        let r = crate::testing::randn(13, 0f64, 1., y.shape(), &dev).unwrap();
         let (x, w) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&w0).unwrap());
         let loss = (conv2d(x.as_tensor(), w.as_tensor(), p, s).unwrap() * &r)
             .unwrap()
@@ -1105,10 +1105,12 @@ mod tests {
             ((2, 64, 64, 66), 8, 3, 1, 1),
             ((2, 64, 64, 66), 8, 3, 1, 2),
         ] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., xs, &dev).unwrap()).unwrap();
-            let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (cout, xs.1, k, k), &dev).unwrap()).unwrap();
+            let x = Var::from_tensor(&crate::testing::randn(14, 0f32, 1., xs, &dev).unwrap()).unwrap();
+            let w =
+                Var::from_tensor(&crate::testing::randn(15, 0f32, 0.1, (cout, xs.1, k, k), &dev).unwrap())
+                    .unwrap();
             let y = conv2d(x.as_tensor(), w.as_tensor(), p, s).unwrap();
-            let r = Tensor::randn(0f32, 1., y.shape(), &dev).unwrap();
+            let r = crate::testing::randn(16, 0f32, 1., y.shape(), &dev).unwrap();
             let ours = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let theirs = (x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1).unwrap() * &r)
                 .unwrap()
@@ -1194,8 +1196,8 @@ mod tests {
             ((1, 2, 2, 3), 3, 3, 1, 2),
             ((1, 64, 40, 66), 4, 3, 1, 1),
         ] {
-            let x = Tensor::randn(0f32, 1., xs, &dev).unwrap();
-            let w = Tensor::randn(0f32, 1., (cout, xs.1, k, k), &dev).unwrap();
+            let x = crate::testing::randn(17, 0f32, 1., xs, &dev).unwrap();
+            let w = crate::testing::randn(18, 0f32, 1., (cout, xs.1, k, k), &dev).unwrap();
             let got: Vec<f32> = conv2d(&x, &w, p, s)
                 .unwrap()
                 .flatten_all()
@@ -1226,9 +1228,9 @@ mod tests {
             ((2, 4, 7, 6), 3, 1, 0, 1),
             ((1, 3, 9, 10), 5, 3, 1, 2),
         ] {
-            let x = Tensor::randn(0f32, 1., xs, &dev).unwrap();
-            let w = Tensor::randn(0f32, 1., (cout, xs.1, k, k), &dev).unwrap();
-            let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+            let x = crate::testing::randn(19, 0f32, 1., xs, &dev).unwrap();
+            let w = crate::testing::randn(20, 0f32, 1., (cout, xs.1, k, k), &dev).unwrap();
+            let b = crate::testing::randn(21, 0f32, 1., cout, &dev).unwrap();
             let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
             let bv: Vec<f32> = b.to_vec1().unwrap();
@@ -1236,7 +1238,7 @@ mod tests {
             let l = plain.len() / (xs.0 * cout);
             let (ho, wo) = ((xs.2 + 2 * p - k) / s + 1, (xs.3 + 2 * p - k) / s + 1);
             let out_shape = (xs.0, cout, ho, wo);
-            let r = Tensor::randn(0f32, 1., out_shape, &dev).unwrap();
+            let r = crate::testing::randn(22, 0f32, 1., out_shape, &dev).unwrap();
             let rv: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
             for (residual, relu) in [(false, false), (false, true), (true, true)] {
                 let got: Vec<f32> = conv2d_act(&x, &w, &b, p, s, residual.then_some(&r), relu)
@@ -1269,8 +1271,8 @@ mod tests {
     #[test]
     fn channel_bias_and_its_gradient() {
         let dev = Device::Cpu;
-        let y0 = Tensor::randn(0f64, 1., (2, 3, 4, 5), &dev).unwrap();
-        let r = Tensor::randn(0f64, 1., (2, 3, 4, 5), &dev).unwrap();
+        let y0 = crate::testing::randn(23, 0f64, 1., (2, 3, 4, 5), &dev).unwrap();
+        let r = crate::testing::randn(24, 0f64, 1., (2, 3, 4, 5), &dev).unwrap();
         let (y, b) = (
             Var::from_tensor(&y0).unwrap(),
             Var::new(&[0.5f64, -1.0, 2.0], &dev).unwrap(),

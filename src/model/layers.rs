@@ -193,7 +193,7 @@ mod tests {
         set("b.running_var", &[4.0, 0.25, 1.0, 9.0]);
         set("b.weight", &[1.5, -0.5, 1.0, 2.0]);
         set("b.bias", &[0.1, 0.2, -0.3, 0.0]);
-        let x = Tensor::randn(0f32, 1., (2, cin, 7, 6), &dev).unwrap();
+        let x = crate::testing::randn(2, 0f32, 1., (2, cin, 7, 6), &dev).unwrap();
         let got = vals(&cb.forward_t(&x, false).unwrap());
         let y = cb.conv.forward(&x).unwrap();
         let (n, _, h, w) = y.dims4().unwrap();

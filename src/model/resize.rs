@@ -461,7 +461,7 @@ mod tests {
     #[test]
     fn agrees_with_candle_forward_and_matrix_form() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (2, 3, 7, 10), &dev).unwrap();
+        let x = crate::testing::randn(3, 0f32, 1., (2, 3, 7, 10), &dev).unwrap();
         for (oh, ow) in [(14, 20), (3, 5), (1, 2), (17, 4), (7, 25)] {
             let ours = vals(&resize(&x, oh, ow).unwrap().to_dtype(DType::F64).unwrap());
             let candle = vals(
@@ -503,7 +503,7 @@ mod tests {
     #[test]
     fn composed_resize_equals_two_resizes() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f64, 1., (2, 3, 5, 7), &dev).unwrap();
+        let x = crate::testing::randn(4, 0f64, 1., (2, 3, 5, 7), &dev).unwrap();
         // the network's 4x upsampling then the fusion's resize; odd sizes;
         // a first resize that shrinks and still composes (5 -> 3 -> 6), and
         // one that needs more than three taps (7 -> 4 -> 8: two ops)
@@ -551,8 +551,8 @@ mod tests {
     fn check_gradient(h: usize, w: usize, oh: usize, ow: usize, op: impl Fn(&Tensor) -> Result<Tensor>) {
         let dev = Device::Cpu;
         {
-            let x0 = Tensor::randn(0f64, 1., (1, 2, h, w), &dev).unwrap();
-            let wgt = Tensor::randn(0f64, 1., (1, 2, oh, ow), &dev).unwrap();
+            let x0 = crate::testing::randn(5, 0f64, 1., (1, 2, h, w), &dev).unwrap();
+            let wgt = crate::testing::randn(6, 0f64, 1., (1, 2, oh, ow), &dev).unwrap();
             let x = Var::from_tensor(&x0).unwrap();
             let loss = (op(x.as_tensor()).unwrap() * &wgt).unwrap().sum_all().unwrap();
             let g = loss.backward().unwrap();

@@ -620,8 +620,8 @@ mod tests {
         [0., 1., -1., 8., -8., 1.],
     ];
 
-    fn randn(n: usize) -> Vec<f64> {
-        Tensor::randn(0f64, 1., n, &Device::Cpu)
+    fn randn(n: usize, seed: u64) -> Vec<f64> {
+        crate::testing::randn(seed, 0f64, 1., n, &Device::Cpu)
             .unwrap()
             .to_vec1()
             .unwrap()
@@ -630,7 +630,7 @@ mod tests {
     #[test]
     fn transforms_are_the_matrices() {
         let n = 5;
-        let d: Vec<Vec<f64>> = (0..6).map(|_| randn(n)).collect();
+        let d: Vec<Vec<f64>> = (0..6).map(|j| randn(n, j)).collect();
         let ins: [&[f64]; 6] = std::array::from_fn(|j| &d[j][..]);
         let mut out = vec![0f64; 6 * n];
         {
@@ -720,7 +720,7 @@ mod tests {
             (2, 16, 9, 30, 8, 9),
         ] {
             let g = geom(n, cin, h, w, cout);
-            let (x, wt) = (randn(n * cin * h * w), randn(cout * cin * 9));
+            let (x, wt) = (randn(n * cin * h * w, 11), randn(cout * cin * 9, 12));
             let want = reference(&x, &wt, &g);
             let got = forward_blocks(&g, &x, &wt, None, rows);
             let got32 = forward_blocks(&g, &f32s(&x), &f32s(&wt), None, rows);
@@ -734,7 +734,7 @@ mod tests {
     fn input_gradient_matches_the_direct_one() {
         for (n, cin, h, w, cout) in [(1, 3, 7, 9, 4), (2, 9, 12, 11, 8)] {
             let g = geom(n, cin, h, w, cout);
-            let (gy, wt) = (randn(n * cout * h * w), randn(cout * cin * 9));
+            let (gy, wt) = (randn(n * cout * h * w, 13), randn(cout * cin * 9, 14));
             let want = super::super::input_grad_direct(&g, &gy, &wt);
             let got = input_grad(&g, &gy, &wt);
             let got32 = input_grad(&g, &f32s(&gy), &f32s(&wt));
@@ -749,7 +749,7 @@ mod tests {
     fn weight_gradient_matches_the_direct_one() {
         for (n, cin, h, w, cout, rows) in [(1, 3, 7, 9, 4, 9), (2, 9, 13, 11, 8, 1), (3, 4, 2, 5, 2, 9)] {
             let g = geom(n, cin, h, w, cout);
-            let (x, gy) = (randn(n * cin * h * w), randn(n * cout * h * w));
+            let (x, gy) = (randn(n * cin * h * w, 15), randn(n * cout * h * w, 16));
             let want = super::super::weight_grad_direct(&g, &x, &gy);
             let got = weight_grad_blocks(&g, &x, &gy, rows);
             let got32 = weight_grad_blocks(&g, &f32s(&x), &f32s(&gy), rows);
