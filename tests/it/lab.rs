@@ -375,9 +375,16 @@ fn kill_9_mid_run_loses_nothing_and_the_rerun_finishes() {
         "SELECT COUNT(*) FROM runs r WHERE r.status = 'RUNNING' AND r.step > 4 AND EXISTS (SELECT 1 FROM runs f WHERE f.status = 'FINISHED')",
         Duration::from_secs(120),
     );
+    // Freeze it first, so the state read below is the state it dies in
+    // (between the wait and the kill a run could otherwise end).
+    Command::new("kill")
+        .args(["-STOP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ready, "the suite never got mid-run");
+    let running_at_kill = sqlite(&db, "SELECT id FROM runs WHERE status = 'RUNNING'");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(ready, "the suite never got mid-run");
     assert_eq!(
         sqlite(&db, "PRAGMA integrity_check").lines().nth(1).unwrap(),
         "ok"
@@ -390,6 +397,7 @@ fn kill_9_mid_run_loses_nothing_and_the_rerun_finishes() {
     assert_eq!(bad.lines().nth(1).unwrap(), "0");
     let before = sqlite(&db, "SELECT id, end_ms, (SELECT GROUP_CONCAT(miou) FROM evaluations e WHERE e.run_id = r.id) FROM runs r WHERE status = 'FINISHED' ORDER BY id");
     let killed = sqlite(&db, "SELECT id FROM runs WHERE status = 'RUNNING'");
+    assert_eq!(killed, running_at_kill);
     assert_eq!(killed.lines().count(), 2, "{killed}");
     // The rerun takes over the stale run, resumes it and finishes the suite.
     let out = bin()
@@ -465,6 +473,24 @@ fn two_processes_never_run_the_same_run_twice() {
     for l in &ta {
         assert!(!tb.contains(l), "{l} trained twice");
     }
+    // The two really ran at once: a run of one and a run of the other
+    // were held over overlapping intervals.
+    let db = d.path().join("quick.db");
+    let rows = sqlite(&db, "SELECT claimed_by, start_ms, end_ms FROM runs");
+    let spans: Vec<(String, i64, i64)> = rows
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[0].to_string(), c[1].parse().unwrap(), c[2].parse().unwrap())
+        })
+        .collect();
+    let holders: std::collections::BTreeSet<&String> = spans.iter().map(|s| &s.0).collect();
+    assert_eq!(holders.len(), 2, "both processes trained: {rows}");
+    let overlap = spans
+        .iter()
+        .any(|a| spans.iter().any(|b| a.0 != b.0 && a.1 < b.2 && b.1 < a.2));
+    assert!(overlap, "the processes never ran at the same time: {rows}");
 }
 
 #[test]
