@@ -2,7 +2,9 @@
 //! predictions against Cityscapes ground truth as the official
 //! `evalPixelLevelSemanticLabeling.py` does. Each `*_gtFine_labelIds.png`
 //! under G is paired with the one file under P whose name contains its
-//! `<city>_<seq>_<frame>` stem; both are mapped from labelIds to train ids;
+//! `<city>_<seq>_<frame>` stem (of several, the one ending in
+//! `labelIds.png`: the folder `hmsa-lab infer --out` writes holds colour
+//! images and attention maps too); both are mapped from labelIds to train ids;
 //! void ground truth is skipped, and a predicted id outside the 19 classes
 //! is a miss for the true class, never a false positive.
 
@@ -68,7 +70,19 @@ pub fn score_folders(pred_dir: &Path, gt_dir: &Path) -> Result<(Metrics, usize)>
             path: g.clone(),
             msg: "not a <city>_<seq>_<frame> file name".into(),
         })?;
-        let cands = by_stem.get(&stem).cloned().unwrap_or_default();
+        let mut cands = by_stem.get(&stem).cloned().unwrap_or_default();
+        // `hmsa-lab infer --out` writes a colour image and attention maps
+        // beside each `_labelIds.png`: that one is the prediction.
+        if cands.len() > 1 {
+            let ids: Vec<PathBuf> = cands
+                .iter()
+                .filter(|p| p.to_string_lossy().ends_with("labelIds.png"))
+                .cloned()
+                .collect();
+            if ids.len() == 1 {
+                cands = ids;
+            }
+        }
         let pred = match cands.as_slice() {
             [one] => one,
             [] => {

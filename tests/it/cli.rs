@@ -287,3 +287,105 @@ fn infer_bad_input_gets_a_clear_error() {
         "{e}"
     );
 }
+
+/// The commands a researcher chains by hand, end to end: `synth` writes
+/// the benchmark (twice the same bytes), `train` trains and evaluates a
+/// run config, `infer` segments the validation images with its weights,
+/// and `eval` scores that folder: its mIoU must be the one `train` wrote
+/// for the same single-scale evaluation (two routes through the metrics:
+/// the in-memory evaluator and the official-style folder scorer).
+#[test]
+fn synth_train_infer_and_eval_fit_together() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let s = |x: &Path| x.to_str().unwrap().to_string();
+    std::fs::write(
+        p.join("synth.toml"),
+        "height = 64\nwidth = 128\ntrain = 3\nval = 2\ntrain_extra = 0\nblob_radius = 30\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_hmsa-lab"))
+            .current_dir(p)
+            .env("HMSA_NO_PROGRESS", "1")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    run(&["synth", "--config", "synth.toml", "--out", "a"]);
+    run(&["synth", "--config", "synth.toml", "--out", "b"]);
+    let files = |root: &str, sub: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p.join(root).join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(files("a", "leftImg8bit/train/synth").len(), 3);
+    assert_eq!(files("a", "gtFine/val/synth").len(), 2);
+    for f in files("a", "leftImg8bit/val/synth") {
+        let rel = format!("leftImg8bit/val/synth/{f}");
+        assert_eq!(
+            std::fs::read(p.join("a").join(&rel)).unwrap(),
+            std::fs::read(p.join("b").join(&rel)).unwrap(),
+            "{rel}: synth is not deterministic"
+        );
+    }
+    let model = std::fs::read_to_string(data("tiny.toml")).unwrap();
+    let model_single = model
+        .replace("fusion = \"hierarchical\"", "fusion = \"single\"")
+        .replace("scales = [0.5, 1.0]", "scales = [1.0]")
+        .replace("num_classes = 3", "num_classes = 19");
+    std::fs::write(p.join("model.toml"), &model_single).unwrap();
+    let model_table = model_single
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("[backbone]", "[model.backbone]");
+    std::fs::write(
+        p.join("run.toml"),
+        format!(
+            "[model]\n{model_table}\n\n[data]\nroot = \"a\"\n[data.augment]\ncrop = [64, 128]\n\n[train]\nsteps = 6\nbatch = 1\ncheckpoint_every = 3\n"
+        ),
+    )
+    .unwrap();
+    run(&["train", "--config", "run.toml", "--out", "run"]);
+    let ev: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.join("run/eval.json")).unwrap()).unwrap();
+    let want = ev[0]["metrics"]["miou"].as_f64().unwrap();
+    assert_eq!(ev[0]["set"]["scales"], serde_json::json!([1.0]));
+    let vals: Vec<String> = files("a", "leftImg8bit/val/synth")
+        .iter()
+        .map(|f| format!("a/leftImg8bit/val/synth/{f}"))
+        .collect();
+    let mut args = vec![
+        "infer".to_string(),
+        "--config".into(),
+        "model.toml".into(),
+        "--checkpoint".into(),
+        "run/model.safetensors".into(),
+        "--out".into(),
+        "preds".into(),
+    ];
+    args.extend(vals);
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = run(&[
+        "eval",
+        "--pred-dir",
+        "preds",
+        "--gt-dir",
+        &s(&p.join("a/gtFine/val")),
+        "--format",
+        "json",
+    ]);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        (got["miou"].as_f64().unwrap() - want).abs() < 1e-12,
+        "eval {} vs train's evaluation {want}",
+        got["miou"]
+    );
+}

@@ -185,6 +185,23 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         .unwrap());
     let v: serde_json::Value = serde_json::from_str(&runs).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 10);
+    // show: provenance, and each evaluation's mIoU as the database holds it
+    let shown = ok(bin()
+        .args(["show", "1", "--db", db.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(shown.contains("status FINISHED at step 12"), "{shown}");
+    let host = sqlite(&db, "SELECT host FROM runs WHERE id = 1");
+    assert!(
+        shown.contains(&format!("host {}", host.lines().nth(1).unwrap())),
+        "{shown}"
+    );
+    let mious = sqlite(&db, "SELECT miou FROM evaluations WHERE run_id = 1");
+    assert_eq!(mious.lines().count(), 7);
+    for m in mious.lines().skip(1) {
+        let cell = format!("{:.2}", 100.0 * m.parse::<f64>().unwrap());
+        assert!(shown.contains(&cell), "{cell} not in {shown}");
+    }
     // compare shows only what differs
     let cmp = ok(bin()
         .args(["compare", "1", "5", "--db", db.to_str().unwrap()])
