@@ -23,6 +23,7 @@ use crate::data::sampler::{epoch_plan, Centroids, Source};
 use crate::model::init::seeded_varbuilder;
 use crate::model::HmsaNet;
 use crate::{Error, Result};
+use candle_core::Tensor;
 use candle_nn::VarMap;
 use optim::{lr_at, Sgd};
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,12 @@ pub struct StepMetrics {
 /// Hooks for whoever runs the training (the lab records steps in its
 /// database and stops on Ctrl-C).
 pub trait Observer {
+    /// Sees each batch's train-id labels, (B, H, W) u32, before its step
+    /// (`step` is the step it will be): what the sampler and the second
+    /// source put into the batches.
+    fn on_batch(&mut self, _step: usize, _labels: &Tensor) -> Result<()> {
+        Ok(())
+    }
     fn on_step(&mut self, _m: &StepMetrics) -> Result<()> {
         Ok(())
     }
@@ -237,6 +244,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             net.seed_dropout(batch_seed(t.seed ^ 0xD50F, epoch, batch.index));
             // the whole step on a pool worker (see `on_pool`)
             let images = batch.images.to_device(&dev)?.to_dtype(precision.dtype())?;
+            obs.on_batch(step + 1, &batch.labels)?;
             let labels = batch.labels.to_device(&dev)?;
             let parts = crate::on_pool(&dev, || -> Result<_> {
                 let fwd = step::forward(&net, &images, cfg.model.fusion, &cfg.model.scales)?;

@@ -565,3 +565,52 @@ fn w48_flops_equal_a_count_from_the_official_weights() {
     let f = hmsa_lab::model::flops::count(&cfg, h, w).unwrap();
     assert_eq!(f.single, total);
 }
+
+/// Flip test-time augmentation against its definition: the log of the mean
+/// of the softmax of the prediction and of the mirrored input's prediction
+/// mirrored back, each from a plain (unflipped) call.
+#[test]
+fn flip_averaging_is_the_mean_of_the_two_softmaxes() {
+    let (_, net) = fresh(&tiny(), 17);
+    let x = image(40, 56, 18);
+    let scales = [0.5, 1.0, 2.0];
+    let (with_flip, _) = net.infer(&x, Fusion::Hierarchical, &scales, true, false).unwrap();
+    let (a, _) = net
+        .infer(&x, Fusion::Hierarchical, &scales, false, false)
+        .unwrap();
+    let (b, _) = net
+        .infer(
+            &x.flip(&[3]).unwrap(),
+            Fusion::Hierarchical,
+            &scales,
+            false,
+            false,
+        )
+        .unwrap();
+    let b = b.pred.flip(&[3]).unwrap();
+    let pa = candle_nn::ops::softmax(&a.pred, 1).unwrap();
+    let pb = candle_nn::ops::softmax(&b, 1).unwrap();
+    let want = ((pa + pb).unwrap() * 0.5).unwrap().log().unwrap();
+    assert!(max_abs_diff(&with_flip.pred, &want) < 1e-5);
+    // the mirrored prediction differs from the plain one: the test is not vacuous
+    assert!(max_abs_diff(&a.pred, &b) > 1e-3);
+}
+
+#[test]
+fn explicit_training_gradients_match_finite_differences() {
+    let mut cfg = tiny();
+    cfg.fusion = Fusion::Explicit;
+    cfg.scales = vec![0.5, 1.0, 2.0];
+    gradients_match_finite_differences(
+        &cfg,
+        64,
+        64,
+        1e-6,
+        &[
+            "scale_attn.conv2.weight",
+            "scale_attn.conv0.weight",
+            "ocr.cls_head.weight",
+            "backbone.stage4.0.fuse_layers.0.3.0.weight",
+        ],
+    );
+}

@@ -161,6 +161,11 @@ impl Observer for StopAt {
 /// `n` street-like images (the car moves) in the Cityscapes layout, as the
 /// `train` and `val` splits under `root`.
 fn blocks_dataset_n(root: &Path, n: u32) {
+    blocks_dataset_car(root, n, 20, 16);
+}
+
+/// As [`blocks_dataset_n`] with a `cw` x `ch` car.
+fn blocks_dataset_car(root: &Path, n: u32, cw: u32, ch: u32) {
     for k in 0..n {
         let (w, h) = (128u32, 64u32);
         let lab = GrayImage::from_fn(w, h, |x, y| {
@@ -168,7 +173,7 @@ fn blocks_dataset_n(root: &Path, n: u32) {
                 23
             } else if y < 36 {
                 11
-            } else if (20 + 15 * k..40 + 15 * k).contains(&x) && y < 52 {
+            } else if (20 + 15 * k..20 + cw + 15 * k).contains(&x) && (36..36 + ch).contains(&y) {
                 26
             } else {
                 7
@@ -841,5 +846,110 @@ fn a_hierarchical_training_step_matches_the_official_pytorch_step() {
     for name in stats {
         let d = max_abs_diff(&get(format!("before.{name}")), &get(format!("after.{name}")));
         assert!(d > 1e-3, "{name} did not change in PyTorch's step ({d})");
+    }
+}
+
+/// Counts, per batch, the pixels of each train id (255 left out).
+struct Batches(Vec<Vec<u64>>);
+impl Observer for Batches {
+    fn on_batch(&mut self, _step: usize, labels: &candle_core::Tensor) -> hmsa_lab::Result<()> {
+        let (b, h, w) = labels.dims3()?;
+        let v: Vec<u32> = labels.flatten_all()?.to_vec1()?;
+        for i in 0..b {
+            let mut counts = vec![0u64; 19];
+            for &t in &v[i * h * w..(i + 1) * h * w] {
+                if t < 19 {
+                    counts[t as usize] += 1;
+                }
+            }
+            self.0.push(counts);
+        }
+        Ok(())
+    }
+}
+
+/// The train id at the centre of each crop, per batch.
+struct Centres(Vec<u32>);
+impl Observer for Centres {
+    fn on_batch(&mut self, _step: usize, labels: &candle_core::Tensor) -> hmsa_lab::Result<()> {
+        let (b, h, w) = labels.dims3()?;
+        let v: Vec<u32> = labels.flatten_all()?.to_vec1()?;
+        for i in 0..b {
+            self.0.push(v[i * h * w + (h / 2) * w + w / 2]);
+        }
+        Ok(())
+    }
+}
+
+/// Class-uniform sampling as `train` wires it. Five 64x128 images, four
+/// classes, the car a 6x6 block: with class_uniform 1.0 a quarter of the
+/// crops are centred on a car centroid (the sampler draws a present class
+/// uniformly), so of 120 crops about 30 have car at their centre (4.7
+/// standard deviation: at least 15 is a safe bound); random 32x32 crops put
+/// the car at the centre with probability 36/3201 (the car's pixels among
+/// the possible crop centres): about 1.3 of 120, at most 8 by the same
+/// margin.
+#[test]
+fn class_uniform_sampling_reaches_the_training_batches() {
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset_car(d.path(), 5, 6, 6);
+    let mut car_centred = vec![];
+    for cu in [0.0, 1.0] {
+        let mut cfg = overfit_config(d.path());
+        cfg.data.augment.crop = [32, 32];
+        cfg.data.sampler.class_uniform = cu;
+        cfg.data.sampler.tile = 16;
+        cfg.train.steps = 60;
+        cfg.train.batch = 2;
+        cfg.train.checkpoint_every = 1000;
+        let mut obs = Centres(vec![]);
+        train(&cfg, &d.path().join(format!("run{cu}")), &mut obs).unwrap();
+        assert_eq!(obs.0.len(), 120);
+        car_centred.push(obs.0.iter().filter(|&&c| c == 13).count());
+    }
+    assert!(
+        car_centred[0] <= 8 && car_centred[1] >= 15,
+        "car-centred crops, random and class-uniform: {car_centred:?}"
+    );
+}
+
+/// A second source (auto-labels, in the lab) fills its share of every
+/// batch: with `second_share` 0.5 and batch 2, one crop of each batch comes
+/// from the second source, told apart here by its labels (all terrain).
+#[test]
+fn a_second_source_fills_its_share_of_every_batch() {
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset_n(d.path(), 3);
+    let extra = d.path().join("auto");
+    for k in 0..3u32 {
+        let i = extra.join(format!("leftImg8bit/train/t/t_000000_{k:06}_leftImg8bit.png"));
+        let l = extra.join(format!("gtFine/train/t/t_000000_{k:06}_gtFine_labelIds.png"));
+        std::fs::create_dir_all(i.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(l.parent().unwrap()).unwrap();
+        RgbImage::from_fn(128, 64, |x, y| Rgb([60, 120 + ((x + y + k) % 9) as u8, 40]))
+            .save(&i)
+            .unwrap();
+        GrayImage::from_pixel(128, 64, Luma([22])).save(&l).unwrap(); // terrain
+    }
+    let mut cfg = overfit_config(d.path());
+    cfg.data.second = Some(hmsa_lab::config::SecondSource {
+        root: extra,
+        split: "train".into(),
+        labels: "fine".into(),
+    });
+    cfg.data.sampler.second_share = 0.5;
+    cfg.train.steps = 8;
+    cfg.train.batch = 2;
+    cfg.train.checkpoint_every = 1000;
+    let mut obs = Batches(vec![]);
+    train(&cfg, &d.path().join("run"), &mut obs).unwrap();
+    assert_eq!(obs.0.len(), 16);
+    for (i, pair) in obs.0.chunks(2).enumerate() {
+        let terrain_only = pair
+            .iter()
+            .filter(|c| c[9] > 0 && c.iter().sum::<u64>() == c[9])
+            .count();
+        let none = pair.iter().filter(|c| c[9] == 0).count();
+        assert_eq!((terrain_only, none), (1, 1), "batch {i}: {pair:?}");
     }
 }
