@@ -43,13 +43,20 @@ usage: python3 tools/torch_reference.py parity WEIGHTS.safetensors INPUT.safeten
        python3 tools/torch_reference.py gpu f32|bf16 [cuda|cpu]
        python3 tools/torch_reference.py trainstep CONFIG.json OUT.safetensors
        python3 tools/torch_reference.py inference CONFIG.json OUT.safetensors
+       python3 tools/torch_reference.py pth LISTING.txt OUT.pth
 
   inference  the fixture of tests/it/model.rs's parity test (see
            `inference` below), written by
              python3 tools/torch_reference.py inference tests/data/trainstep.json tests/data/inference.safetensors
 
+  pth      a checkpoint written by torch.save itself, with offset and
+           non-contiguous storages (see `pth` below), written by
+             hmsa-lab model --config tests/data/tiny.toml > /tmp/listing.txt
+             python3 tools/torch_reference.py pth /tmp/listing.txt tests/data/torch_zip.pth
+
 CONFIG.json is the model config as serde writes it (hmsa-lab's ModelConfig).
 """
+import collections
 import contextlib
 import json
 import sys
@@ -516,6 +523,46 @@ def inference(cfg_path, out):
     return 0
 
 
+def pth(listing_path, out):
+    """tests/data/torch_zip.pth: a checkpoint torch.save writes (zip layout)
+    laid out like the official files ({"state_dict": {"module.NAME": ...},
+    "epoch", "mIoU"}), whose tensors are views as real training leaves
+    them: every third an offset into a larger shared storage, every third
+    (of rank 2 and more) a transposed, non-contiguous view. Tensor t of the
+    listing (`hmsa-lab model --config tests/data/tiny.toml`), element j in
+    row-major order, holds float32(sin(0.1 t + 0.01 j)); num_batches_tracked
+    are int64 scalars."""
+    names = []
+    for line in open(listing_path):
+        parts = line.split()
+        if len(parts) == 0 or line.startswith(("parameters", "GFLOPs")):
+            continue
+        shape = [int(d) for d in parts[1].split(",")] if len(parts) > 1 else []
+        names.append((parts[0], shape))
+    shared = torch.zeros(sum(int(np.prod(s)) if s else 1 for _, s in names) + 64)
+    at = 64
+    sd = collections.OrderedDict()
+    for t, (name, shape) in enumerate(names):
+        if name.endswith("num_batches_tracked"):
+            sd["module." + name] = torch.tensor(t, dtype=torch.int64)
+            continue
+        n = int(np.prod(shape)) if shape else 1
+        vals = torch.from_numpy(np.sin(0.1 * t + 0.01 * np.arange(n)).astype(np.float32)).view(shape)
+        if t % 3 == 0:
+            view = shared[at : at + n].view(shape)
+            view.copy_(vals)
+            at += n
+        elif t % 3 == 1 and len(shape) >= 2:
+            view = vals.transpose(0, 1).contiguous().transpose(0, 1)
+            assert not view.is_contiguous() or shape[0] == 1 or shape[1] == 1
+        else:
+            view = vals
+        sd["module." + name] = view
+    torch.save({"state_dict": sd, "epoch": 3, "mIoU": 0.5}, out)
+    print("torch %s: %d tensors; wrote %s" % (torch.__version__, len(sd), out))
+    return 0
+
+
 def parity(weights, inp, dump, cfg_path):
     cfg, net = build(cfg_path, weights)
     x = torch.from_numpy(load_safetensors(inp)["image"].copy())
@@ -731,6 +778,8 @@ if __name__ == "__main__":
         sys.exit(compare(sys.argv[2], int(sys.argv[3])))
     elif cmd == "gpu":
         sys.exit(gpu(*sys.argv[2:4]))
+    elif cmd == "pth":
+        sys.exit(pth(*sys.argv[2:4]))
     elif cmd == "inference":
         sys.exit(inference(*sys.argv[2:4]))
     elif cmd == "trainstep":
