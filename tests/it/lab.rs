@@ -309,6 +309,85 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         "4",
         "every student labelled train_extra's 8 images"
     );
+    // The student's second source holds the teacher's labels: its labelIds
+    // equal the teacher's hierarchical {0.5, 1, 2} prediction where the top
+    // probability reaches the threshold (0.5 in quick.toml) and 0
+    // (unlabelled) elsewhere, recomputed here
+    // from the teacher's weights; the student trains on them at share 0.5.
+    let one = |sql: &str| sqlite(&db, sql).lines().nth(1).unwrap().to_string();
+    let teacher_dir = one("SELECT run_dir FROM runs WHERE variant = 'hierarchical' AND seed = 0");
+    let student = one("SELECT id FROM runs WHERE variant = 'hierarchical+auto' AND seed = 0");
+    let student_dir = one(&format!("SELECT run_dir FROM runs WHERE id = {student}"));
+    let second = one(&format!(
+        "SELECT value FROM params WHERE run_id = {student} AND key = 'data.second.root'"
+    ));
+    assert!(second.contains(&format!("{student_dir}/autolabel")), "{second}");
+    assert_eq!(
+        one(&format!(
+            "SELECT value FROM params WHERE run_id = {student} AND key = 'data.sampler.second_share'"
+        )),
+        "0.5"
+    );
+    let tcfg: hmsa_lab::config::RunConfig = serde_json::from_str(
+        &one("SELECT config_json FROM runs WHERE variant = 'hierarchical' AND seed = 0")
+            .trim_matches('"')
+            .replace("\"\"", "\""),
+    )
+    .unwrap();
+    let dev = candle_core::Device::Cpu;
+    let teacher = hmsa_lab::model::checkpoint::load(
+        &tcfg.model,
+        &d.path().join(&teacher_dir).join("model.safetensors"),
+        &dev,
+    )
+    .unwrap();
+    let extra = d.path().join("data/quick-synth/leftImg8bit/train_extra/synth");
+    let (mut compared, mut kept, mut dropped) = (0, 0, 0);
+    for e in std::fs::read_dir(&extra).unwrap() {
+        let img_path = e.unwrap().path();
+        let name = img_path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .replace("_leftImg8bit.png", "");
+        let img = image::open(&img_path).unwrap().to_rgb8();
+        let x = hmsa_lab::data::image::normalize(&img, &dev).unwrap();
+        let (f, _) = teacher
+            .infer(
+                &x,
+                hmsa_lab::model::Fusion::Hierarchical,
+                &[0.5, 1.0, 2.0],
+                false,
+                false,
+            )
+            .unwrap();
+        let p = candle_nn::ops::softmax(&f.pred, 1).unwrap();
+        let top: Vec<f32> = p.max(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let arg: Vec<u32> = p.argmax(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = image::open(d.path().join(&student_dir).join(format!(
+            "autolabel/gtFine/train_extra/synth/{name}_gtFine_labelIds.png"
+        )))
+        .unwrap()
+        .to_luma8()
+        .into_raw();
+        for ((t, a), g) in top.iter().zip(&arg).zip(&got) {
+            let want = if *t >= 0.5 {
+                hmsa_lab::data::cityscapes::CLASSES[*a as usize].label_id
+            } else {
+                0
+            };
+            assert_eq!(*g, want, "{name}");
+            kept += usize::from(want != 0);
+            dropped += usize::from(want == 0);
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, 8);
+    assert!(
+        kept > 0 && dropped > 0,
+        "kept {kept}, dropped {dropped}: the threshold must matter"
+    );
     // a write through `query` is refused
     let o = bin()
         .args(["query", "DELETE FROM runs", "--db", db.to_str().unwrap()])
