@@ -515,3 +515,87 @@ fn loader_delivers_the_same_batches_in_order_whatever_the_workers() {
         "dropping the loader did not stop its workers"
     );
 }
+
+/// A palette label PNG of `w` x `h` whose index is `f(x)`.
+fn palette_png(p: &Path, w: u32, h: u32, palette: Vec<u8>, f: impl Fn(u32) -> u8) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(std::fs::File::create(p).unwrap()), w, h);
+    enc.set_color(png::ColorType::Indexed);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_palette(palette);
+    let idx: Vec<u8> = (0..h).flat_map(|_| (0..w).map(&f)).collect();
+    enc.write_header().unwrap().write_image_data(&idx).unwrap();
+}
+
+/// Mapillary beyond the happy path: the v1.2 layout (`config_v1.2.json`,
+/// `training/v1.2/labels/` preferred over a stale `training/labels/`), JPEG
+/// images, an image without a label and a label without an image.
+#[test]
+fn mapillary_v1_2_layout_jpegs_and_unpaired_files() {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path();
+    std::fs::write(
+        r.join("config_v1.2.json"),
+        r#"{"labels": [
+            {"name": "construction--flat--road", "readable": "Road", "color": [128, 64, 128], "evaluate": true},
+            {"name": "object--vehicle--car", "readable": "Car", "color": [0, 0, 142], "evaluate": true}
+        ]}"#,
+    )
+    .unwrap();
+    let img = RgbImage::from_fn(64, 32, |x, _| {
+        if x < 32 {
+            Rgb([128, 64, 128])
+        } else {
+            Rgb([0, 0, 142])
+        }
+    });
+    for stem in ["a", "b"] {
+        let p = r.join(format!("training/images/{stem}.jpg"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        img.save_with_format(&p, image::ImageFormat::Jpeg).unwrap();
+    }
+    let pal = vec![128, 64, 128, 0, 0, 142];
+    palette_png(&r.join("training/v1.2/labels/a.png"), 64, 32, pal.clone(), |x| {
+        u8::from(x >= 32)
+    });
+    palette_png(&r.join("training/v1.2/labels/c.png"), 64, 32, pal.clone(), |_| 0);
+    // a stale v1.0 label folder with every image labelled: not read
+    palette_png(&r.join("training/labels/a.png"), 64, 32, pal.clone(), |_| 1);
+    palette_png(&r.join("training/labels/b.png"), 64, 32, pal, |_| 1);
+
+    let ds = Dataset::open(r, "train", Labels::Fine).unwrap();
+    assert_eq!(ds.samples.len(), 1);
+    assert_eq!(ds.samples[0].name, "a");
+    assert_eq!(ds.unpaired_images, vec![r.join("training/images/b.jpg")]);
+    assert_eq!(ds.unpaired_labels, vec![r.join("training/v1.2/labels/c.png")]);
+    let (im, lab) = ds.load(0).unwrap();
+    assert_eq!(im.dimensions(), (64, 32));
+    // JPEG keeps the colours near their values
+    assert!(im.get_pixel(5, 5)[0] > 100 && im.get_pixel(60, 5)[2] > 100);
+    let lab = lab.unwrap();
+    assert_eq!(
+        lab.get_pixel(5, 5)[0],
+        0,
+        "road from v1.2, not the stale folder's car"
+    );
+    assert_eq!(lab.get_pixel(60, 5)[0], 1);
+    let rep = check::check(&ds);
+    let named: Vec<String> = rep
+        .problems
+        .iter()
+        .map(|p| format!("{}: {}", p.path.display(), p.msg))
+        .collect();
+    assert_eq!(named.len(), 2, "{named:?}");
+    assert!(
+        named
+            .iter()
+            .any(|n| n.ends_with("b.jpg: image has no label file")),
+        "{named:?}"
+    );
+    assert!(
+        named
+            .iter()
+            .any(|n| n.ends_with("c.png: label file has no image")),
+        "{named:?}"
+    );
+}
