@@ -15,7 +15,6 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
-use tokio::runtime::Runtime;
 
 /// The file in each run folder that names its owner.
 pub const OWNER_FILE: &str = "owner.json";
@@ -109,12 +108,12 @@ fn live(runs: &[RunRow]) -> (HashSet<PathBuf>, HashSet<i64>) {
 }
 
 /// Works out what `gc` would remove; changes nothing.
-pub fn plan(rt: &Runtime, store: &Store) -> Result<Plan> {
-    let id = rt.block_on(store.id())?;
-    let runs = rt.block_on(store.runs(&RunFilter {
+pub fn plan(store: &Store) -> Result<Plan> {
+    let id = store.id()?;
+    let runs = store.runs(&RunFilter {
         removed: true,
         ..Default::default()
-    }))?;
+    })?;
     let (live_dirs, live_ids) = live(&runs);
     let mut plan = Plan {
         purge: runs.iter().filter(|r| r.removed_ms.is_some()).cloned().collect(),
@@ -150,13 +149,13 @@ pub struct Done {
 /// Carries out `plan`: purges the removed runs' rows (one transaction),
 /// then removes the folders, each checked again against the database (a
 /// run restored meanwhile keeps its folder).
-pub fn apply(rt: &Runtime, store: &Store, plan: &Plan) -> Result<Done> {
+pub fn apply(store: &Store, plan: &Plan) -> Result<Done> {
     let ids: Vec<i64> = plan.purge.iter().map(|r| r.id).collect();
-    let runs = rt.block_on(store.purge_removed(&ids))?;
-    let now = rt.block_on(store.runs(&RunFilter {
+    let runs = store.purge_removed(&ids)?;
+    let now = store.runs(&RunFilter {
         removed: true,
         ..Default::default()
-    }))?;
+    })?;
     let (live_dirs, _) = live(&now);
     // Runs still in the database (restored, or removed after the plan) keep
     // their folders.

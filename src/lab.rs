@@ -21,7 +21,6 @@ use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::runtime::Runtime;
 
 /// How to run a suite.
 #[derive(Clone, Debug)]
@@ -136,7 +135,6 @@ fn digest(path: &Path) -> String {
 
 /// Records steps and heartbeats, and relays Ctrl-C.
 struct LabObserver<'a> {
-    rt: &'a Runtime,
     store: &'a Store,
     id: i64,
     who: &'a str,
@@ -146,7 +144,7 @@ struct LabObserver<'a> {
 impl Observer for LabObserver<'_> {
     fn on_step(&mut self, m: &StepMetrics) -> Result<()> {
         let s = m.step as i64;
-        self.rt.block_on(self.store.log_metrics(
+        self.store.log_metrics(
             self.id,
             &[
                 ("loss", s, m.loss as f64),
@@ -155,8 +153,8 @@ impl Observer for LabObserver<'_> {
                 ("lr", s, m.lr),
                 ("step_secs", s, m.secs),
             ],
-        ))?;
-        self.rt.block_on(self.store.heartbeat(self.id, self.who, Some(s)))
+        )?;
+        self.store.heartbeat(self.id, self.who, Some(s))
     }
 
     fn should_stop(&self) -> bool {
@@ -166,31 +164,29 @@ impl Observer for LabObserver<'_> {
 
 /// Runs every planned run of `suite`; returns each run's outcome.
 pub fn run_suite(
-    rt: &Runtime,
     store: &Store,
     suite: &Suite,
     opts: &RunOptions,
     stop: Arc<AtomicBool>,
 ) -> Result<Vec<(String, u64, Outcome)>> {
     let h = &suite.header;
-    rt.block_on(store.upsert_suite(
+    store.upsert_suite(
         &h.name,
         &h.description,
         &suite.file.display().to_string(),
         &suite.baseline,
-    ))?;
+    )?;
     let prov = provenance();
     let started = crate::store::now_ms();
     let who = format!("{}:{}:{}", prov.host, std::process::id(), started);
     let ctx = Ctx {
-        rt,
         store,
         suite,
         opts,
         who: &who,
         prov: &prov,
         stop: &stop,
-        store_id: rt.block_on(store.id())?,
+        store_id: store.id()?,
         started,
     };
     let mut out = vec![];
@@ -211,8 +207,8 @@ pub fn run_suite(
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
-                if let Some(row) = rt.block_on(store.find_run(&h.name, &r.variant, &r.hash, r.seed))? {
-                    rt.block_on(store.end_run(row.id, &who, Status::Failed, Some(&format!("{e:#}"))))?;
+                if let Some(row) = store.find_run(&h.name, &r.variant, &r.hash, r.seed)? {
+                    store.end_run(row.id, &who, Status::Failed, Some(&format!("{e:#}")))?;
                 }
                 tracing::error!(variant = %r.variant, seed = r.seed, "run failed: {e}");
                 if opts.fail_fast {
@@ -229,7 +225,6 @@ pub fn run_suite(
 
 /// What every run of one `run_suite` call shares.
 struct Ctx<'a> {
-    rt: &'a Runtime,
     store: &'a Store,
     suite: &'a Suite,
     opts: &'a RunOptions,
@@ -245,7 +240,6 @@ struct Ctx<'a> {
 
 fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
     let Ctx {
-        rt,
         store,
         suite,
         opts,
@@ -257,19 +251,19 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
     let h = &suite.header;
     let run_dir = suite.run_dir(r);
     let json = serde_json::to_string(&r.config).expect("serialisable");
-    let row = rt.block_on(store.ensure_run(
+    let row = store.ensure_run(
         &h.name,
         &r.variant,
         &json,
         &r.hash,
         r.seed,
         &run_dir.display().to_string(),
-    ))?;
+    )?;
     if row.removed_ms.is_some() {
         return Ok(Outcome::Removed(row.id));
     }
-    let done = row.status == Status::Finished.as_str();
-    let evaluated = rt.block_on(store.evaluated(row.id))?;
+    let done = row.status == Status::Finished;
+    let evaluated = store.evaluated(row.id)?;
     let missing: Vec<_> = r
         .config
         .eval
@@ -288,21 +282,21 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
     // A student waits for its teacher: busy while the teacher runs elsewhere.
     if let Some(t) = r.teacher {
         let tr = &suite.runs[t];
-        let trow = rt.block_on(store.find_run(&h.name, &tr.variant, &tr.hash, tr.seed))?;
+        let trow = store.find_run(&h.name, &tr.variant, &tr.hash, tr.seed)?;
         match trow.map(|x| x.status) {
-            Some(s) if s == Status::Finished.as_str() => {}
-            Some(s) if s == Status::Running.as_str() => return Ok(Outcome::Busy),
+            Some(Status::Finished) => {}
+            Some(Status::Running) => return Ok(Outcome::Busy),
             other => {
                 return Ok(Outcome::Blocked(format!(
                     "its teacher `{}` (seed {}) has not finished ({})",
                     tr.variant,
                     tr.seed,
-                    other.unwrap_or_else(|| "never run".into())
+                    other.map_or("never run".to_string(), |s| s.to_string())
                 )))
             }
         }
     }
-    let dead = (row.status == Status::Running.as_str())
+    let dead = (row.status == Status::Running)
         .then_some(row.claimed_by.as_deref())
         .flatten()
         .filter(|holder| holder_is_gone(holder, &prov.host));
@@ -312,14 +306,14 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
         dead_holder: dead,
         refinish_before_ms: (opts.force || done).then_some(ctx.started),
     };
-    if !rt.block_on(store.claim(row.id, &claim, prov))? {
+    if !store.claim(row.id, &claim, prov)? {
         // Held by another process, or finished by one meanwhile (with the
         // evaluations this suite asks for).
-        let now = rt.block_on(store.run(row.id))?;
+        let now = store.run(row.id)?;
         return Ok(match now {
             Some(x) if x.removed_ms.is_some() => Outcome::Removed(x.id),
-            Some(x) if x.status == Status::Finished.as_str() => {
-                let have = rt.block_on(store.evaluated(x.id))?;
+            Some(x) if x.status == Status::Finished => {
+                let have = store.evaluated(x.id)?;
                 let complete = r.config.eval.sets.iter().all(|s| {
                     have.iter().any(|(sc, f, fl)| {
                         *sc == crate::model::fusion::format_scales(&s.scales)
@@ -339,13 +333,21 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
     if let Some(d) = dead {
         tracing::warn!(run = row.id, holder = d, "took over a run whose process is gone");
     }
-    // Heartbeat while this run is held.
+    // Heartbeat while this run is held (a thread; stopped below).
+    let beating = Arc::new(AtomicBool::new(true));
     let hb = {
         let (store, who, id, every) = (store.clone(), who.to_string(), row.id, opts.heartbeat_ms);
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(every)).await;
-                let _ = store.heartbeat(id, &who, None).await;
+        let beating = beating.clone();
+        std::thread::spawn(move || {
+            let tick = std::time::Duration::from_millis(50);
+            let mut waited = 0;
+            while beating.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                waited += 50;
+                if waited >= every {
+                    waited = 0;
+                    let _ = store.heartbeat(id, &who, None);
+                }
             }
         })
     };
@@ -370,11 +372,10 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
             }
             let mut cfg = r.config.clone();
             if r.teacher.is_some() {
-                cfg = with_autolabels(rt, store, suite, r, row.id, cfg, &run_dir)?;
+                cfg = with_autolabels(store, suite, r, row.id, cfg, &run_dir)?;
             }
-            rt.block_on(store.write_params(row.id, &flatten(&cfg)))?;
+            store.write_params(row.id, &flatten(&cfg))?;
             let mut obs = LabObserver {
-                rt,
                 store,
                 id: row.id,
                 who,
@@ -382,7 +383,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
             };
             let rep = crate::train::train(&cfg, &run_dir, &mut obs)?;
             if !rep.finished {
-                rt.block_on(store.end_run(row.id, who, Status::Killed, Some("interrupted")))?;
+                store.end_run(row.id, who, Status::Killed, Some("interrupted"))?;
                 return Ok(Outcome::Killed);
             }
             (Outcome::Trained, rep.step as i64, r.config.eval.sets.clone())
@@ -394,10 +395,11 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
             weights.display().to_string(),
             digest(&weights),
         )];
-        rt.block_on(store.finish_run(row.id, who, step, &evals, &arts))?;
+        store.finish_run(row.id, who, step, &evals, &arts)?;
         Ok(outcome)
     })();
-    hb.abort();
+    beating.store(false, Ordering::Relaxed);
+    let _ = hb.join();
     result
 }
 
@@ -405,7 +407,6 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
 /// previous attempt completed it), records the pixels kept per class as
 /// the student's metrics, and adds the images as the second source.
 fn with_autolabels(
-    rt: &Runtime,
     store: &Store,
     suite: &Suite,
     r: &PlannedRun,
@@ -414,9 +415,9 @@ fn with_autolabels(
     run_dir: &Path,
 ) -> Result<RunConfig> {
     let t = &suite.runs[r.teacher.expect("a student has a teacher")];
-    let row = rt
-        .block_on(store.find_run(&suite.header.name, &t.variant, &t.hash, t.seed))?
-        .filter(|row| row.status == Status::Finished.as_str())
+    let row = store
+        .find_run(&suite.header.name, &t.variant, &t.hash, t.seed)?
+        .filter(|row| row.status == Status::Finished)
         .ok_or_else(|| {
             Error::invalid(
                 "teacher",
@@ -461,8 +462,8 @@ fn with_autolabels(
         rows.push(("autolabel_dropped".into(), 0, s.dropped as f64));
         // The teacher's validation mIoU at the labelling scales and fusion.
         let key = crate::model::fusion::format_scales(&scales);
-        if let Some(e) = rt
-            .block_on(store.evaluations(row.id))?
+        if let Some(e) = store
+            .evaluations(row.id)?
             .iter()
             .find(|e| e.scales == key && e.fusion == fusion.name() && !e.flip)
         {
@@ -470,7 +471,7 @@ fn with_autolabels(
         }
         rows.push(("autolabel_images".into(), 0, s.images as f64));
         let rows: Vec<(&str, i64, f64)> = rows.iter().map(|(k, st, v)| (k.as_str(), *st, *v)).collect();
-        rt.block_on(store.log_metrics(student, &rows))?;
+        store.log_metrics(student, &rows)?;
         std::fs::write(&marker, format!("{}\n", s.images)).map_err(|e| Error::io(&marker, e))?;
     }
     cfg.data.second = Some(SecondSource {

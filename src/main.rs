@@ -660,17 +660,17 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
         a.db.clone()
             .unwrap_or_else(|| suite.default_db().display().to_string());
     let rt = runtime()?;
-    let store = rt.block_on(Store::open(&url))?;
+    let store = Store::open(&url)?;
     if a.dry_run {
         let mut rows = vec![];
         for r in &suite.runs {
-            let row = rt.block_on(store.find_run(&suite.header.name, &r.variant, &r.hash, r.seed))?;
+            let row = store.find_run(&suite.header.name, &r.variant, &r.hash, r.seed)?;
             rows.push(vec![
                 r.variant.clone(),
                 r.seed.to_string(),
                 r.hash[..12].to_string(),
                 r.teacher.map_or("".into(), |t| suite.runs[t].variant.clone()),
-                row.map_or("new".into(), |x| x.status),
+                row.map_or("new".into(), |x| x.status.to_string()),
                 suite.run_dir(r).display().to_string(),
             ]);
         }
@@ -695,7 +695,7 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
         stale_ms: a.stale_after as i64 * 1000,
         ..Default::default()
     };
-    let out = run_suite(&rt, &store, &suite, &opts, stop.clone())?;
+    let out = run_suite(&store, &suite, &opts, stop.clone())?;
     let failed = out.iter().filter(|o| matches!(o.2, Outcome::Failed(_))).count();
     let busy = out.iter().filter(|o| o.2 == Outcome::Busy).count();
     let removed = out.iter().filter(|o| matches!(o.2, Outcome::Removed(_))).count();
@@ -786,8 +786,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     };
     let threads = rayon::current_num_threads();
     let mach = machine();
-    let rt = runtime()?;
-    let store = rt.block_on(Store::open(&a.db.url(None)))?;
+    let store = Store::open(&a.db.url(None))?;
     let exe = std::env::current_exe()?;
     let mut rows = vec![];
     let mut all = vec![];
@@ -808,7 +807,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 continue;
             }
             let m: hmsa_lab::bench::Measured = serde_json::from_slice(&out.stdout)?;
-            rt.block_on(store.add_benchmark(&hmsa_lab::store::BenchRow {
+            store.add_benchmark(&hmsa_lab::store::BenchRow {
                 suite: suite.clone(),
                 name: m.name.clone(),
                 params: m.params.clone(),
@@ -819,7 +818,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 unit: m.unit.clone(),
                 threads: threads as i64,
                 machine: mach.clone(),
-            }))?;
+            })?;
             rows.push(vec![
                 suite.clone(),
                 m.params.clone(),
@@ -863,8 +862,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => bench(a)?,
         Cmd::Run(a) => run_suite_cmd(a)?,
         Cmd::Runs(a) => {
-            let rt = runtime()?;
-            let store = rt.block_on(Store::open_read_only(&a.db.url(a.suite.as_deref())))?;
+            let store = Store::open_read_only(&a.db.url(a.suite.as_deref()))?;
             let filter = RunFilter {
                 suite: a.suite.clone(),
                 variant: a.variant.clone(),
@@ -872,8 +870,8 @@ fn run(cli: Cli) -> Result<()> {
                 removed: false,
             };
             let mut rows = vec![];
-            for r in rt.block_on(store.runs(&filter))? {
-                let evals = rt.block_on(store.evaluations(r.id))?;
+            for r in store.runs(&filter)? {
+                let evals = store.evaluations(r.id)?;
                 let head = evals.first().map_or("–".into(), |e| {
                     format!("{:.2} ({} {})", 100.0 * e.miou, e.fusion, e.scales)
                 });
@@ -882,7 +880,7 @@ fn run(cli: Cli) -> Result<()> {
                     r.suite,
                     r.variant,
                     r.seed.to_string(),
-                    r.status,
+                    r.status.to_string(),
                     r.step.to_string(),
                     head,
                     r.config_hash[..12].to_string(),
@@ -904,11 +902,8 @@ fn run(cli: Cli) -> Result<()> {
             print_rows(&a.format, &head, &rows)?;
         }
         Cmd::Show { run, db } => {
-            let rt = runtime()?;
-            let store = rt.block_on(Store::open_read_only(&db.url(None)))?;
-            let r = rt
-                .block_on(store.run(run))?
-                .with_context(|| format!("no run {run}"))?;
+            let store = Store::open_read_only(&db.url(None))?;
+            let r = store.run(run)?.with_context(|| format!("no run {run}"))?;
             println!(
                 "run {} — suite {}, variant {}, seed {}",
                 r.id, r.suite, r.variant, r.seed
@@ -936,7 +931,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("error: {e}");
             }
             let mut rows = vec![];
-            for e in rt.block_on(store.evaluations(run))? {
+            for e in store.evaluations(run)? {
                 rows.push(vec![
                     e.scales,
                     e.fusion,
@@ -962,31 +957,30 @@ fn run(cli: Cli) -> Result<()> {
             ]
             .map(String::from);
             println!("{}", report::terminal_table(&head, &rows));
-            for (k, p, d) in rt.block_on(store.artifacts(run))? {
+            for (k, p, d) in store.artifacts(run)? {
                 println!("artifact {k}: {p} ({})", &d[..d.len().min(12)]);
             }
-            let loss = rt.block_on(store.metric(run, "loss"))?;
+            let loss = store.metric(run, "loss")?;
             if let (Some(f), Some(l)) = (loss.first(), loss.last()) {
                 println!("loss {:.4} at step {} -> {:.4} at step {}", f.1, f.0, l.1, l.0);
             }
-            for (k, v) in rt.block_on(store.params(run))? {
+            for (k, v) in store.params(run)? {
                 println!("  {k} = {v}");
             }
         }
         Cmd::Compare { runs, db } => {
-            let rt = runtime()?;
-            let store = rt.block_on(Store::open_read_only(&db.url(None)))?;
+            let store = Store::open_read_only(&db.url(None))?;
             let mut params = vec![];
             let mut evals = vec![];
             for id in &runs {
-                rt.block_on(store.run(*id))?
-                    .with_context(|| format!("no run {id}"))?;
+                store.run(*id)?.with_context(|| format!("no run {id}"))?;
                 params.push(
-                    rt.block_on(store.params(*id))?
+                    store
+                        .params(*id)?
                         .into_iter()
                         .collect::<std::collections::BTreeMap<_, _>>(),
                 );
-                evals.push(rt.block_on(store.evaluations(*id))?);
+                evals.push(store.evaluations(*id)?);
             }
             let keys: std::collections::BTreeSet<&String> = params.iter().flat_map(|p| p.keys()).collect();
             let mut rows = vec![];
@@ -1035,9 +1029,8 @@ fn run(cli: Cli) -> Result<()> {
             if !(timeout.is_finite() && timeout > 0.0) {
                 bail!("--timeout {timeout}: expected a positive number of seconds");
             }
-            let rt = runtime()?;
-            let store = rt.block_on(Store::open_read_only(&db.url(None)))?;
-            let (cols, rows) = rt.block_on(store.query(&sql, std::time::Duration::from_secs_f64(timeout)))?;
+            let store = Store::open_read_only(&db.url(None))?;
+            let (cols, rows) = store.query(&sql, std::time::Duration::from_secs_f64(timeout))?;
             print_rows(&format, &cols, &rows)?;
         }
         Cmd::Rm {
@@ -1047,20 +1040,19 @@ fn run(cli: Cli) -> Result<()> {
             force,
             stale_after,
         } => {
-            let rt = runtime()?;
-            let store = rt.block_on(Store::open_existing(&db.url(None)))?;
+            let store = Store::open_existing(&db.url(None))?;
             let stale_before = hmsa_lab::store::now_ms() - stale_after as i64 * 1000;
             let mut refused = vec![];
             let mut lines = vec![];
             for &id in &runs {
-                let r = rt
-                    .block_on(store.run(id))?
+                let r = store
+                    .run(id)?
                     .with_context(|| format!("no run {id} in {}", store.url()))?;
                 if r.removed_ms.is_some() {
                     bail!("run {id} is already removed (`hmsa-lab restore {id}` brings it back)");
                 }
                 let fresh = r.heartbeat_ms.is_some_and(|h| h >= stale_before);
-                if r.status == Status::Running.as_str() && (!force || fresh) {
+                if r.status == Status::Running && (!force || fresh) {
                     refused.push(format!(
                         "run {id} ({} {} seed {}) is RUNNING{}, held by {}",
                         r.suite,
@@ -1079,7 +1071,7 @@ fn run(cli: Cli) -> Result<()> {
                     r.variant,
                     r.seed,
                     r.status,
-                    rt.block_on(store.evaluations(id))?.len()
+                    store.evaluations(id)?.len()
                 ));
             }
             if !refused.is_empty() {
@@ -1093,7 +1085,7 @@ fn run(cli: Cli) -> Result<()> {
                 lines.join("\n")
             );
             confirm(yes, &format!("remove {} run(s)", runs.len()))?;
-            let done = rt.block_on(store.remove_runs(&runs, force.then_some(stale_before)))?;
+            let done = store.remove_runs(&runs, force.then_some(stale_before))?;
             if done.len() != runs.len() {
                 let missed: Vec<String> = runs
                     .iter()
@@ -1114,9 +1106,8 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Restore { runs, db } => {
-            let rt = runtime()?;
-            let store = rt.block_on(Store::open_existing(&db.url(None)))?;
-            let done = rt.block_on(store.restore_runs(&runs))?;
+            let store = Store::open_existing(&db.url(None))?;
+            let done = store.restore_runs(&runs)?;
             let missed: Vec<String> = runs
                 .iter()
                 .filter(|i| !done.contains(i))
@@ -1131,9 +1122,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Gc { db, dry_run, yes } => {
-            let rt = runtime()?;
-            let store = rt.block_on(Store::open_existing(&db.url(None)))?;
-            let plan = hmsa_lab::gc::plan(&rt, &store)?;
+            let store = Store::open_existing(&db.url(None))?;
+            let plan = hmsa_lab::gc::plan(&store)?;
             for r in &plan.purge {
                 println!(
                     "purge run {} ({} {} seed {}, {}) and its rows",
@@ -1172,7 +1162,7 @@ fn run(cli: Cli) -> Result<()> {
                     plan.folders.len()
                 ),
             )?;
-            let done = hmsa_lab::gc::apply(&rt, &store, &plan)?;
+            let done = hmsa_lab::gc::apply(&store, &plan)?;
             println!(
                 "purged {} run(s) and deleted {} folder(s)",
                 done.runs, done.folders
@@ -1184,11 +1174,10 @@ fn run(cli: Cli) -> Result<()> {
             out,
             readme,
         } => {
-            let rt = runtime()?;
-            let store = rt.block_on(Store::open_read_only(&db.url(Some(&suite))))?;
+            let store = Store::open_read_only(&db.url(Some(&suite)))?;
             let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&suite));
-            let files = rt.block_on(report::write_report(&store, &suite, &out))?;
-            let s = rt.block_on(report::summarise(&store, &suite))?;
+            let files = report::write_report(&store, &suite, &out)?;
+            let s = report::summarise(&store, &suite)?;
             if let Some((h, r)) = report::premise_table(&s) {
                 println!("{}", report::terminal_table(&h, &r));
             }
@@ -1200,7 +1189,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some((text, (h, r))) = &paper {
                 println!("{}\n{text}", report::terminal_table(h, r));
             }
-            let eff = rt.block_on(report::efficiency(&store, &s))?;
+            let eff = report::efficiency(&store, &s)?;
             if let Some((text, (h, r))) = &eff {
                 println!("{}\n{text}", report::terminal_table(h, r));
             }

@@ -62,11 +62,14 @@ fn both(
     Ok(vec![png, svg])
 }
 
+/// Per variant, its loss curve: (step, mean over seeds).
+type Curves = Vec<(String, Vec<(f64, f64)>)>;
+
 /// Mean loss per step over the seeds of each variant.
-async fn curves(store: &Store, s: &SuiteSummary) -> Result<Vec<(String, Vec<(f64, f64)>)>> {
+fn curves(store: &Store, s: &SuiteSummary) -> Result<Curves> {
     let mut by_var: BTreeMap<String, BTreeMap<i64, Vec<f64>>> = BTreeMap::new();
     for r in &s.runs {
-        for (step, v) in store.metric(r.id, "loss").await? {
+        for (step, v) in store.metric(r.id, "loss")? {
             if v.is_finite() {
                 by_var
                     .entry(r.variant.clone())
@@ -333,7 +336,7 @@ pub(super) fn variant_order_rows(rows: &[AggRow]) -> Vec<String> {
 }
 
 /// Draws every figure into `dir`; returns the files.
-pub async fn draw_all(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn draw_all(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
     register_font();
     let mut classes: Vec<(String, Vec<Option<f64>>)> = vec![];
     for r in &s.rows {
@@ -365,7 +368,7 @@ pub async fn draw_all(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec
         )
     });
     let data = Data {
-        curves: curves(store, s).await?,
+        curves: curves(store, s)?,
         rows: s.rows.clone(),
         classes,
         confusion: confusion.and_then(|(t, c)| c.map(|c| (t, c))),
@@ -418,7 +421,7 @@ fn attention_maps(s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
     let Some(run) = s
         .runs
         .iter()
-        .find(|r| r.variant == row.key.variant && r.status == Status::Finished.as_str())
+        .find(|r| r.variant == row.key.variant && r.status == Status::Finished)
     else {
         return Ok(vec![]);
     };

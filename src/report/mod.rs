@@ -64,23 +64,21 @@ fn variant_order(runs: &[RunRow]) -> Vec<String> {
 }
 
 /// Aggregates a suite's finished runs.
-pub async fn summarise(store: &Store, suite: &str) -> Result<SuiteSummary> {
-    let runs = store
-        .runs(&crate::store::RunFilter {
-            suite: Some(suite.to_string()),
-            ..Default::default()
-        })
-        .await?;
+pub fn summarise(store: &Store, suite: &str) -> Result<SuiteSummary> {
+    let runs = store.runs(&crate::store::RunFilter {
+        suite: Some(suite.to_string()),
+        ..Default::default()
+    })?;
     if runs.is_empty() {
         return Err(Error::invalid(
             "--suite",
             format!("no runs of suite `{suite}` in this database"),
         ));
     }
-    let baseline = store.suite_baseline(suite).await?.unwrap_or_default();
+    let baseline = store.suite_baseline(suite)?.unwrap_or_default();
     let mut evals = vec![];
-    for r in runs.iter().filter(|r| r.status == Status::Finished.as_str()) {
-        for e in store.evaluations(r.id).await? {
+    for r in runs.iter().filter(|r| r.status == Status::Finished) {
+        for e in store.evaluations(r.id)? {
             evals.push((r.clone(), e));
         }
     }
@@ -526,7 +524,7 @@ pub struct Cost {
 }
 
 /// The training cost of every variant with step timings.
-pub async fn costs(store: &Store, s: &SuiteSummary) -> Result<Vec<Cost>> {
+pub fn costs(store: &Store, s: &SuiteSummary) -> Result<Vec<Cost>> {
     let mut out = vec![];
     for v in variant_order(&s.runs) {
         let mut xs = vec![];
@@ -534,8 +532,7 @@ pub async fn costs(store: &Store, s: &SuiteSummary) -> Result<Vec<Cost>> {
         for r in s.runs.iter().filter(|r| r.variant == v) {
             xs.extend(
                 store
-                    .metric(r.id, "step_secs")
-                    .await?
+                    .metric(r.id, "step_secs")?
                     .into_iter()
                     .map(|x| x.1)
                     .filter(|x| x.is_finite()),
@@ -577,8 +574,8 @@ pub async fn costs(store: &Store, s: &SuiteSummary) -> Result<Vec<Cost>> {
 
 /// Median training step time per variant (from the `step_secs` metrics)
 /// and the benchmark's peak memory: the paper's efficiency claim.
-pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(String, TextTable)>> {
-    let list = costs(store, s).await?;
+pub fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(String, TextTable)>> {
+    let list = costs(store, s)?;
     let med = |v: &str| list.iter().find(|c| c.variant == v).map(|c| c.median_step_s);
     let (Some(e), Some(h)) = (med("explicit"), med("hierarchical")) else {
         return Ok(None);
@@ -593,7 +590,7 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
             h / b
         ));
     }
-    let bench = store.benchmarks("train").await?;
+    let bench = store.benchmarks("train")?;
     let mem = |name: &str| {
         bench
             .iter()
@@ -639,14 +636,14 @@ pub async fn efficiency(store: &Store, s: &SuiteSummary) -> Result<Option<(Strin
     Ok(Some((text, (head, rows))))
 }
 
-async fn first_metric(store: &Store, run: i64, key: &str) -> Result<Option<f64>> {
-    Ok(store.metric(run, key).await?.first().map(|x| x.1))
+fn first_metric(store: &Store, run: i64, key: &str) -> Result<Option<f64>> {
+    Ok(store.metric(run, key)?.first().map(|x| x.1))
 }
 
 /// Auto-labelling as the students recorded it: per student variant, the
 /// teacher's validation mIoU at the labelling scales, the images labelled,
 /// and the share of pixels the threshold kept per class (mean over seeds).
-pub async fn autolabel_section(store: &Store, s: &SuiteSummary) -> Result<Option<(String, TextTable)>> {
+pub fn autolabel_section(store: &Store, s: &SuiteSummary) -> Result<Option<(String, TextTable)>> {
     let mut rows = vec![];
     let mut kept_classes: Vec<usize> = vec![];
     type PerVariant = (String, Vec<f64>, Vec<f64>, Vec<Vec<f64>>, Vec<f64>);
@@ -656,25 +653,19 @@ pub async fn autolabel_section(store: &Store, s: &SuiteSummary) -> Result<Option
         for r in s
             .runs
             .iter()
-            .filter(|r| r.variant == v && r.status == Status::Finished.as_str())
+            .filter(|r| r.variant == v && r.status == Status::Finished)
         {
-            let Some(n) = first_metric(store, r.id, "autolabel_images").await? else {
+            let Some(n) = first_metric(store, r.id, "autolabel_images")? else {
                 continue;
             };
             images.push(n);
-            dropped.push(
-                first_metric(store, r.id, "autolabel_dropped")
-                    .await?
-                    .unwrap_or(0.0),
-            );
-            if let Some(t) = first_metric(store, r.id, "autolabel_teacher_miou").await? {
+            dropped.push(first_metric(store, r.id, "autolabel_dropped")?.unwrap_or(0.0));
+            if let Some(t) = first_metric(store, r.id, "autolabel_teacher_miou")? {
                 teacher.push(t);
             }
             let mut per = vec![0.0; CLASSES.len()];
             for (c, cls) in CLASSES.iter().enumerate() {
-                per[c] = first_metric(store, r.id, &format!("autolabel_kept/{}", cls.name))
-                    .await?
-                    .unwrap_or(0.0);
+                per[c] = first_metric(store, r.id, &format!("autolabel_kept/{}", cls.name))?.unwrap_or(0.0);
                 if per[c] > 0.0 && !kept_classes.contains(&c) {
                     kept_classes.push(c);
                 }
@@ -724,24 +715,20 @@ pub async fn autolabel_section(store: &Store, s: &SuiteSummary) -> Result<Option
 
 /// Writes `index.md`, `index.html` and the figures into `out`; returns the
 /// files written.
-pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBuf>> {
-    let s = summarise(store, suite).await?;
+pub fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBuf>> {
+    let s = summarise(store, suite)?;
     let mut extra = paper::extra(&s);
-    if let Some((text, table)) = efficiency(store, &s).await? {
+    if let Some((text, table)) = efficiency(store, &s)? {
         extra.sections.push(("Efficiency".into(), text, Some(table)));
     }
-    if let Some((text, table)) = autolabel_section(store, &s).await? {
+    if let Some((text, table)) = autolabel_section(store, &s)? {
         extra.sections.push(("Auto-labelling".into(), text, Some(table)));
     }
     std::fs::create_dir_all(out.join("figures")).map_err(|e| Error::io(out, e))?;
-    let figs = figures::draw_all(store, &s, &out.join("figures")).await?;
+    let figs = figures::draw_all(store, &s, &out.join("figures"))?;
     let (ah, ar) = ablation_table(&s);
     let (ch, cr) = class_table(&s);
-    let finished = s
-        .runs
-        .iter()
-        .filter(|r| r.status == Status::Finished.as_str())
-        .count();
+    let finished = s.runs.iter().filter(|r| r.status == Status::Finished).count();
     let intro = format!(
         "Suite `{}`: {} runs ({} finished). Baseline variant: `{}`. mIoU in %, mean ± sample std over seeds; \
          Δ against the baseline's same evaluation (or its first); p from Welch's t-test.\n",
@@ -824,7 +811,7 @@ pub async fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<
         "baseline": s.baseline,
         "evaluations": s.rows,
         "effects": paper::effects(&s),
-        "costs": costs(store, &s).await?,
+        "costs": costs(store, &s)?,
     });
     std::fs::write(
         &jsp,
@@ -856,7 +843,7 @@ pub fn readme_section(
     let mut out = format!(
         "{README_BEGIN}\n\nSuite `{}`, {} finished runs; mIoU in % on the synthetic validation split, mean ± std over seeds.\n\n",
         s.suite,
-        s.runs.iter().filter(|r| r.status == Status::Finished.as_str()).count(),
+        s.runs.iter().filter(|r| r.status == Status::Finished).count(),
     );
     if let Some((h, r)) = premise_table(s) {
         out.push_str(&format!("{PREMISE_TEXT}\n\n{}\n", markdown_table(&h, &r)));
