@@ -162,40 +162,158 @@ impl Observer for LabObserver<'_> {
     }
 }
 
-/// Runs every planned run of `suite`; returns each run's outcome.
+/// How a worker goes on when nothing is runnable.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerOptions {
+    /// Wait (polling) while another process holds a run this one needs
+    /// (a teacher, or a run it would take over once stale); without it
+    /// the worker moves on and stops when nothing is runnable now.
+    pub wait: bool,
+    /// Stop after executing this many runs.
+    pub max_runs: Option<usize>,
+    /// Seconds between passes while waiting.
+    pub poll_secs: f64,
+}
+
+/// Runs every planned run of `suite` once, in dependency order (`hmsa-lab
+/// run`); returns each run's outcome.
 pub fn run_suite(
     store: &Store,
     suite: &Suite,
     opts: &RunOptions,
     stop: Arc<AtomicBool>,
 ) -> Result<Vec<(String, u64, Outcome)>> {
-    let h = &suite.header;
-    store.upsert_suite(
-        &h.name,
-        &h.description,
-        &suite.file.display().to_string(),
-        &suite.baseline,
-    )?;
-    let prov = provenance();
-    let started = crate::store::now_ms();
-    let who = format!("{}:{}:{}", prov.host, std::process::id(), started);
-    let ctx = Ctx {
-        store,
-        suite,
-        opts,
-        who: &who,
-        prov: &prov,
-        stop: &stop,
-        store_id: store.id()?,
-        started,
-    };
+    let ctx = Ctx::new(store, suite, opts, &stop)?;
     let mut out = vec![];
     for r in &suite.runs {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        // A panic is a failure like any other: recorded with its message.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_one(&ctx, r)))
+        let outcome = ctx.attempt(r)?;
+        eprintln!("{} seed {}: {:?}", r.variant, r.seed, outcome);
+        out.push((r.variant.clone(), r.seed, outcome));
+    }
+    Ok(out)
+}
+
+/// A worker (`hmsa-lab worker`, and each task of a Slurm array): claims
+/// and executes runs of `suite` until none is runnable, passing over the
+/// plan again after each run it executes (a run another worker finished
+/// may have made a student runnable). Returns the outcome of every run
+/// at the end, and why it stopped.
+pub fn work(
+    store: &Store,
+    suite: &Suite,
+    opts: &RunOptions,
+    w: &WorkerOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<(Vec<(String, u64, Outcome)>, String)> {
+    let ctx = Ctx::new(store, suite, opts, &stop)?;
+    eprintln!("worker {} on {}", ctx.who, store.url());
+    let mut executed = 0usize;
+    // Runs this worker saw fail: not retried by it (another worker, or a
+    // later invocation, may).
+    let mut failed: std::collections::HashSet<usize> = Default::default();
+    let mut last: Vec<Option<Outcome>> = vec![None; suite.runs.len()];
+    let why = 'passes: loop {
+        let mut progressed = false;
+        let mut waiting = false;
+        for (i, r) in suite.runs.iter().enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                break 'passes "interrupted".to_string();
+            }
+            if w.max_runs.is_some_and(|m| executed >= m) {
+                break 'passes format!("executed --max-runs {executed} run(s)");
+            }
+            if failed.contains(&i) {
+                continue;
+            }
+            let o = ctx.attempt(r)?;
+            match &o {
+                Outcome::Trained | Outcome::Evaluated => {
+                    executed += 1;
+                    progressed = true;
+                    eprintln!("worker {}: {} seed {}: {:?}", ctx.who, r.variant, r.seed, o);
+                }
+                Outcome::Failed(_) => {
+                    failed.insert(i);
+                    eprintln!("worker {}: {} seed {}: {:?}", ctx.who, r.variant, r.seed, o);
+                }
+                Outcome::Busy => waiting = true,
+                Outcome::Killed => break 'passes "interrupted".to_string(),
+                _ => {}
+            }
+            last[i] = Some(o);
+            if progressed {
+                // go back to the start: earlier runs may have become runnable
+                continue 'passes;
+            }
+        }
+        if progressed {
+            continue;
+        }
+        if w.wait && waiting {
+            std::thread::sleep(std::time::Duration::from_secs_f64(w.poll_secs.max(0.05)));
+            continue;
+        }
+        let held = last.iter().filter(|o| **o == Some(Outcome::Busy)).count();
+        let blocked = last
+            .iter()
+            .filter(|o| matches!(o, Some(Outcome::Blocked(_))))
+            .count();
+        break if held + blocked == 0 {
+            "every run is done".to_string()
+        } else {
+            format!(
+                "nothing runnable: {held} held by other processes{}, {blocked} waiting for a teacher",
+                if w.wait { "" } else { " (--wait waits for them)" }
+            )
+        };
+    };
+    eprintln!("worker {} stops after {executed} run(s): {why}", ctx.who);
+    let out = suite
+        .runs
+        .iter()
+        .zip(last)
+        .map(|(r, o)| (r.variant.clone(), r.seed, o.unwrap_or(Outcome::Busy)))
+        .collect();
+    Ok((out, why))
+}
+
+impl<'a> Ctx<'a> {
+    fn new(
+        store: &'a Store,
+        suite: &'a Suite,
+        opts: &'a RunOptions,
+        stop: &'a Arc<AtomicBool>,
+    ) -> Result<Self> {
+        let h = &suite.header;
+        store.upsert_suite(
+            &h.name,
+            &h.description,
+            &suite.file.display().to_string(),
+            &suite.baseline,
+        )?;
+        let prov = provenance();
+        let started = crate::store::now_ms();
+        let who = format!("{}:{}:{}", prov.host, std::process::id(), started);
+        Ok(Ctx {
+            store,
+            suite,
+            opts,
+            who,
+            prov,
+            stop,
+            store_id: store.id()?,
+            started,
+        })
+    }
+
+    /// One attempt at a planned run: its outcome, a failure recorded
+    /// FAILED with its message (a panic included).
+    fn attempt(&self, r: &PlannedRun) -> Result<Outcome> {
+        let h = &self.suite.header;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_one(self, r)))
             .unwrap_or_else(|p| {
                 let msg = p
                     .downcast_ref::<String>()
@@ -204,32 +322,31 @@ pub fn run_suite(
                     .unwrap_or_else(|| "unknown panic".into());
                 Err(Error::Store(format!("internal error (panic): {msg}")))
             });
-        let outcome = match result {
+        Ok(match result {
             Ok(o) => o,
             Err(e) => {
-                if let Some(row) = store.find_run(&h.name, &r.variant, &r.hash, r.seed)? {
-                    store.end_run(row.id, &who, Status::Failed, Some(&format!("{e:#}")))?;
+                if let Some(row) = self.store.find_run(&h.name, &r.variant, &r.hash, r.seed)? {
+                    self.store
+                        .end_run(row.id, &self.who, Status::Failed, Some(&format!("{e:#}")))?;
                 }
                 tracing::error!(variant = %r.variant, seed = r.seed, "run failed: {e}");
-                if opts.fail_fast {
+                if self.opts.fail_fast {
                     return Err(e);
                 }
                 Outcome::Failed(e.to_string())
             }
-        };
-        eprintln!("{} seed {}: {:?}", r.variant, r.seed, outcome);
-        out.push((r.variant.clone(), r.seed, outcome));
+        })
     }
-    Ok(out)
 }
 
-/// What every run of one `run_suite` call shares.
+/// What every run of one `run_suite` or `work` call shares.
 struct Ctx<'a> {
     store: &'a Store,
     suite: &'a Suite,
     opts: &'a RunOptions,
-    who: &'a str,
-    prov: &'a Provenance,
+    /// `host:pid:start_ms`, the claimant's name.
+    who: String,
+    prov: Provenance,
     stop: &'a Arc<AtomicBool>,
     /// The database's id, written into each run folder's owner file.
     store_id: String,
@@ -243,11 +360,10 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
         store,
         suite,
         opts,
-        who,
-        prov,
         stop,
         ..
     } = *ctx;
+    let (who, prov) = (ctx.who.as_str(), &ctx.prov);
     let h = &suite.header;
     let run_dir = suite.run_dir(r);
     let json = serde_json::to_string(&r.config).expect("serialisable");

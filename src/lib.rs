@@ -15,6 +15,7 @@ pub mod gc;
 pub mod lab;
 pub mod model;
 pub mod report;
+pub mod slurm;
 pub mod store;
 #[cfg(test)]
 mod testing;

@@ -50,6 +50,8 @@ enum Cmd {
     Autolabel(AutolabelArgs),
     /// Train and evaluate every run of an experiment suite, recorded in the results database.
     Run(RunArgs),
+    /// Claim and execute runs of a suite until none is runnable (one per machine or Slurm task).
+    Worker(WorkerArgs),
     /// List runs.
     Runs(RunsArgs),
     /// Show one run: config, evaluations, artifacts.
@@ -189,6 +191,59 @@ struct RunArgs {
     /// Seconds without a heartbeat after which a RUNNING run is taken over.
     #[arg(long, default_value_t = 60)]
     stale_after: u64,
+    /// Submit the suite to Slurm as a job array of workers (options from
+    /// the suite's [slurm] table, overridden by the flags below); with
+    /// --dry-run, print the script instead.
+    #[arg(long)]
+    slurm: bool,
+    #[command(flatten)]
+    slurm_opts: SlurmArgs,
+}
+
+/// Overrides of the suite's `[slurm]` table.
+#[derive(Args, Clone, Default)]
+struct SlurmArgs {
+    /// Slurm partition.
+    #[arg(long, requires = "slurm")]
+    partition: Option<String>,
+    /// Time limit per task, e.g. 04:00:00.
+    #[arg(long, requires = "slurm")]
+    time: Option<String>,
+    /// CPUs per task.
+    #[arg(long, requires = "slurm")]
+    cpus_per_task: Option<u32>,
+    /// Generic resources per task, e.g. gpu:1.
+    #[arg(long, requires = "slurm")]
+    gres: Option<String>,
+    /// Tasks in the array: workers running at once.
+    #[arg(long, requires = "slurm")]
+    tasks: Option<u32>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The suite file, e.g. experiments/ablation.toml.
+    suite: PathBuf,
+    /// Results database (default: $HMSA_DB, else the suite file with .db);
+    /// workers on several machines share a postgres:// database.
+    #[arg(long)]
+    db: Option<String>,
+    /// Override a key of every run, e.g. --set train.steps=10 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Wait while another worker holds a run this one needs (e.g. a
+    /// teacher), instead of stopping.
+    #[arg(long)]
+    wait: bool,
+    /// Stop after executing this many runs.
+    #[arg(long)]
+    max_runs: Option<usize>,
+    /// Seconds without a heartbeat after which a RUNNING run is taken over.
+    #[arg(long, default_value_t = 60)]
+    stale_after: u64,
+    /// Seconds between passes while waiting.
+    #[arg(long, default_value_t = 5.0)]
+    poll: f64,
 }
 
 #[derive(Args)]
@@ -658,7 +713,11 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
     let suite = Suite::load(&a.suite, &sets)?;
     let url =
         a.db.clone()
+            .or_else(|| std::env::var("HMSA_DB").ok())
             .unwrap_or_else(|| suite.default_db().display().to_string());
+    if a.slurm {
+        return submit_slurm(&a, &suite, &url);
+    }
     let rt = runtime()?;
     let store = Store::open(&url)?;
     if a.dry_run {
@@ -745,6 +804,104 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
             why.join("\n")
         ))
         .into());
+    }
+    Ok(())
+}
+
+/// `run --slurm`: the job array's script, printed (--dry-run) or submitted.
+fn submit_slurm(a: &RunArgs, suite: &Suite, url: &str) -> Result<()> {
+    let o = &a.slurm_opts;
+    let spec = suite.slurm.overridden(&hmsa_lab::slurm::SlurmSpec {
+        partition: o.partition.clone(),
+        time: o.time.clone(),
+        cpus_per_task: o.cpus_per_task,
+        gres: o.gres.clone(),
+        tasks: o.tasks,
+        ..Default::default()
+    });
+    if spec.task_count() > 1 && !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        bail!(
+            "--slurm with {} tasks on the SQLite database {url}: SQLite on a shared filesystem is not safe for concurrent writers; \
+             give a PostgreSQL database (--db postgres://… or $HMSA_DB), or --tasks 1",
+            spec.task_count()
+        );
+    }
+    let abs = |p: &std::path::Path| std::fs::canonicalize(p).with_context(|| format!("{}", p.display()));
+    let workdir = std::env::current_dir()?;
+    let log_dir = workdir.join(&suite.header.runs_dir).join("slurm");
+    let job = hmsa_lab::slurm::Job {
+        name: suite.header.name.clone(),
+        binary: std::env::current_exe()?,
+        suite: abs(&a.suite)?,
+        db: if url.contains("://") {
+            url.to_string()
+        } else {
+            workdir.join(url).display().to_string()
+        },
+        sets: a.sets.clone(),
+        workdir,
+        log_dir: log_dir.clone(),
+        stale_after: a.stale_after,
+    };
+    let script = hmsa_lab::slurm::script(&job, &spec);
+    if a.dry_run {
+        print!("{script}");
+        return Ok(());
+    }
+    // The database and the data exist before any task starts.
+    Store::open(url)?;
+    for r in &suite.runs {
+        r.config.data_root()?;
+    }
+    let (id, path) = hmsa_lab::slurm::submit(&script, &log_dir, &suite.header.name)?;
+    println!(
+        "submitted job {id}: {} worker task(s) on {url} (script {}, logs {}/{id}_*.out)",
+        spec.task_count(),
+        path.display(),
+        log_dir.display()
+    );
+    println!("watch: hmsa-lab runs --db {url}    squeue -j {id}");
+    Ok(())
+}
+
+/// `hmsa-lab worker`.
+fn worker_cmd(a: WorkerArgs) -> Result<()> {
+    let sets = a
+        .sets
+        .iter()
+        .map(|s| hmsa_lab::config::suite::parse_set(s))
+        .collect::<hmsa_lab::Result<Vec<_>>>()?;
+    let suite = Suite::load(&a.suite, &sets)?;
+    let url =
+        a.db.clone()
+            .or_else(|| std::env::var("HMSA_DB").ok())
+            .unwrap_or_else(|| suite.default_db().display().to_string());
+    let rt = runtime()?;
+    let store = Store::open(&url)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(&rt, stop.clone());
+    let opts = RunOptions {
+        stale_ms: a.stale_after as i64 * 1000,
+        ..Default::default()
+    };
+    let w = hmsa_lab::lab::WorkerOptions {
+        wait: a.wait,
+        max_runs: a.max_runs,
+        poll_secs: a.poll,
+    };
+    let (out, why) = hmsa_lab::lab::work(&store, &suite, &opts, &w, stop.clone())?;
+    if stop.load(Ordering::Relaxed) {
+        return Err(Exit::Interrupted(format!("worker interrupted ({why}); its run is resumable")).into());
+    }
+    let failed: Vec<String> = out
+        .iter()
+        .filter_map(|(v, s, o)| match o {
+            Outcome::Failed(e) => Some(format!("  {v} seed {s}: {e}")),
+            _ => None,
+        })
+        .collect();
+    if !failed.is_empty() {
+        return Err(Exit::Unfinished(format!("run(s) failed on this worker:\n{}", failed.join("\n"))).into());
     }
     Ok(())
 }
@@ -861,6 +1018,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Bench(a) => bench(a)?,
         Cmd::Run(a) => run_suite_cmd(a)?,
+        Cmd::Worker(a) => worker_cmd(a)?,
         Cmd::Runs(a) => {
             let store = Store::open_read_only(&a.db.url(a.suite.as_deref()))?;
             let filter = RunFilter {

@@ -21,6 +21,8 @@ use toml::{Table, Value};
 struct SuiteFile {
     suite: SuiteHeader,
     #[serde(default)]
+    slurm: crate::slurm::SlurmSpec,
+    #[serde(default)]
     defaults: Option<Value>,
     #[serde(default)]
     variant: Vec<VariantSpec>,
@@ -137,6 +139,8 @@ pub struct PlannedRun {
 pub struct Suite {
     pub file: PathBuf,
     pub header: SuiteHeader,
+    /// `[slurm]`: how `run --slurm` submits the suite.
+    pub slurm: crate::slurm::SlurmSpec,
     pub baseline: String,
     pub runs: Vec<PlannedRun>,
 }
@@ -423,6 +427,7 @@ impl Suite {
         let suite = Self {
             file: path.to_path_buf(),
             header: file.suite,
+            slurm: file.slurm,
             baseline,
             runs,
         };

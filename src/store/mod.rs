@@ -376,8 +376,12 @@ impl Store {
     ) -> Result<RunRow> {
         self.block(async {
             sqlx::query(
+                // (the NOT EXISTS keeps PostgreSQL from spending an id on a
+                // row that is already there)
                 r#"INSERT INTO runs (suite, variant, config_json, config_hash, seed, run_dir)
-                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"#,
+                   SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM runs
+                       WHERE suite = $1 AND variant = $2 AND config_hash = $4 AND seed = $5)
+                   ON CONFLICT DO NOTHING"#,
             )
             .bind(suite)
             .bind(variant)

@@ -3,9 +3,11 @@
 mod cli;
 mod data;
 mod lab;
+mod many;
 mod model;
 mod report;
 mod safety;
+mod servers;
 mod train;
 
 use candle_core::{DType, Device, Tensor};
