@@ -219,6 +219,15 @@ pub enum Case {
         batches: usize,
         reps: usize,
     },
+    /// Claims on the results store: `runs` SCHEDULED runs, `workers`
+    /// threads (each with its own connection pool, as separate workers
+    /// have) claiming and finishing them; on a temporary SQLite file, or on
+    /// the PostgreSQL database `postgres` (its rows are purged after).
+    Claims {
+        postgres: Option<String>,
+        workers: usize,
+        runs: usize,
+    },
     /// conv2d forward (cin -> cout, k x k) on (1, cin, h, w): ours
     /// (`model::conv`, what the network runs) or candle's own.
     Conv {
@@ -306,6 +315,23 @@ impl Case {
         };
         let mem = MemoryMeter::start(&dev);
         let (name, params, (min, med), value, unit) = match self {
+            Case::Claims {
+                postgres,
+                workers,
+                runs,
+            } => {
+                let (engine, (lat_min, lat_median, per_sec)) = (
+                    if postgres.is_some() { "postgres" } else { "sqlite" },
+                    claims(postgres.as_deref(), *workers, *runs)?,
+                );
+                (
+                    format!("claims {engine} {workers}"),
+                    format!("{engine}, {workers} worker(s), {runs} runs"),
+                    (lat_min, lat_median),
+                    Some(per_sec),
+                    "runs/s".to_string(),
+                )
+            }
             Case::Forward {
                 preset,
                 fusion,
@@ -541,6 +567,93 @@ fn time_loader(workers: usize, batch: usize, batches: usize, reps: usize) -> Res
 /// sizes of the issue, minutes each on 2 cores: forwards at 512x1024 and
 /// 1024x2048, training steps of batch 1 on 512x1024 crops), their forwards
 /// and training steps in `precision`.
+/// The store suite: claims by 1, 4 and 16 workers on SQLite, and on
+/// PostgreSQL when a database is given.
+pub fn store_cases(postgres: Option<&str>) -> Vec<Case> {
+    let mut v = vec![];
+    for pg in [None, postgres.map(String::from)] {
+        if pg.is_none() && !v.is_empty() {
+            continue;
+        }
+        for workers in [1, 4, 16] {
+            v.push(Case::Claims {
+                postgres: pg.clone(),
+                workers,
+                runs: 400,
+            });
+        }
+    }
+    v
+}
+
+/// Claim latency (min and median ms of a successful claim, the
+/// conditional UPDATE) and throughput (runs claimed and finished per
+/// second) of `workers` threads sharing `runs` runs.
+fn claims(postgres: Option<&str>, workers: usize, runs: usize) -> Result<(f64, f64, f64)> {
+    use crate::store::{Claim, Provenance, Store};
+    let tmp = std::env::temp_dir().join(format!("hmsa-claims-{}-{}", std::process::id(), crate::store::now_ms()));
+    let url = match postgres {
+        Some(u) => u.to_string(),
+        None => {
+            std::fs::create_dir_all(&tmp).map_err(|e| crate::Error::io(&tmp, e))?;
+            tmp.join("claims.db").display().to_string()
+        }
+    };
+    let store = Store::open(&url)?;
+    let suite = format!("bench-claims-{}", crate::store::now_ms());
+    store.upsert_suite(&suite, "claim benchmark (purged after)", "", "v")?;
+    let mut ids = Vec::with_capacity(runs);
+    for i in 0..runs {
+        ids.push(store.ensure_run(&suite, "v", "{}", &format!("h{i}"), 0, "")?.id);
+    }
+    let ids = std::sync::Arc::new(ids);
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let (url, ids) = (url.clone(), ids.clone());
+            std::thread::spawn(move || -> Result<Vec<f64>> {
+                let s = Store::open(&url)?;
+                let who = format!("bench:{w}");
+                let prov = Provenance::default();
+                let mut lat = vec![];
+                // each worker starts at its own offset, as workers of an
+                // array meet the plan at different places
+                let n = ids.len();
+                for k in 0..n {
+                    let id = ids[(k + w * n / workers.max(1)) % n];
+                    let t = Instant::now();
+                    let claim = Claim {
+                        who: &who,
+                        stale_ms: 3_600_000,
+                        dead_holder: None,
+                        refinish_before_ms: None,
+                    };
+                    if s.claim(id, &claim, &prov)? {
+                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        s.finish_run(id, &who, 1, &[], &[])?;
+                    }
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut lat = vec![];
+    for h in handles {
+        lat.extend(h.join().map_err(|_| crate::Error::Store("a claim worker panicked".into()))??);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if lat.len() != runs {
+        return Err(crate::Error::Store(format!("{} of {runs} runs claimed: a run was claimed twice or never", lat.len())));
+    }
+    store.remove_runs(&ids, None)?;
+    store.purge_removed(&ids)?;
+    if postgres.is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok((lat[0], lat[lat.len() / 2], runs as f64 / secs))
+}
+
 pub fn suite_cases(suite: &str, full: bool, precision: Precision) -> Option<Vec<Case>> {
     let f = |preset: &str, fusion, scales: &[f64], size, reps| Case::Forward {
         preset: preset.into(),

@@ -132,8 +132,13 @@ enum Cmd {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Suites: model, train, data, kernels (default: all four).
+    /// Suites: model, train, data, kernels (default: all four), and store
+    /// (claim latency and throughput with 1, 4, 16 workers).
     suites: Vec<String>,
+    /// The store suite also on this PostgreSQL database (its benchmark
+    /// rows are purged after).
+    #[arg(long, value_name = "postgres://…")]
+    pg: Option<String>,
     /// Add the w48 cases: forwards at 512x1024 and 1024x2048, training
     /// steps of batch 1 on 512x1024 crops (minutes each on 2 cores).
     #[arg(long)]
@@ -949,8 +954,12 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut all = vec![];
     let mut failed = 0;
     for suite in &suites {
-        let cases = hmsa_lab::bench::suite_cases(suite, a.full, a.precision)
-            .with_context(|| format!("unknown bench suite `{suite}` (model, train, data, kernels)"))?;
+        let cases = if suite == "store" {
+            hmsa_lab::bench::store_cases(a.pg.as_deref())
+        } else {
+            hmsa_lab::bench::suite_cases(suite, a.full, a.precision)
+                .with_context(|| format!("unknown bench suite `{suite}` (model, train, data, kernels, store)"))?
+        };
         for c in cases {
             let out = std::process::Command::new(&exe)
                 .args(["bench", "--case", &serde_json::to_string(&c)?])
