@@ -591,7 +591,11 @@ pub fn store_cases(postgres: Option<&str>) -> Vec<Case> {
 /// second) of `workers` threads sharing `runs` runs.
 fn claims(postgres: Option<&str>, workers: usize, runs: usize) -> Result<(f64, f64, f64)> {
     use crate::store::{Claim, Provenance, Store};
-    let tmp = std::env::temp_dir().join(format!("hmsa-claims-{}-{}", std::process::id(), crate::store::now_ms()));
+    let tmp = std::env::temp_dir().join(format!(
+        "hmsa-claims-{}-{}",
+        std::process::id(),
+        crate::store::now_ms()
+    ));
     let url = match postgres {
         Some(u) => u.to_string(),
         None => {
@@ -639,11 +643,17 @@ fn claims(postgres: Option<&str>, workers: usize, runs: usize) -> Result<(f64, f
         .collect();
     let mut lat = vec![];
     for h in handles {
-        lat.extend(h.join().map_err(|_| crate::Error::Store("a claim worker panicked".into()))??);
+        lat.extend(
+            h.join()
+                .map_err(|_| crate::Error::Store("a claim worker panicked".into()))??,
+        );
     }
     let secs = t0.elapsed().as_secs_f64();
     if lat.len() != runs {
-        return Err(crate::Error::Store(format!("{} of {runs} runs claimed: a run was claimed twice or never", lat.len())));
+        return Err(crate::Error::Store(format!(
+            "{} of {runs} runs claimed: a run was claimed twice or never",
+            lat.len()
+        )));
     }
     store.remove_runs(&ids, None)?;
     store.purge_removed(&ids)?;

@@ -162,6 +162,9 @@ impl Observer for LabObserver<'_> {
     }
 }
 
+/// Each planned run's (variant, seed, outcome), in plan order.
+pub type Outcomes = Vec<(String, u64, Outcome)>;
+
 /// How a worker goes on when nothing is runnable.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerOptions {
@@ -207,7 +210,7 @@ pub fn work(
     opts: &RunOptions,
     w: &WorkerOptions,
     stop: Arc<AtomicBool>,
-) -> Result<(Vec<(String, u64, Outcome)>, String)> {
+) -> Result<(Outcomes, String)> {
     let ctx = Ctx::new(store, suite, opts, &stop)?;
     eprintln!("worker {} on {}", ctx.who, store.url());
     let mut executed = 0usize;
@@ -446,9 +449,21 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
             _ => Outcome::Busy,
         });
     }
-    if let Some(d) = dead {
-        tracing::warn!(run = row.id, holder = d, "took over a run whose process is gone");
-    }
+    eprintln!(
+        "{who} claimed run {} ({} seed {}) in {}{}",
+        row.id,
+        r.variant,
+        r.seed,
+        run_dir.display(),
+        match (dead, row.status) {
+            (Some(d), _) => format!(", taken over from {d} (gone)"),
+            (None, Status::Running) => format!(
+                ", taken over from {} (heartbeat stale)",
+                row.claimed_by.as_deref().unwrap_or("?")
+            ),
+            _ => String::new(),
+        }
+    );
     // Heartbeat while this run is held (a thread; stopped below).
     let beating = Arc::new(AtomicBool::new(true));
     let hb = {

@@ -957,8 +957,9 @@ fn bench(a: BenchArgs) -> Result<()> {
         let cases = if suite == "store" {
             hmsa_lab::bench::store_cases(a.pg.as_deref())
         } else {
-            hmsa_lab::bench::suite_cases(suite, a.full, a.precision)
-                .with_context(|| format!("unknown bench suite `{suite}` (model, train, data, kernels, store)"))?
+            hmsa_lab::bench::suite_cases(suite, a.full, a.precision).with_context(|| {
+                format!("unknown bench suite `{suite}` (model, train, data, kernels, store)")
+            })?
         };
         for c in cases {
             let out = std::process::Command::new(&exe)
