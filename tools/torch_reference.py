@@ -49,8 +49,8 @@ usage: python3 tools/torch_reference.py parity WEIGHTS.safetensors INPUT.safeten
            `inference` below), written by
              python3 tools/torch_reference.py inference tests/data/trainstep.json tests/data/inference.safetensors
 
-  pth      a checkpoint written by torch.save itself, with offset and
-           non-contiguous storages (see `pth` below), written by
+  pth      checkpoints written by torch.save itself, zip and legacy layouts,
+           with offset and non-contiguous storages (see `pth` below), by
              hmsa-lab model --config tests/data/tiny.toml > /tmp/listing.txt
              python3 tools/torch_reference.py pth /tmp/listing.txt tests/data/torch_zip.pth
 
@@ -524,11 +524,15 @@ def inference(cfg_path, out):
 
 
 def pth(listing_path, out):
-    """tests/data/torch_zip.pth: a checkpoint torch.save writes (zip layout)
+    """tests/data/torch_zip.pth and torch_legacy.pth: a checkpoint as
+    torch.save writes it in the zip layout and in the legacy one
+    (`_use_new_zipfile_serialization=False`, as PyTorch 1.3 wrote the
+    official files),
     laid out like the official files ({"state_dict": {"module.NAME": ...},
     "epoch", "mIoU"}), whose tensors are views as real training leaves
-    them: every third an offset into a larger shared storage, every third
-    (of rank 2 and more) a transposed, non-contiguous view. Tensor t of the
+    them: half the convolutions with kernels over 1x1 in channels-last
+    storage, every third other tensor an offset into one shared storage,
+    every third matrix transposed. Tensor t of the
     listing (`hmsa-lab model --config tests/data/tiny.toml`), element j in
     row-major order, holds float32(sin(0.1 t + 0.01 j)); num_batches_tracked
     are int64 scalars."""
@@ -548,18 +552,24 @@ def pth(listing_path, out):
             continue
         n = int(np.prod(shape)) if shape else 1
         vals = torch.from_numpy(np.sin(0.1 * t + 0.01 * np.arange(n)).astype(np.float32)).view(shape)
-        if t % 3 == 0:
+        if len(shape) == 4 and shape[2] > 1 and (t // 6) % 2 == 0:
+            # channels-last storage: strides (h*w*c, 1, w*c, c)
+            view = vals.contiguous(memory_format=torch.channels_last)
+        elif t % 3 == 0:
             view = shared[at : at + n].view(shape)
             view.copy_(vals)
             at += n
-        elif t % 3 == 1 and len(shape) >= 2:
-            view = vals.transpose(0, 1).contiguous().transpose(0, 1)
-            assert not view.is_contiguous() or shape[0] == 1 or shape[1] == 1
+        elif t % 3 == 1 and len(shape) == 2:
+            view = vals.t().contiguous().t()
         else:
             view = vals
         sd["module." + name] = view
-    torch.save({"state_dict": sd, "epoch": 3, "mIoU": 0.5}, out)
-    print("torch %s: %d tensors; wrote %s" % (torch.__version__, len(sd), out))
+    ckpt = {"state_dict": sd, "epoch": 3, "mIoU": 0.5}
+    torch.save(ckpt, out)
+    legacy = out.replace("_zip", "_legacy")
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    strided = sum(1 for v in sd.values() if v.dim() > 1 and not v.is_contiguous())
+    print("torch %s: %d tensors (%d non-contiguous); wrote %s (zip) and %s (legacy)" % (torch.__version__, len(sd), strided, out, legacy))
     return 0
 
 

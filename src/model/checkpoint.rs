@@ -119,13 +119,9 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
             .map_err(ck_err)?
             .into_iter()
             .collect(),
-        "pth" | "pt" | "bin" => {
-            // Official files wrap the weights: {"state_dict": ..., "epoch": ...}.
-            match candle_core::pickle::read_all_with_key(path, Some("state_dict")) {
-                Ok(v) if !v.is_empty() => v,
-                _ => candle_core::pickle::read_all(path).map_err(ck_err)?,
-            }
-        }
+        // Official files wrap the weights: {"state_dict": ..., "epoch": ...},
+        // in the zip or the legacy layout (`pth.rs`).
+        "pth" | "pt" | "bin" => super::pth::read(path)?,
         _ => {
             return Err(Error::Checkpoint {
                 path: path.to_path_buf(),

@@ -20,6 +20,7 @@ pub mod hrnet;
 pub mod init;
 pub mod layers;
 pub mod ocr;
+pub mod pth;
 pub mod resize;
 
 pub use fusion::{Fused, Fusion, ScaleOutput};

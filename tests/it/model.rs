@@ -615,35 +615,43 @@ fn explicit_training_gradients_match_finite_differences() {
     );
 }
 
-/// A checkpoint written by torch.save itself (zip layout, torch 2.15; the
-/// writer is `tools/torch_reference.py pth`), shaped like the official
-/// files and holding views as training leaves them: tensors at offsets
-/// into one shared storage and transposed, non-contiguous ones. Every
+/// Checkpoints written by torch.save itself (torch 2.15; the writer is
+/// `tools/torch_reference.py pth`) in both layouts: the zip archive and the
+/// legacy stream the official checkpoints use. Both are shaped like the
+/// official files and hold views as training leaves them: offsets into one
+/// shared storage, channels-last convolutions, transposed matrices. Every
 /// element must read back as the formula that wrote it.
 #[test]
-fn a_checkpoint_written_by_pytorch_reads_back_with_offsets_and_strides() {
+fn checkpoints_written_by_pytorch_read_back_in_both_layouts() {
     let cfg = tiny();
-    let map = read_state_dict(&data("torch_zip.pth")).unwrap();
-    // t counts the full listing, num_batches_tracked included
-    let spec = checkpoint::state_dict_listing(&cfg).unwrap();
-    let mut checked = 0;
-    for (t, (name, shape)) in spec.iter().enumerate() {
-        if name.ends_with("num_batches_tracked") {
-            continue;
+    for file in ["torch_zip.pth", "torch_legacy.pth"] {
+        let map = read_state_dict(&data(file)).unwrap();
+        // t counts the full listing, num_batches_tracked included
+        let spec = checkpoint::state_dict_listing(&cfg).unwrap();
+        let mut checked = 0;
+        for (t, (name, shape)) in spec.iter().enumerate() {
+            if name.ends_with("num_batches_tracked") {
+                continue;
+            }
+            let got = map.get(name).unwrap_or_else(|| panic!("{file}: {name} missing"));
+            assert_eq!(got.dims(), shape.as_slice(), "{file}: {name}");
+            for (j, v) in vals(got).iter().enumerate() {
+                let want = (0.1 * t as f64 + 0.01 * j as f64).sin() as f32;
+                assert!((v - want).abs() < 1e-6, "{file}: {name}[{j}]: {v} vs {want}");
+            }
+            checked += 1;
         }
-        let got = map.get(name).unwrap_or_else(|| panic!("{name} missing"));
-        assert_eq!(got.dims(), shape.as_slice(), "{name}");
-        for (j, v) in vals(got).iter().enumerate() {
-            let want = (0.1 * t as f64 + 0.01 * j as f64).sin() as f32;
-            assert!((v - want).abs() < 1e-6, "{name}[{j}]: {v} vs {want}");
-        }
-        checked += 1;
+        assert!(checked > 200);
+        let net = checkpoint::load(&cfg, &data(file), &Device::Cpu).unwrap();
+        let (f, _) = net
+            .infer(&image(32, 48, 3), Fusion::Hierarchical, &[0.5, 1.0], false, false)
+            .unwrap();
+        assert!(vals(&f.pred).iter().all(|v| v.is_finite()));
     }
-    assert!(checked > 200);
-    // and the network built from it runs
-    let net = checkpoint::load(&cfg, &data("torch_zip.pth"), &Device::Cpu).unwrap();
-    let (f, _) = net
-        .infer(&image(32, 48, 3), Fusion::Hierarchical, &[0.5, 1.0], false, false)
-        .unwrap();
-    assert!(vals(&f.pred).iter().all(|v| v.is_finite()));
+    // something else with a .pth name is refused by name
+    let d = tempfile::tempdir().unwrap();
+    let junk = d.path().join("junk.pth");
+    std::fs::write(&junk, b"not a checkpoint at all").unwrap();
+    let e = read_state_dict(&junk).unwrap_err().to_string();
+    assert!(e.contains("junk.pth") && e.contains("legacy"), "{e}");
 }
