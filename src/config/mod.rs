@@ -97,6 +97,17 @@ pub struct TrainConfig {
     /// Left out of the config hash while f32, so older runs keep theirs.
     #[serde(skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
+    /// Weights loaded before the first step (fine-tuning, as the official
+    /// recipes start Cityscapes from the Mapillary model and HRNet from
+    /// ImageNet): a checkpoint in any accepted format. Never re-applied when
+    /// a run resumes; the file's digest is part of the config hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+    /// Parameter names (or prefixes) left at their initialisation when
+    /// `init` loads, e.g. ["ocr.cls_head", "ocr.aux_head.2"] for a new
+    /// class count.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub init_skip: Vec<String>,
 }
 
 impl Default for TrainConfig {
@@ -110,6 +121,8 @@ impl Default for TrainConfig {
             loss: LossConfig::default(),
             checkpoint_every: 100,
             precision: Precision::F32,
+            init: None,
+            init_skip: vec![],
         }
     }
 }
@@ -177,6 +190,14 @@ impl RunConfig {
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::invalid(k, format!("{v} must be a non-negative number")));
+            }
+        }
+        if let Some(p) = &self.train.init {
+            if !p.is_file() {
+                return Err(Error::invalid(
+                    "train.init",
+                    format!("{}: no such checkpoint", p.display()),
+                ));
             }
         }
         if self.data.val_limit == Some(0) {

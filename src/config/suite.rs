@@ -205,7 +205,16 @@ pub fn config_hash(cfg: &RunConfig, teacher_hash: Option<&str>, al: Option<&Auto
     let mut c = cfg.clone();
     c.train.seed = 0;
     c.eval.sets.clear();
-    let canon = serde_json::json!({"config": c, "teacher": teacher_hash, "autolabel": al});
+    let mut canon = serde_json::json!({"config": c, "teacher": teacher_hash, "autolabel": al});
+    // the init file's content, not only its name (left out without init,
+    // so older runs keep their hashes)
+    if let Some(p) = &cfg.train.init {
+        let digest = std::fs::read(p).map_or_else(
+            |_| "unreadable".to_string(),
+            |b| blake3::hash(&b).to_hex().to_string(),
+        );
+        canon["init_digest"] = serde_json::Value::String(digest);
+    }
     blake3::hash(canon.to_string().as_bytes()).to_hex().to_string()
 }
 

@@ -238,3 +238,88 @@ pub fn save_varmap(varmap: &candle_nn::VarMap, path: &Path) -> Result<()> {
         msg: e.to_string(),
     })
 }
+
+/// What `[train] init` loaded, by name.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct InitReport {
+    /// Our names set from the file.
+    pub loaded: Vec<String>,
+    /// Our names the file lacks: left at their initialisation.
+    pub missing: Vec<String>,
+    /// The file's names we have no use for.
+    pub unused: Vec<String>,
+    /// Our names the suite asked to leave at their initialisation.
+    pub skipped: Vec<String>,
+}
+
+/// The network name a checkpoint's `key` goes to, as the official
+/// `init_weights` maps them (`module.`/`model.` prefixes dropped,
+/// `last_layer` → `aux_head`; an HRNet trunk's bare names under
+/// `backbone.`), if the network has it.
+fn our_name(key: &str, ours: &HashMap<String, Vec<usize>>) -> Option<String> {
+    let k = key.strip_prefix("module.").unwrap_or(key);
+    let k = k
+        .strip_prefix("model.")
+        .unwrap_or(k)
+        .replace("last_layer", "aux_head");
+    [k.clone(), format!("backbone.{k}")]
+        .into_iter()
+        .find(|c| ours.contains_key(c))
+}
+
+/// Sets the variables of `vm` (a freshly built network's) from the
+/// checkpoint at `path` before training (fine-tuning). Names under a
+/// `skip` prefix keep their initialisation; any other name whose shape
+/// differs is an error naming it (e.g. a head built for another class
+/// count: skip it to train it anew).
+pub fn apply_init(vm: &candle_nn::VarMap, path: &Path, skip: &[String]) -> Result<InitReport> {
+    let file = read_state_dict(path)?;
+    let data = vm.data().lock().expect("varmap lock");
+    let ours: HashMap<String, Vec<usize>> =
+        data.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+    let skipped = |n: &str| skip.iter().any(|p| n == p || n.starts_with(&format!("{p}.")));
+    let mut r = InitReport::default();
+    let mut mismatched = vec![];
+    let mut matched: HashMap<String, &Tensor> = HashMap::new();
+    for (key, t) in &file {
+        match our_name(key, &ours) {
+            None => r.unused.push(key.clone()),
+            Some(n) if skipped(&n) => {}
+            Some(n) => {
+                if ours[&n] != t.dims() {
+                    mismatched.push(format!(
+                        "  {n}: the network has {:?}, {key} is {:?}",
+                        ours[&n],
+                        t.dims()
+                    ));
+                } else {
+                    matched.insert(n, t);
+                }
+            }
+        }
+    }
+    if !mismatched.is_empty() {
+        mismatched.sort();
+        return Err(Error::CheckpointMismatch {
+            path: path.to_path_buf(),
+            report: format!(
+                "[train] init: shapes differ (list the heads to train anew in [train] init_skip):\n{}",
+                mismatched.join("\n")
+            ),
+        });
+    }
+    for (name, var) in data.iter() {
+        if skipped(name) {
+            r.skipped.push(name.clone());
+        } else if let Some(t) = matched.get(name) {
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            r.loaded.push(name.clone());
+        } else {
+            r.missing.push(name.clone());
+        }
+    }
+    for v in [&mut r.loaded, &mut r.missing, &mut r.unused, &mut r.skipped] {
+        v.sort();
+    }
+    Ok(r)
+}

@@ -155,6 +155,22 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
     let mut opt = Sgd::new(vars, &t.optim);
     let mut start = 0;
     let resumed_from = latest_checkpoint(run_dir)?;
+    // Fine-tuning: the init weights, once, before the first step.
+    if let (None, Some(init)) = (&resumed_from, &t.init) {
+        let r = crate::model::checkpoint::apply_init(&vm, init, &t.init_skip)?;
+        tracing::info!(
+            loaded = r.loaded.len(),
+            missing = r.missing.len(),
+            unused = r.unused.len(),
+            skipped = r.skipped.len(),
+            "init from {}",
+            init.display()
+        );
+        let path = run_dir.join("init.json");
+        let text = serde_json::to_string_pretty(&serde_json::json!({"init": init, "report": r}))
+            .expect("serialisable");
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    }
     if let Some((step, dir)) = &resumed_from {
         vm.load(dir.join("model.safetensors"))
             .map_err(|e| Error::Checkpoint {

@@ -953,3 +953,101 @@ fn a_second_source_fills_its_share_of_every_batch() {
         assert_eq!((terrain_only, none), (1, 1), "batch {i}: {pair:?}");
     }
 }
+
+/// The trainable parameters of a weights file (BatchNorm's running
+/// statistics left out: a training step updates them whatever the lr).
+fn params_of(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
+        .map(|(k, t)| (k, vals(&t)))
+        .collect()
+}
+
+/// `[train] init`: a run starts from exactly the file's weights (one step
+/// at lr 1e-30 moves no weight: each moves by 1e-30 of its gradient, far
+/// below its f32 resolution); `init_skip` leaves the named heads at their
+/// initialisation; a class-count mismatch names the keys unless skipped; a
+/// resumed run does not load the file again; the file's content is part of
+/// the config hash.
+#[test]
+fn fine_tuning_starts_from_the_init_weights() {
+    let d = tempfile::tempdir().unwrap();
+    blocks_dataset(d.path());
+    let mut cfg = overfit_config(d.path());
+    cfg.train.steps = 5;
+    train(&cfg, &d.path().join("a"), &mut Quiet).unwrap();
+    let w = d.path().join("a/model.safetensors");
+    let src = params_of(&w);
+
+    let mut still = cfg.clone();
+    still.train.optim.lr = 1e-30;
+    still.train.steps = 1;
+    still.train.init = Some(w.clone());
+    train(&still, &d.path().join("b"), &mut Quiet).unwrap();
+    assert_eq!(params_of(&d.path().join("b/model.safetensors")), src);
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("b/init.json")).unwrap()).unwrap();
+    assert_eq!(rep["report"]["missing"].as_array().unwrap().len(), 0);
+    assert_eq!(rep["report"]["unused"].as_array().unwrap().len(), 0);
+
+    // another seed, the classifier left at its initialisation
+    let mut skip = still.clone();
+    skip.train.seed = 9;
+    skip.train.init_skip = vec!["ocr.cls_head".into()];
+    train(&skip, &d.path().join("c"), &mut Quiet).unwrap();
+    let mut fresh = still.clone();
+    fresh.train.seed = 9;
+    fresh.train.init = None;
+    train(&fresh, &d.path().join("f"), &mut Quiet).unwrap();
+    let (c, f) = (
+        params_of(&d.path().join("c/model.safetensors")),
+        params_of(&d.path().join("f/model.safetensors")),
+    );
+    for (k, v) in &c {
+        let want = if k.starts_with("ocr.cls_head") {
+            &f[k]
+        } else {
+            &src[k]
+        };
+        assert_eq!(v, want, "{k}");
+    }
+    assert_ne!(c["ocr.cls_head.weight"], src["ocr.cls_head.weight"]);
+
+    // a model with another class count: the heads that depend on it are named
+    let mut five = still.clone();
+    five.model.num_classes = 5;
+    let e = train(&five, &d.path().join("e"), &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ocr.cls_head.weight") && e.contains("ocr.aux_head.2.weight") && e.contains("init_skip"),
+        "{e}"
+    );
+    five.train.init_skip = vec!["ocr.cls_head".into(), "ocr.aux_head.2".into()];
+    train(&five, &d.path().join("e2"), &mut Quiet).unwrap();
+
+    // resume: stopped after 2 of 4 steps and resumed, as the uninterrupted run
+    let mut go = cfg.clone();
+    go.train.steps = 4;
+    go.train.checkpoint_every = 2;
+    go.train.init = Some(w.clone());
+    train(&go, &d.path().join("g"), &mut Quiet).unwrap();
+    let part = train(&go, &d.path().join("h"), &mut StopAt(2, 0)).unwrap();
+    assert_eq!(part.step, 2);
+    train(&go, &d.path().join("h"), &mut Quiet).unwrap();
+    assert_eq!(
+        std::fs::read(d.path().join("g/model.safetensors")).unwrap(),
+        std::fs::read(d.path().join("h/model.safetensors")).unwrap(),
+        "the resumed run loaded the init weights again"
+    );
+
+    // the file's content, not its name, is in the config hash
+    let h1 = hmsa_lab::config::suite::config_hash(&go, None, None);
+    std::fs::copy(d.path().join("c/model.safetensors"), &w).unwrap();
+    let h2 = hmsa_lab::config::suite::config_hash(&go, None, None);
+    assert_ne!(h1, h2);
+    go.train.init = None;
+    assert_ne!(hmsa_lab::config::suite::config_hash(&go, None, None), h1);
+}
