@@ -160,6 +160,15 @@ impl Observer for LabObserver<'_> {
     fn should_stop(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
+
+    fn on_eval(&mut self, step: usize, results: &[crate::eval::EvalResult]) -> Result<()> {
+        let rows: Vec<(String, i64, f64)> = results
+            .iter()
+            .map(|e| (crate::eval::val_metric(&e.set), step as i64, e.metrics.miou))
+            .collect();
+        let rows: Vec<(&str, i64, f64)> = rows.iter().map(|(k, s, v)| (k.as_str(), *s, *v)).collect();
+        self.store.log_metrics(self.id, &rows)
+    }
 }
 
 /// Each planned run's (variant, seed, outcome), in plan order.

@@ -142,6 +142,10 @@ pub struct EvalSet {
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     pub sets: Vec<EvalSet>,
+    /// Also evaluate the sets on the validation split every N steps during
+    /// training (recorded as `val_miou/<fusion> <scales>` step metrics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub every: Option<usize>,
 }
 
 impl Default for EvalConfig {
@@ -152,6 +156,7 @@ impl Default for EvalConfig {
                 fusion: Fusion::Single,
                 flip: false,
             }],
+            every: None,
         }
     }
 }
@@ -207,6 +212,9 @@ impl RunConfig {
             ));
         }
         self.data.synth.validate("data.synth")?;
+        if self.eval.every == Some(0) {
+            return Err(Error::invalid("eval.every", "must be at least 1 step"));
+        }
         if self.train.checkpoint_every == 0 {
             return Err(Error::invalid("train.checkpoint_every", "must be at least 1"));
         }

@@ -205,6 +205,7 @@ pub fn config_hash(cfg: &RunConfig, teacher_hash: Option<&str>, al: Option<&Auto
     let mut c = cfg.clone();
     c.train.seed = 0;
     c.eval.sets.clear();
+    c.eval.every = None;
     let mut canon = serde_json::json!({"config": c, "teacher": teacher_hash, "autolabel": al});
     // the init file's content, not only its name (left out without init,
     // so older runs keep their hashes)

@@ -156,3 +156,13 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalSet], device: &Device) 
         })
         .collect())
 }
+
+/// The step metric of `[eval] every` for one evaluation set.
+pub fn val_metric(set: &crate::config::EvalSet) -> String {
+    format!(
+        "val_miou/{} {}{}",
+        set.fusion.name(),
+        crate::model::fusion::format_scales(&set.scales),
+        if set.flip { " flip" } else { "" }
+    )
+}

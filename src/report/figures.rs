@@ -65,6 +65,42 @@ fn both(
 /// Per variant, its loss curve: (step, mean over seeds).
 type Curves = Vec<(String, Vec<(f64, f64)>)>;
 
+/// Validation mIoU (%) per step of each variant's first evaluation set,
+/// mean over seeds (runs with `[eval] every`).
+fn val_curves(store: &Store, s: &SuiteSummary) -> Result<Curves> {
+    let mut by_var: BTreeMap<String, BTreeMap<i64, Vec<f64>>> = BTreeMap::new();
+    for r in &s.runs {
+        let Ok(cfg) = serde_json::from_str::<crate::config::RunConfig>(&r.config_json) else {
+            continue;
+        };
+        let Some(set) = cfg.eval.sets.first() else {
+            continue;
+        };
+        for (step, v) in store.metric(r.id, &crate::eval::val_metric(set))? {
+            if v.is_finite() {
+                by_var
+                    .entry(r.variant.clone())
+                    .or_default()
+                    .entry(step)
+                    .or_default()
+                    .push(100.0 * v);
+            }
+        }
+    }
+    Ok(super::variant_order(&s.runs)
+        .into_iter()
+        .filter_map(|v| {
+            by_var.remove(&v).map(|m| {
+                let pts = m
+                    .into_iter()
+                    .map(|(k, xs)| (k as f64, xs.iter().sum::<f64>() / xs.len() as f64))
+                    .collect();
+                (v, pts)
+            })
+        })
+        .collect())
+}
+
 /// Mean loss per step over the seeds of each variant.
 fn curves(store: &Store, s: &SuiteSummary) -> Result<Curves> {
     let mut by_var: BTreeMap<String, BTreeMap<i64, Vec<f64>>> = BTreeMap::new();
@@ -97,24 +133,43 @@ fn curves(store: &Store, s: &SuiteSummary) -> Result<Curves> {
 
 struct Data {
     curves: Vec<(String, Vec<(f64, f64)>)>,
+    /// Validation mIoU (%) during training (`[eval] every`), per variant.
+    val_curves: Curves,
     rows: Vec<AggRow>,
     classes: Vec<(String, Vec<Option<f64>>)>,
     confusion: Option<(String, Confusion)>,
 }
 
 fn draw_curves<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
-    let xmax = d
-        .curves
+    line_chart(root, &d.curves, "training loss (mean over seeds)", "loss")
+}
+
+fn draw_val_curves<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
+    line_chart(
+        root,
+        &d.val_curves,
+        "validation mIoU during training (first evaluation set, mean over seeds)",
+        "mIoU %",
+    )
+}
+
+fn line_chart<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    curves: &Curves,
+    caption: &str,
+    y_desc: &str,
+) -> Result<()> {
+    let xmax = curves
         .iter()
         .flat_map(|c| c.1.iter().map(|p| p.0))
         .fold(1.0, f64::max);
     // RMI's log-det term makes the loss negative as it learns: span the data.
-    let ys = || d.curves.iter().flat_map(|c| c.1.iter().map(|p| p.1));
+    let ys = || curves.iter().flat_map(|c| c.1.iter().map(|p| p.1));
     let (ymin, ymax) = (ys().fold(f64::MAX, f64::min), ys().fold(f64::MIN, f64::max));
     let (ymin, ymax) = if ymin < ymax { (ymin, ymax) } else { (0.0, 1.0) };
     let pad = 0.05 * (ymax - ymin);
     let mut ch = ChartBuilder::on(root)
-        .caption("training loss (mean over seeds)", ("sans-serif", 20))
+        .caption(caption, ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)
@@ -122,10 +177,10 @@ fn draw_curves<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> R
         .map_err(perr)?;
     ch.configure_mesh()
         .x_desc("step")
-        .y_desc("loss")
+        .y_desc(y_desc)
         .draw()
         .map_err(perr)?;
-    for (i, (name, pts)) in d.curves.iter().enumerate() {
+    for (i, (name, pts)) in curves.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
         ch.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
             .map_err(perr)?
@@ -369,6 +424,7 @@ pub fn draw_all(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<PathB
     });
     let data = Data {
         curves: curves(store, s)?,
+        val_curves: val_curves(store, s)?,
         rows: s.rows.clone(),
         classes,
         confusion: confusion.and_then(|(t, c)| c.map(|c| (t, c))),
@@ -381,6 +437,15 @@ pub fn draw_all(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<PathB
         |r| draw_curves(r, &data),
         |r| draw_curves(r, &data),
     )?);
+    if !data.val_curves.is_empty() {
+        files.extend(both(
+            dir,
+            "validation_miou",
+            (900, 500),
+            |r| draw_val_curves(r, &data),
+            |r| draw_val_curves(r, &data),
+        )?);
+    }
     files.extend(both(
         dir,
         "miou",

@@ -57,6 +57,10 @@ pub trait Observer {
     fn on_checkpoint(&mut self, _step: usize, _dir: &Path) -> Result<()> {
         Ok(())
     }
+    /// The validation evaluations of `[eval] every` at `step`.
+    fn on_eval(&mut self, _step: usize, _results: &[crate::eval::EvalResult]) -> Result<()> {
+        Ok(())
+    }
     /// Checked after every step; true saves a checkpoint and returns.
     fn should_stop(&self) -> bool {
         false
@@ -223,6 +227,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
         resumed_from: resumed_from.map(|(s, _)| s),
     };
     let mut step = start;
+    let mut val: Option<crate::data::Dataset> = None;
     'epochs: while step < total {
         let epoch = (step / per_epoch) as u64;
         let first = step % per_epoch;
@@ -295,6 +300,13 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             if step % t.checkpoint_every == 0 || step == total || stop {
                 let dir = write_checkpoint(run_dir, step, &vm, &opt)?;
                 obs.on_checkpoint(step, &dir)?;
+            }
+            if let Some(every) = cfg.eval.every {
+                if step % every == 0 || step == total {
+                    let val = val.get_or_insert(cfg.val_dataset()?);
+                    let results = crate::eval::evaluate(&net, val, &cfg.eval.sets, &dev)?;
+                    obs.on_eval(step, &results)?;
+                }
             }
             if stop {
                 report.step = step;

@@ -202,6 +202,31 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         let cell = format!("{:.2}", 100.0 * m.parse::<f64>().unwrap());
         assert!(shown.contains(&cell), "{cell} not in {shown}");
     }
+    // [eval] every = 6: validation mIoU at steps 6 and 12; at step 12 the
+    // weights are the final ones, so it equals the final evaluation
+    let val = sqlite(
+        &db,
+        "SELECT step, value FROM metrics WHERE run_id = 1 AND key = 'val_miou/single 1.0' ORDER BY step",
+    );
+    let val: Vec<(i64, f64)> = val
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (a, b) = l.split_once(',').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(val.iter().map(|v| v.0).collect::<Vec<_>>(), vec![6, 12]);
+    let fin: f64 = sqlite(
+        &db,
+        "SELECT miou FROM evaluations WHERE run_id = 1 AND scales = '1.0' AND fusion = 'single'",
+    )
+    .lines()
+    .nth(1)
+    .unwrap()
+    .parse()
+    .unwrap();
+    assert!((val[1].1 - fin).abs() < 1e-12, "{val:?} vs {fin}");
     // compare shows only what differs
     let cmp = ok(bin()
         .args(["compare", "1", "5", "--db", db.to_str().unwrap()])
@@ -233,6 +258,7 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         "figures/miou.png",
         "figures/miou.svg",
         "figures/training_curves.png",
+        "figures/validation_miou.png",
         "figures/class_iou.svg",
         "figures/confusion.png",
     ] {
