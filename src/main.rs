@@ -52,6 +52,14 @@ enum Cmd {
     Run(RunArgs),
     /// Claim and execute runs of a suite until none is runnable (one per machine or Slurm task).
     Worker(WorkerArgs),
+    /// Convert an official runx recipe (NVIDIA/semantic-segmentation scripts/*.yml) into a suite.
+    ImportRunx {
+        /// The runx YAML, e.g. scripts/train_cityscapes.yml.
+        recipe: PathBuf,
+        /// Write the suite here instead of printing it.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
     /// List runs.
     Runs(RunsArgs),
     /// Show one run: config, evaluations, artifacts.
@@ -1029,6 +1037,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => bench(a)?,
         Cmd::Run(a) => run_suite_cmd(a)?,
         Cmd::Worker(a) => worker_cmd(a)?,
+        Cmd::ImportRunx { recipe, out } => {
+            let text = hmsa_lab::config::runx::import(&recipe)?;
+            match out {
+                Some(p) => {
+                    if p.exists() {
+                        bail!("{}: exists; not overwritten", p.display());
+                    }
+                    std::fs::write(&p, &text).with_context(|| format!("writing {}", p.display()))?;
+                    // what was written must load as a suite
+                    Suite::load(&p, &[]).with_context(|| format!("{} (as written)", p.display()))?;
+                    println!("wrote {}", p.display());
+                }
+                None => print!("{text}"),
+            }
+        }
         Cmd::Runs(a) => {
             let store = Store::open_read_only(&a.db.url(a.suite.as_deref()))?;
             let filter = RunFilter {

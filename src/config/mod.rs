@@ -3,6 +3,7 @@
 //! variant) deserialises into [`RunConfig`]; unknown keys and wrong types are
 //! errors that name the file, line and key.
 
+pub mod runx;
 pub mod suite;
 
 use crate::data::augment::AugmentConfig;
@@ -43,6 +44,10 @@ pub struct DataConfig {
     pub sampler: SamplerConfig,
     /// A second source for a share of every batch (auto-labels or coarse).
     pub second: Option<SecondSource>,
+    /// Resize images (and labels) so their long edge is this many pixels
+    /// before anything else (the official `pre_size`; Mapillary: 2177).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub long_edge: Option<u32>,
     pub workers: usize,
     pub prefetch: usize,
 }
@@ -59,6 +64,7 @@ impl Default for DataConfig {
             augment: AugmentConfig::default(),
             sampler: SamplerConfig::default(),
             second: None,
+            long_edge: None,
             workers: 1,
             prefetch: 4,
         }
@@ -197,14 +203,6 @@ impl RunConfig {
                 return Err(Error::invalid(k, format!("{v} must be a non-negative number")));
             }
         }
-        if let Some(p) = &self.train.init {
-            if !p.is_file() {
-                return Err(Error::invalid(
-                    "train.init",
-                    format!("{}: no such checkpoint", p.display()),
-                ));
-            }
-        }
         if self.data.val_limit == Some(0) {
             return Err(Error::invalid(
                 "data.val_limit",
@@ -268,7 +266,11 @@ impl RunConfig {
     /// The training split and the second source, if any.
     pub fn train_sources(&self) -> Result<Vec<Dataset>> {
         let root = self.data_root()?;
-        let mut v = vec![Dataset::open(&root, &self.data.train_split, Labels::Fine)?];
+        let mut first = Dataset::open(&root, &self.data.train_split, Labels::Fine)?;
+        if self.data.long_edge.is_some() {
+            first.long_edge = self.data.long_edge;
+        }
+        let mut v = vec![first];
         if let Some(s) = &self.data.second {
             let labels = if s.labels == "coarse" {
                 Labels::Coarse
@@ -282,6 +284,9 @@ impl RunConfig {
 
     pub fn val_dataset(&self) -> Result<Dataset> {
         let mut ds = Dataset::open(&self.data_root()?, &self.data.val_split, Labels::Fine)?;
+        if self.data.long_edge.is_some() {
+            ds.long_edge = self.data.long_edge;
+        }
         if let Some(n) = self.data.val_limit {
             ds.samples.truncate(n);
         }

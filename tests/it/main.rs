@@ -5,6 +5,7 @@ mod data;
 mod lab;
 mod many;
 mod model;
+mod recipes;
 mod report;
 mod safety;
 mod servers;
