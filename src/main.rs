@@ -52,6 +52,9 @@ enum Cmd {
     Run(RunArgs),
     /// Claim and execute runs of a suite until none is runnable (one per machine or Slurm task).
     Worker(WorkerArgs),
+    /// Export runs to another tool.
+    #[command(subcommand)]
+    Export(ExportCmd),
     /// Convert an official runx recipe (NVIDIA/semantic-segmentation scripts/*.yml) into a suite.
     ImportRunx {
         /// The runx YAML, e.g. scripts/train_cityscapes.yml.
@@ -231,6 +234,25 @@ struct SlurmArgs {
     /// Tasks in the array: workers running at once.
     #[arg(long, requires = "slurm")]
     tasks: Option<u32>,
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// Every run (params, step metrics, evaluations, tags, evaluations.json)
+    /// into an MLflow tracking server; a second export adds only what is new.
+    Mlflow {
+        /// The tracking server, e.g. http://127.0.0.1:5000.
+        #[arg(long)]
+        tracking_uri: String,
+        /// Only this suite's runs.
+        #[arg(long)]
+        suite: Option<String>,
+        /// The MLflow experiment (default: hmsa-<suite>).
+        #[arg(long)]
+        experiment: Option<String>,
+        #[command(flatten)]
+        db: DbArg,
+    },
 }
 
 #[derive(Args)]
@@ -1037,6 +1059,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => bench(a)?,
         Cmd::Run(a) => run_suite_cmd(a)?,
         Cmd::Worker(a) => worker_cmd(a)?,
+        Cmd::Export(ExportCmd::Mlflow {
+            tracking_uri,
+            suite,
+            experiment,
+            db,
+        }) => {
+            let store = Store::open_read_only(&db.url(suite.as_deref()))?;
+            let e = hmsa_lab::mlflow::export(&store, &tracking_uri, suite.as_deref(), experiment.as_deref())?;
+            println!(
+                "{tracking_uri}: {} run(s) created, {} updated; {} metric value(s), {} param(s), {} artifact(s) sent",
+                e.created, e.updated, e.metrics, e.params, e.artifacts
+            );
+        }
         Cmd::ImportRunx { recipe, out } => {
             let text = hmsa_lab::config::runx::import(&recipe)?;
             match out {

@@ -694,6 +694,17 @@ impl Store {
         })
     }
 
+    /// The step-metric keys a run has, sorted.
+    pub fn metric_keys(&self, run_id: i64) -> Result<Vec<String>> {
+        self.block(async {
+            sqlx::query_scalar("SELECT DISTINCT key FROM metrics WHERE run_id = $1 ORDER BY key")
+                .bind(run_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.fail("reading metric keys", e))
+        })
+    }
+
     /// Artifacts of a run: (kind, path, digest).
     pub fn artifacts(&self, run_id: i64) -> Result<Vec<(String, String, String)>> {
         self.block(async {

@@ -2,6 +2,7 @@
 
 mod cli;
 mod data;
+mod export;
 mod lab;
 mod many;
 mod model;

@@ -334,3 +334,82 @@ impl Drop for Slurm {
         }
     }
 }
+
+/// An `mlflow server` (PyPI `mlflow`) with a SQLite backend and served
+/// artifacts in a temporary folder, on a free localhost port.
+pub struct Mlflow {
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+    pub uri: String,
+}
+
+fn mlflow_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("HMSA_MLFLOW") {
+        return p.into();
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/mlflow-venv/bin/mlflow");
+    if venv.exists() {
+        return venv;
+    }
+    "mlflow".into()
+}
+
+impl Mlflow {
+    pub fn start() -> Self {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(mlflow_bin())
+            .args([
+                "server",
+                "--backend-store-uri",
+                &format!("sqlite:///{}", dir.path().join("mlflow.db").display()),
+                "--artifacts-destination",
+                dir.path().join("artifacts").to_str().unwrap(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "mlflow: {e} (.ci/run installs it into target/mlflow-venv; or pip install mlflow, or set HMSA_MLFLOW)"
+                )
+            });
+        let uri = format!("http://127.0.0.1:{port}");
+        let t = Instant::now();
+        while ureq::get(&format!("{uri}/health")).call().is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "mlflow server did not start: {}",
+                std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Mlflow {
+            _dir: dir,
+            child,
+            uri,
+        }
+    }
+}
+
+impl Drop for Mlflow {
+    fn drop(&mut self) {
+        // the server and the workers it starts share its process group
+        let pg = self.child.id() as i32;
+        // SAFETY: kill only sends signals.
+        unsafe { libc::kill(-pg, libc::SIGTERM) };
+        let t = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-pg, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
