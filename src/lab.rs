@@ -119,6 +119,9 @@ pub fn flatten(cfg: &RunConfig) -> Vec<(String, String)> {
                     walk(&p, x, out);
                 }
             }
+            // text as it is (so that `WHERE value = 'single'` finds it),
+            // numbers, booleans and lists as JSON
+            serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
             other => out.push((prefix.to_string(), other.to_string())),
         }
     }

@@ -1,8 +1,9 @@
 //! The `hmsa-lab` command line: parse, call the library, print the error
-//! chain once. Exit codes: 0 ok; 2 an error (clap's usage errors too); 3
-//! the command ran and left work unfinished (`run`: runs failed, held
-//! elsewhere or removed); 130 interrupted (Ctrl-C or SIGTERM, after the
-//! running run is checkpointed and marked KILLED).
+//! chain once. Exit codes: 0 ok; 1 a runtime error; 2 a usage error
+//! (clap's); 3 the command ran and found problems (`run`/`worker`: runs
+//! failed, held elsewhere or removed; `data check`: findings); 130
+//! interrupted (Ctrl-C or SIGTERM, after the running run is checkpointed
+//! and marked KILLED).
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -67,14 +68,16 @@ enum Cmd {
     Runs(RunsArgs),
     /// Show one run: config, evaluations, artifacts.
     Show {
-        run: i64,
+        /// The run: its id, or variant/seed (e.g. baseline/0).
+        run: String,
         #[command(flatten)]
         db: DbArg,
     },
     /// Compare runs: only what differs, with deltas against the first.
     Compare {
+        /// The runs: ids, or variant/seed (e.g. baseline/0).
         #[arg(required = true, num_args = 2..)]
-        runs: Vec<i64>,
+        runs: Vec<String>,
         #[command(flatten)]
         db: DbArg,
     },
@@ -83,9 +86,9 @@ enum Cmd {
         sql: String,
         #[command(flatten)]
         db: DbArg,
-        /// table, csv, md or json
-        #[arg(long, default_value = "table")]
-        format: String,
+        /// Output: table or md for people, csv or json for programs.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
         /// Seconds after which the query is interrupted.
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
@@ -158,9 +161,9 @@ struct BenchArgs {
     /// precision bf16 / f16 (for a GPU; see docs/performance.md).
     #[arg(long, default_value = "f32")]
     precision: hmsa_lab::model::Precision,
-    /// table or json
-    #[arg(long, default_value = "table")]
-    format: String,
+    /// Output: table for people, json for programs.
+    #[arg(long, value_enum, default_value_t = TextOrJson::Table)]
+    format: TextOrJson,
     #[command(flatten)]
     db: DbArg,
     /// Run one case given as JSON in this process (used by the parent).
@@ -168,20 +171,79 @@ struct BenchArgs {
     case: Option<String>,
 }
 
-/// `--db URL`: a SQLite file path or sqlite:// URL.
+/// `--db URL`: a SQLite file path, `sqlite://path` or `postgres://…`.
 #[derive(Args, Clone)]
 struct DbArg {
-    /// Results database (default: experiments/<suite>.db, or $HMSA_DB).
-    #[arg(long)]
+    /// Results database. Default: $HMSA_DB; else experiments/<suite>.db when
+    /// a suite is named; else the only database under experiments/.
+    #[arg(long, env = "HMSA_DB")]
     db: Option<String>,
 }
 
 impl DbArg {
-    fn url(&self, suite: Option<&str>) -> String {
-        self.db
-            .clone()
-            .or_else(|| std::env::var("HMSA_DB").ok())
-            .unwrap_or_else(|| format!("experiments/{}.db", suite.unwrap_or("ablation")))
+    /// The database by the one rule every command follows (see `--help`).
+    fn url(&self, suite: Option<&str>) -> Result<String> {
+        if let Some(db) = &self.db {
+            return Ok(db.clone());
+        }
+        if let Some(s) = suite {
+            return Ok(format!("experiments/{s}.db"));
+        }
+        let mut found: Vec<String> = std::fs::read_dir("experiments")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "db"))
+                    .map(|p| p.display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort();
+        match found.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => bail!("no results database: give --db (or $HMSA_DB); none was found under experiments/"),
+            many => bail!(
+                "which results database? give --db (or $HMSA_DB); found under experiments/: {}",
+                many.join(", ")
+            ),
+        }
+    }
+}
+
+/// A run named on the command line: its id, or `variant/seed` (or
+/// `suite/variant/seed` where a variant name is in several suites).
+fn resolve_run(store: &Store, spec: &str) -> Result<i64> {
+    if let Ok(id) = spec.parse::<i64>() {
+        return Ok(id);
+    }
+    let parts: Vec<&str> = spec.rsplitn(3, '/').collect();
+    let (seed, variant, suite) = match parts.as_slice() {
+        [seed, variant] => (*seed, *variant, None),
+        [seed, variant, suite] => (*seed, *variant, Some(*suite)),
+        _ => bail!("run `{spec}`: give its id, or variant/seed (e.g. baseline/0), or suite/variant/seed"),
+    };
+    let seed: i64 = seed
+        .parse()
+        .with_context(|| format!("run `{spec}`: `{seed}` is not a seed"))?;
+    let runs: Vec<_> = store
+        .runs(&RunFilter {
+            suite: suite.map(String::from),
+            variant: Some(variant.to_string()),
+            ..Default::default()
+        })?
+        .into_iter()
+        .filter(|r| r.seed == seed)
+        .collect();
+    match runs.as_slice() {
+        [one] => Ok(one.id),
+        [] => bail!("no run `{spec}` in {}", store.url()),
+        many => bail!(
+            "run `{spec}` is ambiguous: {}",
+            many.iter()
+                .map(|r| format!("{} ({}/{}/{})", r.id, r.suite, r.variant, r.seed))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -287,11 +349,11 @@ struct RunsArgs {
     suite: Option<String>,
     #[arg(long)]
     variant: Option<String>,
-    #[arg(long)]
-    status: Option<String>,
-    /// table, csv, md or json
-    #[arg(long, default_value = "table")]
-    format: String,
+    #[arg(long, value_enum)]
+    status: Option<StatusArg>,
+    /// Output: table or md for people, csv or json for programs.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
     #[command(flatten)]
     db: DbArg,
 }
@@ -312,9 +374,9 @@ struct EvalArgs {
     pred_dir: PathBuf,
     #[arg(long)]
     gt_dir: PathBuf,
-    /// table or json
-    #[arg(long, default_value = "table")]
-    format: String,
+    /// Output: table for people, json for programs.
+    #[arg(long, value_enum, default_value_t = TextOrJson::Table)]
+    format: TextOrJson,
 }
 
 #[derive(Args)]
@@ -700,43 +762,105 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Prints rows in one of the listing formats.
-fn print_rows(format: &str, head: &[String], rows: &[Vec<String>]) -> Result<()> {
-    match format {
-        "table" => println!("{}", report::terminal_table(head, rows)),
-        "md" => print!("{}", report::markdown_table(head, rows)),
-        "csv" => {
-            let esc = |s: &String| {
-                if s.contains([',', '"', '\n']) {
-                    format!("\"{}\"", s.replace('"', "\"\""))
-                } else {
-                    s.clone()
-                }
-            };
-            println!("{}", head.iter().map(esc).collect::<Vec<_>>().join(","));
-            for r in rows {
-                println!("{}", r.iter().map(esc).collect::<Vec<_>>().join(","));
-            }
-        }
-        "json" => {
-            let v: Vec<serde_json::Map<String, serde_json::Value>> = rows
-                .iter()
-                .map(|r| {
-                    head.iter()
-                        .cloned()
-                        .zip(r.iter().map(|c| serde_json::Value::from(c.clone())))
-                        .collect()
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        f => bail!("--format {f}: expected table, csv, md or json"),
-    }
-    Ok(())
+/// Output formats of the listing commands: text for people (`table`,
+/// `md`), typed for programs (`csv`, `json`: snake_case keys, numbers as
+/// numbers, missing values empty or null).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Table,
+    Md,
+    Csv,
+    Json,
 }
 
-fn ms_to_text(ms: Option<i64>) -> String {
-    ms.map_or("–".into(), |m| format!("{:.1}s", m as f64 / 1000.0))
+/// `--format` of commands with one table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TextOrJson {
+    Table,
+    Json,
+}
+
+/// `--status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StatusArg {
+    Scheduled,
+    Running,
+    Finished,
+    Failed,
+    Killed,
+}
+
+impl StatusArg {
+    fn status(self) -> Status {
+        match self {
+            StatusArg::Scheduled => Status::Scheduled,
+            StatusArg::Running => Status::Running,
+            StatusArg::Finished => Status::Finished,
+            StatusArg::Failed => Status::Failed,
+            StatusArg::Killed => Status::Killed,
+        }
+    }
+}
+
+/// A listing: text cells for people and typed values for programs, row by row.
+struct Listing {
+    head: Vec<String>,
+    text: Vec<Vec<String>>,
+    keys: Vec<String>,
+    values: Vec<Vec<serde_json::Value>>,
+}
+
+impl Listing {
+    fn new(head: &[&str], keys: &[&str]) -> Self {
+        Listing {
+            head: head.iter().map(|s| s.to_string()).collect(),
+            text: vec![],
+            keys: keys.iter().map(|s| s.to_string()).collect(),
+            values: vec![],
+        }
+    }
+
+    fn push(&mut self, text: Vec<String>, values: Vec<serde_json::Value>) {
+        self.text.push(text);
+        self.values.push(values);
+    }
+
+    fn print(&self, format: Format) -> Result<()> {
+        match format {
+            Format::Table => println!("{}", report::terminal_table(&self.head, &self.text)),
+            Format::Md => print!("{}", report::markdown_table(&self.head, &self.text)),
+            Format::Csv => {
+                let mut w = csv::Writer::from_writer(std::io::stdout());
+                w.write_record(&self.keys)?;
+                for r in &self.values {
+                    w.write_record(r.iter().map(|v| match v {
+                        serde_json::Value::Null => String::new(),
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    }))?;
+                }
+                w.flush()?;
+            }
+            Format::Json => {
+                let v: Vec<serde_json::Map<String, serde_json::Value>> = self
+                    .values
+                    .iter()
+                    .map(|r| self.keys.iter().cloned().zip(r.iter().cloned()).collect())
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A typed value as table text.
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "NULL".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 fn run_suite_cmd(a: RunArgs) -> Result<()> {
@@ -978,7 +1102,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     };
     let threads = rayon::current_num_threads();
     let mach = machine();
-    let store = Store::open(&a.db.url(None))?;
+    let store = Store::open(&a.db.url(None)?)?;
     let exe = std::env::current_exe()?;
     let mut rows = vec![];
     let mut all = vec![];
@@ -1027,7 +1151,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             all.push((suite.clone(), m));
         }
     }
-    if a.format == "json" {
+    if a.format == TextOrJson::Json {
         let v: Vec<serde_json::Value> = all
             .iter()
             .map(|(s, m)| serde_json::json!({"suite": s, "case": m, "threads": threads, "machine": mach}))
@@ -1065,7 +1189,7 @@ fn run(cli: Cli) -> Result<()> {
             experiment,
             db,
         }) => {
-            let store = Store::open_read_only(&db.url(suite.as_deref()))?;
+            let store = Store::open_read_only(&db.url(suite.as_deref())?)?;
             let e = hmsa_lab::mlflow::export(&store, &tracking_uri, suite.as_deref(), experiment.as_deref())?;
             println!(
                 "{tracking_uri}: {} run(s) created, {} updated; {} metric value(s), {} param(s), {} artifact(s) sent",
@@ -1088,47 +1212,79 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Runs(a) => {
-            let store = Store::open_read_only(&a.db.url(a.suite.as_deref()))?;
+            let store = Store::open_read_only(&a.db.url(a.suite.as_deref())?)?;
             let filter = RunFilter {
                 suite: a.suite.clone(),
                 variant: a.variant.clone(),
-                status: a.status.as_deref().map(Status::parse).transpose()?,
+                status: a.status.map(StatusArg::status),
                 removed: false,
             };
-            let mut rows = vec![];
+            let mut l = Listing::new(
+                &[
+                    "id",
+                    "suite",
+                    "variant",
+                    "seed",
+                    "status",
+                    "step",
+                    "mIoU % (first eval)",
+                    "config hash",
+                    "time",
+                ],
+                &[
+                    "id",
+                    "suite",
+                    "variant",
+                    "seed",
+                    "status",
+                    "step",
+                    "miou",
+                    "eval_scales",
+                    "eval_fusion",
+                    "eval_flip",
+                    "config_hash",
+                    "seconds",
+                ],
+            );
             for r in store.runs(&filter)? {
                 let evals = store.evaluations(r.id)?;
-                let head = evals.first().map_or("–".into(), |e| {
-                    format!("{:.2} ({} {})", 100.0 * e.miou, e.fusion, e.scales)
-                });
-                rows.push(vec![
-                    r.id.to_string(),
-                    r.suite,
-                    r.variant,
-                    r.seed.to_string(),
-                    r.status.to_string(),
-                    r.step.to_string(),
-                    head,
-                    r.config_hash[..12].to_string(),
-                    ms_to_text(r.end_ms.zip(r.start_ms).map(|(e, s)| e - s)),
-                ]);
+                let first = evals.first();
+                let secs = r.end_ms.zip(r.start_ms).map(|(e, s)| (e - s) as f64 / 1000.0);
+                l.push(
+                    vec![
+                        r.id.to_string(),
+                        r.suite.clone(),
+                        r.variant.clone(),
+                        r.seed.to_string(),
+                        r.status.to_string(),
+                        r.step.to_string(),
+                        first.map_or("–".into(), |e| {
+                            format!("{:.2} ({} {})", 100.0 * e.miou, e.fusion, e.scales)
+                        }),
+                        r.config_hash[..12].to_string(),
+                        secs.map_or("–".into(), |s| format!("{s:.1}s")),
+                    ],
+                    vec![
+                        r.id.into(),
+                        r.suite.into(),
+                        r.variant.into(),
+                        r.seed.into(),
+                        r.status.as_str().into(),
+                        r.step.into(),
+                        first.map(|e| e.miou).into(),
+                        first.map(|e| e.scales.clone()).into(),
+                        first.map(|e| e.fusion.clone()).into(),
+                        first.map(|e| e.flip).into(),
+                        r.config_hash.into(),
+                        secs.into(),
+                    ],
+                );
             }
-            let head = [
-                "id",
-                "suite",
-                "variant",
-                "seed",
-                "status",
-                "step",
-                "mIoU % (first eval)",
-                "config hash",
-                "time",
-            ]
-            .map(String::from);
-            print_rows(&a.format, &head, &rows)?;
+            l.print(a.format)?;
         }
         Cmd::Show { run, db } => {
-            let store = Store::open_read_only(&db.url(None))?;
+            let store = Store::open_read_only(&db.url(None)?)?;
+            let run = resolve_run(&store, &run)?;
             let r = store.run(run)?.with_context(|| format!("no run {run}"))?;
             println!(
                 "run {} — suite {}, variant {}, seed {}",
@@ -1195,7 +1351,11 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Compare { runs, db } => {
-            let store = Store::open_read_only(&db.url(None))?;
+            let store = Store::open_read_only(&db.url(None)?)?;
+            let runs: Vec<i64> = runs
+                .iter()
+                .map(|r| resolve_run(&store, r))
+                .collect::<Result<_>>()?;
             let mut params = vec![];
             let mut evals = vec![];
             for id in &runs {
@@ -1255,9 +1415,14 @@ fn run(cli: Cli) -> Result<()> {
             if !(timeout.is_finite() && timeout > 0.0) {
                 bail!("--timeout {timeout}: expected a positive number of seconds");
             }
-            let store = Store::open_read_only(&db.url(None))?;
+            let store = Store::open_read_only(&db.url(None)?)?;
             let (cols, rows) = store.query(&sql, std::time::Duration::from_secs_f64(timeout))?;
-            print_rows(&format, &cols, &rows)?;
+            let keys: Vec<&str> = cols.iter().map(String::as_str).collect();
+            let mut l = Listing::new(&keys, &keys);
+            for r in rows {
+                l.push(r.iter().map(cell).collect(), r);
+            }
+            l.print(format)?;
         }
         Cmd::Rm {
             runs,
@@ -1266,7 +1431,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             stale_after,
         } => {
-            let store = Store::open_existing(&db.url(None))?;
+            let store = Store::open_existing(&db.url(None)?)?;
             let stale_before = hmsa_lab::store::now_ms() - stale_after as i64 * 1000;
             let mut refused = vec![];
             let mut lines = vec![];
@@ -1332,7 +1497,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Restore { runs, db } => {
-            let store = Store::open_existing(&db.url(None))?;
+            let store = Store::open_existing(&db.url(None)?)?;
             let done = store.restore_runs(&runs)?;
             let missed: Vec<String> = runs
                 .iter()
@@ -1348,7 +1513,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Gc { db, dry_run, yes } => {
-            let store = Store::open_existing(&db.url(None))?;
+            let store = Store::open_existing(&db.url(None)?)?;
             let plan = hmsa_lab::gc::plan(&store)?;
             for r in &plan.purge {
                 println!(
@@ -1400,7 +1565,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             readme,
         } => {
-            let store = Store::open_read_only(&db.url(Some(&suite)))?;
+            let store = Store::open_read_only(&db.url(Some(&suite))?)?;
             let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&suite));
             let files = report::write_report(&store, &suite, &out)?;
             let s = report::summarise(&store, &suite)?;
@@ -1466,8 +1631,8 @@ fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|c| c.name)
                 .collect();
-            match a.format.as_str() {
-                "json" => {
+            match a.format {
+                TextOrJson::Json => {
                     let per: serde_json::Map<String, serde_json::Value> = names
                         .iter()
                         .zip(&m.iou)
@@ -1476,7 +1641,7 @@ fn run(cli: Cli) -> Result<()> {
                     let out = serde_json::json!({"miou": m.miou, "images": n, "pixel_acc": m.pixel_acc, "iou": per});
                     println!("{}", serde_json::to_string_pretty(&out)?);
                 }
-                "table" => {
+                TextOrJson::Table => {
                     let mut t = comfy_table::Table::new();
                     t.set_header(vec!["class", "IoU"]);
                     for (name, v) in names.iter().zip(&m.iou) {
@@ -1490,7 +1655,6 @@ fn run(cli: Cli) -> Result<()> {
                         m.miou, m.pixel_acc
                     );
                 }
-                f => bail!("--format {f}: expected table or json"),
             }
         }
         Cmd::Autolabel(a) => {
@@ -1518,7 +1682,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Synth(a) => synth(a)?,
         Cmd::Data(DataCmd::Check { dir, split }) => {
             if !data_check(&dir, &split)? {
-                bail!("{}: the dataset has problems (listed above)", dir.display());
+                return Err(Exit::Unfinished(format!(
+                    "{}: the dataset has problems (listed above)",
+                    dir.display()
+                ))
+                .into());
             }
         }
         Cmd::Infer(a) => {
@@ -1581,7 +1749,7 @@ fn main() {
         std::process::exit(match e.downcast_ref::<Exit>() {
             Some(Exit::Unfinished(_)) => 3,
             Some(Exit::Interrupted(_)) => 130,
-            None => 2,
+            None => 1,
         });
     }
 }

@@ -260,6 +260,14 @@ impl Suite {
         // The defaults alone must be a valid run config.
         RunConfig::deserialize(Value::Table(defaults.clone()))
             .map_err(|e| cfg_err(defaults_line, format!("[defaults]: {}", e.message())))?;
+        // Each --set on the defaults: a key or value it gets wrong is the
+        // flag's fault, not a line's of the file.
+        for (k, val) in sets {
+            let flag = |msg: String| Error::invalid(format!("--set {k}={}", short(val)), msg);
+            let mut t = defaults.clone();
+            set_path(&mut t, k, val.clone()).map_err(|e| flag(e.to_string()))?;
+            RunConfig::deserialize(Value::Table(t)).map_err(|e| flag(e.message().to_string()))?;
+        }
         if file.variant.is_empty() {
             return Err(cfg_err(None, "a suite needs at least one [[variant]]".into()));
         }

@@ -16,8 +16,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteRow};
 use sqlx::{AnyPool, Column, ConnectOptions, Row, TypeInfo, ValueRef};
 use std::time::{Duration, Instant};
 
-/// Column names and rows rendered as text.
-pub type Table = (Vec<String>, Vec<Vec<String>>);
+/// Column names and rows of typed values: integers and floats as JSON
+/// numbers, text as strings, NULL as null, blobs as "<n bytes>".
+pub type Table = (Vec<String>, Vec<Vec<serde_json::Value>>);
 
 pub(super) async fn sqlite(url: &str, sql: &str, timeout: Duration) -> Result<Table> {
     let fail = |e: String| Error::Store(format!("{url}: query: {e}"));
@@ -62,22 +63,25 @@ pub(super) async fn sqlite(url: &str, sql: &str, timeout: Duration) -> Result<Ta
     Ok((cols, out))
 }
 
-fn render_sqlite(r: &SqliteRow, n: usize) -> std::result::Result<Vec<String>, String> {
+fn render_sqlite(r: &SqliteRow, n: usize) -> std::result::Result<Vec<serde_json::Value>, String> {
+    use serde_json::Value;
     let mut line = Vec::with_capacity(n);
     for i in 0..n {
         let raw = r.try_get_raw(i).map_err(|e| e.to_string())?;
-        let text = if raw.is_null() {
-            "NULL".to_string()
+        let v = if raw.is_null() {
+            Value::Null
         } else {
             match raw.type_info().name() {
-                "INTEGER" | "BOOLEAN" => r.try_get::<i64, _>(i).map(|v| v.to_string()),
-                "REAL" => r.try_get::<f64, _>(i).map(|v| v.to_string()),
-                "BLOB" => r.try_get::<Vec<u8>, _>(i).map(|b| format!("<{} bytes>", b.len())),
-                _ => r.try_get::<String, _>(i),
+                "INTEGER" | "BOOLEAN" => r.try_get::<i64, _>(i).map(Value::from),
+                "REAL" => r.try_get::<f64, _>(i).map(Value::from),
+                "BLOB" => r
+                    .try_get::<Vec<u8>, _>(i)
+                    .map(|b| Value::from(format!("<{} bytes>", b.len()))),
+                _ => r.try_get::<String, _>(i).map(Value::from),
             }
             .map_err(|e| e.to_string())?
         };
-        line.push(text);
+        line.push(v);
     }
     Ok(line)
 }
@@ -125,21 +129,25 @@ pub(super) async fn postgres(pool: &AnyPool, shown: &str, sql: &str, timeout: Du
     ))
 }
 
-/// A value of any type as text: integer, float, text, bool, bytes, in
-/// that order of trying.
-fn render_any(r: &AnyRow, n: usize) -> Vec<String> {
+/// A value of any type: integer, float, text, bool, bytes, in that order
+/// of trying.
+fn render_any(r: &AnyRow, n: usize) -> Vec<serde_json::Value> {
+    use serde_json::Value;
     (0..n)
         .map(|i| {
             if r.try_get_raw(i).map(|v| v.is_null()).unwrap_or(true) {
-                return "NULL".to_string();
+                return Value::Null;
             }
             r.try_get::<i64, _>(i)
-                .map(|v| v.to_string())
-                .or_else(|_| r.try_get::<f64, _>(i).map(|v| v.to_string()))
-                .or_else(|_| r.try_get::<String, _>(i))
-                .or_else(|_| r.try_get::<bool, _>(i).map(|v| v.to_string()))
-                .or_else(|_| r.try_get::<Vec<u8>, _>(i).map(|b| format!("<{} bytes>", b.len())))
-                .unwrap_or_else(|_| "?".into())
+                .map(Value::from)
+                .or_else(|_| r.try_get::<f64, _>(i).map(Value::from))
+                .or_else(|_| r.try_get::<String, _>(i).map(Value::from))
+                .or_else(|_| r.try_get::<bool, _>(i).map(Value::from))
+                .or_else(|_| {
+                    r.try_get::<Vec<u8>, _>(i)
+                        .map(|b| Value::from(format!("<{} bytes>", b.len())))
+                })
+                .unwrap_or(Value::Null)
         })
         .collect()
 }

@@ -230,7 +230,7 @@ fn data_check_names_every_bad_file() {
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(3), "findings: exit 3");
     assert!(
         out.contains("c_000000_000005_gtFine_labelIds.png: unknown label ids 77"),
         "{out}"

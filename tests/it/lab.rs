@@ -419,7 +419,7 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         .args(["query", "DELETE FROM runs", "--db", db.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("would write"),
         "{}",
@@ -673,7 +673,7 @@ fn bench_runs_each_case_in_its_own_process_and_stores_it() {
         .args(["bench", "nonsense", "--db", db.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(e.status.code(), Some(2));
+    assert_eq!(e.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&e.stderr).contains("unknown bench suite `nonsense`"));
 }
 

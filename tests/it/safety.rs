@@ -129,8 +129,12 @@ fn gc_removes_only_what_its_database_proves_unreferenced() {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-        assert!(text(&o).contains("no such database"), "{}", text(&o));
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            text(&o).contains("no such database") || text(&o).contains("no results database: give --db"),
+            "{}",
+            text(&o)
+        );
     }
     assert!(!p.join("experiments").exists() && !p.join("typo.db").exists());
     let o = bin()
@@ -139,7 +143,7 @@ fn gc_removes_only_what_its_database_proves_unreferenced() {
         .args(["gc", "--yes"])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
     assert!(!p.join("typo2.db").exists());
 
     // The same suite recorded in a second database may not train into
@@ -168,7 +172,7 @@ fn gc_removes_only_what_its_database_proves_unreferenced() {
     );
     assert!(dry.contains("1 folder(s) without owner.json"), "{dry}");
     let o = run_in(p, &["gc", "--db", "alpha.db"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("--yes"), "{}", text(&o));
     assert_eq!(fingerprint(&p.join("runs")), snapshot);
     let g = ok(run_in(p, &["gc", "--db", "alpha.db", "--yes"]));
@@ -244,7 +248,7 @@ fn rm_refuses_a_running_run_and_restore_brings_a_removed_one_back() {
         let mut a = args.clone();
         a.extend(["--db", "m.db"]);
         let o = run_in(p, &a);
-        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
         assert!(text(&o).contains("is RUNNING"), "{}", text(&o));
     }
     assert_eq!(
@@ -264,7 +268,7 @@ fn rm_refuses_a_running_run_and_restore_brings_a_removed_one_back() {
 
     // Off a terminal rm asks for --yes and changes nothing.
     let o = run_in(p, &["rm", "1", "--db", "m.db"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         one_value(&db, "SELECT removed_ms IS NULL FROM runs WHERE id = 1"),
         "1"
@@ -332,7 +336,7 @@ fn read_commands_create_nothing_and_foreign_files_stay_as_they_were() {
         let mut a = c.clone();
         a.extend(["--db", "sub/none.db"]);
         let o = run_in(p, &a);
-        assert_eq!(o.status.code(), Some(2), "{c:?}: {}", text(&o));
+        assert_eq!(o.status.code(), Some(1), "{c:?}: {}", text(&o));
         assert!(text(&o).contains("sub/none.db: no such database"), "{}", text(&o));
     }
     assert!(!p.join("sub").exists());
@@ -352,7 +356,7 @@ fn read_commands_create_nothing_and_foreign_files_stay_as_they_were() {
             let mut a = c.clone();
             a.extend(["--db", file]);
             let o = run_in(p, &a);
-            assert_eq!(o.status.code(), Some(2), "{c:?} on {file}: {}", text(&o));
+            assert_eq!(o.status.code(), Some(1), "{c:?} on {file}: {}", text(&o));
             assert!(
                 text(&o).contains(&format!("{file}: "))
                     && text(&o).contains("not an hmsa-lab results database"),
@@ -386,7 +390,7 @@ fn query_refuses_vacuum_into_and_interrupts_a_runaway_query() {
         "CREATE TABLE t (x)",
     ] {
         let o = run_in(p, &["query", sql, "--db", "m.db"]);
-        assert_eq!(o.status.code(), Some(2), "{sql}");
+        assert_eq!(o.status.code(), Some(1), "{sql}");
         assert!(text(&o).contains("would write"), "{sql}: {}", text(&o));
     }
     assert!(!p.join("copy.db").exists());
@@ -403,7 +407,7 @@ fn query_refuses_vacuum_into_and_interrupts_a_runaway_query() {
             "0.5",
         ],
     );
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
     assert!(
         text(&o).contains("stopped after 0.5 s (--timeout)"),
         "{}",
@@ -629,7 +633,7 @@ fn bad_values_are_refused_before_anything_trains() {
             d.path(),
             &["synth", "--config", c.to_str().unwrap(), "--out", "x"],
         );
-        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
         assert!(
             text(&o).contains("s.toml") && text(&o).contains("smallest scene"),
             "{}",

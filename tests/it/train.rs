@@ -449,7 +449,7 @@ fn folder_scoring_agrees_with_a_hand_computed_case() {
         ])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
         e.contains("z_000005_000006_gtFine_labelIds.png") && e.contains("no prediction"),
