@@ -142,10 +142,76 @@ struct LabObserver<'a> {
     id: i64,
     who: &'a str,
     stop: &'a AtomicBool,
+    progress: Progress,
+}
+
+/// Plain progress lines where no progress bar is drawn (off a terminal:
+/// nohup, Slurm logs, CI): `[run i/N] variant seed s step k/S loss … lr …
+/// ETA …` every `HMSA_PROGRESS_SECS` seconds (30 by default), and a line
+/// per evaluation and auto-labelling. Silent with `HMSA_NO_PROGRESS`.
+pub(crate) struct Progress {
+    label: String,
+    on: bool,
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    started: std::time::Instant,
+    first_step: Option<usize>,
+}
+
+impl Progress {
+    pub(crate) fn new(label: String) -> Self {
+        use std::io::IsTerminal;
+        let every = std::env::var("HMSA_PROGRESS_SECS")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(30.0);
+        Progress {
+            label,
+            on: std::env::var_os("HMSA_NO_PROGRESS").is_none() && !std::io::stderr().is_terminal(),
+            every: std::time::Duration::from_secs_f64(every.max(0.0)),
+            last: None,
+            started: std::time::Instant::now(),
+            first_step: None,
+        }
+    }
+
+    pub(crate) fn say(&self, what: &str) {
+        if self.on {
+            eprintln!("{} {what}", self.label);
+        }
+    }
+
+    fn step(&mut self, m: &StepMetrics, total: usize) {
+        if !self.on {
+            return;
+        }
+        let first = *self.first_step.get_or_insert(m.step.saturating_sub(1));
+        let due = self.last.is_none_or(|t| t.elapsed() >= self.every) || m.step == total;
+        if !due {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let done = m.step.saturating_sub(first).max(1) as f64;
+        let per = self.started.elapsed().as_secs_f64() / done;
+        let eta = per * total.saturating_sub(m.step) as f64;
+        eprintln!(
+            "{} step {}/{total} loss {:.4} lr {:.2e} ETA {}",
+            self.label,
+            m.step,
+            m.loss,
+            m.lr,
+            if eta >= 60.0 {
+                format!("{:.0} min", eta / 60.0)
+            } else {
+                format!("{eta:.0} s")
+            }
+        );
+    }
 }
 
 impl Observer for LabObserver<'_> {
     fn on_step(&mut self, m: &StepMetrics) -> Result<()> {
+        self.progress.step(m, m.total);
         let s = m.step as i64;
         self.store.log_metrics(
             self.id,
@@ -322,6 +388,22 @@ impl<'a> Ctx<'a> {
             store_id: store.id()?,
             started,
         })
+    }
+
+    /// `[run i/N] variant seed s`, for progress lines.
+    fn label(&self, r: &PlannedRun) -> String {
+        let i = self
+            .suite
+            .runs
+            .iter()
+            .position(|x| std::ptr::eq(x, r))
+            .map_or(0, |i| i + 1);
+        format!(
+            "[run {i}/{}] {} seed {}",
+            self.suite.runs.len(),
+            r.variant,
+            r.seed
+        )
     }
 
     /// One attempt at a planned run: its outcome, a failure recorded
@@ -523,6 +605,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
                 id: row.id,
                 who,
                 stop,
+                progress: Progress::new(ctx.label(r)),
             };
             let rep = crate::train::train(&cfg, &run_dir, &mut obs)?;
             if !rep.finished {
@@ -532,7 +615,13 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
             (Outcome::Trained, rep.step as i64, r.config.eval.sets.clone())
         };
         let net = checkpoint::load(&r.config.model, &weights, &dev)?;
-        let evals = crate::eval::evaluate(&net, &r.config.val_dataset()?, &sets, &dev)?;
+        let val = r.config.val_dataset()?;
+        Progress::new(ctx.label(r)).say(&format!(
+            "evaluating {} set(s) on {} validation image(s)",
+            sets.len(),
+            val.len()
+        ));
+        let evals = crate::eval::evaluate(&net, &val, &sets, &dev)?;
         let arts = vec![(
             "weights".to_string(),
             weights.display().to_string(),

@@ -72,6 +72,9 @@ enum Cmd {
         run: String,
         #[command(flatten)]
         db: DbArg,
+        /// Output: table for people, json for programs.
+        #[arg(long, value_enum, default_value_t = TextOrJson::Table)]
+        format: TextOrJson,
     },
     /// Compare runs: only what differs, with deltas against the first.
     Compare {
@@ -80,6 +83,9 @@ enum Cmd {
         runs: Vec<String>,
         #[command(flatten)]
         db: DbArg,
+        /// Output: table for people, json for programs.
+        #[arg(long, value_enum, default_value_t = TextOrJson::Table)]
+        format: TextOrJson,
     },
     /// Run read-only SQL on the results database (writes and VACUUM INTO are refused).
     Query {
@@ -883,12 +889,37 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
         let mut rows = vec![];
         for r in &suite.runs {
             let row = store.find_run(&suite.header.name, &r.variant, &r.hash, r.seed)?;
+            let have = match &row {
+                Some(x) => store.evaluated(x.id)?,
+                None => vec![],
+            };
+            // each evaluation, ✓ where it is already recorded
+            let evals: Vec<String> = r
+                .config
+                .eval
+                .sets
+                .iter()
+                .map(|e| {
+                    let scales = hmsa_lab::model::fusion::format_scales(&e.scales);
+                    let done = have
+                        .iter()
+                        .any(|(sc, f, fl)| *sc == scales && f == e.fusion.name() && *fl == e.flip);
+                    format!(
+                        "{} {}{} {}",
+                        e.fusion.name(),
+                        scales,
+                        if e.flip { " flip" } else { "" },
+                        if done { "✓" } else { "–" }
+                    )
+                })
+                .collect();
             rows.push(vec![
                 r.variant.clone(),
                 r.seed.to_string(),
                 r.hash[..12].to_string(),
                 r.teacher.map_or("".into(), |t| suite.runs[t].variant.clone()),
                 row.map_or("new".into(), |x| x.status.to_string()),
+                evals.join("\n"),
                 suite.run_dir(r).display().to_string(),
             ]);
         }
@@ -898,6 +929,7 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
             "config hash",
             "teacher",
             "status",
+            "evaluations (✓ recorded)",
             "run folder",
         ]
         .map(String::from);
@@ -1282,10 +1314,48 @@ fn run(cli: Cli) -> Result<()> {
             }
             l.print(a.format)?;
         }
-        Cmd::Show { run, db } => {
+        Cmd::Show { run, db, format } => {
             let store = Store::open_read_only(&db.url(None)?)?;
             let run = resolve_run(&store, &run)?;
             let r = store.run(run)?.with_context(|| format!("no run {run}"))?;
+            if format == TextOrJson::Json {
+                let parse =
+                    |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap_or(serde_json::Value::Null);
+                let evals: Vec<serde_json::Value> = store
+                    .evaluations(run)?
+                    .into_iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "scales": e.scales, "fusion": e.fusion, "flip": e.flip,
+                            "miou": e.miou, "pixel_acc": e.pixel_acc, "mean_class_acc": e.mean_class_acc,
+                            "fw_iou": e.fw_iou, "class_iou": parse(&e.class_iou),
+                            "attn_means": parse(&e.attn_means), "ms_per_image": e.ms_per_image,
+                            "peak_mib": e.peak_mib, "images": e.images,
+                        })
+                    })
+                    .collect();
+                let arts: Vec<serde_json::Value> = store
+                    .artifacts(run)?
+                    .into_iter()
+                    .map(|(k, p, d)| serde_json::json!({"kind": k, "path": p, "digest": d}))
+                    .collect();
+                let params: serde_json::Map<String, serde_json::Value> = store
+                    .params(run)?
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into()))
+                    .collect();
+                let loss = store.metric(run, "loss")?;
+                let out = serde_json::json!({
+                    "run": r,
+                    "evaluations": evals,
+                    "artifacts": arts,
+                    "params": params,
+                    "loss": {"first": loss.first().map(|x| serde_json::json!({"step": x.0, "value": x.1})),
+                             "last": loss.last().map(|x| serde_json::json!({"step": x.0, "value": x.1}))},
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
             println!(
                 "run {} — suite {}, variant {}, seed {}",
                 r.id, r.suite, r.variant, r.seed
@@ -1350,7 +1420,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("  {k} = {v}");
             }
         }
-        Cmd::Compare { runs, db } => {
+        Cmd::Compare { runs, db, format } => {
             let store = Store::open_read_only(&db.url(None)?)?;
             let runs: Vec<i64> = runs
                 .iter()
@@ -1380,6 +1450,45 @@ fn run(cli: Cli) -> Result<()> {
                     row.extend(vals);
                     rows.push(row);
                 }
+            }
+            if format == TextOrJson::Json {
+                let diff: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|r| {
+                        let values: Vec<serde_json::Value> = r[1..]
+                            .iter()
+                            .map(|v| {
+                                if v == "–" {
+                                    serde_json::Value::Null
+                                } else {
+                                    v.clone().into()
+                                }
+                            })
+                            .collect();
+                        serde_json::json!({"key": r[0], "values": values})
+                    })
+                    .collect();
+                let ev: Vec<serde_json::Value> = evals[0]
+                    .iter()
+                    .map(|e0| {
+                        let miou: Vec<Option<f64>> = evals
+                            .iter()
+                            .map(|es| {
+                                es.iter()
+                                    .find(|e| {
+                                        e.scales == e0.scales && e.fusion == e0.fusion && e.flip == e0.flip
+                                    })
+                                    .map(|e| e.miou)
+                            })
+                            .collect();
+                        let delta: Vec<Option<f64>> = miou.iter().map(|m| m.map(|m| m - e0.miou)).collect();
+                        serde_json::json!({"scales": e0.scales, "fusion": e0.fusion, "flip": e0.flip,
+                                           "miou": miou, "delta": delta})
+                    })
+                    .collect();
+                let out = serde_json::json!({"runs": runs, "params": diff, "evaluations": ev});
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
             }
             let mut head = vec!["param".to_string()];
             head.extend(runs.iter().map(|r| format!("run {r}")));

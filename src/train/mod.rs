@@ -35,6 +35,8 @@ use std::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepMetrics {
     pub step: usize,
+    /// The run's total steps.
+    pub total: usize,
     pub loss: f32,
     pub main: f32,
     pub aux: f32,
@@ -285,6 +287,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             step += 1;
             let m = StepMetrics {
                 step,
+                total,
                 loss: value,
                 main: parts.main,
                 aux: parts.aux,

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, helpers here, topics in modules.
 
 mod cli;
+mod conventions;
 mod data;
 mod export;
 mod lab;
