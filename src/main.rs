@@ -89,6 +89,7 @@ enum Cmd {
     },
     /// Run read-only SQL on the results database (writes and VACUUM INTO are refused).
     Query {
+        /// The SQL (read-only statements only).
         sql: String,
         #[command(flatten)]
         db: DbArg,
@@ -101,6 +102,7 @@ enum Cmd {
     },
     /// Remove runs: hidden from every listing and report, restorable until `gc` purges them.
     Rm {
+        /// Run ids.
         #[arg(required = true)]
         runs: Vec<i64>,
         #[command(flatten)]
@@ -117,6 +119,7 @@ enum Cmd {
     },
     /// Bring back runs removed with `rm` (until `gc` has purged them).
     Restore {
+        /// Ids of removed runs.
         #[arg(required = true)]
         runs: Vec<i64>,
         #[command(flatten)]
@@ -137,6 +140,7 @@ enum Cmd {
     Bench(BenchArgs),
     /// Write reports/<suite>/ (index.md, index.html, figures) and print the tables.
     Report {
+        /// The suite to report on.
         #[arg(long)]
         suite: String,
         #[command(flatten)]
@@ -351,10 +355,13 @@ struct WorkerArgs {
 
 #[derive(Args)]
 struct RunsArgs {
+    /// Only this suite's runs (also picks experiments/<suite>.db).
     #[arg(long)]
     suite: Option<String>,
+    /// Only this variant's runs.
     #[arg(long)]
     variant: Option<String>,
+    /// Only runs in this state.
     #[arg(long, value_enum)]
     status: Option<StatusArg>,
     /// Output: table or md for people, csv or json for programs.
@@ -376,8 +383,11 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct EvalArgs {
+    /// Predictions: labelIds PNGs whose names contain <city>_<seq>_<frame>
+    /// (what `infer --out` writes).
     #[arg(long)]
     pred_dir: PathBuf,
+    /// Cityscapes ground truth, e.g. cityscapes/gtFine/val.
     #[arg(long)]
     gt_dir: PathBuf,
     /// Output: table for people, json for programs.
@@ -398,8 +408,10 @@ struct AutolabelArgs {
     /// Split to label.
     #[arg(long, default_value = "train_extra")]
     split: String,
+    /// The teacher's scales (default: the model config's).
     #[arg(long, value_parser = parse_scale_list)]
     scales: Option<ScaleList>,
+    /// The teacher's fusion (default: the model config's).
     #[arg(long)]
     fusion: Option<Fusion>,
     /// Pixels whose top probability is below this become ignore.
@@ -434,12 +446,16 @@ struct SynthArgs {
     /// run (e.g. experiments/ablation.toml).
     #[arg(long)]
     suite: Option<PathBuf>,
+    /// Override the generator's seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Override the number of training images.
     #[arg(long)]
     train: Option<usize>,
+    /// Override the number of validation images.
     #[arg(long)]
     val: Option<usize>,
+    /// Override the number of coarse-labelled train_extra images.
     #[arg(long)]
     train_extra: Option<usize>,
     /// Measure the benchmark's properties on N scenes instead of writing.
@@ -1860,5 +1876,40 @@ fn main() {
             Some(Exit::Interrupted(_)) => 130,
             None => 1,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" || a.is_hide_set() {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&Cli::command(), "hmsa-lab", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "arguments without help:\n{}",
+            missing.join("\n")
+        );
     }
 }
