@@ -132,6 +132,7 @@ fn curves(store: &Store, s: &SuiteSummary) -> Result<Curves> {
 }
 
 struct Data {
+    baseline: String,
     curves: Vec<(String, Vec<(f64, f64)>)>,
     /// Validation mIoU (%) during training (`[eval] every`), per variant.
     val_curves: Curves,
@@ -141,7 +142,28 @@ struct Data {
 }
 
 fn draw_curves<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
-    line_chart(root, &d.curves, "training loss (mean over seeds)", "loss")
+    // a centred moving average over 1% of the steps (at least 5)
+    let smooth: Curves = d
+        .curves
+        .iter()
+        .map(|(n, pts)| {
+            let w = (pts.len() / 100).max(5) / 2;
+            let s = (0..pts.len())
+                .map(|i| {
+                    let (a, b) = (i.saturating_sub(w), (i + w + 1).min(pts.len()));
+                    let m = pts[a..b].iter().map(|p| p.1).sum::<f64>() / (b - a) as f64;
+                    (pts[i].0, m)
+                })
+                .collect();
+            (n.clone(), s)
+        })
+        .collect();
+    line_chart(
+        root,
+        &smooth,
+        "training loss (mean over seeds, moving average over 1% of the steps)",
+        "loss",
+    )
 }
 
 fn draw_val_curves<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
@@ -176,6 +198,7 @@ fn line_chart<DB: DrawingBackend>(
         .build_cartesian_2d(0.0..xmax, (ymin - pad)..(ymax + pad))
         .map_err(perr)?;
     ch.configure_mesh()
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .x_desc("step")
         .y_desc(y_desc)
         .draw()
@@ -195,60 +218,146 @@ fn line_chart<DB: DrawingBackend>(
     Ok(())
 }
 
+/// An evaluation's label: the variant, then its fusion where the variant
+/// is not named after it, the scales and flip.
+fn eval_label(r: &AggRow) -> String {
+    let k = &r.key;
+    let fusion = if k.variant.starts_with(&k.fusion) {
+        String::new()
+    } else {
+        format!("{} ", k.fusion)
+    };
+    format!(
+        "{} · {fusion}{}{}",
+        k.variant,
+        k.scales,
+        if k.flip { " flip" } else { "" }
+    )
+}
+
+/// The two-sided 95% quantile of Student's t with `df` degrees of
+/// freedom, by bisection on the t distribution's tail.
+fn t95(df: f64) -> f64 {
+    let (mut lo, mut hi) = (0.0, 1000.0);
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if super::stats::t_two_sided(mid, df) > 0.05 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Each evaluation's difference from the baseline's same evaluation (or
+/// its first), in points, with the 95% confidence interval of Welch's
+/// test: (row index, delta, half width).
+fn effects(d: &Data) -> Vec<(usize, f64, f64)> {
+    let base_first = d.rows.iter().find(|r| r.key.variant == d.baseline);
+    d.rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.key.variant != d.baseline)
+        .filter_map(|(i, r)| {
+            let reference = d
+                .rows
+                .iter()
+                .find(|b| {
+                    b.key.variant == d.baseline
+                        && b.key.scales == r.key.scales
+                        && b.key.fusion == r.key.fusion
+                        && b.key.flip == r.key.flip
+                })
+                .or(base_first)?;
+            let (t, df, _) = super::stats::welch(&r.values, &reference.values)?;
+            let delta = 100.0 * (r.mean - reference.mean);
+            let se = if t != 0.0 { delta / t } else { 0.0 };
+            Some((i, delta, t95(df) * se.abs()))
+        })
+        .collect()
+}
+
 fn draw_miou<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
+    let (left, right) = root.split_horizontally((62).percent_width());
     let n = d.rows.len().max(1);
+    let labels: Vec<String> = d.rows.iter().map(eval_label).collect();
+    let label_at = |y: &f64| -> String {
+        let i = y.round();
+        if (y - i).abs() > 1e-6 || i < 0.0 {
+            return String::new();
+        }
+        labels
+            .get(n.saturating_sub(1 + i as usize))
+            .cloned()
+            .unwrap_or_default()
+    };
     let lo = d.rows.iter().map(|r| r.mean - r.std).fold(1.0, f64::min).max(0.0) * 100.0;
     let hi = d.rows.iter().map(|r| r.mean + r.std).fold(0.0, f64::max).min(1.0) * 100.0;
-    let pad = ((hi - lo) * 0.15).max(1.0);
-    let labels: Vec<String> = d
-        .rows
-        .iter()
-        .map(|r| {
-            format!(
-                "{} {} {}{}",
-                r.key.variant,
-                r.key.fusion,
-                r.key.scales,
-                if r.key.flip { " flip" } else { "" }
-            )
-        })
-        .collect();
-    // One row per evaluation, top to bottom in table order.
-    let mut ch = ChartBuilder::on(root)
-        .caption("mIoU per evaluation (mean ± std over seeds)", ("sans-serif", 20))
+    let pad = ((hi - lo) * 0.1).max(1.0);
+    let mut ch = ChartBuilder::on(&left)
+        .caption("mIoU % (mean ± std over seeds)", ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(35)
-        .y_label_area_size(330)
+        .y_label_area_size(300)
         .build_cartesian_2d((lo - pad).max(0.0)..(hi + pad).min(100.0), -0.5..n as f64 - 0.5)
         .map_err(perr)?;
     ch.configure_mesh()
         .y_labels(n)
         .disable_y_mesh()
-        .y_label_formatter(&|y| {
-            let i = y.round();
-            if (y - i).abs() > 1e-6 || i < 0.0 {
-                return String::new();
-            }
-            labels
-                .get(n.saturating_sub(1 + i as usize))
-                .cloned()
-                .unwrap_or_default()
-        })
+        .y_label_formatter(&label_at)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .x_desc("mIoU %")
         .draw()
         .map_err(perr)?;
     let variants = variant_order_rows(&d.rows);
+    let colour =
+        |r: &AggRow| PALETTE[variants.iter().position(|v| *v == r.key.variant).unwrap_or(0) % PALETTE.len()];
     ch.draw_series(d.rows.iter().enumerate().map(|(i, r)| {
-        let c = PALETTE[variants.iter().position(|v| *v == r.key.variant).unwrap_or(0) % PALETTE.len()];
         let y = (n - 1 - i) as f64;
         ErrorBar::new_horizontal(
             y,
             100.0 * (r.mean - r.std),
             100.0 * r.mean,
             100.0 * (r.mean + r.std),
-            c.filled(),
+            colour(r).filled(),
             8,
         )
+    }))
+    .map_err(perr)?;
+    // The effects: difference from the baseline with its 95% interval.
+    let eff = effects(d);
+    let span = eff
+        .iter()
+        .map(|(_, dl, h)| dl.abs() + h)
+        .fold(1.0, f64::max)
+        .min(100.0)
+        * 1.1;
+    let mut ch = ChartBuilder::on(&right)
+        .caption(
+            format!("Δ vs {} (points, 95% CI)", d.baseline),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(5)
+        .build_cartesian_2d(-span..span, -0.5..n as f64 - 0.5)
+        .map_err(perr)?;
+    ch.configure_mesh()
+        .disable_y_mesh()
+        .y_labels(0)
+        .x_label_formatter(&|x| format!("{x:+.0}"))
+        .x_desc("points")
+        .draw()
+        .map_err(perr)?;
+    ch.draw_series(std::iter::once(PathElement::new(
+        vec![(0.0, -0.5), (0.0, n as f64 - 0.5)],
+        BLACK.stroke_width(1),
+    )))
+    .map_err(perr)?;
+    ch.draw_series(eff.iter().map(|&(i, dl, h)| {
+        let y = (n - 1 - i) as f64;
+        ErrorBar::new_horizontal(y, dl - h, dl, dl + h, colour(&d.rows[i]).filled(), 8)
     }))
     .map_err(perr)?;
     Ok(())
@@ -314,10 +423,42 @@ fn draw_classes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> 
     Ok(())
 }
 
-fn draw_confusion<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
+/// The heat map's colour for a share in [0, 1]: white to blue.
+fn heat(v: f64) -> RGBColor {
+    RGBColor((255.0 * (1.0 - v)) as u8, (255.0 * (1.0 - 0.6 * v)) as u8, 255)
+}
+
+fn draw_confusion<DB: DrawingBackend>(full: &DrawingArea<DB, Shift>, d: &Data) -> Result<()> {
     let Some((title, conf)) = &d.confusion else {
         return Ok(());
     };
+    let (root, bar) = full.split_horizontally((88).percent_width());
+    // the colour bar: the share of a row that each colour means
+    {
+        let mut cb = ChartBuilder::on(&bar)
+            .margin_top(40)
+            .margin_bottom(55)
+            .margin_right(10)
+            .y_label_area_size(40)
+            .build_cartesian_2d(0.0..1.0, 0.0..1.0)
+            .map_err(perr)?;
+        cb.configure_mesh()
+            .disable_mesh()
+            .x_labels(0)
+            .y_labels(6)
+            .y_label_formatter(&|v| format!("{v:.1}"))
+            .y_label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 13))
+            .y_desc("share of the row")
+            .draw()
+            .map_err(perr)?;
+        cb.draw_series((0..100).map(|k| {
+            let (a, b) = (k as f64 / 100.0, (k + 1) as f64 / 100.0);
+            Rectangle::new([(0.0, a), (1.0, b)], heat(a).filled())
+        }))
+        .map_err(perr)?;
+    }
+    let root = &root;
     let k = conf.k;
     let present: Vec<usize> = (0..k).filter(|&g| (0..=k).any(|p| conf.at(g, p) > 0)).collect();
     let n = present.len().max(1);
@@ -370,9 +511,24 @@ fn draw_confusion<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -
         let row: u64 = (0..=k).map(|p| conf.at(g, p)).sum();
         present.iter().enumerate().map(move |(pi, &p)| {
             let v = conf.at(g, p) as f64 / row.max(1) as f64;
-            let c = RGBColor((255.0 * (1.0 - v)) as u8, (255.0 * (1.0 - 0.6 * v)) as u8, 255);
             let (x, y) = (pi as f64, (n - 1 - gi) as f64);
-            Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], c.filled())
+            Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], heat(v).filled())
+        })
+    }))
+    .map_err(perr)?;
+    // the shares themselves, where they are not negligible
+    ch.draw_series(present.iter().enumerate().flat_map(|(gi, &g)| {
+        let row: u64 = (0..=k).map(|p| conf.at(g, p)).sum();
+        present.iter().enumerate().filter_map(move |(pi, &p)| {
+            let v = conf.at(g, p) as f64 / row.max(1) as f64;
+            (v >= 0.01).then(|| {
+                let colour = if v > 0.5 { WHITE } else { BLACK };
+                Text::new(
+                    format!("{v:.2}"),
+                    (pi as f64 - 0.25, (n - 1 - gi) as f64 + 0.1),
+                    ("sans-serif", 11).into_font().color(&colour),
+                )
+            })
         })
     }))
     .map_err(perr)?;
@@ -417,12 +573,10 @@ pub fn draw_all(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<PathB
                 }
             }
         }
-        (
-            format!("{} {} {}", b.key.variant, b.key.fusion, b.key.scales),
-            total,
-        )
+        (eval_label(b), total)
     });
     let data = Data {
+        baseline: s.baseline.clone(),
         curves: curves(store, s)?,
         val_curves: val_curves(store, s)?,
         rows: s.rows.clone(),
