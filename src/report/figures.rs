@@ -381,6 +381,7 @@ fn draw_classes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> 
             ("sans-serif", 20),
         )
         .margin(10)
+        .margin_right(25)
         .x_label_area_size(35)
         .y_label_area_size(110)
         .build_cartesian_2d(0.0..100.0, -0.5..groups as f64 - 0.5)
@@ -398,6 +399,7 @@ fn draw_classes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Data) -> 
                 .map(|&c| CLASSES[c].name.to_string())
                 .unwrap_or_default()
         })
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .x_desc("IoU %")
         .draw()
         .map_err(perr)?;
@@ -660,21 +662,72 @@ fn attention_maps(s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
         let (img, _) = ds.load(i)?;
         let x = crate::data::image::normalize(&img, &dev)?;
         let (fused, _) = net.infer(&x, fusion, &scales, false, false)?;
-        let p = dir.join(format!("attention_{}_{}_input.png", i, ds.samples[i].name));
-        img.save(&p).map_err(perr)?;
-        files.push(p);
+        // one labelled panel: the input, then each scale's weight map
+        let mut maps: Vec<(String, usize, usize, Vec<f32>)> = vec![];
         for (sc, a) in &fused.attn {
             let (_, _, h, w) = a.dims4()?;
-            let v: Vec<f32> = a.flatten_all()?.to_vec1()?;
-            let p = dir.join(format!(
-                "attention_{}_{}_scale_{}.png",
-                i,
-                ds.samples[i].name,
-                crate::model::fusion::format_scale(*sc)
+            maps.push((
+                format!("{}x", crate::model::fusion::format_scale(*sc)),
+                h,
+                w,
+                a.flatten_all()?.to_vec1()?,
             ));
-            crate::data::image::write_unit_map(&p, &v, h, w)?;
-            files.push(p);
         }
+        let (iw, ih) = (img.width() as usize, img.height() as usize);
+        let cell_w = 300usize;
+        let cell_h = (cell_w * ih / iw.max(1)).max(40);
+        let cols = 1 + maps.len();
+        let size = ((cols * cell_w + 20) as u32, (cell_h + 110) as u32);
+        let p = dir.join(format!("attention_{i}_{}.png", ds.samples[i].name));
+        {
+            let root = BitMapBackend::new(&p, size).into_drawing_area();
+            root.fill(&WHITE).map_err(perr)?;
+            root.draw(&Text::new(
+                format!(
+                    "{}, seed {}: the weight the fusion gives each scale's prediction (white 1, black 0)",
+                    eval_label(row),
+                    run.seed
+                ),
+                (10, 8),
+                ("sans-serif", 16).into_font(),
+            ))
+            .map_err(perr)?;
+            let at = |c: usize| (10 + c * cell_w) as i32;
+            let top = 60i32;
+            // the input, nearest-neighbour resized into its cell
+            let cw = cell_w - 10;
+            for y in 0..cell_h {
+                for x in 0..cw {
+                    let px = img.get_pixel((x * iw / cw) as u32, (y * ih / cell_h) as u32);
+                    root.draw_pixel((at(0) + x as i32, top + y as i32), &RGBColor(px[0], px[1], px[2]))
+                        .map_err(perr)?;
+                }
+            }
+            root.draw(&Text::new(
+                "input",
+                (at(0), top + cell_h as i32 + 8),
+                ("sans-serif", 15).into_font(),
+            ))
+            .map_err(perr)?;
+            for (c, (label, h, w, v)) in maps.iter().enumerate() {
+                for y in 0..cell_h {
+                    for x in 0..cw {
+                        let a = v[(y * h / cell_h) * w + x * w / cw].clamp(0.0, 1.0);
+                        let g = (255.0 * a) as u8;
+                        root.draw_pixel((at(c + 1) + x as i32, top + y as i32), &RGBColor(g, g, g))
+                            .map_err(perr)?;
+                    }
+                }
+                root.draw(&Text::new(
+                    label.clone(),
+                    (at(c + 1), top + cell_h as i32 + 8),
+                    ("sans-serif", 15).into_font(),
+                ))
+                .map_err(perr)?;
+            }
+            root.present().map_err(perr)?;
+        }
+        files.push(p);
     }
     Ok(files)
 }

@@ -480,23 +480,6 @@ fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-fn html_table(head: &[String], rows: &[Vec<String>]) -> String {
-    let mut out = String::from("<table>\n<tr>");
-    for h in head {
-        out.push_str(&format!("<th>{}</th>", html_escape(h)));
-    }
-    out.push_str("</tr>\n");
-    for r in rows {
-        out.push_str("<tr>");
-        for c in r {
-            out.push_str(&format!("<td>{}</td>", html_escape(c)));
-        }
-        out.push_str("</tr>\n");
-    }
-    out.push_str("</table>\n");
-    out
-}
-
 /// A table as header and rows of text cells.
 pub type TextTable = (Vec<String>, Vec<Vec<String>>);
 
@@ -746,61 +729,40 @@ pub fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBu
         ));
     }
     md.push_str(&format!("## Ablation\n\n{}\n", markdown_table(&ah, &ar)));
-    let mut html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{0}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body><h1>Report: {0}</h1><p>{1}</p><h2>Ablation</h2>{2}",
-        html_escape(&s.suite),
-        html_escape(&intro),
-        html_table(&ah, &ar)
-    );
-    if let Some((h, r)) = &premise {
-        html.push_str(&format!(
-            "<h2>Premise</h2><p>{}</p>{}",
-            html_escape(PREMISE_TEXT),
-            html_table(h, r)
-        ));
-    }
     for (title, body, table) in &extra.sections {
         md.push_str(&format!("\n## {title}\n\n{body}\n"));
-        html.push_str(&format!(
-            "<h2>{}</h2><p>{}</p>",
-            html_escape(title),
-            html_escape(body)
-        ));
         if let Some((h, r)) = table {
             md.push_str(&format!("\n{}\n", markdown_table(h, r)));
-            html.push_str(&html_table(h, r));
         }
     }
     md.push_str(&format!(
         "\n## Per-class IoU (%)\n\n{}\n",
         markdown_table(&ch, &cr)
     ));
-    html.push_str(&format!("<h2>Per-class IoU (%)</h2>{}", html_table(&ch, &cr)));
     if let Some((h, r)) = attention_table(&s) {
         md.push_str(&format!(
             "\n## Attention by class\n\n{ATTENTION_TEXT}\n\n{}\n",
             markdown_table(&h, &r)
         ));
-        html.push_str(&format!(
-            "<h2>Attention by class</h2><p>{}</p>{}",
-            html_escape(ATTENTION_TEXT),
-            html_table(&h, &r)
-        ));
     }
     md.push_str("\n## Figures\n\n");
-    html.push_str("<h2>Figures</h2>");
     for f in &figs {
         if f.extension().and_then(|e| e.to_str()) == Some("png") {
             let rel = format!("figures/{}", f.file_name().and_then(|n| n.to_str()).unwrap_or(""));
             let name = f.file_stem().and_then(|n| n.to_str()).unwrap_or("");
             md.push_str(&format!("![{name}]({rel})\n\n"));
-            html.push_str(&format!(
-                "<h3>{}</h3><img src=\"{rel}\" alt=\"{0}\">",
-                html_escape(name)
-            ));
         }
     }
-    html.push_str("</body></html>\n");
+    // index.html is index.md rendered: one source for the text
+    let mut body = String::new();
+    pulldown_cmark::html::push_html(
+        &mut body,
+        pulldown_cmark::Parser::new_ext(&md, pulldown_cmark::Options::ENABLE_TABLES),
+    );
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}code{{background:#f4f4f4}}</style></head><body>\n{body}</body></html>\n",
+        html_escape(&s.suite)
+    );
     let mdp = out.join("index.md");
     let htp = out.join("index.html");
     let jsp = out.join("index.json");
