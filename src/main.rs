@@ -6,7 +6,7 @@
 //! and marked KILLED).
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use hmsa_lab::config::suite::Suite;
 use hmsa_lab::config::RunConfig;
 use hmsa_lab::data::synth::{self, SynthConfig};
@@ -25,7 +25,8 @@ use std::sync::Arc;
 #[command(
     name = "hmsa-lab",
     version,
-    about = "Hierarchical multi-scale attention for semantic segmentation, and its ablation lab"
+    about = "Hierarchical multi-scale attention for semantic segmentation, and its ablation lab",
+    after_help = "Environment:\n  HMSA_DB             the results database (see --db)\n  HMSA_NO_PROGRESS    no progress bars or lines\n  HMSA_PROGRESS_SECS  seconds between progress lines off a terminal (30)\n  HMSA_DEVICE=cpu     the CPU in a cuda build\n  RUST_LOG            log filter (e.g. info, hmsa_lab=debug)\n\nExit codes: 0 ok, 1 runtime error, 2 usage error, 3 ran and found problems, 130 interrupted."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -156,9 +157,10 @@ enum Cmd {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Suites: model, train, data, kernels (default: all four), and store
-    /// (claim latency and throughput with 1, 4, 16 workers).
-    suites: Vec<String>,
+    /// Suites (default: model, train, data and kernels); store measures
+    /// claim latency and throughput with 1, 4 and 16 workers.
+    #[arg(value_enum)]
+    suites: Vec<BenchSuite>,
     /// The store suite also on this PostgreSQL database (its benchmark
     /// rows are purged after).
     #[arg(long, value_name = "postgres://…")]
@@ -795,6 +797,16 @@ enum Format {
     Json,
 }
 
+/// Suites of `hmsa-lab bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchSuite {
+    Model,
+    Train,
+    Data,
+    Kernels,
+    Store,
+}
+
 /// `--format` of commands with one table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum TextOrJson {
@@ -1138,7 +1150,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&case.run()?)?);
         return Ok(());
     }
-    let suites = if a.suites.is_empty() {
+    let suites: Vec<String> = if a.suites.is_empty() {
         vec![
             "model".to_string(),
             "train".into(),
@@ -1146,7 +1158,10 @@ fn bench(a: BenchArgs) -> Result<()> {
             "kernels".into(),
         ]
     } else {
-        a.suites.clone()
+        a.suites
+            .iter()
+            .map(|s| s.to_possible_value().expect("named").get_name().to_string())
+            .collect()
     };
     let threads = rayon::current_num_threads();
     let mach = machine();

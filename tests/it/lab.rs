@@ -673,8 +673,8 @@ fn bench_runs_each_case_in_its_own_process_and_stores_it() {
         .args(["bench", "nonsense", "--db", db.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(e.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&e.stderr).contains("unknown bench suite `nonsense`"));
+    assert_eq!(e.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&e.stderr).contains("invalid value 'nonsense'"));
 }
 
 /// The model and train suites' cases, one small one each, as the parent
