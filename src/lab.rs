@@ -230,6 +230,10 @@ impl Observer for LabObserver<'_> {
         self.stop.load(Ordering::Relaxed)
     }
 
+    fn progress_label(&self) -> Option<String> {
+        Some(self.progress.label.clone())
+    }
+
     fn on_eval(&mut self, step: usize, results: &[crate::eval::EvalResult]) -> Result<()> {
         let rows: Vec<(String, i64, f64)> = results
             .iter()

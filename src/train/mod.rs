@@ -59,6 +59,10 @@ pub trait Observer {
     fn on_checkpoint(&mut self, _step: usize, _dir: &Path) -> Result<()> {
         Ok(())
     }
+    /// A label for the progress bar, e.g. the run's place in its suite.
+    fn progress_label(&self) -> Option<String> {
+        None
+    }
     /// The validation evaluations of `[eval] every` at `step`.
     fn on_eval(&mut self, _step: usize, _results: &[crate::eval::EvalResult]) -> Result<()> {
         Ok(())
@@ -213,9 +217,14 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
 
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {per_sec} {msg} (eta {eta})")
-            .expect("template"),
+        indicatif::ProgressStyle::with_template(
+            "{prefix} {bar:30} {pos}/{len} steps {per_sec} {msg} (eta {eta})",
+        )
+        .expect("template"),
     );
+    if let Some(l) = obs.progress_label() {
+        bar.set_prefix(l);
+    }
     if std::env::var_os("HMSA_NO_PROGRESS").is_some() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
