@@ -897,17 +897,23 @@ fn cell(v: &serde_json::Value) -> String {
     }
 }
 
-fn run_suite_cmd(a: RunArgs) -> Result<()> {
-    let sets = a
-        .sets
+/// A suite with its `--set` overrides, and its database: `--db`, else
+/// `$HMSA_DB`, else the suite file with `.db`.
+fn load_suite(path: &std::path::Path, sets: &[String], db: Option<&str>) -> Result<(Suite, String)> {
+    let sets = sets
         .iter()
         .map(|s| hmsa_lab::config::suite::parse_set(s))
         .collect::<hmsa_lab::Result<Vec<_>>>()?;
-    let suite = Suite::load(&a.suite, &sets)?;
-    let url =
-        a.db.clone()
-            .or_else(|| std::env::var("HMSA_DB").ok())
-            .unwrap_or_else(|| suite.default_db().display().to_string());
+    let suite = Suite::load(path, &sets)?;
+    let url = db
+        .map(String::from)
+        .or_else(|| std::env::var("HMSA_DB").ok())
+        .unwrap_or_else(|| suite.default_db().display().to_string());
+    Ok((suite, url))
+}
+
+fn run_suite_cmd(a: RunArgs) -> Result<()> {
+    let (suite, url) = load_suite(&a.suite, &a.sets, a.db.as_deref())?;
     if a.slurm {
         return submit_slurm(&a, &suite, &url);
     }
@@ -1085,16 +1091,7 @@ fn submit_slurm(a: &RunArgs, suite: &Suite, url: &str) -> Result<()> {
 
 /// `hmsa-lab worker`.
 fn worker_cmd(a: WorkerArgs) -> Result<()> {
-    let sets = a
-        .sets
-        .iter()
-        .map(|s| hmsa_lab::config::suite::parse_set(s))
-        .collect::<hmsa_lab::Result<Vec<_>>>()?;
-    let suite = Suite::load(&a.suite, &sets)?;
-    let url =
-        a.db.clone()
-            .or_else(|| std::env::var("HMSA_DB").ok())
-            .unwrap_or_else(|| suite.default_db().display().to_string());
+    let (suite, url) = load_suite(&a.suite, &a.sets, a.db.as_deref())?;
     let rt = runtime()?;
     let store = Store::open(&url)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -65,25 +65,27 @@ fn both(
 /// Per variant, its loss curve: (step, mean over seeds).
 type Curves = Vec<(String, Vec<(f64, f64)>)>;
 
-/// Validation mIoU (%) per step of each variant's first evaluation set,
-/// mean over seeds (runs with `[eval] every`).
-fn val_curves(store: &Store, s: &SuiteSummary) -> Result<Curves> {
+/// Per variant, the mean over its runs (seeds) of the step metric
+/// `key_of(run)` names, times `scale`, step by step.
+fn mean_curves(
+    store: &Store,
+    s: &SuiteSummary,
+    scale: f64,
+    key_of: impl Fn(&crate::store::RunRow) -> Option<String>,
+) -> Result<Curves> {
     let mut by_var: BTreeMap<String, BTreeMap<i64, Vec<f64>>> = BTreeMap::new();
     for r in &s.runs {
-        let Ok(cfg) = serde_json::from_str::<crate::config::RunConfig>(&r.config_json) else {
+        let Some(key) = key_of(r) else {
             continue;
         };
-        let Some(set) = cfg.eval.sets.first() else {
-            continue;
-        };
-        for (step, v) in store.metric(r.id, &crate::eval::val_metric(set))? {
+        for (step, v) in store.metric(r.id, &key)? {
             if v.is_finite() {
                 by_var
                     .entry(r.variant.clone())
                     .or_default()
                     .entry(step)
                     .or_default()
-                    .push(100.0 * v);
+                    .push(scale * v);
             }
         }
     }
@@ -101,39 +103,24 @@ fn val_curves(store: &Store, s: &SuiteSummary) -> Result<Curves> {
         .collect())
 }
 
-/// Mean loss per step over the seeds of each variant.
-fn curves(store: &Store, s: &SuiteSummary) -> Result<Curves> {
-    let mut by_var: BTreeMap<String, BTreeMap<i64, Vec<f64>>> = BTreeMap::new();
-    for r in &s.runs {
-        for (step, v) in store.metric(r.id, "loss")? {
-            if v.is_finite() {
-                by_var
-                    .entry(r.variant.clone())
-                    .or_default()
-                    .entry(step)
-                    .or_default()
-                    .push(v);
-            }
-        }
-    }
-    let order = super::variant_order(&s.runs);
-    Ok(order
-        .into_iter()
-        .filter_map(|v| {
-            by_var.remove(&v).map(|m| {
-                let pts = m
-                    .into_iter()
-                    .map(|(k, xs)| (k as f64, xs.iter().sum::<f64>() / xs.len() as f64))
-                    .collect();
-                (v, pts)
-            })
-        })
-        .collect())
+/// Validation mIoU (%) per step of each variant's first evaluation set
+/// (runs with `[eval] every`).
+fn val_curves(store: &Store, s: &SuiteSummary) -> Result<Curves> {
+    mean_curves(store, s, 100.0, |r| {
+        let cfg = serde_json::from_str::<crate::config::RunConfig>(&r.config_json).ok()?;
+        cfg.eval.sets.first().map(crate::eval::val_metric)
+    })
 }
 
+/// Mean loss per step over the seeds of each variant.
+fn curves(store: &Store, s: &SuiteSummary) -> Result<Curves> {
+    mean_curves(store, s, 1.0, |_| Some("loss".to_string()))
+}
+
+/// What the figures draw.
 struct Data {
     baseline: String,
-    curves: Vec<(String, Vec<(f64, f64)>)>,
+    curves: Curves,
     /// Validation mIoU (%) during training (`[eval] every`), per variant.
     val_curves: Curves,
     rows: Vec<AggRow>,
