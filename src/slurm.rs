@@ -174,11 +174,11 @@ mod tests {
         let job = Job {
             name: "quick".into(),
             binary: "/opt/hmsa-lab".into(),
-            suite: "/work/exp/quick.toml".into(),
+            suite: "/home/lab/hmsa/experiments/quick.toml".into(),
             db: "postgres://lab@db/results".into(),
             sets: vec!["train.steps=10".into()],
-            workdir: "/work".into(),
-            log_dir: "/work/runs/slurm".into(),
+            workdir: "/home/lab/hmsa".into(),
+            log_dir: "/home/lab/hmsa/runs/slurm".into(),
             stale_after: 60,
         };
         let file = SlurmSpec {
@@ -197,10 +197,10 @@ mod tests {
             "#SBATCH --array=0-3",
             "#SBATCH --partition=cpu",
             "#SBATCH --gres=gpu:1",
-            "#SBATCH --chdir=/work",
+            "#SBATCH --chdir=/home/lab/hmsa",
             "#SBATCH --signal=B:TERM@120",
             "module load x",
-            "exec /opt/hmsa-lab worker /work/exp/quick.toml --db postgres://lab@db/results --wait --stale-after 60 --set train.steps=10",
+            "exec /opt/hmsa-lab worker /home/lab/hmsa/experiments/quick.toml --db postgres://lab@db/results --wait --stale-after 60 --set train.steps=10",
         ] {
             assert!(s.lines().any(|l| l == line), "{line} not in\n{s}");
         }
