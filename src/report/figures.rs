@@ -222,46 +222,14 @@ fn eval_label(r: &AggRow) -> String {
     )
 }
 
-/// The two-sided 95% quantile of Student's t with `df` degrees of
-/// freedom, by bisection on the t distribution's tail.
-fn t95(df: f64) -> f64 {
-    let (mut lo, mut hi) = (0.0, 1000.0);
-    for _ in 0..100 {
-        let mid = 0.5 * (lo + hi);
-        if super::stats::t_two_sided(mid, df) > 0.05 {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    0.5 * (lo + hi)
-}
-
-/// Each evaluation's difference from the baseline's same evaluation (or
-/// its first), in points, with the 95% confidence interval of Welch's
-/// test: (row index, delta, half width).
+/// Each evaluation's difference from the baseline (the report's delta:
+/// its same evaluation, or its first) in points, with the half width of
+/// its 95% confidence interval: (row index, delta, half width).
 fn effects(d: &Data) -> Vec<(usize, f64, f64)> {
-    let base_first = d.rows.iter().find(|r| r.key.variant == d.baseline);
     d.rows
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.key.variant != d.baseline)
-        .filter_map(|(i, r)| {
-            let reference = d
-                .rows
-                .iter()
-                .find(|b| {
-                    b.key.variant == d.baseline
-                        && b.key.scales == r.key.scales
-                        && b.key.fusion == r.key.fusion
-                        && b.key.flip == r.key.flip
-                })
-                .or(base_first)?;
-            let (t, df, _) = super::stats::welch(&r.values, &reference.values)?;
-            let delta = 100.0 * (r.mean - reference.mean);
-            let se = if t != 0.0 { delta / t } else { 0.0 };
-            Some((i, delta, t95(df) * se.abs()))
-        })
+        .filter_map(|(i, r)| Some((i, 100.0 * r.delta?, 100.0 * r.ci95?)))
         .collect()
 }
 

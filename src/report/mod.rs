@@ -34,6 +34,8 @@ pub struct AggRow {
     /// mean − baseline mean, Welch p-value (None without two seeds a side).
     pub delta: Option<f64>,
     pub p: Option<f64>,
+    /// Half width of the delta's 95% confidence interval (Welch).
+    pub ci95: Option<f64>,
     pub values: Vec<f64>,
     pub class_iou: Vec<Option<f64>>,
     pub ms_per_image: f64,
@@ -121,15 +123,25 @@ pub fn summarise(store: &Store, suite: &str) -> Result<SuiteSummary> {
         } else {
             base_first.clone()
         };
-        let (delta, p) = match reference.filter(|r| r.variant != k.variant) {
+        let (delta, p, ci95) = match reference.filter(|r| r.variant != k.variant) {
             Some(r) => {
                 let b = values(&r);
+                let delta = mean - stats::mean_std(&b).0;
+                let w = stats::welch(&v, &b);
                 (
-                    Some(mean - stats::mean_std(&b).0),
-                    stats::welch(&v, &b).map(|w| w.2),
+                    Some(delta),
+                    w.map(|w| w.2),
+                    // the standard error is delta / t
+                    w.map(|(t, df, _)| {
+                        if t != 0.0 {
+                            stats::t95(df) * (delta / t).abs()
+                        } else {
+                            0.0
+                        }
+                    }),
                 )
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let kcls = es
             .iter()
@@ -166,6 +178,7 @@ pub fn summarise(store: &Store, suite: &str) -> Result<SuiteSummary> {
             n,
             delta,
             p,
+            ci95,
             values: v,
             class_iou,
             ms_per_image: es.iter().map(|e| e.ms_per_image).sum::<f64>() / es.len() as f64,

@@ -107,6 +107,21 @@ pub fn t_two_sided(t: f64, df: f64) -> f64 {
     inc_beta(df / 2.0, 0.5, df / (df + t * t))
 }
 
+/// The two-sided 95% quantile of Student's t with `df` degrees of
+/// freedom, by bisection on [`t_two_sided`].
+pub fn t95(df: f64) -> f64 {
+    let (mut lo, mut hi) = (0.0, 1000.0);
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if t_two_sided(mid, df) > 0.05 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
 /// Welch's t-test of mean(a) − mean(b): (t, df, two-sided p). None when a
 /// side has fewer than two values or both have no variance.
 pub fn welch(a: &[f64], b: &[f64]) -> Option<(f64, f64, f64)> {
@@ -136,6 +151,10 @@ mod tests {
         assert!((t_two_sided(2.228_138_85, 10.0) - 0.05).abs() < 1e-6);
         assert!((t_two_sided(12.706_204_7, 1.0) - 0.05).abs() < 1e-6);
         assert!((t_two_sided(0.0, 5.0) - 1.0).abs() < 1e-12);
+        // and the 95% quantiles from the same tables
+        assert!((t95(10.0) - 2.228_138_85).abs() < 1e-6);
+        assert!((t95(1.0) - 12.706_204_7).abs() < 1e-5);
+        assert!((t95(4.0) - 2.776_445_1).abs() < 1e-6);
     }
 
     #[test]

@@ -315,8 +315,11 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             }
             if let Some(every) = cfg.eval.every {
                 if step % every == 0 || step == total {
-                    let val = val.get_or_insert(cfg.val_dataset()?);
-                    let results = crate::eval::evaluate(&net, val, &cfg.eval.sets, &dev)?;
+                    if val.is_none() {
+                        val = Some(cfg.val_dataset()?);
+                    }
+                    let ds = val.as_ref().expect("opened above");
+                    let results = crate::eval::evaluate(&net, ds, &cfg.eval.sets, &dev)?;
                     obs.on_eval(step, &results)?;
                 }
             }
