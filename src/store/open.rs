@@ -67,7 +67,7 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions> {
 }
 
 /// Is the database behind `pool` ours? `need_ours` refuses an empty one;
-/// `current` also requires every migration of `migrator` to be applied.
+/// `current` also requires every migration of the engine to be applied.
 async fn check_schema(
     pool: &AnyPool,
     engine: Engine,
