@@ -229,7 +229,7 @@ pub enum Case {
         runs: usize,
     },
     /// conv2d forward (cin -> cout, k x k) on (1, cin, h, w): ours
-    /// (`model::conv`, what the network runs) or candle's own.
+    /// (`hmsa_kernels::conv`, what the network runs) or candle's own.
     Conv {
         cin: usize,
         cout: usize,
@@ -477,7 +477,7 @@ impl Case {
                     if *candle {
                         x.conv2d(&w, k / 2, 1, 1, 1)?;
                     } else {
-                        crate::model::conv::conv2d(&x, &w, k / 2, 1)?;
+                        hmsa_kernels::conv::conv2d(&x, &w, k / 2, 1)?;
                     }
                     Ok(())
                 })?;

@@ -18,8 +18,6 @@ pub mod model;
 pub mod report;
 pub mod slurm;
 pub mod store;
-#[cfg(test)]
-mod testing;
 pub mod train;
 
 pub use error::{Error, Result};

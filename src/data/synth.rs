@@ -662,7 +662,7 @@ fn patch_features(img: &RgbImage, x: u32, y: u32) -> Option<[f64; 6]> {
 /// Bilinear resize with PyTorch's rule (align_corners=false, no
 /// antialiasing), as the network's `ResizeX` of a validation image.
 fn resize_torch(img: &RgbImage, dw: u32, dh: u32) -> RgbImage {
-    use crate::model::resize::taps;
+    use hmsa_kernels::resize::taps;
     let (tx, ty) = (
         taps(img.width() as usize, dw as usize),
         taps(img.height() as usize, dh as usize),
@@ -835,7 +835,7 @@ pub fn stats(cfg: &SynthConfig, augment: &super::augment::AugmentConfig, n: usiz
             total += 1;
         }
         for (acc, &s) in at_scale.iter_mut().zip(&scales) {
-            let (hs, ws) = crate::model::resize::scaled_size(cfg.height as usize, cfg.width as usize, s);
+            let (hs, ws) = hmsa_kernels::resize::scaled_size(cfg.height as usize, cfg.width as usize, s);
             let img = resize_torch(&scene.image, ws as u32, hs as u32);
             let without = resize_torch(&scene.without_detail, ws as u32, hs as u32);
             acc.add(&scene, &img, &without, s);

@@ -117,7 +117,7 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalSet], device: &Device) 
                     }
                     attn_sum[si][j].1 += m;
                     // the weight map at the label's size, summed per class
-                    let full = crate::model::resize::resize(a, h, w)?;
+                    let full = hmsa_kernels::resize::resize(a, h, w)?;
                     let wv: Vec<f32> = full.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
                     let sums = &mut attn_class[si][j].1;
                     for (&c, &v) in label.as_raw().iter().zip(&wv) {

@@ -2,9 +2,9 @@
 //! the OCR matrix products; BN, ReLU, resizes and softmax left out), walking
 //! the same structure as `hrnet.rs` and `ocr.rs` build.
 
-use super::resize::scaled_size;
 use super::{Fusion, ModelConfig};
 use crate::Result;
+use hmsa_kernels::resize::scaled_size;
 
 /// FLOPs of one forward at 1.0x and of the configured multi-scale forward.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -16,11 +16,11 @@
 //!   concatenated, one head gives a channel per scale, softmax across scales,
 //!   weighted sum of the predictions resized to 1.0x.
 
-use super::blend;
 use super::ocr::AttnHead;
-use super::resize::{resize, resize_via};
 use crate::{Error, Result};
 use candle_core::{ModuleT, Tensor};
+use hmsa_kernels::blend;
+use hmsa_kernels::resize::{resize, resize_via};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;

@@ -11,9 +11,9 @@
 //!   (48+96+192+384 = 720 channels for W48).
 
 use super::layers::ConvBn;
-use super::resize::{resize, resize_as};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
+use hmsa_kernels::resize::{resize, resize_as};
 use serde::{Deserialize, Serialize};
 
 /// Widths, block and module counts of the backbone.

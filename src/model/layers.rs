@@ -2,12 +2,99 @@
 //! convolutions, BatchNorm with PyTorch's parameter order, conv+BN(+ReLU)
 //! pairs and channel dropout.
 
-use super::conv::Conv;
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, Init, VarBuilder};
+use hmsa_kernels::{self as kernels, cast_like};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::{Arc, Mutex};
+
+/// A convolution layer: `weight` (Cout, Cin, k, k), optional `bias`.
+#[derive(Debug, Clone)]
+pub struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv {
+    /// `nn.Conv2d(cin, cout, k, stride, padding=k/2, bias)`, initialised as
+    /// candle-nn does (Kaiming normal weights, uniform bias).
+    pub fn new(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Self::with_init(
+            cin,
+            cout,
+            k,
+            stride,
+            bias,
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            vb,
+        )
+    }
+
+    /// [`Conv::new`] with the weights drawn from `init`.
+    pub fn with_init(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        bias: bool,
+        init: Init,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints((cout, cin, k, k), "weight", init)?;
+        let bias = if bias {
+            let b = 1.0 / ((cin * k * k) as f64).sqrt();
+            Some(vb.get_with_hints(cout, "bias", Init::Uniform { lo: -b, up: b })?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            padding: k / 2,
+            stride,
+        })
+    }
+}
+
+impl Conv {
+    /// `act(conv(x)·scale + shift [+ residual])` per output channel,
+    /// computed as one convolution with the scale folded into the weights
+    /// and the rest in its epilogue (inference-time BatchNorm folding, see
+    /// `layers::ConvBn`); no gradient flows.
+    pub fn forward_folded(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let cout = self.weight.dim(0)?;
+        let w = self
+            .weight
+            .detach()
+            .broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+        let b = match &self.bias {
+            Some(b) => (shift + (b.detach() * scale)?)?,
+            None => shift.clone(),
+        };
+        let (w, b) = (cast_like(&w, x)?, cast_like(&b, x)?);
+        kernels::conv::conv2d_act(x, &w, &b, self.padding, self.stride, residual, relu)
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = kernels::conv::conv2d(x, &cast_like(&self.weight, x)?, self.padding, self.stride)?;
+        match &self.bias {
+            Some(b) => kernels::conv::add_channel_bias(&y, &cast_like(b, x)?),
+            None => Ok(y),
+        }
+    }
+}
 
 /// `nn.Conv2d(cin, cout, k, stride, padding=k/2)`; strided layers take our
 /// backward (see `conv.rs`).
@@ -77,7 +164,7 @@ impl ConvBn {
     /// the add and the ReLU run in the convolution's epilogue.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            super::batchnorm::forward_train(&self.bn, &self.conv.forward(x)?, Some(residual), true)
+            kernels::batchnorm::forward_train(&self.bn, &self.conv.forward(x)?, Some(residual), true)
         } else {
             self.folded(x, Some(residual), true)
         }
@@ -109,7 +196,7 @@ impl ModuleT for ConvBn {
         if !train {
             return self.folded(x, None, self.relu);
         }
-        super::batchnorm::forward_train(&self.bn, &self.conv.forward(x)?, None, self.relu)
+        kernels::batchnorm::forward_train(&self.bn, &self.conv.forward(x)?, None, self.relu)
     }
 }
 
@@ -193,7 +280,7 @@ mod tests {
         set("b.running_var", &[4.0, 0.25, 1.0, 9.0]);
         set("b.weight", &[1.5, -0.5, 1.0, 2.0]);
         set("b.bias", &[0.1, 0.2, -0.3, 0.0]);
-        let x = crate::testing::randn(2, 0f32, 1., (2, cin, 7, 6), &dev).unwrap();
+        let x = hmsa_kernels::testing::randn(2, 0f32, 1., (2, cin, 7, 6), &dev).unwrap();
         let got = vals(&cb.forward_t(&x, false).unwrap());
         let y = cb.conv.forward(&x).unwrap();
         let (n, _, h, w) = y.dims4().unwrap();

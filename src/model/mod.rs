@@ -9,11 +9,7 @@
 //! - Parameter names are the official state_dict's (`backbone.…`, `ocr.…`,
 //!   `scale_attn.…`), so official checkpoints load without renaming.
 
-pub mod batchnorm;
-pub mod blend;
 pub mod checkpoint;
-pub mod conv;
-pub mod cpu;
 pub mod flops;
 pub mod fusion;
 pub mod hrnet;
@@ -21,7 +17,6 @@ pub mod init;
 pub mod layers;
 pub mod ocr;
 pub mod pth;
-pub mod resize;
 
 pub use fusion::{Fused, Fusion, ScaleOutput};
 pub use hrnet::BackboneConfig;
@@ -29,8 +24,8 @@ pub use hrnet::BackboneConfig;
 use crate::{Error, Result};
 use candle_core::{DType, ModuleT, Tensor};
 use candle_nn::VarBuilder;
+use hmsa_kernels::resize::{resize, scaled_size};
 use ocr::{AttnHead, Ocr};
-use resize::{resize, scaled_size};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -103,16 +98,6 @@ impl std::str::FromStr for Precision {
             "f16" => Ok(Precision::F16),
             _ => Err(format!("unknown precision `{s}` (f32, bf16, f16)")),
         }
-    }
-}
-
-/// `t` in the dtype of `like` (a parameter at its use under mixed
-/// precision); a clone when they already agree.
-pub fn cast_like(t: &Tensor, like: &Tensor) -> candle_core::Result<Tensor> {
-    if t.dtype() == like.dtype() {
-        Ok(t.clone())
-    } else {
-        t.to_dtype(like.dtype())
     }
 }
 

@@ -11,7 +11,7 @@
 //!   official head is; the explicit variant reads all scales' features at
 //!   once and gives one channel per scale (softmax outside).
 
-use super::conv::Conv;
+use super::layers::Conv;
 use super::layers::{conv, ConvBn, Dropout2d};
 use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};

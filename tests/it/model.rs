@@ -2,9 +2,9 @@
 //! a real network, gradients, checkpoints.
 
 use super::*;
+use hmsa_kernels::resize::resize;
 use hmsa_lab::model::checkpoint::{self, read_state_dict};
 use hmsa_lab::model::ocr::AttnHead;
-use hmsa_lab::model::resize::resize;
 use hmsa_lab::model::{Fusion, ScaleOutput};
 use std::collections::HashMap;
 
@@ -51,7 +51,7 @@ fn outputs_have_the_input_size_for_every_fusion_and_odd_sizes() {
             assert_eq!(f.pred.dims(), &[1, 3, h, w], "{fusion} {scales:?}");
             assert!(f.aux.is_none(), "inference fuses no aux");
             for o in outs {
-                let (hs, ws) = hmsa_lab::model::resize::scaled_size(h, w, o.scale);
+                let (hs, ws) = hmsa_kernels::resize::scaled_size(h, w, o.scale);
                 assert_eq!(o.size, (hs, ws));
                 assert_eq!(o.pred().unwrap().dims(), &[1, 3, hs, ws]);
             }
@@ -353,7 +353,7 @@ fn checkpoint_for_another_class_count_says_so() {
 }
 
 /// A 96x192 crop at 0.5x is 48x96; HRNet's 1/32 branch is then 2x3, where
-/// candle 0.11's strided-conv backward fails (ours, model/conv.rs, does
+/// candle 0.11's strided-conv backward fails (ours, hmsa-kernels/src/conv.rs, does
 /// not): the gradients there match finite differences.
 #[test]
 fn training_gradients_match_finite_differences_where_feature_maps_have_mixed_parity() {

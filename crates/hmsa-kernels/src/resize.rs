@@ -287,7 +287,7 @@ fn plane_forward<T: WithDType, const N: usize>(
     }
 }
 
-super::cpu::simd!(plane_forward_simd, plane_forward, [const N: usize], (src: &[T], w: usize, ty: &[Taps<N>], tx: &[Taps<N>], tmp: &mut Vec<T>, dst: &mut [T]), WithDType);
+crate::cpu::simd!(plane_forward_simd, plane_forward, [const N: usize], (src: &[T], w: usize, ty: &[Taps<N>], tx: &[Taps<N>], tmp: &mut Vec<T>, dst: &mut [T]), WithDType);
 
 /// The adjoint of [`plane_forward`]: output rows scattered onto `tmp` rows
 /// (contiguous), then each `tmp` row scattered onto its input row.
@@ -322,12 +322,12 @@ fn plane_backward<T: WithDType, const N: usize>(
         }
     }
 }
-super::cpu::simd!(plane_backward_simd, plane_backward, [const N: usize], (grad: &[T], ty: &[Taps<N>], tx: &[Taps<N>], w: usize, tmp: &mut Vec<T>, dst: &mut [T]), WithDType);
+crate::cpu::simd!(plane_backward_simd, plane_backward, [const N: usize], (grad: &[T], ty: &[Taps<N>], tx: &[Taps<N>], w: usize, tmp: &mut Vec<T>, dst: &mut [T]), WithDType);
 
 impl<const N: usize> Bilinear<N> {
     fn run<T: WithDType>(&self, src: &[T], l: &Layout) -> Result<(Vec<T>, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
-        let src = super::cpu::contiguous(src, l)?;
+        let src = crate::cpu::contiguous(src, l)?;
         let (oh, ow) = (self.ty.len(), self.tx.len());
         let mut dst = vec![T::zero(); n * c * oh * ow];
         dst.par_chunks_mut(oh * ow)
@@ -381,7 +381,7 @@ impl<const N: usize> BilinearGrad<N> {
                 self.tx.len()
             );
         }
-        let g = super::cpu::contiguous(g, l)?;
+        let g = crate::cpu::contiguous(g, l)?;
         let plane = self.in_h * self.in_w;
         let mut dst = vec![T::zero(); n * c * plane];
         dst.par_chunks_mut(plane)

@@ -24,101 +24,11 @@
 //! forward and both gradients (`conv/winograd.rs`). Other devices use candle's
 //! `conv2d`.
 
-use super::cpu;
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, WithDType,
-};
-use candle_nn::{Init, VarBuilder};
+use crate::cpu;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 mod winograd;
-
-/// A convolution layer: `weight` (Cout, Cin, k, k), optional `bias`.
-#[derive(Debug, Clone)]
-pub struct Conv {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    padding: usize,
-    stride: usize,
-}
-
-impl Conv {
-    /// `nn.Conv2d(cin, cout, k, stride, padding=k/2, bias)`, initialised as
-    /// candle-nn does (Kaiming normal weights, uniform bias).
-    pub fn new(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        Self::with_init(
-            cin,
-            cout,
-            k,
-            stride,
-            bias,
-            candle_nn::init::DEFAULT_KAIMING_NORMAL,
-            vb,
-        )
-    }
-
-    /// [`Conv::new`] with the weights drawn from `init`.
-    pub fn with_init(
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        bias: bool,
-        init: Init,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let weight = vb.get_with_hints((cout, cin, k, k), "weight", init)?;
-        let bias = if bias {
-            let b = 1.0 / ((cin * k * k) as f64).sqrt();
-            Some(vb.get_with_hints(cout, "bias", Init::Uniform { lo: -b, up: b })?)
-        } else {
-            None
-        };
-        Ok(Self {
-            weight,
-            bias,
-            padding: k / 2,
-            stride,
-        })
-    }
-}
-
-impl Conv {
-    /// `act(conv(x)·scale + shift [+ residual])` per output channel,
-    /// computed as one convolution with the scale folded into the weights
-    /// and the rest in its epilogue (inference-time BatchNorm folding, see
-    /// `layers::ConvBn`); no gradient flows.
-    pub fn forward_folded(
-        &self,
-        x: &Tensor,
-        scale: &Tensor,
-        shift: &Tensor,
-        residual: Option<&Tensor>,
-        relu: bool,
-    ) -> Result<Tensor> {
-        let cout = self.weight.dim(0)?;
-        let w = self
-            .weight
-            .detach()
-            .broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
-        let b = match &self.bias {
-            Some(b) => (shift + (b.detach() * scale)?)?,
-            None => shift.clone(),
-        };
-        let (w, b) = (super::cast_like(&w, x)?, super::cast_like(&b, x)?);
-        conv2d_act(x, &w, &b, self.padding, self.stride, residual, relu)
-    }
-}
-
-impl Module for Conv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &super::cast_like(&self.weight, x)?, self.padding, self.stride)?;
-        match &self.bias {
-            Some(b) => add_channel_bias(&y, &super::cast_like(b, x)?),
-            None => Ok(y),
-        }
-    }
-}
 
 /// `y + b` with `b` (C) added to every (N, C, H, W) plane. On the CPU its
 /// backward sums `gy` per channel in one parallel pass; candle's broadcast

@@ -17,7 +17,7 @@
 //!
 //! Other devices and dtypes use candle_nn's BatchNorm.
 
-use super::cpu;
+use crate::cpu;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var, WithDType};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
@@ -54,7 +54,7 @@ pub fn forward_train(bn: &BatchNorm, x: &Tensor, residual: Option<&Tensor>, relu
     // (x, [γ; β], residual): the op has three operands; without a residual
     // x stands in for it and gets no gradient through that slot.
     let x = x.contiguous()?;
-    let params = Tensor::stack(&[super::cast_like(gamma, &x)?, super::cast_like(beta, &x)?], 0)?;
+    let params = Tensor::stack(&[crate::cast_like(gamma, &x)?, crate::cast_like(beta, &x)?], 0)?;
     let r = match residual {
         Some(r) => r.contiguous()?,
         None => x.clone(),
@@ -418,7 +418,10 @@ mod tests {
     fn bn(c: usize, dtype: DType) -> (VarMap, BatchNorm) {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
-        let bn = crate::model::layers::batch_norm(c, vb).unwrap();
+        let get = |name: &str, v: f64| vb.get_with_hints(c, name, candle_nn::Init::Const(v)).unwrap();
+        let (weight, bias) = (get("weight", 1.), get("bias", 0.));
+        let (mean, var) = (get("running_mean", 0.), get("running_var", 1.));
+        let bn = BatchNorm::new(c, mean, var, weight, bias, 1e-5).unwrap();
         let set = |name: &str, v: &[f64]| {
             let data = vm.data().lock().unwrap();
             data[name]

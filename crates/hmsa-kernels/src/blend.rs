@@ -18,8 +18,8 @@
 //! `weight`); `add_rest_up` gives its own. Other devices and dtypes use
 //! candle's broadcast ops.
 
-use super::cpu;
-use super::resize::{resize, PlaneResize};
+use crate::cpu;
+use crate::resize::{resize, PlaneResize};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 

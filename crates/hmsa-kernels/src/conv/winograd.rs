@@ -27,7 +27,7 @@
 //! (`cpu::simd!`).
 
 use super::{gemm_raw, Epilogue, Geom, Mat, Scratch};
-use crate::model::cpu::{simd, SyncPtr};
+use crate::cpu::{simd, SyncPtr};
 use candle_core::WithDType;
 use rayon::prelude::*;
 
@@ -735,7 +735,7 @@ mod tests {
         for (n, cin, h, w, cout) in [(1, 3, 7, 9, 4), (2, 9, 12, 11, 8)] {
             let g = geom(n, cin, h, w, cout);
             let (gy, wt) = (randn(n * cout * h * w, 13), randn(cout * cin * 9, 14));
-            let want = super::super::input_grad_direct(&g, &gy, &wt);
+            let want = crate::conv::input_grad_direct(&g, &gy, &wt);
             let got = input_grad(&g, &gy, &wt);
             let got32 = input_grad(&g, &f32s(&gy), &f32s(&wt));
             close(&got, &got32, &want, &g);
@@ -750,7 +750,7 @@ mod tests {
         for (n, cin, h, w, cout, rows) in [(1, 3, 7, 9, 4, 9), (2, 9, 13, 11, 8, 1), (3, 4, 2, 5, 2, 9)] {
             let g = geom(n, cin, h, w, cout);
             let (x, gy) = (randn(n * cin * h * w, 15), randn(n * cout * h * w, 16));
-            let want = super::super::weight_grad_direct(&g, &x, &gy);
+            let want = crate::conv::weight_grad_direct(&g, &x, &gy);
             let got = weight_grad_blocks(&g, &x, &gy, rows);
             let got32 = weight_grad_blocks(&g, &f32s(&x), &f32s(&gy), rows);
             close(&got, &got32, &want, &g);

@@ -54,10 +54,10 @@ pub fn nc_hw(l: &Layout) -> Result<(usize, usize, usize)> {
 /// the body stays 4-wide.)
 macro_rules! simd {
     ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
-        $crate::model::cpu::simd!($name, $body, [], ($($arg: $ty),*), candle_core::WithDType);
+        $crate::cpu::simd!($name, $body, [], ($($arg: $ty),*), candle_core::WithDType);
     };
     ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*), $bound:path) => {
-        $crate::model::cpu::simd!($name, $body, [], ($($arg: $ty),*), $bound);
+        $crate::cpu::simd!($name, $body, [], ($($arg: $ty),*), $bound);
     };
     ($name:ident, $body:ident, [$($gen:tt)*], ($($arg:ident: $ty:ty),*), $bound:path) => {
         fn $name<T: $bound, $($gen)*>($($arg: $ty),*) {
