@@ -241,15 +241,12 @@ impl CustomOp3 for BnTrain {
                 l3.shape()
             );
         }
-        let out = match s1 {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(self.fwd(cpu::slice(s1, l1)?, cpu::slice(s2, l2)?, cpu::slice(s3, l3)?, d))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(self.fwd(cpu::slice(s1, l1)?, cpu::slice(s2, l2)?, cpu::slice(s3, l3)?, d))
-            }
-            _ => candle_core::bail!("batch norm: f32 or f64 only"),
-        };
+        let out = cpu::with_real!("batch norm", s1, T => T::to_cpu_storage_owned(self.fwd::<T>(
+            cpu::slice(s1, l1)?,
+            cpu::slice(s2, l2)?,
+            cpu::slice(s3, l3)?,
+            d
+        )));
         Ok((out, l1.shape().clone()))
     }
 

@@ -304,11 +304,7 @@ impl CustomOp3 for AddRestUp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.check(l1, l2, l3)?;
-        match s1 {
-            CpuStorage::F32(_) => self.run::<f32>((s1, l1), (s2, l2), (s3, l3)),
-            CpuStorage::F64(_) => self.run::<f64>((s1, l1), (s2, l2), (s3, l3)),
-            _ => candle_core::bail!("add_rest_up: f32 or f64 only"),
-        }
+        cpu::with_real!("add_rest_up", s1, T => self.run::<T>((s1, l1), (s2, l2), (s3, l3)))
     }
 
     fn bwd(
@@ -493,11 +489,7 @@ impl candle_core::CustomOp1 for SoftmaxChannels {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(Self::fwd(cpu::slice(s, l)?, n, c, h * w)),
-            CpuStorage::F64(_) => CpuStorage::F64(Self::fwd(cpu::slice(s, l)?, n, c, h * w)),
-            _ => candle_core::bail!("softmax: f32 or f64 only"),
-        };
+        let out = cpu::with_real!("softmax", s, T => T::to_cpu_storage_owned(Self::fwd::<T>(cpu::slice(s, l)?, n, c, h * w)));
         Ok((out, l.shape().clone()))
     }
 
@@ -509,18 +501,11 @@ impl candle_core::CustomOp1 for SoftmaxChannels {
         let (candle_core::Storage::Cpu(sy), candle_core::Storage::Cpu(sg)) = (&*sy, &*sg) else {
             candle_core::bail!("softmax: CPU tensors only");
         };
-        let gx = match sy {
-            CpuStorage::F32(_) => Tensor::from_vec(
-                Self::bwd::<f32>(cpu::slice(sy, ly)?, cpu::slice(sg, lg)?, n, c, h * w),
-                y.shape(),
-                y.device(),
-            )?,
-            _ => Tensor::from_vec(
-                Self::bwd::<f64>(cpu::slice(sy, ly)?, cpu::slice(sg, lg)?, n, c, h * w),
-                y.shape(),
-                y.device(),
-            )?,
-        };
+        let gx = cpu::with_real!("softmax", sy, T => Tensor::from_vec(
+            Self::bwd::<T>(cpu::slice(sy, ly)?, cpu::slice(sg, lg)?, n, c, h * w),
+            y.shape(),
+            y.device(),
+        )?);
         Ok(Some(gx))
     }
 }
@@ -671,11 +656,7 @@ impl CustomOp3 for Blend {
             Ok(T::to_cpu_storage_owned(b.fwd(u?, v?, a?, c, hw)))
         }
         let s = [(s1, l1), (s2, l2), (s3, l3)];
-        let out = match s1 {
-            CpuStorage::F32(_) => run::<f32>(self, s, c, h * w)?,
-            CpuStorage::F64(_) => run::<f64>(self, s, c, h * w)?,
-            _ => candle_core::bail!("blend: f32 or f64 only"),
-        };
+        let out = cpu::with_real!("blend", s1, T => run::<T>(self, s, c, h * w)?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -697,10 +678,8 @@ impl CustomOp3 for Blend {
                 _ => candle_core::bail!("blend: CPU tensors only"),
             }
         }
-        let (gu, gv, ga) = match slices[0].0 {
-            CpuStorage::F32(_) => self.grad_tensors::<f32>(&slices, (u, a), c)?,
-            _ => self.grad_tensors::<f64>(&slices, (u, a), c)?,
-        };
+        let (gu, gv, ga) =
+            cpu::with_real!("blend", slices[0].0, T => self.grad_tensors::<T>(&slices, (u, a), c)?);
         drop(guards);
         Ok((Some(gu), gv, Some(ga)))
     }

@@ -91,14 +91,10 @@ impl CustomOp2 for ChannelBias {
             candle_core::bail!("bias {:?} for {c} channels", l2.shape());
         }
         let shape = l1.shape().clone();
-        map2(
-            s1,
-            l1,
-            s2,
-            l2,
-            |y, b| Ok((Self::fwd(y, b, c, h * w), shape.clone())),
-            |y, b| Ok((Self::fwd(y, b, c, h * w), shape.clone())),
-        )
+        cpu::with_real!("channel bias", s1, T => {
+            let (a, b) = (cpu::slice::<T>(s1, l1)?, cpu::slice::<T>(s2, l2)?);
+            Ok((T::to_cpu_storage_owned(Self::fwd(a, b, c, h * w)), shape))
+        })
     }
 
     fn bwd(
@@ -111,15 +107,10 @@ impl CustomOp2 for ChannelBias {
         let (_, c, h, w) = g.dims4()?;
         let gc = g.contiguous()?;
         let (st, l) = gc.storage_and_layout();
-        let gb = match &*st {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
-                Tensor::new(Self::sum(cpu::contiguous(v, l)?, c, h * w), g.device())?
-            }
-            candle_core::Storage::Cpu(CpuStorage::F64(v)) => {
-                Tensor::new(Self::sum(cpu::contiguous(v, l)?, c, h * w), g.device())?
-            }
-            _ => candle_core::bail!("channel bias: f32 or f64 CPU gradient"),
+        let candle_core::Storage::Cpu(s) = &*st else {
+            candle_core::bail!("channel bias: CPU gradient only");
         };
+        let gb = cpu::with_real!("channel bias", s, T => Tensor::new(Self::sum::<T>(cpu::slice(s, l)?, c, h * w), g.device())?);
         drop(st);
         Ok((Some(g.clone()), Some(gb.reshape(b.shape())?)))
     }
@@ -513,27 +504,6 @@ unsafe fn gemm_raw<T: WithDType>(
     }
 }
 
-fn map2(
-    s1: &CpuStorage,
-    l1: &Layout,
-    s2: &CpuStorage,
-    l2: &Layout,
-    f32f: impl FnOnce(&[f32], &[f32]) -> Result<(Vec<f32>, Shape)>,
-    f64f: impl FnOnce(&[f64], &[f64]) -> Result<(Vec<f64>, Shape)>,
-) -> Result<(CpuStorage, Shape)> {
-    match (s1, s2) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-            let (v, sh) = f32f(cpu::contiguous(a, l1)?, cpu::contiguous(b, l2)?)?;
-            Ok((CpuStorage::F32(v), sh))
-        }
-        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-            let (v, sh) = f64f(cpu::contiguous(a, l1)?, cpu::contiguous(b, l2)?)?;
-            Ok((CpuStorage::F64(v), sh))
-        }
-        _ => candle_core::bail!("conv2d: both operands must be f32 or both f64"),
-    }
-}
-
 /// The forward: `y = conv2d(x, w)`.
 struct Conv2d {
     padding: usize,
@@ -687,14 +657,10 @@ impl CustomOp2 for Conv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.shape(), l2.shape(), self.stride, self.padding)?;
         let shape = Shape::from((g.n, g.cout, g.ho, g.wo));
-        map2(
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, w| Ok((forward(&g, x, w, None), shape.clone())),
-            |x, w| Ok((forward(&g, x, w, None), shape.clone())),
-        )
+        cpu::with_real!("conv2d", s1, T => {
+            let (a, b) = (cpu::slice::<T>(s1, l1)?, cpu::slice::<T>(s2, l2)?);
+            Ok((T::to_cpu_storage_owned(forward(&g, a, b, None)), shape))
+        })
     }
 
     fn bwd(
@@ -786,11 +752,7 @@ impl CustomOp3 for Conv2dAct {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(_) => self.run::<f32>((s1, l1), (s2, l2), (s3, l3)),
-            CpuStorage::F64(_) => self.run::<f64>((s1, l1), (s2, l2), (s3, l3)),
-            _ => candle_core::bail!("conv2d: f32 or f64 only"),
-        }
+        cpu::with_real!("conv2d", s1, T => self.run::<T>((s1, l1), (s2, l2), (s3, l3)))
     }
 }
 
@@ -844,14 +806,10 @@ impl CustomOp2 for InputGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(&self.x, l2.shape(), self.stride, self.padding)?;
-        map2(
-            s1,
-            l1,
-            s2,
-            l2,
-            |gy, w| Ok((input_grad(&g, gy, w), self.x.clone())),
-            |gy, w| Ok((input_grad(&g, gy, w), self.x.clone())),
-        )
+        cpu::with_real!("conv2d input gradient", s1, T => {
+            let (a, b) = (cpu::slice::<T>(s1, l1)?, cpu::slice::<T>(s2, l2)?);
+            Ok((T::to_cpu_storage_owned(input_grad(&g, a, b)), self.x.clone()))
+        })
     }
 }
 
@@ -918,14 +876,10 @@ impl CustomOp2 for WeightGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.shape(), &self.w, self.stride, self.padding)?;
-        map2(
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, gy| Ok((weight_grad(&g, x, gy), self.w.clone())),
-            |x, gy| Ok((weight_grad(&g, x, gy), self.w.clone())),
-        )
+        cpu::with_real!("conv2d weight gradient", s1, T => {
+            let (a, b) = (cpu::slice::<T>(s1, l1)?, cpu::slice::<T>(s2, l2)?);
+            Ok((T::to_cpu_storage_owned(weight_grad(&g, a, b)), self.w.clone()))
+        })
     }
 }
 

@@ -80,6 +80,28 @@ macro_rules! simd {
 }
 pub(crate) use simd;
 
+/// `with_real!(op, storage, T => body)` evaluates `body` with the type `T`
+/// bound to the element type of a CPU storage, f32 or f64, and fails
+/// naming `op` for any other dtype: the f32/f64 dispatch of every op here
+/// in one place (candle-core's `Map1`/`Map2` traits do the same for its
+/// own ops). Results go back into storage with `T::to_cpu_storage_owned`.
+macro_rules! with_real {
+    ($op:expr, $s:expr, $T:ident => $body:expr) => {
+        match $s {
+            candle_core::CpuStorage::F32(_) => {
+                type $T = f32;
+                $body
+            }
+            candle_core::CpuStorage::F64(_) => {
+                type $T = f64;
+                $body
+            }
+            _ => candle_core::bail!("{}: f32 or f64 only", $op),
+        }
+    };
+}
+pub(crate) use with_real;
+
 /// f32 and f64 with `exp` and `ln` in their own precision, for generic
 /// kernels that would otherwise round-trip through f64 per element. The
 /// f32 `exp` is [`exp_f32`], which vectorises.

@@ -8,7 +8,7 @@
 
 use crate::blend::softmax_planes;
 use crate::cpu::{self, Real};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, WithDType};
 
 /// (N, H, W) u32 labels -> (N, C, H, W) one-hot in `dtype` (labels ≥ C,
 /// such as the ignore label 255, give zeros) and the (N, 1, H, W) valid
@@ -135,26 +135,13 @@ impl candle_core::CustomOp2 for CrossEntropy {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
         let d = cpu::nc_hw(l1)?;
         let t: &[u32] = cpu::slice(s2, l2)?;
-        let (probs, nll, den) = match s1 {
-            S::F32(_) => {
-                let (p, a, b) = self.sums(cpu::slice::<f32>(s1, l1)?, t, d);
-                (S::F32(p), a, b)
-            }
-            S::F64(_) => {
-                let (p, a, b) = self.sums(cpu::slice::<f64>(s1, l1)?, t, d);
-                (S::F64(p), a, b)
-            }
-            _ => candle_core::bail!("cross-entropy: f32 or f64 logits"),
-        };
-        *self.probs.lock().expect("probs lock") = Some(probs);
-        let loss = nll / den.max(f64::MIN_POSITIVE);
-        let out = match s1 {
-            S::F32(_) => S::F32(vec![loss as f32]),
-            _ => S::F64(vec![loss]),
-        };
+        let out = cpu::with_real!("cross-entropy", s1, T => {
+            let (p, nll, den) = self.sums::<T>(cpu::slice(s1, l1)?, t, d);
+            *self.probs.lock().expect("probs lock") = Some(T::to_cpu_storage_owned(p));
+            T::to_cpu_storage_owned(vec![T::from_f64(nll / den.max(f64::MIN_POSITIVE))])
+        });
         Ok((out, candle_core::Shape::from(())))
     }
 

@@ -353,11 +353,10 @@ impl<const N: usize> CustomOp1 for Bilinear<N> {
                 self.in_w
             );
         }
-        match s {
-            CpuStorage::F32(v) => self.run(v, l).map(|(d, sh)| (CpuStorage::F32(d), sh)),
-            CpuStorage::F64(v) => self.run(v, l).map(|(d, sh)| (CpuStorage::F64(d), sh)),
-            _ => candle_core::bail!("bilinear resize: only f32 and f64 on the CPU"),
-        }
+        crate::cpu::with_real!("bilinear resize", s, T => {
+            let (d, sh) = self.run::<T>(T::cpu_storage_as_slice(s)?, l)?;
+            Ok((T::to_cpu_storage_owned(d), sh))
+        })
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -399,11 +398,10 @@ impl<const N: usize> CustomOp1 for BilinearGrad<N> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        match s {
-            CpuStorage::F32(v) => self.run(v, l).map(|(d, sh)| (CpuStorage::F32(d), sh)),
-            CpuStorage::F64(v) => self.run(v, l).map(|(d, sh)| (CpuStorage::F64(d), sh)),
-            _ => candle_core::bail!("bilinear resize grad: only f32 and f64 on the CPU"),
-        }
+        crate::cpu::with_real!("bilinear resize grad", s, T => {
+            let (d, sh) = self.run::<T>(T::cpu_storage_as_slice(s)?, l)?;
+            Ok((T::to_cpu_storage_owned(d), sh))
+        })
     }
 }
 
