@@ -10,7 +10,7 @@
 //! - The four branch outputs are upsampled to 1/4 and concatenated
 //!   (48+96+192+384 = 720 channels for W48).
 
-use super::layers::ConvBn;
+use super::layers::{ConvBn, ConvBnConfig};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use hmsa_kernels::resize::{resize, resize_as};
@@ -50,8 +50,27 @@ struct BasicBlock {
 impl BasicBlock {
     fn new(c: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            cb1: ConvBn::new(c, c, 3, 1, false, true, "conv1", "bn1", vb.clone())?,
-            cb2: ConvBn::new(c, c, 3, 1, false, false, "conv2", "bn2", vb)?,
+            cb1: ConvBn::new(
+                c,
+                c,
+                ConvBnConfig {
+                    conv_at: "conv1",
+                    bn_at: "bn1",
+                    ..Default::default()
+                },
+                vb.clone(),
+            )?,
+            cb2: ConvBn::new(
+                c,
+                c,
+                ConvBnConfig {
+                    relu: false,
+                    conv_at: "conv2",
+                    bn_at: "bn2",
+                    ..Default::default()
+                },
+                vb,
+            )?,
         })
     }
 }
@@ -78,11 +97,50 @@ impl Bottleneck {
         let cout = planes * Self::EXPANSION;
         // Creation order is PyTorch's listing order (conv1, bn1, conv2, ...).
         Ok(Self {
-            cb1: ConvBn::new(cin, planes, 1, 1, false, true, "conv1", "bn1", vb.clone())?,
-            cb2: ConvBn::new(planes, planes, 3, 1, false, true, "conv2", "bn2", vb.clone())?,
-            cb3: ConvBn::new(planes, cout, 1, 1, false, false, "conv3", "bn3", vb.clone())?,
+            cb1: ConvBn::new(
+                cin,
+                planes,
+                ConvBnConfig {
+                    k: 1,
+                    conv_at: "conv1",
+                    bn_at: "bn1",
+                    ..Default::default()
+                },
+                vb.clone(),
+            )?,
+            cb2: ConvBn::new(
+                planes,
+                planes,
+                ConvBnConfig {
+                    conv_at: "conv2",
+                    bn_at: "bn2",
+                    ..Default::default()
+                },
+                vb.clone(),
+            )?,
+            cb3: ConvBn::new(
+                planes,
+                cout,
+                ConvBnConfig {
+                    k: 1,
+                    relu: false,
+                    conv_at: "conv3",
+                    bn_at: "bn3",
+                    ..Default::default()
+                },
+                vb.clone(),
+            )?,
             downsample: if cin != cout {
-                Some(ConvBn::seq(cin, cout, 1, 1, false, vb.pp("downsample"))?)
+                Some(ConvBn::new(
+                    cin,
+                    cout,
+                    ConvBnConfig {
+                        k: 1,
+                        relu: false,
+                        ..Default::default()
+                    },
+                    vb.pp("downsample"),
+                )?)
             } else {
                 None
             },
@@ -138,9 +196,16 @@ impl HrModule {
                 for j in 0..nb {
                     let vij = vb.pp("fuse_layers").pp(i).pp(j);
                     row.push(match j.cmp(&i) {
-                        std::cmp::Ordering::Greater => {
-                            FuseOp::Up(ConvBn::seq(widths[j], widths[i], 1, 1, false, vij)?)
-                        }
+                        std::cmp::Ordering::Greater => FuseOp::Up(ConvBn::new(
+                            widths[j],
+                            widths[i],
+                            ConvBnConfig {
+                                k: 1,
+                                relu: false,
+                                ..Default::default()
+                            },
+                            vij,
+                        )?),
                         std::cmp::Ordering::Equal => FuseOp::Identity,
                         std::cmp::Ordering::Less => {
                             let steps = i - j;
@@ -148,7 +213,16 @@ impl HrModule {
                             for k in 0..steps {
                                 let last = k + 1 == steps;
                                 let cout = if last { widths[i] } else { widths[j] };
-                                chain.push(ConvBn::seq(widths[j], cout, 3, 2, !last, vij.pp(k))?);
+                                chain.push(ConvBn::new(
+                                    widths[j],
+                                    cout,
+                                    ConvBnConfig {
+                                        stride: 2,
+                                        relu: !last,
+                                        ..Default::default()
+                                    },
+                                    vij.pp(k),
+                                )?);
                             }
                             FuseOp::Down(chain)
                         }
@@ -211,7 +285,7 @@ impl Transition {
         for (i, &c) in cur.iter().enumerate() {
             if i < pre.len() {
                 layers.push(if pre[i] != c {
-                    Some(vec![ConvBn::seq(pre[i], c, 3, 1, true, vb.pp(i))?])
+                    Some(vec![ConvBn::new(pre[i], c, ConvBnConfig::default(), vb.pp(i))?])
                 } else {
                     None
                 });
@@ -222,7 +296,15 @@ impl Transition {
                 let mut chain = Vec::with_capacity(steps);
                 for j in 0..steps {
                     let cout = if j + 1 == steps { c } else { cin };
-                    chain.push(ConvBn::seq(cin, cout, 3, 2, true, vb.pp(i).pp(j))?);
+                    chain.push(ConvBn::new(
+                        cin,
+                        cout,
+                        ConvBnConfig {
+                            stride: 2,
+                            ..Default::default()
+                        },
+                        vb.pp(i).pp(j),
+                    )?);
                 }
                 layers.push(Some(chain));
             }
@@ -262,8 +344,28 @@ impl HrnetV2 {
     pub fn new(cfg: &BackboneConfig, vb: VarBuilder) -> Result<Self> {
         let s = cfg.stem_width;
         let stem = [
-            ConvBn::new(3, s, 3, 2, false, true, "conv1", "bn1", vb.clone())?,
-            ConvBn::new(s, s, 3, 2, false, true, "conv2", "bn2", vb.clone())?,
+            ConvBn::new(
+                3,
+                s,
+                ConvBnConfig {
+                    stride: 2,
+                    conv_at: "conv1",
+                    bn_at: "bn1",
+                    ..Default::default()
+                },
+                vb.clone(),
+            )?,
+            ConvBn::new(
+                s,
+                s,
+                ConvBnConfig {
+                    stride: 2,
+                    conv_at: "conv2",
+                    bn_at: "bn2",
+                    ..Default::default()
+                },
+                vb.clone(),
+            )?,
         ];
         let mut cin = s;
         let mut layer1 = Vec::with_capacity(cfg.layer1_blocks);

@@ -113,9 +113,44 @@ pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
     BatchNorm::new(c, mean, var, weight, bias, 1e-5)
 }
 
-/// Conv then BatchNorm, optionally ReLU. `conv_at`/`bn_at` are the state_dict
-/// segments of the two (`"0"`/`"1"` in a Sequential, `"1.0"` for the official
-/// `BNReLU` wrapper).
+/// How a [`ConvBn`] is built (after candle's `Conv2dConfig`): name only
+/// what differs from the defaults, a 3x3 stride-1 convolution without bias,
+/// then BatchNorm and ReLU, at the state_dict segments `0` and `1` of a
+/// `Sequential`.
+///
+/// ```ignore
+/// ConvBn::new(cin, cout, ConvBnConfig { k: 1, relu: false, ..Default::default() }, vb)
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct ConvBnConfig<'a> {
+    /// Kernel size (square, padding `k / 2`).
+    pub k: usize,
+    pub stride: usize,
+    /// Whether the convolution has a bias.
+    pub bias: bool,
+    /// Whether a ReLU follows the BatchNorm.
+    pub relu: bool,
+    /// State_dict segment of the convolution.
+    pub conv_at: &'a str,
+    /// State_dict segment of the BatchNorm (`"1.0"` for the official
+    /// `BNReLU` wrapper).
+    pub bn_at: &'a str,
+}
+
+impl Default for ConvBnConfig<'_> {
+    fn default() -> Self {
+        Self {
+            k: 3,
+            stride: 1,
+            bias: false,
+            relu: true,
+            conv_at: "0",
+            bn_at: "1",
+        }
+    }
+}
+
+/// Conv then BatchNorm, optionally ReLU (see [`ConvBnConfig`]).
 #[derive(Debug, Clone)]
 pub struct ConvBn {
     conv: Conv,
@@ -124,22 +159,11 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        bias: bool,
-        relu: bool,
-        conv_at: &str,
-        bn_at: &str,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(cin: usize, cout: usize, cfg: ConvBnConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv: conv(cin, cout, k, stride, bias, vb.pp(conv_at))?,
-            bn: batch_norm(cout, vb.pp(bn_at))?,
-            relu,
+            conv: conv(cin, cout, cfg.k, cfg.stride, cfg.bias, vb.pp(cfg.conv_at))?,
+            bn: batch_norm(cout, vb.pp(cfg.bn_at))?,
+            relu: cfg.relu,
         })
     }
 
@@ -151,11 +175,6 @@ impl ConvBn {
             bn: batch_norm(cout, vb.pp(bn_at))?,
             relu,
         })
-    }
-
-    /// The common `Sequential(conv, BN[, ReLU])` of the backbone: `.0`, `.1`.
-    pub fn seq(cin: usize, cout: usize, k: usize, stride: usize, relu: bool, vb: VarBuilder) -> Result<Self> {
-        Self::new(cin, cout, k, stride, false, relu, "0", "1", vb)
     }
 }
 
@@ -270,7 +289,19 @@ mod tests {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
         let (cin, cout) = (3, 4);
-        let cb = ConvBn::new(cin, cout, 3, 2, true, true, "c", "b", vb).unwrap();
+        let cb = ConvBn::new(
+            cin,
+            cout,
+            ConvBnConfig {
+                stride: 2,
+                bias: true,
+                conv_at: "c",
+                bn_at: "b",
+                ..Default::default()
+            },
+            vb,
+        )
+        .unwrap();
         // Non-trivial statistics and affine parameters.
         let set = |name: &str, v: &[f32]| {
             let data = vm.data().lock().unwrap();

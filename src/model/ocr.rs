@@ -11,8 +11,7 @@
 //!   official head is; the explicit variant reads all scales' features at
 //!   once and gives one channel per scale (softmax outside).
 
-use super::layers::Conv;
-use super::layers::{conv, ConvBn, Dropout2d};
+use super::layers::{conv, Conv, ConvBn, ConvBnConfig, Dropout2d};
 use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
@@ -29,7 +28,17 @@ struct ObjectAttention {
 
 /// `Sequential(conv1x1 no bias, BNReLU)`, state_dict segments `a` and `b.0`.
 fn conv_bn_relu_1x1(cin: usize, cout: usize, a: &str, b: &str, vb: &VarBuilder) -> Result<ConvBn> {
-    ConvBn::new(cin, cout, 1, 1, false, true, a, &format!("{b}.0"), vb.clone())
+    ConvBn::new(
+        cin,
+        cout,
+        ConvBnConfig {
+            k: 1,
+            conv_at: a,
+            bn_at: &format!("{b}.0"),
+            ..Default::default()
+        },
+        vb.clone(),
+    )
 }
 
 impl ObjectAttention {
@@ -92,13 +101,32 @@ impl Ocr {
         let vd = vb.pp("ocr_distri_head");
         let va = vb.pp("aux_head");
         Ok(Self {
-            conv3x3_ocr: ConvBn::new(high, mid, 3, 1, true, true, "0", "1.0", vb.pp("conv3x3_ocr"))?,
+            conv3x3_ocr: ConvBn::new(
+                high,
+                mid,
+                ConvBnConfig {
+                    bias: true,
+                    bn_at: "1.0",
+                    ..Default::default()
+                },
+                vb.pp("conv3x3_ocr"),
+            )?,
             distri: ObjectAttention::new(mid, key, vd.pp("object_context_block"))?,
             conv_bn_dropout: conv_bn_relu_1x1(2 * mid, mid, "0", "1", &vd.pp("conv_bn_dropout"))?,
             dropout: Dropout2d::new(0.05),
             cls_head: conv(mid, classes, 1, 1, true, vb.pp("cls_head"))?,
             aux_head: (
-                ConvBn::new(high, high, 1, 1, true, true, "0", "1.0", va.clone())?,
+                ConvBn::new(
+                    high,
+                    high,
+                    ConvBnConfig {
+                        k: 1,
+                        bias: true,
+                        bn_at: "1.0",
+                        ..Default::default()
+                    },
+                    va.clone(),
+                )?,
                 conv(high, classes, 1, 1, true, va.pp("2"))?,
             ),
         })
