@@ -5,7 +5,6 @@
 //! w48 forward takes minutes on 2 cores: set HMSA_BENCH_W48=1024x2048).
 
 use hmsa_lab::bench::time_forward;
-use hmsa_lab::model::fusion::format_scales;
 use hmsa_lab::model::{Fusion, Precision};
 
 fn size_from_env(var: &str, default: (usize, usize)) -> (usize, usize) {
@@ -53,7 +52,7 @@ fn main() -> hmsa_lab::Result<()> {
             "{:<6} {:<13} {:<20} {:<5} {:>9} {:>10.1} {:>10.1} {:>5} {:>10}",
             r.preset,
             r.fusion.name(),
-            format_scales(&r.scales),
+            r.scales,
             r.flip,
             format!("{}x{}", size.0, size.1),
             r.min_ms,

@@ -13,7 +13,7 @@
 //! cuBLAS workspaces not counted). GPU times end at a device synchronise.
 
 use crate::model::init::seeded_varbuilder;
-use crate::model::{Fusion, HmsaNet, ModelConfig, Precision};
+use crate::model::{Fusion, HmsaNet, ModelConfig, Precision, Scales};
 use crate::Result;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -24,7 +24,7 @@ use std::time::Instant;
 pub struct ForwardRow {
     pub preset: String,
     pub fusion: Fusion,
-    pub scales: Vec<f64>,
+    pub scales: Scales,
     pub flip: bool,
     pub size: (usize, usize),
     pub min_ms: f64,
@@ -60,7 +60,7 @@ pub fn time_forward(
     let mut cfg = ModelConfig::preset(preset)?;
     if fusion == Fusion::Explicit {
         cfg.fusion = Fusion::Explicit;
-        cfg.scales = scales.to_vec();
+        cfg.scales = Scales::new(scales.to_vec());
     }
     let dev = crate::device()?;
     precision.check(&dev, false, "--precision")?;
@@ -95,7 +95,7 @@ pub fn time_forward(
     Ok(ForwardRow {
         preset: preset.to_string(),
         fusion,
-        scales: scales.to_vec(),
+        scales: Scales::new(scales.to_vec()),
         flip,
         size,
         min_ms: times[0],
@@ -191,7 +191,7 @@ pub enum Case {
     Forward {
         preset: String,
         fusion: Fusion,
-        scales: Vec<f64>,
+        scales: Scales,
         size: (usize, usize),
         #[serde(default)]
         precision: Precision,
@@ -202,7 +202,7 @@ pub enum Case {
     TrainStep {
         preset: String,
         fusion: Fusion,
-        scales: Vec<f64>,
+        scales: Scales,
         crop: (usize, usize),
         batch: usize,
         #[serde(default)]
@@ -347,7 +347,7 @@ impl Case {
                 let flops = crate::model::flops::count(&cfg, size.0, size.1)?.fused;
                 let p = format!(
                     "{preset} {fusion} {} {}x{}{}",
-                    crate::model::fusion::format_scales(scales),
+                    scales,
                     size.0,
                     size.1,
                     precision_tag(*precision)
@@ -421,7 +421,7 @@ impl Case {
                 })?;
                 let p = format!(
                     "{preset} {fusion} {} batch {batch} crop {}x{}{}",
-                    crate::model::fusion::format_scales(scales),
+                    scales,
                     crop.0,
                     crop.1,
                     precision_tag(*precision)
@@ -668,7 +668,7 @@ pub fn suite_cases(suite: &str, full: bool, precision: Precision) -> Option<Vec<
     let f = |preset: &str, fusion, scales: &[f64], size, reps| Case::Forward {
         preset: preset.into(),
         fusion,
-        scales: scales.to_vec(),
+        scales: Scales::new(scales.to_vec()),
         size,
         precision,
         reps,
@@ -683,7 +683,7 @@ pub fn suite_cases(suite: &str, full: bool, precision: Precision) -> Option<Vec<
         .map(move |(fusion, scales)| Case::TrainStep {
             preset: preset.into(),
             fusion,
-            scales,
+            scales: Scales::new(scales),
             crop,
             batch,
             precision,

@@ -486,11 +486,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
         .eval
         .sets
         .iter()
-        .filter(|s| {
-            !evaluated.iter().any(|(sc, f, fl)| {
-                *sc == crate::model::fusion::format_scales(&s.scales) && f == s.fusion.name() && *fl == s.flip
-            })
-        })
+        .filter(|s| !evaluated.contains(s))
         .cloned()
         .collect();
     if done && !opts.force && missing.is_empty() {
@@ -531,13 +527,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
             Some(x) if x.removed_ms.is_some() => Outcome::Removed(x.id),
             Some(x) if x.status == Status::Finished => {
                 let have = store.evaluated(x.id)?;
-                let complete = r.config.eval.sets.iter().all(|s| {
-                    have.iter().any(|(sc, f, fl)| {
-                        *sc == crate::model::fusion::format_scales(&s.scales)
-                            && f == s.fusion.name()
-                            && *fl == s.flip
-                    })
-                });
+                let complete = r.config.eval.sets.iter().all(|s| have.contains(s));
                 if complete {
                     Outcome::Done
                 } else {
@@ -697,11 +687,10 @@ fn with_autolabels(
             .collect();
         rows.push(("autolabel_dropped".into(), 0, s.dropped as f64));
         // The teacher's validation mIoU at the labelling scales and fusion.
-        let key = crate::model::fusion::format_scales(&scales);
         if let Some(e) = store
             .evaluations(row.id)?
             .iter()
-            .find(|e| e.scales == key && e.fusion == fusion.name() && !e.flip)
+            .find(|e| e.scales == scales && e.fusion == fusion && !e.flip)
         {
             rows.push(("autolabel_teacher_miou".into(), 0, e.miou));
         }

@@ -13,8 +13,7 @@ use hmsa_lab::data::synth::{self, SynthConfig};
 use hmsa_lab::data::{check, Dataset, Labels};
 use hmsa_lab::eval::infer::{infer_all, read_inputs, InferOptions};
 use hmsa_lab::lab::{run_suite, Outcome, RunOptions};
-use hmsa_lab::model::fusion::parse_scales;
-use hmsa_lab::model::{checkpoint, flops, Fusion, ModelConfig};
+use hmsa_lab::model::{checkpoint, flops, Fusion, ModelConfig, Scales};
 use hmsa_lab::report;
 use hmsa_lab::store::{RunFilter, Status, Store};
 use std::path::PathBuf;
@@ -411,8 +410,8 @@ struct AutolabelArgs {
     #[arg(long, default_value = "train_extra")]
     split: String,
     /// The teacher's scales (default: the model config's).
-    #[arg(long, value_parser = parse_scale_list)]
-    scales: Option<ScaleList>,
+    #[arg(long, value_parser = clap::value_parser!(Scales))]
+    scales: Option<Scales>,
     /// The teacher's fusion (default: the model config's).
     #[arg(long)]
     fusion: Option<Fusion>,
@@ -505,8 +504,8 @@ struct InferArgs {
     #[arg(long)]
     out: PathBuf,
     /// Inference scales, e.g. 0.5,1.0,2.0 (default: the model's training scales).
-    #[arg(long, value_parser = parse_scale_list)]
-    scales: Option<ScaleList>,
+    #[arg(long, value_parser = clap::value_parser!(Scales))]
+    scales: Option<Scales>,
     /// single, average, max, explicit or hierarchical (default: the model's).
     #[arg(long)]
     fusion: Option<Fusion>,
@@ -528,14 +527,6 @@ struct ModelArgs {
     /// Input size for the FLOP count, HxW.
     #[arg(long, default_value = "1024x2048")]
     size: String,
-}
-
-/// A comma-separated scale set as one clap value.
-#[derive(Clone, Debug)]
-struct ScaleList(Vec<f64>);
-
-fn parse_scale_list(s: &str) -> std::result::Result<ScaleList, String> {
-    parse_scales(s).map(ScaleList)
 }
 
 fn device() -> Result<candle_core::Device> {
@@ -934,14 +925,11 @@ fn run_suite_cmd(a: RunArgs) -> Result<()> {
                 .sets
                 .iter()
                 .map(|e| {
-                    let scales = hmsa_lab::model::fusion::format_scales(&e.scales);
-                    let done = have
-                        .iter()
-                        .any(|(sc, f, fl)| *sc == scales && f == e.fusion.name() && *fl == e.flip);
+                    let done = have.contains(e);
                     format!(
                         "{} {}{} {}",
                         e.fusion.name(),
-                        scales,
+                        e.scales,
                         if e.flip { " flip" } else { "" },
                         if done { "✓" } else { "–" }
                     )
@@ -1332,8 +1320,8 @@ fn run(cli: Cli) -> Result<()> {
                         r.status.as_str().into(),
                         r.step.into(),
                         first.map(|e| e.miou).into(),
-                        first.map(|e| e.scales.clone()).into(),
-                        first.map(|e| e.fusion.clone()).into(),
+                        first.map(|e| e.scales.to_string()).into(),
+                        first.map(|e| e.fusion.name()).into(),
                         first.map(|e| e.flip).into(),
                         r.config_hash.into(),
                         secs.into(),
@@ -1354,7 +1342,7 @@ fn run(cli: Cli) -> Result<()> {
                     .into_iter()
                     .map(|e| {
                         serde_json::json!({
-                            "scales": e.scales, "fusion": e.fusion, "flip": e.flip,
+                            "scales": e.scales.to_string(), "fusion": e.fusion, "flip": e.flip,
                             "miou": e.miou, "pixel_acc": e.pixel_acc, "mean_class_acc": e.mean_class_acc,
                             "fw_iou": e.fw_iou, "class_iou": parse(&e.class_iou),
                             "attn_means": parse(&e.attn_means), "ms_per_image": e.ms_per_image,
@@ -1413,8 +1401,8 @@ fn run(cli: Cli) -> Result<()> {
             let mut rows = vec![];
             for e in store.evaluations(run)? {
                 rows.push(vec![
-                    e.scales,
-                    e.fusion,
+                    e.scales.to_string(),
+                    e.fusion.to_string(),
                     e.flip.to_string(),
                     format!("{:.2}", 100.0 * e.miou),
                     format!("{:.2}", 100.0 * e.pixel_acc),
@@ -1504,13 +1492,13 @@ fn run(cli: Cli) -> Result<()> {
                             .map(|es| {
                                 es.iter()
                                     .find(|e| {
-                                        e.scales == e0.scales && e.fusion == e0.fusion && e.flip == e0.flip
+                                        e.key() == e0.key()
                                     })
                                     .map(|e| e.miou)
                             })
                             .collect();
                         let delta: Vec<Option<f64>> = miou.iter().map(|m| m.map(|m| m - e0.miou)).collect();
-                        serde_json::json!({"scales": e0.scales, "fusion": e0.fusion, "flip": e0.flip,
+                        serde_json::json!({"scales": e0.scales.to_string(), "fusion": e0.fusion, "flip": e0.flip,
                                            "miou": miou, "delta": delta})
                     })
                     .collect();
@@ -1531,7 +1519,7 @@ fn run(cli: Cli) -> Result<()> {
                     row.push(
                         other
                             .iter()
-                            .find(|e| e.scales == e0.scales && e.fusion == e0.fusion && e.flip == e0.flip)
+                            .find(|e| e.key() == e0.key())
                             .map_or("–".into(), |e| {
                                 format!("{:.2} ({:+.2})", 100.0 * e.miou, 100.0 * (e.miou - e0.miou))
                             }),
@@ -1754,7 +1742,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "{:<13} {:<20} flip={:<5} mIoU {:.4}  pixel acc {:.4}  {:.0} ms/image",
                     r.set.fusion.name(),
-                    hmsa_lab::model::fusion::format_scales(&r.set.scales),
+                    r.set.scales,
                     r.set.flip,
                     r.metrics.miou,
                     r.metrics.pixel_acc,
@@ -1799,7 +1787,7 @@ fn run(cli: Cli) -> Result<()> {
             let dev = device()?;
             let net = checkpoint::load(&cfg, &a.checkpoint, &dev)?;
             let ds = Dataset::open(&a.data, &a.split, Labels::None)?;
-            let scales = a.scales.map_or_else(|| cfg.scales.clone(), |s| s.0);
+            let scales = a.scales.unwrap_or_else(|| cfg.scales.clone());
             let fusion = a.fusion.unwrap_or(cfg.fusion);
             let s = hmsa_lab::autolabel::autolabel(&net, &ds, &scales, fusion, a.threshold, &a.out, &dev)?;
             let total = (s.kept.iter().sum::<u64>() + s.dropped).max(1) as f64;
@@ -1831,7 +1819,7 @@ fn run(cli: Cli) -> Result<()> {
             let dev = device()?;
             let net = checkpoint::load(&cfg, &a.checkpoint, &dev)?;
             let opts = InferOptions {
-                scales: a.scales.map_or_else(|| cfg.scales.clone(), |s| s.0),
+                scales: a.scales.unwrap_or_else(|| cfg.scales.clone()),
                 fusion: a.fusion.unwrap_or(cfg.fusion),
                 flip: a.flip,
                 out_dir: a.out,
@@ -1865,7 +1853,7 @@ fn run(cli: Cli) -> Result<()> {
                 f.single as f64 / 1e9,
                 f.fused as f64 / 1e9,
                 cfg.fusion,
-                hmsa_lab::model::fusion::format_scales(&cfg.scales)
+                cfg.scales
             );
         }
     }

@@ -10,7 +10,7 @@ use crate::data::augment::AugmentConfig;
 use crate::data::sampler::SamplerConfig;
 use crate::data::synth::SynthConfig;
 use crate::data::{Dataset, Labels};
-use crate::model::{Fusion, ModelConfig, Precision};
+use crate::model::{Fusion, ModelConfig, Precision, Scales};
 use crate::train::loss::LossConfig;
 use crate::train::optim::OptimConfig;
 use crate::{Error, Result};
@@ -133,11 +133,14 @@ impl Default for TrainConfig {
     }
 }
 
-/// One evaluation: a scale set, a fusion, with or without flip.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One evaluation: a scale set, a fusion, with or without flip. The key
+/// of an evaluation everywhere: a suite's `[[eval.sets]]`, the lab's check
+/// for what a run still lacks, the store's evaluation rows and the
+/// report's table (with the variant).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EvalSet {
-    pub scales: Vec<f64>,
+pub struct EvalKey {
+    pub scales: Scales,
     pub fusion: Fusion,
     #[serde(default)]
     pub flip: bool,
@@ -147,7 +150,7 @@ pub struct EvalSet {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
-    pub sets: Vec<EvalSet>,
+    pub sets: Vec<EvalKey>,
     /// Also evaluate the sets on the validation split every N steps during
     /// training (recorded as `val_miou/<fusion> <scales>` step metrics).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -157,8 +160,8 @@ pub struct EvalConfig {
 impl Default for EvalConfig {
     fn default() -> Self {
         Self {
-            sets: vec![EvalSet {
-                scales: vec![1.0],
+            sets: vec![EvalKey {
+                scales: Scales::from([1.0]),
                 fusion: Fusion::Single,
                 flip: false,
             }],
@@ -236,17 +239,13 @@ impl RunConfig {
         for (i, set) in self.eval.sets.iter().enumerate() {
             let field = format!("eval.sets[{i}].scales");
             set.fusion.check_scales(&set.scales, &field)?;
-            if set.fusion == Fusion::Explicit {
-                let mut a = set.scales.clone();
-                let mut b = self.model.scales.clone();
-                a.sort_by(f64::total_cmp);
-                b.sort_by(f64::total_cmp);
-                if self.model.fusion != Fusion::Explicit || a != b {
-                    return Err(Error::invalid(
-                        field,
-                        "explicit attention is evaluated on exactly the scales it was trained with",
-                    ));
-                }
+            if set.fusion == Fusion::Explicit
+                && (self.model.fusion != Fusion::Explicit || set.scales != self.model.scales)
+            {
+                return Err(Error::invalid(
+                    field,
+                    "explicit attention is evaluated on exactly the scales it was trained with",
+                ));
             }
         }
         Ok(())

@@ -8,8 +8,8 @@
 //! unknown keys and wrong types, hierarchical scale sets without 1.0, a
 //! teacher that does not exist, a dependency cycle.
 
-use super::{EvalSet, RunConfig};
-use crate::model::Fusion;
+use super::{EvalKey, RunConfig};
+use crate::model::{Fusion, Scales};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -66,7 +66,7 @@ pub struct AutolabelSpec {
     #[serde(default = "ninety")]
     pub threshold: f64,
     /// Teacher inference scales and fusion (default: the teacher's own).
-    pub scales: Option<Vec<f64>>,
+    pub scales: Option<Scales>,
     pub fusion: Option<Fusion>,
     /// Share of each batch from the auto-labelled images (default 0.5;
     /// not with `boost_classes`).
@@ -112,7 +112,7 @@ struct VariantSpec {
     model: Option<Table>,
     data: Option<Table>,
     train: Option<Table>,
-    eval: Option<Vec<EvalSet>>,
+    eval: Option<Vec<EvalKey>>,
     #[serde(default)]
     sweep: BTreeMap<String, Vec<Value>>,
     teacher: Option<String>,

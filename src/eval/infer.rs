@@ -3,8 +3,8 @@
 //! per scale, and optionally the raw tensors as safetensors.
 
 use crate::data::image::{normalize, read_rgb, write_color, write_label_ids, write_unit_map};
-use crate::model::fusion::format_scale;
-use crate::model::{Fusion, HmsaNet};
+use crate::model::scales::format_scale;
+use crate::model::{Fusion, HmsaNet, Scales};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// What to run and where to write it.
 #[derive(Debug, Clone)]
 pub struct InferOptions {
-    pub scales: Vec<f64>,
+    pub scales: Scales,
     pub fusion: Fusion,
     pub flip: bool,
     pub out_dir: PathBuf,

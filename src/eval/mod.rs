@@ -8,7 +8,7 @@ pub mod infer;
 pub mod metrics;
 
 use crate::bench::{peak_rss_mib, reset_peak_rss};
-use crate::config::EvalSet;
+use crate::config::EvalKey;
 use crate::data::image::normalize;
 use crate::data::Dataset;
 use crate::model::{Fusion, HmsaNet, ScaleOutput};
@@ -21,7 +21,7 @@ use std::time::Instant;
 /// The outcome of one evaluation set over a split.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalResult {
-    pub set: EvalSet,
+    pub set: EvalKey,
     pub metrics: Metrics,
     pub confusion: Confusion,
     /// Per scale (high to low), the mean weight the fusion gave it.
@@ -37,7 +37,7 @@ pub struct EvalResult {
     pub images: usize,
 }
 
-fn union_scales(sets: &[EvalSet]) -> Vec<f64> {
+fn union_scales(sets: &[EvalKey]) -> Vec<f64> {
     let mut v: Vec<f64> = sets.iter().flat_map(|s| s.scales.iter().copied()).collect();
     v.sort_by(|a, b| b.total_cmp(a));
     v.dedup();
@@ -45,7 +45,7 @@ fn union_scales(sets: &[EvalSet]) -> Vec<f64> {
 }
 
 /// Scores `sets` on every labelled image of `ds`.
-pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalSet], device: &Device) -> Result<Vec<EvalResult>> {
+pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalKey], device: &Device) -> Result<Vec<EvalResult>> {
     for (i, s) in sets.iter().enumerate() {
         s.fusion
             .check_scales(&s.scales, &format!("eval.sets[{i}].scales"))?;
@@ -158,11 +158,11 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalSet], device: &Device) 
 }
 
 /// The step metric of `[eval] every` for one evaluation set.
-pub fn val_metric(set: &crate::config::EvalSet) -> String {
+pub fn val_metric(set: &crate::config::EvalKey) -> String {
     format!(
         "val_miou/{} {}{}",
         set.fusion.name(),
-        crate::model::fusion::format_scales(&set.scales),
+        set.scales,
         if set.flip { " flip" } else { "" }
     )
 }

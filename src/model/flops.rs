@@ -97,16 +97,15 @@ fn per_scale(cfg: &ModelConfig, h: usize, w: usize, attn: bool) -> u64 {
 pub fn count(cfg: &ModelConfig, h: usize, w: usize) -> Result<Flops> {
     cfg.validate()?;
     let single = per_scale(cfg, h, w, false);
-    let mut scales = cfg.scales.clone();
-    scales.sort_by(|a, b| b.total_cmp(a));
     let mut fused = 0;
-    for (i, &s) in scales.iter().enumerate() {
+    // high to low
+    for (i, &s) in cfg.scales.iter().rev().enumerate() {
         let (hs, ws) = scaled_size(h, w, s);
         fused += per_scale(cfg, hs, ws, cfg.fusion == Fusion::Hierarchical && i > 0);
     }
     if cfg.fusion == Fusion::Explicit {
         let r0 = half(half((h, w)));
-        let (n, bot) = (scales.len(), cfg.attn_bottleneck);
+        let (n, bot) = (cfg.scales.len(), cfg.attn_bottleneck);
         fused += conv(cfg.ocr_mid_channels * n, bot, 3, r0) + conv(bot, bot, 3, r0) + conv(bot, n, 1, r0);
     }
     Ok(Flops { single, fused })
@@ -120,13 +119,13 @@ mod tests {
     fn half_scale_costs_about_a_quarter_and_hierarchical_adds_it() {
         let mut cfg = ModelConfig::small();
         cfg.fusion = Fusion::Single;
-        cfg.scales = vec![1.0];
+        cfg.scales = [1.0].into();
         let one = count(&cfg, 256, 512).unwrap().single;
         let half = count(&cfg, 128, 256).unwrap().single;
         let r = half as f64 / one as f64;
         assert!((0.24..0.27).contains(&r), "0.5x / 1.0x = {r}");
         cfg.fusion = Fusion::Hierarchical;
-        cfg.scales = vec![0.5, 1.0];
+        cfg.scales = [0.5, 1.0].into();
         let h = count(&cfg, 256, 512).unwrap().fused;
         // one 1.0x pass + one 0.5x pass + the 0.5x attention head (32 bottleneck,
         // 64 in): 2·(64·9·32 + 32·9·32 + 32)·(32·64) FLOPs at the 0.5x 1/4 map.

@@ -17,6 +17,7 @@
 //!   weighted sum of the predictions resized to 1.0x.
 
 use super::ocr::AttnHead;
+use super::scales::{format_scale, Scales};
 use crate::{Error, Result};
 use candle_core::{ModuleT, Tensor};
 use hmsa_kernels::blend;
@@ -26,7 +27,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// How predictions at several scales become one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Fusion {
     Single,
@@ -86,7 +87,7 @@ impl Fusion {
                 format!(
                     "{} fusion needs 1.0 in the scale set (got {})",
                     self.name(),
-                    format_scales(scales)
+                    Scales::new(scales.to_vec())
                 ),
             )),
             _ => Ok(()),
@@ -108,34 +109,6 @@ impl FromStr for Fusion {
             .find(|f| f.name() == s)
             .ok_or_else(|| format!("unknown fusion `{s}` (single, average, max, explicit, hierarchical)"))
     }
-}
-
-/// A scale written as in the official code's output keys: `0.5`, `1.0`, `2.0`, `0.25`.
-pub fn format_scale(s: f64) -> String {
-    if s.fract() == 0.0 {
-        format!("{s:.1}")
-    } else {
-        format!("{s}")
-    }
-}
-
-pub fn format_scales(scales: &[f64]) -> String {
-    scales
-        .iter()
-        .map(|&s| format_scale(s))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Parses `0.5,1,2` into scales.
-pub fn parse_scales(s: &str) -> std::result::Result<Vec<f64>, String> {
-    s.split(',')
-        .map(|p| {
-            p.trim()
-                .parse::<f64>()
-                .map_err(|_| format!("`{p}` is not a scale (expected e.g. 0.5,1.0,2.0)"))
-        })
-        .collect()
 }
 
 /// What one forward pass of the shared network gives at one scale.
@@ -683,9 +656,6 @@ mod tests {
         assert!(Fusion::Average.check_scales(&[1.0, 1.0], "s").is_err());
         assert!(Fusion::Average.check_scales(&[0.0], "s").is_err());
         assert!(Fusion::Average.check_scales(&[0.5, 2.0], "s").is_ok());
-        assert_eq!(parse_scales("0.5, 1,2").unwrap(), vec![0.5, 1.0, 2.0]);
-        assert!(parse_scales("0.5,x").is_err());
-        assert_eq!(format_scales(&[0.25, 0.5, 1.0, 2.0]), "0.25,0.5,1.0,2.0");
         assert_eq!("hierarchical".parse::<Fusion>().unwrap(), Fusion::Hierarchical);
         assert!("mean".parse::<Fusion>().is_err());
     }

@@ -118,7 +118,7 @@ pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
 /// then BatchNorm and ReLU, at the state_dict segments `0` and `1` of a
 /// `Sequential`.
 ///
-/// ```ignore
+/// ```text
 /// ConvBn::new(cin, cout, ConvBnConfig { k: 1, relu: false, ..Default::default() }, vb)
 /// ```
 #[derive(Clone, Copy, Debug)]

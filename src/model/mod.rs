@@ -17,9 +17,11 @@ pub mod init;
 pub mod layers;
 pub mod ocr;
 pub mod pth;
+pub mod scales;
 
 pub use fusion::{Fused, Fusion, ScaleOutput};
 pub use hrnet::BackboneConfig;
+pub use scales::Scales;
 
 use crate::{Error, Result};
 use candle_core::{DType, ModuleT, Tensor};
@@ -117,7 +119,7 @@ pub struct ModelConfig {
     /// The fusion the network is trained with.
     pub fusion: Fusion,
     /// The scales it is trained with ({0.5, 1.0} for hierarchical).
-    pub scales: Vec<f64>,
+    pub scales: Scales,
 }
 
 impl Default for ModelConfig {
@@ -146,7 +148,7 @@ impl ModelConfig {
             ocr_key_channels: 256,
             attn_bottleneck: 256,
             fusion: Fusion::Hierarchical,
-            scales: vec![0.5, 1.0],
+            scales: Scales::from([0.5, 1.0]),
         }
     }
 
@@ -173,7 +175,7 @@ impl ModelConfig {
             ocr_key_channels: 32,
             attn_bottleneck: 32,
             fusion: Fusion::Hierarchical,
-            scales: vec![0.5, 1.0],
+            scales: Scales::from([0.5, 1.0]),
         }
     }
 
@@ -355,18 +357,16 @@ impl HmsaNet {
             ScaleAttn::Relative(_) => None,
         };
         if fusion == Fusion::Explicit {
-            let mut got: Vec<f64> = outs.iter().map(|o| o.scale).collect();
-            let mut want = self.cfg.scales.clone();
-            got.sort_by(f64::total_cmp);
-            want.sort_by(f64::total_cmp);
-            if explicit.is_none() || got != want {
+            let got = Scales::new(outs.iter().map(|o| o.scale).collect());
+            let want = &self.cfg.scales;
+            if explicit.is_none() || got != *want {
                 return Err(Error::invalid(
                     "scales",
                     format!(
                         "explicit attention is fixed at training: this model was trained with {} fusion on {}, asked for explicit on {}",
                         self.cfg.fusion,
-                        fusion::format_scales(&want),
-                        fusion::format_scales(&got)
+                        want,
+                        got
                     ),
                 ));
             }

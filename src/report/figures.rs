@@ -3,8 +3,10 @@
 //! attention maps per scale for a few validation images (PNG).
 
 use super::{AggRow, SuiteSummary};
+use crate::config::EvalKey;
 use crate::data::cityscapes::CLASSES;
 use crate::eval::metrics::Confusion;
+use crate::model::Fusion;
 use crate::store::{Status, Store};
 use crate::{Error, Result};
 use plotters::coord::Shift;
@@ -208,18 +210,13 @@ fn line_chart<DB: DrawingBackend>(
 /// An evaluation's label: the variant, then its fusion where the variant
 /// is not named after it, the scales and flip.
 fn eval_label(r: &AggRow) -> String {
-    let k = &r.key;
-    let fusion = if k.variant.starts_with(&k.fusion) {
+    let (v, k) = (&r.key.variant, &r.key.eval);
+    let fusion = if v.starts_with(k.fusion.name()) {
         String::new()
     } else {
         format!("{} ", k.fusion)
     };
-    format!(
-        "{} · {fusion}{}{}",
-        k.variant,
-        k.scales,
-        if k.flip { " flip" } else { "" }
-    )
+    format!("{v} · {fusion}{}{}", k.scales, if k.flip { " flip" } else { "" })
 }
 
 /// Each evaluation's difference from the baseline (the report's delta:
@@ -517,11 +514,7 @@ pub fn draw_all(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<PathB
     let confusion = best.map(|b| {
         let mut total: Option<Confusion> = None;
         for (run, e) in &s.evals {
-            if run.variant == b.key.variant
-                && e.scales == b.key.scales
-                && e.fusion == b.key.fusion
-                && e.flip == b.key.flip
-            {
+            if run.variant == b.key.variant && e.key() == b.key.eval {
                 if let Ok(c) = serde_json::from_str::<Confusion>(&e.confusion) {
                     match &mut total {
                         None => total = Some(c),
@@ -590,7 +583,7 @@ fn attention_maps(s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
     let Some(row) = s
         .rows
         .iter()
-        .find(|r| r.key.fusion == "hierarchical" || r.key.fusion == "explicit")
+        .find(|r| matches!(r.key.eval.fusion, Fusion::Hierarchical | Fusion::Explicit))
     else {
         return Ok(vec![]);
     };
@@ -610,8 +603,7 @@ fn attention_maps(s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
     let net = crate::model::checkpoint::load(&cfg.model, &weights, &dev)?;
     let mut ds = cfg.val_dataset()?;
     ds.samples.truncate(2);
-    let scales = crate::model::fusion::parse_scales(&row.key.scales).map_err(perr)?;
-    let fusion: crate::model::Fusion = row.key.fusion.parse().map_err(perr)?;
+    let EvalKey { scales, fusion, .. } = row.key.eval.clone();
     let mut files = vec![];
     for i in 0..ds.len() {
         let (img, _) = ds.load(i)?;
@@ -622,7 +614,7 @@ fn attention_maps(s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
         for (sc, a) in &fused.attn {
             let (_, _, h, w) = a.dims4()?;
             maps.push((
-                format!("{}x", crate::model::fusion::format_scale(*sc)),
+                format!("{}x", crate::model::scales::format_scale(*sc)),
                 h,
                 w,
                 a.flatten_all()?.to_vec1()?,

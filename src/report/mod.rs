@@ -8,26 +8,41 @@ pub mod figures;
 pub mod paper;
 pub mod stats;
 
+use crate::config::EvalKey;
 use crate::data::cityscapes::CLASSES;
+use crate::model::Fusion;
 use crate::store::{EvalRow, RunRow, Status, Store};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The key of one evaluation across seeds.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct EvalKey {
+/// The key of one row of the ablation table: a variant's evaluation across
+/// its seeds.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RowKey {
     pub variant: String,
-    pub scales: String,
-    pub fusion: String,
-    pub flip: bool,
+    pub eval: EvalKey,
+}
+
+/// Flat in `index.json`: `variant`, `scales` as text (`0.5,1.0`, as the
+/// store writes it), `fusion`, `flip`.
+impl Serialize for RowKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut m = s.serialize_struct("RowKey", 4)?;
+        m.serialize_field("variant", &self.variant)?;
+        m.serialize_field("scales", &self.eval.scales.to_string())?;
+        m.serialize_field("fusion", &self.eval.fusion)?;
+        m.serialize_field("flip", &self.eval.flip)?;
+        m.end()
+    }
 }
 
 /// One row of the ablation table.
 #[derive(Clone, Debug, Serialize)]
 pub struct AggRow {
-    pub key: EvalKey,
+    pub key: RowKey,
     pub mean: f64,
     pub std: f64,
     pub n: usize,
@@ -84,14 +99,12 @@ pub fn summarise(store: &Store, suite: &str) -> Result<SuiteSummary> {
             evals.push((r.clone(), e));
         }
     }
-    let mut groups: BTreeMap<EvalKey, Vec<&EvalRow>> = BTreeMap::new();
-    let mut order: Vec<EvalKey> = vec![];
+    let mut groups: BTreeMap<RowKey, Vec<&EvalRow>> = BTreeMap::new();
+    let mut order: Vec<RowKey> = vec![];
     for (r, e) in &evals {
-        let k = EvalKey {
+        let k = RowKey {
             variant: r.variant.clone(),
-            scales: e.scales.clone(),
-            fusion: e.fusion.clone(),
-            flip: e.flip,
+            eval: e.key(),
         };
         if !groups.contains_key(&k) {
             order.push(k.clone());
@@ -103,7 +116,7 @@ pub fn summarise(store: &Store, suite: &str) -> Result<SuiteSummary> {
     // The baseline reference: the same evaluation of the baseline variant,
     // else the baseline's first evaluation.
     let base_first = order.iter().find(|k| k.variant == baseline).cloned();
-    let values = |k: &EvalKey| -> Vec<f64> {
+    let values = |k: &RowKey| -> Vec<f64> {
         groups
             .get(k)
             .map(|v| v.iter().map(|e| e.miou).collect())
@@ -114,7 +127,7 @@ pub fn summarise(store: &Store, suite: &str) -> Result<SuiteSummary> {
         let es = &groups[k];
         let v = values(k);
         let (mean, std, n) = stats::mean_std(&v);
-        let same = EvalKey {
+        let same = RowKey {
             variant: baseline.clone(),
             ..k.clone()
         };
@@ -224,9 +237,13 @@ pub fn ablation_table(s: &SuiteSummary) -> (Vec<String>, Vec<Vec<String>>) {
         .map(|r| {
             vec![
                 r.key.variant.clone(),
-                r.key.scales.clone(),
-                r.key.fusion.clone(),
-                if r.key.flip { "yes".into() } else { "no".into() },
+                r.key.eval.scales.to_string(),
+                r.key.eval.fusion.to_string(),
+                if r.key.eval.flip {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
                 pm(r.mean, r.std),
                 r.n.to_string(),
                 opt(r.delta, |d| format!("{:+.2}", 100.0 * d)),
@@ -253,10 +270,10 @@ pub fn class_table(s: &SuiteSummary) -> (Vec<String>, Vec<Vec<String>>) {
         .rows
         .iter()
         .map(|r| {
-            let flip = if r.key.flip { " flip" } else { "" };
+            let flip = if r.key.eval.flip { " flip" } else { "" };
             let mut row = vec![format!(
                 "{} {} {}{flip}",
-                r.key.variant, r.key.fusion, r.key.scales
+                r.key.variant, r.key.eval.fusion, r.key.eval.scales
             )];
             row.extend(present.iter().map(|&c| {
                 opt(r.class_iou.get(c).copied().flatten(), |v| {
@@ -320,8 +337,8 @@ pub fn premise(s: &SuiteSummary) -> (Vec<f64>, Vec<PremiseRow>) {
     let mut scales: Vec<f64> = s
         .evals
         .iter()
-        .filter(|(r, e)| r.variant == s.baseline && e.fusion == "single" && !e.flip)
-        .filter_map(|(_, e)| e.scales.parse::<f64>().ok())
+        .filter(|(r, e)| r.variant == s.baseline && e.fusion == Fusion::Single && !e.flip)
+        .filter_map(|(_, e)| e.scales.single())
         .collect();
     scales.sort_by(f64::total_cmp);
     scales.dedup();
@@ -333,9 +350,9 @@ pub fn premise(s: &SuiteSummary) -> (Vec<f64>, Vec<PremiseRow>) {
             .iter()
             .filter(|(r, e)| {
                 r.variant == s.baseline
-                    && e.fusion == "single"
+                    && e.fusion == Fusion::Single
                     && !e.flip
-                    && e.scales.parse::<f64>().ok() == Some(scale)
+                    && e.scales.single() == Some(scale)
             })
             .filter_map(|(_, e)| {
                 serde_json::from_str::<Vec<Option<f64>>>(&e.class_iou)
@@ -377,7 +394,7 @@ pub fn premise_table(s: &SuiteSummary) -> Option<TextTable> {
     head.extend(
         scales
             .iter()
-            .map(|&x| format!("IoU % at {}x", crate::model::fusion::format_scale(x))),
+            .map(|&x| format!("IoU % at {}x", crate::model::scales::format_scale(x))),
     );
     head.push("role".into());
     let rows = rows
@@ -403,17 +420,12 @@ pub fn attention_table(s: &SuiteSummary) -> Option<TextTable> {
     for r in s
         .rows
         .iter()
-        .filter(|r| r.key.fusion == "hierarchical" || r.key.fusion == "explicit")
+        .filter(|r| matches!(r.key.eval.fusion, Fusion::Hierarchical | Fusion::Explicit))
     {
         let per_seed: Vec<Vec<(f64, Vec<Option<f64>>)>> = s
             .evals
             .iter()
-            .filter(|(run, e)| {
-                run.variant == r.key.variant
-                    && e.scales == r.key.scales
-                    && e.fusion == r.key.fusion
-                    && e.flip == r.key.flip
-            })
+            .filter(|(run, e)| run.variant == r.key.variant && e.key() == r.key.eval)
             .filter_map(|(_, e)| serde_json::from_str(&e.attn_class_means).ok())
             .filter(|v: &Vec<(f64, Vec<Option<f64>>)>| !v.is_empty())
             .collect();
@@ -432,9 +444,9 @@ pub fn attention_table(s: &SuiteSummary) -> Option<TextTable> {
                 format!(
                     "{} {} {}: {}x",
                     r.key.variant,
-                    r.key.fusion,
-                    r.key.scales,
-                    crate::model::fusion::format_scale(*scale)
+                    r.key.eval.fusion,
+                    r.key.eval.scales,
+                    crate::model::scales::format_scale(*scale)
                 ),
                 means,
             ));
@@ -534,11 +546,7 @@ pub fn costs(store: &Store, s: &SuiteSummary) -> Result<Vec<Cost>> {
                     .filter(|x| x.is_finite()),
             );
             if let Ok(c) = serde_json::from_str::<crate::config::RunConfig>(&r.config_json) {
-                training = format!(
-                    "{} {}",
-                    c.model.fusion,
-                    crate::model::fusion::format_scales(&c.model.scales)
-                );
+                training = format!("{} {}", c.model.fusion, c.model.scales);
             }
         }
         if xs.is_empty() {

@@ -70,7 +70,10 @@ const MS_ATTENTION_CITYSCAPES: f64 = 0.5;
 fn values(s: &SuiteSummary, e: Ev) -> Option<Vec<f64>> {
     s.rows
         .iter()
-        .find(|r| r.key.variant == e.0 && r.key.scales == e.1 && r.key.fusion == e.2 && !r.key.flip)
+        .find(|r| {
+            let k = &r.key.eval;
+            r.key.variant == e.0 && k.scales.to_string() == e.1 && k.fusion.name() == e.2 && !k.flip
+        })
         .map(|r| r.values.clone())
 }
 

@@ -16,8 +16,9 @@
 mod open;
 mod query;
 
+use crate::config::EvalKey;
 use crate::eval::EvalResult;
-use crate::model::fusion::format_scales;
+use crate::model::{Fusion, Scales};
 use crate::{Error, Result};
 use open::Mode;
 use serde::Serialize;
@@ -118,8 +119,10 @@ pub struct RunRow {
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalRow {
     pub run_id: i64,
-    pub scales: String,
-    pub fusion: String,
+    /// Stored as text (`0.5,1.0`), and written so in JSON.
+    #[serde(serialize_with = "crate::model::scales::as_text")]
+    pub scales: Scales,
+    pub fusion: Fusion,
     pub flip: bool,
     pub miou: f64,
     pub pixel_acc: f64,
@@ -210,12 +213,29 @@ impl<'r> FromRow<'r, AnyRow> for RunRow {
     }
 }
 
+/// A text column parsed into its type; a value this program did not
+/// write is a decode error naming it.
+fn decode<T>(v: std::result::Result<T, String>) -> sqlx::Result<T> {
+    v.map_err(|e| sqlx::Error::Decode(e.into()))
+}
+
+impl EvalRow {
+    /// Which evaluation this row is.
+    pub fn key(&self) -> EvalKey {
+        EvalKey {
+            scales: self.scales.clone(),
+            fusion: self.fusion,
+            flip: self.flip,
+        }
+    }
+}
+
 impl<'r> FromRow<'r, AnyRow> for EvalRow {
     fn from_row(r: &'r AnyRow) -> sqlx::Result<Self> {
         Ok(EvalRow {
             run_id: r.try_get("run_id")?,
-            scales: r.try_get("scales")?,
-            fusion: r.try_get("fusion")?,
+            scales: decode(r.try_get::<String, _>("scales")?.parse())?,
+            fusion: decode(r.try_get::<String, _>("fusion")?.parse())?,
             flip: r.try_get::<i64, _>("flip")? != 0,
             miou: r.try_get("miou")?,
             pixel_acc: r.try_get("pixel_acc")?,
@@ -530,8 +550,8 @@ impl Store {
         })
     }
 
-    /// Evaluations already recorded for a run: (scales, fusion, flip).
-    pub fn evaluated(&self, id: i64) -> Result<Vec<(String, String, bool)>> {
+    /// Evaluations already recorded for a run.
+    pub fn evaluated(&self, id: i64) -> Result<Vec<EvalKey>> {
         self.block(async {
             let rows: Vec<(String, String, i64)> =
                 sqlx::query_as("SELECT scales, fusion, flip FROM evaluations WHERE run_id = $1")
@@ -539,7 +559,15 @@ impl Store {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| self.fail("reading evaluations", e))?;
-            Ok(rows.into_iter().map(|(s, f, fl)| (s, f, fl != 0)).collect())
+            rows.into_iter()
+                .map(|(s, f, fl)| {
+                    Ok(EvalKey {
+                        scales: decode(s.parse()).map_err(|e| self.fail("reading evaluations", e))?,
+                        fusion: decode(f.parse()).map_err(|e| self.fail("reading evaluations", e))?,
+                        flip: fl != 0,
+                    })
+                })
+                .collect()
         })
     }
 
@@ -572,7 +600,7 @@ impl Store {
                            images = excluded.images, created_ms = excluded.created_ms"#,
                 )
                 .bind(id)
-                .bind(format_scales(&e.set.scales))
+                .bind(e.set.scales.to_string())
                 .bind(e.set.fusion.name())
                 .bind(i64::from(e.set.flip))
                 .bind(e.metrics.miou)

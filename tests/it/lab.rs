@@ -691,7 +691,7 @@ fn bench_model_and_train_cases_measure_what_they_name() {
     );
     let mut cfg = hmsa_lab::model::ModelConfig::small();
     cfg.fusion = hmsa_lab::model::Fusion::Hierarchical;
-    cfg.scales = vec![0.5, 1.0];
+    cfg.scales = [0.5, 1.0].into();
     let flops = hmsa_lab::model::flops::count(&cfg, 64, 128).unwrap().fused as f64;
     let min = f["min_ms"].as_f64().unwrap();
     assert!(min > 0.0 && min <= f["median_ms"].as_f64().unwrap());

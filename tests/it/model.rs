@@ -235,7 +235,7 @@ fn explicit_weights_sum_to_one_and_mix_the_predictions() {
 fn explicit_model_refuses_other_scale_sets() {
     let mut cfg = tiny();
     cfg.fusion = Fusion::Explicit;
-    cfg.scales = vec![0.5, 1.0, 2.0];
+    cfg.scales = [0.5, 1.0, 2.0].into();
     let (_, net) = fresh(&cfg, 9);
     let x = image(32, 32, 1);
     let (f, _) = net
@@ -497,7 +497,7 @@ fn inference_matches_the_pytorch_reference_fixture() {
     }
     let mut ecfg = base.clone();
     ecfg.fusion = Fusion::Explicit;
-    ecfg.scales = vec![0.5, 1.0, 2.0];
+    ecfg.scales = [0.5, 1.0, 2.0].into();
     let ex = load(&ecfg, "explicit.state.");
     let (fused, _) = ex
         .infer(&x, Fusion::Explicit, &[0.5, 1.0, 2.0], false, false)
@@ -600,7 +600,7 @@ fn flip_averaging_is_the_mean_of_the_two_softmaxes() {
 fn explicit_training_gradients_match_finite_differences() {
     let mut cfg = tiny();
     cfg.fusion = Fusion::Explicit;
-    cfg.scales = vec![0.5, 1.0, 2.0];
+    cfg.scales = [0.5, 1.0, 2.0].into();
     gradients_match_finite_differences(
         &cfg,
         64,

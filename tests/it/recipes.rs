@@ -66,11 +66,11 @@ fn import_runx_maps_each_flag_and_refuses_what_it_cannot() {
     assert_eq!(c.model, {
         let mut m = hmsa_lab::model::ModelConfig::w48();
         m.fusion = hmsa_lab::model::Fusion::Hierarchical;
-        m.scales = vec![0.5, 1.0];
+        m.scales = [0.5, 1.0].into();
         m
     });
     assert_eq!(c.eval.sets.len(), 1);
-    assert_eq!(c.eval.sets[0].scales, vec![0.5, 1.0, 2.0]);
+    assert_eq!(c.eval.sets[0].scales, hmsa_lab::model::Scales::from([0.5, 1.0, 2.0]));
     assert_eq!(
         c.train.init.as_deref(),
         Some(Path::new(

@@ -2,7 +2,7 @@
 //! evaluator, folder scoring and auto-labelling.
 
 use super::*;
-use hmsa_lab::config::{EvalSet, RunConfig};
+use hmsa_lab::config::{EvalKey, RunConfig};
 use hmsa_lab::train::{train, Observer, Quiet, StepMetrics};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use std::path::Path;
@@ -247,7 +247,7 @@ fn resuming_mid_epoch_repeats_the_uninterrupted_run_exactly() {
         cfg.data.sampler.class_uniform = 0.5;
         cfg.data.sampler.tile = 32;
         cfg.model.fusion = fusion;
-        cfg.model.scales = scales;
+        cfg.model.scales = scales.into();
         if what.contains("RMI") {
             cfg.train.loss.main = hmsa_lab::train::loss::MainLoss::Rmi;
         }
@@ -334,14 +334,14 @@ fn evaluation_sets_share_one_pass_and_match_single_runs() {
         &{
             let mut m = cfg.model.clone();
             m.fusion = hmsa_lab::model::Fusion::Hierarchical;
-            m.scales = vec![0.5, 1.0];
+            m.scales = [0.5, 1.0].into();
             m
         },
         3,
     );
     let ds = cfg.val_dataset().unwrap();
-    let set = |s: &[f64], f, flip| EvalSet {
-        scales: s.to_vec(),
+    let set = |s: &[f64], f, flip| EvalKey {
+        scales: s.to_vec().into(),
         fusion: f,
         flip,
     };
@@ -621,7 +621,7 @@ fn the_cut_training_graph_gives_the_whole_graphs_gradients() {
         let case = format!("{fusion} {scales:?} {dtype:?}");
         let mut cfg = ModelConfig::small();
         cfg.fusion = fusion;
-        cfg.scales = scales.clone();
+        cfg.scales = scales.clone().into();
         let ys: Vec<u32> = (0..n)
             .map(|i| ((i / 16 + i / 2048) % cfg.num_classes) as u32)
             .collect();
