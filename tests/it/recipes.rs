@@ -70,7 +70,10 @@ fn import_runx_maps_each_flag_and_refuses_what_it_cannot() {
         m
     });
     assert_eq!(c.eval.sets.len(), 1);
-    assert_eq!(c.eval.sets[0].scales, hmsa_lab::model::Scales::from([0.5, 1.0, 2.0]));
+    assert_eq!(
+        c.eval.sets[0].scales,
+        hmsa_lab::model::Scales::from([0.5, 1.0, 2.0])
+    );
     assert_eq!(
         c.train.init.as_deref(),
         Some(Path::new(

@@ -1,0 +1,166 @@
+//! `synth` and `data check`.
+
+use crate::cli::*;
+use crate::process::*;
+use anyhow::{Context, Result};
+use hmsa_lab::config::suite::Suite;
+use hmsa_lab::data::synth::{self, SynthConfig};
+use hmsa_lab::data::{check, Dataset, Labels};
+
+pub fn synth(a: SynthArgs) -> Result<()> {
+    let mut augment = hmsa_lab::data::augment::AugmentConfig::default();
+    let mut cfg = match (&a.config, &a.suite) {
+        (Some(p), _) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let cfg = toml::from_str::<SynthConfig>(&text).with_context(|| format!("{}", p.display()))?;
+            cfg.validate("synth")
+                .with_context(|| format!("{}", p.display()))?;
+            cfg
+        }
+        (None, Some(p)) => {
+            let suite = Suite::load(p, &[])?;
+            let first = suite
+                .runs
+                .first()
+                .with_context(|| format!("{}: the suite plans no runs", p.display()))?;
+            augment = first.config.data.augment.clone();
+            first.config.data.synth.clone()
+        }
+        (None, None) => SynthConfig::default(),
+    };
+    if let Some(v) = a.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = a.train {
+        cfg.train = v;
+    }
+    if let Some(v) = a.val {
+        cfg.val = v;
+    }
+    if let Some(v) = a.train_extra {
+        cfg.train_extra = v;
+    }
+    if let Some(n) = a.stats {
+        let st = synth::stats(&cfg, &augment, n);
+        println!("{n} training scenes (classifier fit, training crops) and {n} validation scenes");
+        println!(
+            "context classes (vegetation vs terrain): local 7x7 nearest-mean accuracy {:.3} (chance 0.5)",
+            st.local_accuracy
+        );
+        let mut t = comfy_table::Table::new();
+        t.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+        let mut header = vec![
+            "measured on".to_string(),
+            "context: cue distance (output px)".into(),
+        ];
+        for d in &st.cues[0].detail {
+            header.push(format!("{}: visible", d.class));
+            header.push(format!("{}: contrast", d.class));
+            header.push(format!("{}: width (output px)", d.class));
+        }
+        t.set_header(header);
+        for c in &st.cues {
+            let mut row = vec![c.at.to_string(), format!("{:.1}", c.context_cue_px)];
+            for d in &c.detail {
+                row.push(format!("{:.3}", d.visible));
+                row.push(format!("{:.0}", d.contrast));
+                row.push(format!("{:.2}", d.width_px));
+            }
+            t.add_row(row);
+        }
+        println!("{t}");
+        return Ok(());
+    }
+    let w = synth::generate(&cfg, &a.out)?;
+    println!(
+        "{}: wrote {} images and {} label maps ({} train, {} val, {} train_extra, {} unlabeled requested)",
+        a.out.display(),
+        w.images,
+        w.labels,
+        cfg.train,
+        cfg.val,
+        cfg.train_extra,
+        cfg.unlabeled
+    );
+    Ok(())
+}
+
+pub fn data_check(dir: &std::path::Path, splits: &[String]) -> Result<bool> {
+    let splits: Vec<String> = if !splits.is_empty() {
+        splits.to_vec()
+    } else if let Some(_cfg) = hmsa_lab::data::mapillary::config_path(dir) {
+        ["training", "validation"]
+            .iter()
+            .filter(|s| dir.join(s).is_dir())
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        let root = dir.join("leftImg8bit");
+        let mut v: Vec<String> = std::fs::read_dir(&root)
+            .with_context(|| {
+                format!(
+                    "{}: not a dataset (no leftImg8bit/ and no Mapillary config)",
+                    dir.display()
+                )
+            })?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(String::from))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut clean = true;
+    for split in &splits {
+        let labels = if dir.join("gtFine").join(split).is_dir() {
+            Labels::Fine
+        } else if dir.join("gtCoarse").join(split).is_dir() {
+            Labels::Coarse
+        } else {
+            Labels::None
+        };
+        let ds = Dataset::open(dir, split, labels)?;
+        let r = check::check(&ds);
+        println!(
+            "== {split}: {} images, {} labelled ({labels:?} labels)",
+            r.images, r.labelled
+        );
+        for p in &r.problems {
+            println!("  problem: {}: {}", p.path.display(), p.msg);
+        }
+        clean &= r.problems.is_empty();
+        if r.labelled > 0 {
+            let total = r.total_pixels().max(1) as f64;
+            let mut t = comfy_table::Table::new();
+            t.set_header(vec!["class", "pixel share %", "images"]);
+            for (c, name) in ds.classes.names.iter().enumerate() {
+                if r.class_pixels[c] > 0 {
+                    t.add_row(vec![
+                        name.clone(),
+                        format!("{:.3}", 100.0 * r.class_pixels[c] as f64 / total),
+                        r.class_images[c].to_string(),
+                    ]);
+                }
+            }
+            t.add_row(vec![
+                "(ignore)".to_string(),
+                format!("{:.3}", 100.0 * r.ignore_pixels as f64 / total),
+                String::new(),
+            ]);
+            println!("{t}");
+        }
+    }
+    Ok(clean)
+}
+
+pub fn data_check_cmd(a: CheckArgs) -> Result<()> {
+    let CheckArgs { dir, split } = a;
+    if !data_check(&dir, &split)? {
+        return Err(Exit::Unfinished(format!(
+            "{}: the dataset has problems (listed above)",
+            dir.display()
+        ))
+        .into());
+    }
+    Ok(())
+}

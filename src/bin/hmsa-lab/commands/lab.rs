@@ -1,0 +1,269 @@
+//! `run`, `worker` (with `run --slurm`) and `train`: training, into the
+//! results database or a folder.
+
+use crate::cli::*;
+use crate::process::*;
+use anyhow::{bail, Context, Result};
+use hmsa_lab::config::suite::Suite;
+use hmsa_lab::config::RunConfig;
+use hmsa_lab::lab::{run_suite, Outcome, RunOptions};
+use hmsa_lab::model::checkpoint;
+use hmsa_lab::report;
+use hmsa_lab::store::Store;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// A suite with its `--set` overrides, and its database: `--db`, else
+/// `$HMSA_DB`, else the suite file with `.db`.
+pub fn load_suite(path: &std::path::Path, sets: &[String], db: Option<&str>) -> Result<(Suite, String)> {
+    let sets = sets
+        .iter()
+        .map(|s| hmsa_lab::config::suite::parse_set(s))
+        .collect::<hmsa_lab::Result<Vec<_>>>()?;
+    let suite = Suite::load(path, &sets)?;
+    let url = db
+        .map(String::from)
+        .or_else(|| std::env::var("HMSA_DB").ok())
+        .unwrap_or_else(|| suite.default_db().display().to_string());
+    Ok((suite, url))
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let (suite, url) = load_suite(&a.suite, &a.sets, a.db.as_deref())?;
+    if a.slurm {
+        return submit_slurm(&a, &suite, &url);
+    }
+    let rt = runtime()?;
+    let store = Store::open(&url)?;
+    if a.dry_run {
+        let mut rows = vec![];
+        for r in &suite.runs {
+            let row = store.find_run(&suite.header.name, &r.variant, &r.hash, r.seed)?;
+            let have = match &row {
+                Some(x) => store.evaluated(x.id)?,
+                None => vec![],
+            };
+            // each evaluation, ✓ where it is already recorded
+            let evals: Vec<String> = r
+                .config
+                .eval
+                .sets
+                .iter()
+                .map(|e| {
+                    let done = have.contains(e);
+                    format!(
+                        "{} {}{} {}",
+                        e.fusion.name(),
+                        e.scales,
+                        if e.flip { " flip" } else { "" },
+                        if done { "✓" } else { "–" }
+                    )
+                })
+                .collect();
+            rows.push(vec![
+                r.variant.clone(),
+                r.seed.to_string(),
+                r.hash[..12].to_string(),
+                r.teacher.map_or("".into(), |t| suite.runs[t].variant.clone()),
+                row.map_or("new".into(), |x| x.status.to_string()),
+                evals.join("\n"),
+                suite.run_dir(r).display().to_string(),
+            ]);
+        }
+        let head = [
+            "variant",
+            "seed",
+            "config hash",
+            "teacher",
+            "status",
+            "evaluations (✓ recorded)",
+            "run folder",
+        ]
+        .map(String::from);
+        println!("{}", report::terminal_table(&head, &rows));
+        println!("database: {url}");
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(&rt, stop.clone());
+    let opts = RunOptions {
+        force: a.force,
+        fail_fast: a.fail_fast,
+        stale_ms: a.stale_after as i64 * 1000,
+        ..Default::default()
+    };
+    let out = run_suite(&store, &suite, &opts, stop.clone())?;
+    let failed = out.iter().filter(|o| matches!(o.2, Outcome::Failed(_))).count();
+    let busy = out.iter().filter(|o| o.2 == Outcome::Busy).count();
+    let removed = out.iter().filter(|o| matches!(o.2, Outcome::Removed(_))).count();
+    println!(
+        "{}: {} runs, {} trained, {} evaluated, {} already done, {} held elsewhere, {} failed{}{}",
+        suite.header.name,
+        out.len(),
+        out.iter().filter(|o| o.2 == Outcome::Trained).count(),
+        out.iter().filter(|o| o.2 == Outcome::Evaluated).count(),
+        out.iter().filter(|o| o.2 == Outcome::Done).count(),
+        busy,
+        failed,
+        if removed > 0 {
+            format!(", {removed} removed")
+        } else {
+            String::new()
+        },
+        if stop.load(Ordering::Relaxed) {
+            " (interrupted)"
+        } else {
+            ""
+        }
+    );
+    if stop.load(Ordering::Relaxed) {
+        return Err(Exit::Interrupted("interrupted; run the same command again to resume".into()).into());
+    }
+    // Every run the plan holds must end complete; say which did not, and why.
+    let mut why = vec![];
+    for (variant, seed, o) in &out {
+        let reason = match o {
+            Outcome::Failed(e) => format!("failed: {e}"),
+            Outcome::Busy => "held by another process (rerun when it is done)".into(),
+            Outcome::Killed => "interrupted".into(),
+            Outcome::Blocked(why) => why.clone(),
+            Outcome::Removed(id) => format!(
+                "run {id} was removed with `rm`: `hmsa-lab restore {id}` brings it back, `hmsa-lab gc` purges it so that `run` trains it anew"
+            ),
+            _ => continue,
+        };
+        why.push(format!("  {variant} seed {seed}: {reason}"));
+    }
+    if !why.is_empty() {
+        return Err(Exit::Unfinished(format!(
+            "{} of {} run(s) unfinished (`hmsa-lab runs --db {url}` lists them):\n{}",
+            why.len(),
+            out.len(),
+            why.join("\n")
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// `run --slurm`: the job array's script, printed (--dry-run) or submitted.
+pub fn submit_slurm(a: &RunArgs, suite: &Suite, url: &str) -> Result<()> {
+    let o = &a.slurm_opts;
+    let spec = suite.slurm.overridden(&hmsa_lab::slurm::SlurmSpec {
+        partition: o.partition.clone(),
+        time: o.time.clone(),
+        cpus_per_task: o.cpus_per_task,
+        gres: o.gres.clone(),
+        tasks: o.tasks,
+        ..Default::default()
+    });
+    if spec.task_count() > 1 && !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        bail!(
+            "--slurm with {} tasks on the SQLite database {url}: SQLite on a shared filesystem is not safe for concurrent writers; \
+             give a PostgreSQL database (--db postgres://… or $HMSA_DB), or --tasks 1",
+            spec.task_count()
+        );
+    }
+    let abs = |p: &std::path::Path| std::fs::canonicalize(p).with_context(|| format!("{}", p.display()));
+    let workdir = std::env::current_dir()?;
+    let log_dir = workdir.join(&suite.header.runs_dir).join("slurm");
+    let job = hmsa_lab::slurm::Job {
+        name: suite.header.name.clone(),
+        binary: std::env::current_exe()?,
+        suite: abs(&a.suite)?,
+        db: if url.contains("://") {
+            url.to_string()
+        } else {
+            workdir.join(url).display().to_string()
+        },
+        sets: a.sets.clone(),
+        workdir,
+        log_dir: log_dir.clone(),
+        stale_after: a.stale_after,
+    };
+    let script = hmsa_lab::slurm::script(&job, &spec);
+    if a.dry_run {
+        print!("{script}");
+        return Ok(());
+    }
+    // The database and the data exist before any task starts.
+    Store::open(url)?;
+    for r in &suite.runs {
+        r.config.data_root()?;
+    }
+    let (id, path) = hmsa_lab::slurm::submit(&script, &log_dir, &suite.header.name)?;
+    println!(
+        "submitted job {id}: {} worker task(s) on {url} (script {}, logs {}/{id}_*.out)",
+        spec.task_count(),
+        path.display(),
+        log_dir.display()
+    );
+    println!("watch: hmsa-lab runs --db {url}    squeue -j {id}");
+    Ok(())
+}
+
+/// `hmsa-lab worker`.
+pub fn worker(a: WorkerArgs) -> Result<()> {
+    let (suite, url) = load_suite(&a.suite, &a.sets, a.db.as_deref())?;
+    let rt = runtime()?;
+    let store = Store::open(&url)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(&rt, stop.clone());
+    let opts = RunOptions {
+        stale_ms: a.stale_after as i64 * 1000,
+        ..Default::default()
+    };
+    let w = hmsa_lab::lab::WorkerOptions {
+        wait: a.wait,
+        max_runs: a.max_runs,
+        poll_secs: a.poll,
+    };
+    let (out, why) = hmsa_lab::lab::work(&store, &suite, &opts, &w, stop.clone())?;
+    if stop.load(Ordering::Relaxed) {
+        return Err(Exit::Interrupted(format!("worker interrupted ({why}); its run is resumable")).into());
+    }
+    let failed: Vec<String> = out
+        .iter()
+        .filter_map(|(v, s, o)| match o {
+            Outcome::Failed(e) => Some(format!("  {v} seed {s}: {e}")),
+            _ => None,
+        })
+        .collect();
+    if !failed.is_empty() {
+        return Err(Exit::Unfinished(format!("run(s) failed on this worker:\n{}", failed.join("\n"))).into());
+    }
+    Ok(())
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let cfg = RunConfig::from_toml_file(&a.config)?;
+    let rt = runtime()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(&rt, stop.clone());
+    let report = hmsa_lab::train::train(&cfg, &a.out, &mut UntilSignal(stop))?;
+    if !report.finished {
+        return Err(Exit::Interrupted(format!(
+            "interrupted at step {}, checkpoint saved; the same command resumes",
+            report.step
+        ))
+        .into());
+    }
+    let weights = report.weights.context("training did not finish")?;
+    let net = checkpoint::load(&cfg.model, &weights, &device()?)?;
+    let results = hmsa_lab::eval::evaluate(&net, &cfg.val_dataset()?, &cfg.eval.sets, &device()?)?;
+    let path = a.out.join("eval.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    for r in &results {
+        println!(
+            "{:<13} {:<20} flip={:<5} mIoU {:.4}  pixel acc {:.4}  {:.0} ms/image",
+            r.set.fusion.name(),
+            r.set.scales,
+            r.set.flip,
+            r.metrics.miou,
+            r.metrics.pixel_acc,
+            r.ms_per_image
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The network outside the lab: `infer`, `model`, `eval` (scoring a
+//! folder of predictions) and `autolabel`.
+
+use crate::cli::*;
+use crate::process::*;
+use anyhow::{Context, Result};
+use hmsa_lab::data::{Dataset, Labels};
+use hmsa_lab::eval::infer::{infer_all, read_inputs, InferOptions};
+use hmsa_lab::model::{checkpoint, flops};
+
+pub fn infer(a: InferArgs) -> Result<()> {
+    let cfg = a.net.resolve()?;
+    let dev = device()?;
+    let net = checkpoint::load(&cfg, &a.checkpoint, &dev)?;
+    let opts = InferOptions {
+        scales: a.scales.unwrap_or_else(|| cfg.scales.clone()),
+        fusion: a.fusion.unwrap_or(cfg.fusion),
+        flip: a.flip,
+        out_dir: a.out,
+        dump: a.dump,
+    };
+    let mut inputs = vec![];
+    for p in &a.inputs {
+        inputs.extend(read_inputs(p, &dev)?);
+    }
+    for p in infer_all(&net, &inputs, &opts)? {
+        println!("{}", p.display());
+    }
+    Ok(())
+}
+
+pub fn model(a: ModelArgs) -> Result<()> {
+    let cfg = a.net.resolve()?;
+    let (h, w) = parse_size(&a.size)?;
+    let listing = checkpoint::state_dict_listing(&cfg)?;
+    for (name, shape) in &listing {
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        if dims.is_empty() {
+            println!("{name}");
+        } else {
+            println!("{name} {}", dims.join(","));
+        }
+    }
+    let params = checkpoint::parameter_count(&listing);
+    let f = flops::count(&cfg, h, w)?;
+    println!("parameters: {params}");
+    println!(
+        "GFLOPs at {h}x{w}: {:.1} per forward at 1.0x; {:.1} for {} fusion on {}",
+        f.single as f64 / 1e9,
+        f.fused as f64 / 1e9,
+        cfg.fusion,
+        cfg.scales
+    );
+    Ok(())
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let (m, n) = hmsa_lab::eval::folder::score_folders(&a.pred_dir, &a.gt_dir)?;
+    let names: Vec<&str> = hmsa_lab::data::cityscapes::CLASSES
+        .iter()
+        .map(|c| c.name)
+        .collect();
+    match a.format {
+        TextOrJson::Json => {
+            let per: serde_json::Map<String, serde_json::Value> = names
+                .iter()
+                .zip(&m.iou)
+                .map(|(n, v)| (n.to_string(), v.map_or(serde_json::Value::Null, |v| v.into())))
+                .collect();
+            let out = serde_json::json!({"miou": m.miou, "images": n, "pixel_acc": m.pixel_acc, "iou": per});
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        TextOrJson::Table => {
+            let mut t = comfy_table::Table::new();
+            t.set_header(vec!["class", "IoU"]);
+            for (name, v) in names.iter().zip(&m.iou) {
+                t.add_row(vec![
+                    name.to_string(),
+                    v.map_or("-".into(), |v| format!("{:.4}", v)),
+                ]);
+            }
+            println!(
+                "{t}\nmIoU {:.4} over {n} images (pixel accuracy {:.4})",
+                m.miou, m.pixel_acc
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn autolabel(a: AutolabelArgs) -> Result<()> {
+    let cfg = a.net.resolve()?;
+    let dev = device()?;
+    let net = checkpoint::load(&cfg, &a.checkpoint, &dev)?;
+    let ds = Dataset::open(&a.data, &a.split, Labels::None)?;
+    let scales = a.scales.unwrap_or_else(|| cfg.scales.clone());
+    let fusion = a.fusion.unwrap_or(cfg.fusion);
+    let s = hmsa_lab::autolabel::autolabel(&net, &ds, &scales, fusion, a.threshold, &a.out, &dev)?;
+    let total = (s.kept.iter().sum::<u64>() + s.dropped).max(1) as f64;
+    println!("{} images labelled into {}", s.images, a.out.display());
+    for (c, k) in hmsa_lab::data::cityscapes::CLASSES.iter().zip(&s.kept) {
+        if *k > 0 {
+            println!("  {:<14} {:>6.2}% of pixels", c.name, 100.0 * *k as f64 / total);
+        }
+    }
+    println!(
+        "  {:<14} {:>6.2}% of pixels (below {})",
+        "ignored",
+        100.0 * s.dropped as f64 / total,
+        a.threshold
+    );
+    Ok(())
+}
+
+pub fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (h, w) = s
+        .split_once('x')
+        .with_context(|| format!("--size `{s}`: expected HxW, e.g. 1024x2048"))?;
+    Ok((
+        h.trim()
+            .parse()
+            .with_context(|| format!("--size `{s}`: bad height"))?,
+        w.trim()
+            .parse()
+            .with_context(|| format!("--size `{s}`: bad width"))?,
+    ))
+}
