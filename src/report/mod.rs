@@ -4,6 +4,7 @@
 //! `reports/<suite>/`, and draw the figures with plotters (PNG and SVG, text
 //! from the embedded DejaVu Sans, so no system fonts are needed).
 
+pub mod compare;
 pub mod figures;
 pub mod paper;
 pub mod stats;

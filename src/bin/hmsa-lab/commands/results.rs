@@ -199,83 +199,37 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         .iter()
         .map(|r| resolve_run(&store, r))
         .collect::<Result<_>>()?;
-    let mut params = vec![];
-    let mut evals = vec![];
-    for id in &runs {
-        store.run(*id)?.with_context(|| format!("no run {id}"))?;
-        params.push(
-            store
-                .params(*id)?
-                .into_iter()
-                .collect::<std::collections::BTreeMap<_, _>>(),
-        );
-        evals.push(store.evaluations(*id)?);
-    }
-    let keys: std::collections::BTreeSet<&String> = params.iter().flat_map(|p| p.keys()).collect();
-    let mut rows = vec![];
-    for k in keys {
-        let vals: Vec<String> = params
-            .iter()
-            .map(|p| p.get(k).cloned().unwrap_or_else(|| "–".into()))
-            .collect();
-        if vals.iter().any(|v| *v != vals[0]) {
-            let mut row = vec![k.clone()];
-            row.extend(vals);
-            rows.push(row);
-        }
-    }
+    let c = report::compare::compare(&store, &runs)?;
     if format == TextOrJson::Json {
-        let diff: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| {
-                let values: Vec<serde_json::Value> = r[1..]
-                    .iter()
-                    .map(|v| {
-                        if v == "–" {
-                            serde_json::Value::Null
-                        } else {
-                            v.clone().into()
-                        }
-                    })
-                    .collect();
-                serde_json::json!({"key": r[0], "values": values})
-            })
-            .collect();
-        let ev: Vec<serde_json::Value> = evals[0]
-            .iter()
-            .map(|e0| {
-                let miou: Vec<Option<f64>> = evals
-                    .iter()
-                    .map(|es| es.iter().find(|e| e.key() == e0.key()).map(|e| e.miou))
-                    .collect();
-                let delta: Vec<Option<f64>> = miou.iter().map(|m| m.map(|m| m - e0.miou)).collect();
-                serde_json::json!({"scales": e0.scales.to_string(), "fusion": e0.fusion, "flip": e0.flip,
-                                   "miou": miou, "delta": delta})
-            })
-            .collect();
-        let out = serde_json::json!({"runs": runs, "params": diff, "evaluations": ev});
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&c)?);
         return Ok(());
     }
+    let rows: Vec<Vec<String>> = c
+        .params
+        .iter()
+        .map(|d| {
+            let mut row = vec![d.key.clone()];
+            row.extend(d.values.iter().map(|v| v.clone().unwrap_or_else(|| "–".into())));
+            row
+        })
+        .collect();
     let mut head = vec!["param".to_string()];
     head.extend(runs.iter().map(|r| format!("run {r}")));
     println!("{}", report::terminal_table(&head, &rows));
     let mut erows = vec![];
-    for e0 in &evals[0] {
-        let mut row = vec![
-            format!("{} {} flip={}", e0.fusion, e0.scales, e0.flip),
-            format!("{:.2}", 100.0 * e0.miou),
-        ];
-        for other in &evals[1..] {
-            row.push(
-                other
-                    .iter()
-                    .find(|e| e.key() == e0.key())
-                    .map_or("–".into(), |e| {
-                        format!("{:.2} ({:+.2})", 100.0 * e.miou, 100.0 * (e.miou - e0.miou))
-                    }),
-            );
-        }
+    for e in &c.evaluations {
+        let mut row = vec![format!("{} {} flip={}", e.fusion, e.scales, e.flip)];
+        row.extend(
+            e.miou
+                .iter()
+                .zip(&e.delta)
+                .enumerate()
+                .map(|(i, (m, d))| match (m, d) {
+                    (Some(m), _) if i == 0 => format!("{:.2}", 100.0 * m),
+                    (Some(m), Some(d)) => format!("{:.2} ({:+.2})", 100.0 * m, 100.0 * d),
+                    _ => "–".into(),
+                }),
+        );
         erows.push(row);
     }
     let mut head = vec!["evaluation".to_string(), format!("run {} mIoU %", runs[0])];
