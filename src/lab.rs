@@ -234,6 +234,10 @@ impl Observer for LabObserver<'_> {
         Some(self.progress.label.clone())
     }
 
+    fn on_evaluating(&mut self, sets: usize, images: usize) {
+        self.progress.on_evaluating(sets, images);
+    }
+
     fn on_eval(&mut self, step: usize, results: &[crate::eval::EvalResult]) -> Result<()> {
         let rows: Vec<(String, i64, f64)> = results
             .iter()
@@ -242,6 +246,62 @@ impl Observer for LabObserver<'_> {
         let rows: Vec<(&str, i64, f64)> = rows.iter().map(|(k, s, v)| (k.as_str(), *s, *v)).collect();
         self.store.log_metrics(self.id, &rows)
     }
+}
+
+impl Observer for Progress {
+    fn on_evaluating(&mut self, sets: usize, images: usize) {
+        self.say(&format!(
+            "evaluating {sets} set(s) on {images} validation image(s)"
+        ));
+    }
+}
+
+/// How [`train_and_evaluate`] ended.
+#[derive(Debug)]
+pub enum Trained {
+    /// The observer stopped training at `step`; the checkpoint is saved
+    /// and the same call resumes.
+    Interrupted { step: usize },
+    /// Trained to the end; `weights` evaluated on the validation split.
+    Finished {
+        step: usize,
+        weights: PathBuf,
+        evals: Vec<crate::eval::EvalResult>,
+    },
+}
+
+/// Trains `cfg` in `dir` (resuming from its checkpoint), then evaluates
+/// its `[eval] sets` on the validation split: `hmsa-lab train`, and each
+/// run of a suite.
+pub fn train_and_evaluate(cfg: &RunConfig, dir: &Path, obs: &mut dyn Observer) -> Result<Trained> {
+    let rep = crate::train::train(cfg, dir, obs)?;
+    if !rep.finished {
+        return Ok(Trained::Interrupted { step: rep.step });
+    }
+    let weights = rep
+        .weights
+        .ok_or_else(|| Error::invalid("train", "finished without weights"))?;
+    let evals = evaluate_weights(cfg, &weights, &cfg.eval.sets, obs)?;
+    Ok(Trained::Finished {
+        step: rep.step,
+        weights,
+        evals,
+    })
+}
+
+/// Evaluates `sets` of the network `cfg.model` with `weights` on `cfg`'s
+/// validation split.
+pub fn evaluate_weights(
+    cfg: &RunConfig,
+    weights: &Path,
+    sets: &[crate::config::EvalKey],
+    obs: &mut dyn Observer,
+) -> Result<Vec<crate::eval::EvalResult>> {
+    let dev = crate::device()?;
+    let net = checkpoint::load(&cfg.model, weights, &dev)?;
+    let val = cfg.val_dataset()?;
+    obs.on_evaluating(sets.len(), val.len());
+    crate::eval::evaluate(&net, &val, sets, &dev)
 }
 
 /// Each planned run's (variant, seed, outcome), in plan order.
@@ -571,10 +631,10 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
         })
     };
     let result = (|| -> Result<Outcome> {
-        let dev = crate::device()?;
-        let weights = run_dir.join("model.safetensors");
-        let (outcome, step, sets) = if done && !opts.force {
-            (Outcome::Evaluated, row.step, missing)
+        let (outcome, step, weights, evals) = if done && !opts.force {
+            let weights = run_dir.join("model.safetensors");
+            let evals = evaluate_weights(&r.config, &weights, &missing, &mut Progress::new(ctx.label(r)))?;
+            (Outcome::Evaluated, row.step, weights, evals)
         } else {
             let owner = crate::gc::Owner {
                 store: ctx.store_id.clone(),
@@ -601,21 +661,14 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
                 stop,
                 progress: Progress::new(ctx.label(r)),
             };
-            let rep = crate::train::train(&cfg, &run_dir, &mut obs)?;
-            if !rep.finished {
-                store.end_run(row.id, who, Status::Killed, Some("interrupted"))?;
-                return Ok(Outcome::Killed);
+            match train_and_evaluate(&cfg, &run_dir, &mut obs)? {
+                Trained::Interrupted { .. } => {
+                    store.end_run(row.id, who, Status::Killed, Some("interrupted"))?;
+                    return Ok(Outcome::Killed);
+                }
+                Trained::Finished { step, weights, evals } => (Outcome::Trained, step as i64, weights, evals),
             }
-            (Outcome::Trained, rep.step as i64, r.config.eval.sets.clone())
         };
-        let net = checkpoint::load(&r.config.model, &weights, &dev)?;
-        let val = r.config.val_dataset()?;
-        Progress::new(ctx.label(r)).say(&format!(
-            "evaluating {} set(s) on {} validation image(s)",
-            sets.len(),
-            val.len()
-        ));
-        let evals = crate::eval::evaluate(&net, &val, &sets, &dev)?;
         let arts = vec![(
             "weights".to_string(),
             weights.display().to_string(),

@@ -63,6 +63,9 @@ pub trait Observer {
     fn progress_label(&self) -> Option<String> {
         None
     }
+    /// The final evaluation of `sets` evaluations on `images` validation
+    /// images is about to start (after training).
+    fn on_evaluating(&mut self, _sets: usize, _images: usize) {}
     /// The validation evaluations of `[eval] every` at `step`.
     fn on_eval(&mut self, _step: usize, _results: &[crate::eval::EvalResult]) -> Result<()> {
         Ok(())

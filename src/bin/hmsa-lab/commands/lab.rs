@@ -6,8 +6,7 @@ use crate::process::*;
 use anyhow::{bail, Context, Result};
 use hmsa_lab::config::suite::Suite;
 use hmsa_lab::config::RunConfig;
-use hmsa_lab::lab::{run_suite, Outcome, RunOptions};
-use hmsa_lab::model::checkpoint;
+use hmsa_lab::lab::{run_suite, train_and_evaluate, Outcome, RunOptions, Trained};
 use hmsa_lab::report;
 use hmsa_lab::store::Store;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -240,17 +239,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let rt = runtime()?;
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(&rt, stop.clone());
-    let report = hmsa_lab::train::train(&cfg, &a.out, &mut UntilSignal(stop))?;
-    if !report.finished {
-        return Err(Exit::Interrupted(format!(
-            "interrupted at step {}, checkpoint saved; the same command resumes",
-            report.step
-        ))
-        .into());
-    }
-    let weights = report.weights.context("training did not finish")?;
-    let net = checkpoint::load(&cfg.model, &weights, &device()?)?;
-    let results = hmsa_lab::eval::evaluate(&net, &cfg.val_dataset()?, &cfg.eval.sets, &device()?)?;
+    let results = match train_and_evaluate(&cfg, &a.out, &mut UntilSignal(stop))? {
+        Trained::Interrupted { step } => {
+            return Err(Exit::Interrupted(format!(
+                "interrupted at step {step}, checkpoint saved; the same command resumes"
+            ))
+            .into())
+        }
+        Trained::Finished { evals, .. } => evals,
+    };
     let path = a.out.join("eval.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("writing {}", path.display()))?;
