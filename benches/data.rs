@@ -3,10 +3,12 @@
 //! forward + backward of the small preset (hierarchical {0.5, 1.0}) on the
 //! same batch, with the loader running alongside as in training.
 
-use hmsa_lab::data::augment::AugmentConfig;
+use hmsa_lab::config::AugmentConfig;
+use hmsa_lab::config::SamplerConfig;
+use hmsa_lab::config::SynthConfig;
 use hmsa_lab::data::loader::Loader;
-use hmsa_lab::data::sampler::{epoch_plan, Centroids, SamplerConfig, Source};
-use hmsa_lab::data::synth::{self, SynthConfig};
+use hmsa_lab::data::sampler::{epoch_plan, Centroids, Source};
+use hmsa_lab::data::synth;
 use hmsa_lab::data::{Dataset, Labels};
 use hmsa_lab::model::init::seeded_varbuilder;
 use hmsa_lab::model::{HmsaNet, ModelConfig};

@@ -12,6 +12,7 @@
 //! (the default memory pool's high-water mark; the CUDA context and
 //! cuBLAS workspaces not counted). GPU times end at a device synchronise.
 
+use crate::meter::MemoryMeter;
 use crate::model::init::seeded_varbuilder;
 use crate::model::{Fusion, HmsaNet, ModelConfig, Precision, Scales};
 use crate::Result;
@@ -31,19 +32,6 @@ pub struct ForwardRow {
     pub median_ms: f64,
     pub reps: usize,
     pub peak_mib: Option<f64>,
-}
-
-/// Resets the peak-RSS counter (Linux); false where unsupported.
-pub fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
-/// Peak resident set size in MiB since the last reset (Linux).
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
 
 /// Times `reps` inference forwards after one warm-up.
@@ -103,85 +91,6 @@ pub fn time_forward(
         reps: times.len(),
         peak_mib: mem.peak_mib(),
     })
-}
-
-/// The peak memory of a case: host peak RSS on the CPU; on a GPU, the
-/// high-water mark of the device's default memory pool, where candle's
-/// stream-ordered allocations live (reset at the start).
-enum MemoryMeter {
-    Host(bool),
-    #[cfg(feature = "cuda")]
-    Gpu(candle_core::CudaDevice),
-}
-
-impl MemoryMeter {
-    fn start(dev: &Device) -> Self {
-        match dev {
-            #[cfg(feature = "cuda")]
-            Device::Cuda(d) => {
-                gpu_pool::reset_peak(d);
-                MemoryMeter::Gpu(d.clone())
-            }
-            _ => MemoryMeter::Host(reset_peak_rss()),
-        }
-    }
-
-    /// The peak in MiB since `start`, where measured.
-    fn peak_mib(self) -> Option<f64> {
-        match self {
-            MemoryMeter::Host(reset) => reset.then(peak_rss_mib).flatten(),
-            #[cfg(feature = "cuda")]
-            MemoryMeter::Gpu(d) => gpu_pool::peak(&d).map(|b| b as f64 / (1024.0 * 1024.0)),
-        }
-    }
-}
-
-/// The used-memory high-water mark of a GPU's default memory pool.
-#[cfg(feature = "cuda")]
-mod gpu_pool {
-    use candle_core::cuda::cudarc::driver::sys;
-    use candle_core::CudaDevice;
-
-    fn pool(d: &CudaDevice) -> Option<sys::CUmemoryPool> {
-        let stream = d.cuda_stream();
-        let ctx = stream.context();
-        if !ctx.has_async_alloc() || ctx.bind_to_thread().is_err() {
-            return None;
-        }
-        let mut p = std::ptr::null_mut();
-        // SAFETY: a plain query into a local; the context is bound.
-        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut p, ctx.cu_device()) };
-        (r == sys::CUresult::CUDA_SUCCESS).then_some(p)
-    }
-
-    pub fn reset_peak(d: &CudaDevice) {
-        if let Some(p) = pool(d) {
-            let mut zero = 0u64;
-            // SAFETY: USED_MEM_HIGH takes a u64 and may only be set to 0.
-            unsafe {
-                sys::cuMemPoolSetAttribute(
-                    p,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                    (&mut zero as *mut u64).cast(),
-                );
-            }
-        }
-    }
-
-    pub fn peak(d: &CudaDevice) -> Option<u64> {
-        d.cuda_stream().synchronize().ok()?;
-        let p = pool(d)?;
-        let mut v = 0u64;
-        // SAFETY: USED_MEM_HIGH is read into a u64.
-        let r = unsafe {
-            sys::cuMemPoolGetAttribute(
-                p,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&mut v as *mut u64).cast(),
-            )
-        };
-        (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
-    }
 }
 
 /// One benchmark case, run in its own process so its peak memory is its own.
@@ -386,8 +295,8 @@ impl Case {
                 let x = Tensor::randn(0f32, 1., (*batch, 3, crop.0, crop.1), &dev)?
                     .to_dtype(precision.dtype())?;
                 let y = Tensor::zeros((*batch, crop.0, crop.1), candle_core::DType::U32, &dev)?;
-                let loss_cfg = crate::train::loss::LossConfig {
-                    main: crate::train::loss::MainLoss::Ce,
+                let loss_cfg = crate::config::LossConfig {
+                    main: crate::config::MainLoss::Ce,
                     ..Default::default()
                 };
                 let split = std::env::var_os("HMSA_STEP_TIMES").is_some();
@@ -451,7 +360,7 @@ impl Case {
                 reps,
             } => {
                 let t = time_loader(*workers, *batch, *batches, *reps)?;
-                let aug = crate::data::augment::AugmentConfig::default();
+                let aug = crate::config::AugmentConfig::default();
                 (
                     format!("loader {workers} worker(s)"),
                     format!(
@@ -517,8 +426,9 @@ fn precision_tag(p: Precision) -> String {
 /// loader (default augmentation) from a freshly generated synthetic dataset
 /// in a temporary folder, removed afterwards.
 fn time_loader(workers: usize, batch: usize, batches: usize, reps: usize) -> Result<(f64, f64)> {
+    use crate::config::SamplerConfig;
     use crate::data::loader::Loader;
-    use crate::data::sampler::{epoch_plan, Centroids, SamplerConfig, Source};
+    use crate::data::sampler::{epoch_plan, Centroids, Source};
     use crate::data::{synth, Dataset, Labels};
     use std::sync::Arc;
 
@@ -530,7 +440,7 @@ fn time_loader(workers: usize, batch: usize, batches: usize, reps: usize) -> Res
         }
     }
     let dir = TempDir(std::env::temp_dir().join(format!("hmsa-bench-data-{}", std::process::id())));
-    let cfg = synth::SynthConfig {
+    let cfg = crate::config::SynthConfig {
         train: 24,
         val: 0,
         train_extra: 0,
@@ -553,7 +463,7 @@ fn time_loader(workers: usize, batch: usize, batches: usize, reps: usize) -> Res
         0,
     )?);
     let sources = Arc::new(vec![ds.clone()]);
-    let aug = crate::data::augment::AugmentConfig::default();
+    let aug = crate::config::AugmentConfig::default();
     timed(&Device::Cpu, reps, || {
         let loader = Loader::spawn(sources.clone(), plan.clone(), 0, aug.clone(), 0, 0, workers, 4);
         for b in loader {

@@ -299,7 +299,7 @@ pub fn evaluate_weights(
 ) -> Result<Vec<crate::eval::EvalResult>> {
     let dev = crate::device()?;
     let net = checkpoint::load(&cfg.model, weights, &dev)?;
-    let val = cfg.val_dataset()?;
+    let val = crate::data::val_dataset(&cfg.data)?;
     obs.on_evaluating(sets.len(), val.len());
     crate::eval::evaluate(&net, &val, sets, &dev)
 }
@@ -723,7 +723,7 @@ fn with_autolabels(
             &PathBuf::from(&row.run_dir).join("model.safetensors"),
             &dev,
         )?;
-        let ds = Dataset::open(&cfg.data_root()?, &spec.split, Labels::None)?;
+        let ds = Dataset::open(&crate::data::root(&cfg.data)?, &spec.split, Labels::None)?;
         let scales = spec
             .scales
             .clone()

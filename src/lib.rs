@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod gc;
 pub mod lab;
+pub mod meter;
 pub mod mlflow;
 pub mod model;
 pub mod report;

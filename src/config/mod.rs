@@ -3,17 +3,15 @@
 //! variant) deserialises into [`RunConfig`]; unknown keys and wrong types are
 //! errors that name the file, line and key.
 
+pub mod data;
+pub mod recipe;
 pub mod runx;
 pub mod suite;
 
-use crate::data::augment::AugmentConfig;
-use crate::data::sampler::SamplerConfig;
-use crate::data::synth::SynthConfig;
-use crate::data::{Dataset, Labels};
 use crate::model::{Fusion, ModelConfig, Precision, Scales};
-use crate::train::loss::LossConfig;
-use crate::train::optim::OptimConfig;
 use crate::{Error, Result};
+pub use data::{AugmentConfig, SamplerConfig, SynthConfig};
+pub use recipe::{LossConfig, MainLoss, OptimConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -249,47 +247,6 @@ impl RunConfig {
             }
         }
         Ok(())
-    }
-
-    /// The dataset root, generating the synthetic benchmark when needed.
-    pub fn data_root(&self) -> Result<PathBuf> {
-        match &self.data.root {
-            Some(r) => Ok(r.clone()),
-            None => {
-                crate::data::synth::generate(&self.data.synth, &self.data.synth_dir)?;
-                Ok(self.data.synth_dir.clone())
-            }
-        }
-    }
-
-    /// The training split and the second source, if any.
-    pub fn train_sources(&self) -> Result<Vec<Dataset>> {
-        let root = self.data_root()?;
-        let mut first = Dataset::open(&root, &self.data.train_split, Labels::Fine)?;
-        if self.data.long_edge.is_some() {
-            first.long_edge = self.data.long_edge;
-        }
-        let mut v = vec![first];
-        if let Some(s) = &self.data.second {
-            let labels = if s.labels == "coarse" {
-                Labels::Coarse
-            } else {
-                Labels::Fine
-            };
-            v.push(Dataset::open(&s.root, &s.split, labels)?);
-        }
-        Ok(v)
-    }
-
-    pub fn val_dataset(&self) -> Result<Dataset> {
-        let mut ds = Dataset::open(&self.data_root()?, &self.data.val_split, Labels::Fine)?;
-        if self.data.long_edge.is_some() {
-            ds.long_edge = self.data.long_edge;
-        }
-        if let Some(n) = self.data.val_limit {
-            ds.samples.truncate(n);
-        }
-        Ok(ds)
     }
 }
 

@@ -21,7 +21,7 @@ use toml::{Table, Value};
 struct SuiteFile {
     suite: SuiteHeader,
     #[serde(default)]
-    slurm: crate::slurm::SlurmSpec,
+    slurm: SlurmSpec,
     #[serde(default)]
     defaults: Option<Value>,
     #[serde(default)]
@@ -140,7 +140,7 @@ pub struct Suite {
     pub file: PathBuf,
     pub header: SuiteHeader,
     /// `[slurm]`: how `run --slurm` submits the suite.
-    pub slurm: crate::slurm::SlurmSpec,
+    pub slurm: SlurmSpec,
     pub baseline: String,
     pub runs: Vec<PlannedRun>,
 }
@@ -517,4 +517,45 @@ fn check_name(name: &str) -> std::result::Result<(), String> {
         return Err(format!("`{name}` starts with a dot"));
     }
     Ok(())
+}
+/// `[slurm]` in a suite (every key optional; flags of `run --slurm`
+/// override them).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSpec {
+    /// `--partition`.
+    pub partition: Option<String>,
+    /// `--time`, e.g. "04:00:00".
+    pub time: Option<String>,
+    /// `--cpus-per-task`.
+    pub cpus_per_task: Option<u32>,
+    /// `--gres`, e.g. "gpu:1".
+    pub gres: Option<String>,
+    /// Tasks in the array (workers); default 1.
+    pub tasks: Option<u32>,
+    /// Further `#SBATCH` options, e.g. ["--mem=32G", "--account=lab"].
+    #[serde(default)]
+    pub extra: Vec<String>,
+    /// Shell lines run before the worker, e.g. ["module load cuda"].
+    #[serde(default)]
+    pub setup: Vec<String>,
+}
+
+impl SlurmSpec {
+    /// `self` with the keys `over` sets replaced.
+    pub fn overridden(&self, over: &SlurmSpec) -> SlurmSpec {
+        SlurmSpec {
+            partition: over.partition.clone().or_else(|| self.partition.clone()),
+            time: over.time.clone().or_else(|| self.time.clone()),
+            cpus_per_task: over.cpus_per_task.or(self.cpus_per_task),
+            gres: over.gres.clone().or_else(|| self.gres.clone()),
+            tasks: over.tasks.or(self.tasks),
+            extra: [self.extra.clone(), over.extra.clone()].concat(),
+            setup: [self.setup.clone(), over.setup.clone()].concat(),
+        }
+    }
+
+    pub fn task_count(&self) -> u32 {
+        self.tasks.unwrap_or(1).max(1)
+    }
 }

@@ -7,65 +7,13 @@
 
 use super::image::{MEAN, STD};
 use super::IGNORE;
+use crate::config::AugmentConfig;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use image::imageops::{self, FilterType};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use rand::rngs::StdRng;
 use rand::Rng;
-use serde::{Deserialize, Serialize};
-
-/// Augmentation settings (the official defaults).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AugmentConfig {
-    /// Crop height and width.
-    pub crop: [u32; 2],
-    pub scale_min: f64,
-    pub scale_max: f64,
-    pub flip: bool,
-    /// Probability of a gaussian blur with sigma in [0.15, 1.3].
-    pub blur: f64,
-    /// Brightness, contrast, saturation factors in [1 − j, 1 + j]; hue shift
-    /// in [−j/2, j/2] turns (the official ColorJitter(0.25, ...) clamps hue
-    /// to 0.5).
-    pub color_jitter: f64,
-}
-
-impl Default for AugmentConfig {
-    fn default() -> Self {
-        Self {
-            crop: [256, 512],
-            scale_min: 0.5,
-            scale_max: 2.0,
-            flip: true,
-            blur: 0.5,
-            color_jitter: 0.25,
-        }
-    }
-}
-
-impl AugmentConfig {
-    pub fn validate(&self, field: &str) -> Result<()> {
-        let bad = |k: &str, m: &str| Err(Error::invalid(format!("{field}.{k}"), m));
-        if self.crop.iter().any(|&c| c == 0 || c % 32 != 0) {
-            return bad(
-                "crop",
-                "must be positive multiples of 32 (HRNet's lowest branch has stride 32)",
-            );
-        }
-        if !(self.scale_min > 0.0 && self.scale_min <= self.scale_max) {
-            return bad("scale_min", "needs 0 < scale_min <= scale_max");
-        }
-        if !(0.0..=1.0).contains(&self.blur) {
-            return bad("blur", "is a probability in [0, 1]");
-        }
-        if !(0.0..1.0).contains(&self.color_jitter) {
-            return bad("color_jitter", "must be in [0, 1)");
-        }
-        Ok(())
-    }
-}
 
 /// Mean colour used for padding: normalises to zero.
 fn pad_color() -> Rgb<u8> {

@@ -5,9 +5,10 @@
 //! its content does not depend on which worker made it or when: a resumed
 //! run sees the same batches as an uninterrupted one.
 
-use super::augment::{augment, to_tensors, AugmentConfig};
+use super::augment::{augment, to_tensors};
 use super::sampler::Item;
 use super::Dataset;
+use crate::config::AugmentConfig;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;

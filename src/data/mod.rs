@@ -15,6 +15,7 @@ pub mod mapillary;
 pub mod sampler;
 pub mod synth;
 
+use crate::config::DataConfig;
 use crate::{Error, Result};
 use ::image::{GrayImage, RgbImage};
 use std::path::{Path, PathBuf};
@@ -290,4 +291,47 @@ pub fn resize_long_edge(img: RgbImage, label: Option<GrayImage>, edge: u32) -> (
     let img = ::image::imageops::resize(&img, nw, nh, ::image::imageops::FilterType::Triangle);
     let label = label.map(|l| ::image::imageops::resize(&l, nw, nh, ::image::imageops::FilterType::Nearest));
     (img, label)
+}
+
+/// The dataset root of `cfg`: `root`, else the synthetic benchmark in
+/// `synth_dir`, completed there first (files already written are kept; a
+/// `synth.toml` already there must match the settings).
+pub fn root(cfg: &DataConfig) -> Result<PathBuf> {
+    match &cfg.root {
+        Some(r) => Ok(r.clone()),
+        None => {
+            synth::generate(&cfg.synth, &cfg.synth_dir)?;
+            Ok(cfg.synth_dir.clone())
+        }
+    }
+}
+
+/// The training split and the second source, if any.
+pub fn train_sources(cfg: &DataConfig) -> Result<Vec<Dataset>> {
+    let mut first = Dataset::open(&root(cfg)?, &cfg.train_split, Labels::Fine)?;
+    if cfg.long_edge.is_some() {
+        first.long_edge = cfg.long_edge;
+    }
+    let mut v = vec![first];
+    if let Some(s) = &cfg.second {
+        let labels = if s.labels == "coarse" {
+            Labels::Coarse
+        } else {
+            Labels::Fine
+        };
+        v.push(Dataset::open(&s.root, &s.split, labels)?);
+    }
+    Ok(v)
+}
+
+/// The validation split (its first `val_limit` images).
+pub fn val_dataset(cfg: &DataConfig) -> Result<Dataset> {
+    let mut ds = Dataset::open(&root(cfg)?, &cfg.val_split, Labels::Fine)?;
+    if cfg.long_edge.is_some() {
+        ds.long_edge = cfg.long_edge;
+    }
+    if let Some(n) = cfg.val_limit {
+        ds.samples.truncate(n);
+    }
+    Ok(ds)
 }

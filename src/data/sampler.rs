@@ -13,6 +13,7 @@
 //!   classes (`second_boost`).
 
 use super::Dataset;
+use crate::config::SamplerConfig;
 use crate::{Error, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -126,35 +127,6 @@ pub struct Item {
 pub struct Source<'a> {
     pub dataset: &'a Dataset,
     pub centroids: Option<&'a Centroids>,
-}
-
-/// Sampling settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SamplerConfig {
-    /// Share of crops centred on a class centroid (official CLASS_UNIFORM_PCT 0.5).
-    pub class_uniform: f64,
-    /// Centroid tile size in pixels.
-    pub tile: u32,
-    /// Share of each batch drawn from the second source.
-    pub second_share: f64,
-    /// Train ids whose centroids in the second source join the primary's
-    /// class-uniform lists, as the official `coarse_boost_classes`
-    /// (datasets/cityscapes.py: the coarse centroids of those classes are
-    /// appended to the fine ones). With any, the second source enters
-    /// batches only that way and `second_share` is not used.
-    pub second_boost: Vec<usize>,
-}
-
-impl Default for SamplerConfig {
-    fn default() -> Self {
-        Self {
-            class_uniform: 0.5,
-            tile: 256,
-            second_share: 0.5,
-            second_boost: vec![],
-        }
-    }
 }
 
 /// One crop from `src` (source index `source`): a class-uniform crop with

@@ -27,78 +27,13 @@
 //! - The rest (sky, buildings, sidewalk, road) is easy scenery.
 
 use super::cityscapes::{label_to_train, CLASSES};
+use crate::config::SynthConfig;
 use crate::{Error, Result};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::path::{Path, PathBuf};
-
-/// Generator options (sizes in pixels, counts per split).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SynthConfig {
-    pub seed: u64,
-    pub height: u32,
-    pub width: u32,
-    pub train: usize,
-    pub val: usize,
-    /// Images with coarse labels (gtCoarse) for auto-labelling.
-    pub train_extra: usize,
-    /// Images with no labels at all.
-    pub unlabeled: usize,
-    /// Largest semi-axis of the context regions.
-    pub blob_radius: u32,
-    /// Erosion (pixels) of coarse labels.
-    pub coarse_erosion: u32,
-}
-
-impl Default for SynthConfig {
-    fn default() -> Self {
-        Self {
-            seed: 0,
-            height: 256,
-            width: 512,
-            train: 120,
-            val: 30,
-            train_extra: 240,
-            unlabeled: 0,
-            blob_radius: 100,
-            coarse_erosion: 6,
-        }
-    }
-}
-
-impl SynthConfig {
-    /// The smallest scene the layout fits in (sky, buildings, road, a
-    /// field of each context class, objects), in pixels.
-    pub const MIN_SIZE: u32 = 64;
-
-    /// Checks sizes and counts; `field` prefixes the key in messages.
-    pub fn validate(&self, field: &str) -> Result<()> {
-        for (k, v) in [("height", self.height), ("width", self.width)] {
-            if v < Self::MIN_SIZE {
-                return Err(Error::invalid(
-                    format!("{field}.{k}"),
-                    format!("{v} is below the smallest scene, {} pixels", Self::MIN_SIZE),
-                ));
-            }
-            if v > 8192 {
-                return Err(Error::invalid(
-                    format!("{field}.{k}"),
-                    format!("{v} is above 8192 pixels"),
-                ));
-            }
-        }
-        if self.blob_radius == 0 {
-            return Err(Error::invalid(
-                format!("{field}.blob_radius"),
-                "must be at least 1",
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// labelIds of the classes the generator draws.
 pub mod ids {
@@ -780,7 +715,7 @@ impl CueAcc {
 /// scenes; the cues are measured on validation scenes at each scale and
 /// on training scenes resampled as `augment` resamples them (one random
 /// scale per scene, drawn from `seed`).
-pub fn stats(cfg: &SynthConfig, augment: &super::augment::AugmentConfig, n: usize) -> Stats {
+pub fn stats(cfg: &SynthConfig, augment: &crate::config::AugmentConfig, n: usize) -> Stats {
     // (class 0 = vegetation / 1 = terrain, 7x7 patch features) on a grid.
     let samples = |s: &Scene| -> Vec<(usize, [f64; 6])> {
         let mut v = vec![];

@@ -7,16 +7,15 @@ pub mod folder;
 pub mod infer;
 pub mod metrics;
 
-use crate::bench::{peak_rss_mib, reset_peak_rss};
 use crate::config::EvalKey;
 use crate::data::image::normalize;
 use crate::data::Dataset;
+use crate::meter::{MemoryMeter, Stopwatch};
 use crate::model::{Fusion, HmsaNet, ScaleOutput};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use metrics::{Confusion, Metrics};
 use serde::Serialize;
-use std::time::Instant;
 
 /// The outcome of one evaluation set over a split.
 #[derive(Debug, Clone, Serialize)]
@@ -60,7 +59,7 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalKey], device: &Device) 
     type ClassSums = Vec<(f64, Vec<(f64, u64)>)>;
     let mut attn_class: Vec<ClassSums> = sets.iter().map(|_| vec![]).collect();
     let mut ms: Vec<f64> = vec![0.0; sets.len()];
-    let reset = reset_peak_rss();
+    let mem = MemoryMeter::start(device);
     let mut images = 0;
     for i in 0..ds.len() {
         let (img, label) = ds.load(i)?;
@@ -72,9 +71,9 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalKey], device: &Device) 
             let mut outs = vec![];
             let mut times = vec![];
             for (j, &s) in scales.iter().enumerate() {
-                let t = Instant::now();
+                let t = Stopwatch::start(device)?;
                 outs.push(net.forward_scale(x, s, with_attn && j > 0, false)?);
-                times.push(t.elapsed().as_secs_f64() * 1e3);
+                times.push(t.ms()?);
             }
             Ok((outs, times))
         };
@@ -85,7 +84,7 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalKey], device: &Device) 
             None
         };
         for (si, set) in sets.iter().enumerate() {
-            let t = Instant::now();
+            let t = Stopwatch::start(device)?;
             let pick = |o: &[ScaleOutput]| -> Vec<ScaleOutput> {
                 o.iter()
                     .filter(|o| set.scales.contains(&o.scale))
@@ -128,10 +127,10 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalKey], device: &Device) 
                     }
                 }
             }
-            ms[si] += own + t.elapsed().as_secs_f64() * 1e3;
+            ms[si] += own + t.ms()?;
         }
     }
-    let peak = if reset { peak_rss_mib() } else { None };
+    let peak = mem.peak_mib();
     let n = images.max(1) as f64;
     Ok(sets
         .iter()

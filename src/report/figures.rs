@@ -601,7 +601,7 @@ fn attention_maps(s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let dev = candle_core::Device::Cpu;
     let net = crate::model::checkpoint::load(&cfg.model, &weights, &dev)?;
-    let mut ds = cfg.val_dataset()?;
+    let mut ds = crate::data::val_dataset(&cfg.data)?;
     ds.samples.truncate(2);
     let EvalKey { scales, fusion, .. } = row.key.eval.clone();
     let mut files = vec![];

@@ -7,13 +7,13 @@
 //! [`forward_substitute`] are written with tensor ops, column by column, and
 //! candle differentiates them like any other graph (9x9 matrices, batched).
 
+use crate::config::{LossConfig, MainLoss};
 use crate::model::{Fused, ScaleOutput};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, D};
 use hmsa_kernels::cross_entropy::one_hot;
 use hmsa_kernels::resize::resize_via;
 use hmsa_kernels::{self as kernels};
-use serde::{Deserialize, Serialize};
 
 /// Ignore label of train-id maps.
 pub const IGNORE: u32 = 255;
@@ -186,38 +186,6 @@ pub fn rmi(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let per_class = (rmi_now.reshape((n, c))?.mean(0)? / d as f64)?;
     let rmi = per_class.sum_all()?.to_dtype(logits.dtype())?;
     Ok(((bce * 0.5)? + (rmi * 0.5)?)?)
-}
-
-/// Which loss supervises the fused prediction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MainLoss {
-    Rmi,
-    Ce,
-}
-
-/// The paper's loss recipe.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LossConfig {
-    pub main: MainLoss,
-    /// OCR_ALPHA: weight of the cross-entropy on the fused aux logits.
-    pub aux_weight: f64,
-    /// SUPERVISED_MSCALE_WT: weight of the cross-entropy on each scale's own
-    /// prediction (the official code turns RMI off for these terms).
-    pub scale_weight: f64,
-    pub class_weights: Option<Vec<f32>>,
-}
-
-impl Default for LossConfig {
-    fn default() -> Self {
-        Self {
-            main: MainLoss::Rmi,
-            aux_weight: 0.4,
-            scale_weight: 0.0,
-            class_weights: None,
-        }
-    }
 }
 
 /// The parts of one step's loss.

@@ -195,7 +195,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
         tracing::info!(step, "resuming");
     }
 
-    let sources = cfg.train_sources()?;
+    let sources = crate::data::train_sources(&cfg.data)?;
     let cache = |ds: &crate::data::Dataset, tag: &str| {
         ds.root.join(".hmsa-cache").join(format!(
             "centroids-{}-{tag}-{}.json",
@@ -319,7 +319,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             if let Some(every) = cfg.eval.every {
                 if step % every == 0 || step == total {
                     if val.is_none() {
-                        val = Some(cfg.val_dataset()?);
+                        val = Some(crate::data::val_dataset(&cfg.data)?);
                     }
                     let ds = val.as_ref().expect("opened above");
                     let results = crate::eval::evaluate(&net, ds, &cfg.eval.sets, &dev)?;

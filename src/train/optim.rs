@@ -5,37 +5,12 @@
 //! `θ −= lr·buf`. Variables without a gradient (BN running statistics) are
 //! left alone. The momentum buffers are saved by name for exact resume.
 
+use crate::config::OptimConfig;
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
-
-/// Optimiser and schedule settings (the paper's recipe by default).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimConfig {
-    pub lr: f64,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    /// Exponent of the polynomial decay (2.0 for Cityscapes in the paper).
-    pub poly_power: f64,
-    /// Linear warm-up steps from 0 to `lr`.
-    pub warmup_steps: usize,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        Self {
-            lr: 0.01,
-            momentum: 0.9,
-            weight_decay: 5e-4,
-            poly_power: 2.0,
-            warmup_steps: 0,
-        }
-    }
-}
 
 /// Learning rate at `step` (0-based) of `total`.
 pub fn lr_at(cfg: &OptimConfig, step: usize, total: usize) -> f64 {

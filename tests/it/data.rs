@@ -1,9 +1,11 @@
 //! Datasets on disk, the synthetic benchmark, sampling and loading.
 
-use hmsa_lab::data::augment::AugmentConfig;
+use hmsa_lab::config::AugmentConfig;
+use hmsa_lab::config::SamplerConfig;
+use hmsa_lab::config::SynthConfig;
 use hmsa_lab::data::loader::Loader;
-use hmsa_lab::data::sampler::{epoch_plan, Centroids, SamplerConfig, Source};
-use hmsa_lab::data::synth::{self, SynthConfig};
+use hmsa_lab::data::sampler::{epoch_plan, Centroids, Source};
+use hmsa_lab::data::synth;
 use hmsa_lab::data::{check, Dataset, Labels};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use std::path::Path;

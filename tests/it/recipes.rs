@@ -61,7 +61,7 @@ fn import_runx_maps_each_flag_and_refuses_what_it_cannot() {
     assert_eq!(c.data.augment.crop, [1024, 2048]);
     assert_eq!((c.train.batch, c.train.epochs), (1, Some(175)));
     assert_eq!((c.train.optim.lr, c.train.optim.poly_power), (5e-3, 2.0));
-    assert_eq!(c.train.loss.main, hmsa_lab::train::loss::MainLoss::Rmi);
+    assert_eq!(c.train.loss.main, hmsa_lab::config::MainLoss::Rmi);
     assert_eq!(c.train.loss.scale_weight, 0.05);
     assert_eq!(c.model, {
         let mut m = hmsa_lab::model::ModelConfig::w48();

@@ -110,7 +110,7 @@ fn a_small_model_overfits_one_image() {
         .unwrap();
         let res = hmsa_lab::eval::evaluate(
             &net,
-            &cfg.val_dataset().unwrap(),
+            &hmsa_lab::data::val_dataset(&cfg.data).unwrap(),
             &cfg.eval.sets,
             &candle_core::Device::Cpu,
         )
@@ -136,7 +136,7 @@ fn rmi_is_finite_and_decreases() {
     let d = tempfile::tempdir().unwrap();
     blocks_dataset(d.path());
     let mut cfg = overfit_config(d.path());
-    cfg.train.loss.main = hmsa_lab::train::loss::MainLoss::Rmi;
+    cfg.train.loss.main = hmsa_lab::config::MainLoss::Rmi;
     cfg.train.steps = 30;
     let r = train(&cfg, &d.path().join("run"), &mut Quiet).unwrap();
     let main: Vec<f32> = r.steps.iter().map(|s| s.main).collect();
@@ -240,7 +240,7 @@ fn resuming_mid_epoch_repeats_the_uninterrupted_run_exactly() {
         let d = tempfile::tempdir().unwrap();
         blocks_dataset_n(d.path(), 5);
         let mut cfg = overfit_config(d.path());
-        cfg.data.augment = hmsa_lab::data::augment::AugmentConfig {
+        cfg.data.augment = hmsa_lab::config::AugmentConfig {
             crop: [64, 64],
             ..Default::default()
         };
@@ -249,7 +249,7 @@ fn resuming_mid_epoch_repeats_the_uninterrupted_run_exactly() {
         cfg.model.fusion = fusion;
         cfg.model.scales = scales.into();
         if what.contains("RMI") {
-            cfg.train.loss.main = hmsa_lab::train::loss::MainLoss::Rmi;
+            cfg.train.loss.main = hmsa_lab::config::MainLoss::Rmi;
         }
         if second {
             let extra = d.path().join("auto");
@@ -339,7 +339,7 @@ fn evaluation_sets_share_one_pass_and_match_single_runs() {
         },
         3,
     );
-    let ds = cfg.val_dataset().unwrap();
+    let ds = hmsa_lab::data::val_dataset(&cfg.data).unwrap();
     let set = |s: &[f64], f, flip| EvalKey {
         scales: s.to_vec().into(),
         fusion: f,
@@ -529,8 +529,9 @@ fn autolabel_writes_a_cityscapes_layout_the_sampler_reads() {
 #[test]
 fn a_mixed_precision_step_matches_the_f32_step() {
     use candle_core::{DType, Device, Tensor};
+    use hmsa_lab::config::LossConfig;
     use hmsa_lab::model::{init::seeded_varbuilder, HmsaNet, ModelConfig};
-    use hmsa_lab::train::loss::{combined, LossConfig};
+    use hmsa_lab::train::loss::combined;
     let dev = Device::Cpu;
     let cfg = ModelConfig::small();
     let vm = candle_nn::VarMap::new();
@@ -602,8 +603,9 @@ fn a_mixed_precision_step_matches_the_f32_step() {
 #[test]
 fn the_cut_training_graph_gives_the_whole_graphs_gradients() {
     use candle_core::{DType, Device, Tensor};
+    use hmsa_lab::config::LossConfig;
     use hmsa_lab::model::{init::seeded_varbuilder, Fusion, HmsaNet, ModelConfig};
-    use hmsa_lab::train::loss::{combined, LossConfig};
+    use hmsa_lab::train::loss::combined;
     use hmsa_lab::train::step;
     let dev = Device::Cpu;
     let n = 2 * 64 * 96;
@@ -704,9 +706,10 @@ fn the_cut_training_graph_gives_the_whole_graphs_gradients() {
 #[test]
 fn a_hierarchical_training_step_matches_the_official_pytorch_step() {
     use candle_core::{DType, Device, Tensor, Var};
+    use hmsa_lab::config::{LossConfig, MainLoss, OptimConfig};
     use hmsa_lab::model::{Fusion, ModelConfig};
-    use hmsa_lab::train::loss::{combined, LossConfig, MainLoss};
-    use hmsa_lab::train::optim::{OptimConfig, Sgd};
+    use hmsa_lab::train::loss::combined;
+    use hmsa_lab::train::optim::Sgd;
     use hmsa_lab::train::step;
     let dev = Device::Cpu;
     let fx = candle_core::safetensors::load(data("trainstep.safetensors"), &dev).unwrap();

@@ -4,11 +4,12 @@ use crate::cli::*;
 use crate::process::*;
 use anyhow::{Context, Result};
 use hmsa_lab::config::suite::Suite;
-use hmsa_lab::data::synth::{self, SynthConfig};
+use hmsa_lab::config::SynthConfig;
+use hmsa_lab::data::synth;
 use hmsa_lab::data::{check, Dataset, Labels};
 
 pub fn synth(a: SynthArgs) -> Result<()> {
-    let mut augment = hmsa_lab::data::augment::AugmentConfig::default();
+    let mut augment = hmsa_lab::config::AugmentConfig::default();
     let mut cfg = match (&a.config, &a.suite) {
         (Some(p), _) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;

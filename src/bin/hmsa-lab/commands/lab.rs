@@ -148,7 +148,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 /// `run --slurm`: the job array's script, printed (--dry-run) or submitted.
 pub fn submit_slurm(a: &RunArgs, suite: &Suite, url: &str) -> Result<()> {
     let o = &a.slurm_opts;
-    let spec = suite.slurm.overridden(&hmsa_lab::slurm::SlurmSpec {
+    let spec = suite.slurm.overridden(&hmsa_lab::config::suite::SlurmSpec {
         partition: o.partition.clone(),
         time: o.time.clone(),
         cpus_per_task: o.cpus_per_task,
@@ -188,7 +188,7 @@ pub fn submit_slurm(a: &RunArgs, suite: &Suite, url: &str) -> Result<()> {
     // The database and the data exist before any task starts.
     Store::open(url)?;
     for r in &suite.runs {
-        r.config.data_root()?;
+        hmsa_lab::data::root(&r.config.data)?;
     }
     let (id, path) = hmsa_lab::slurm::submit(&script, &log_dir, &suite.header.name)?;
     println!(
