@@ -142,76 +142,21 @@ struct LabObserver<'a> {
     id: i64,
     who: &'a str,
     stop: &'a AtomicBool,
-    progress: Progress,
-}
-
-/// Plain progress lines where no progress bar is drawn (off a terminal:
-/// nohup, Slurm logs, CI): `[run i/N] variant seed s step k/S loss … lr …
-/// ETA …` every `HMSA_PROGRESS_SECS` seconds (30 by default), and a line
-/// per evaluation and auto-labelling. Silent with `HMSA_NO_PROGRESS`.
-pub(crate) struct Progress {
-    label: String,
-    on: bool,
-    every: std::time::Duration,
-    last: Option<std::time::Instant>,
-    started: std::time::Instant,
-    first_step: Option<usize>,
-}
-
-impl Progress {
-    pub(crate) fn new(label: String) -> Self {
-        use std::io::IsTerminal;
-        let every = std::env::var("HMSA_PROGRESS_SECS")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(30.0);
-        Progress {
-            label,
-            on: std::env::var_os("HMSA_NO_PROGRESS").is_none() && !std::io::stderr().is_terminal(),
-            every: std::time::Duration::from_secs_f64(every.max(0.0)),
-            last: None,
-            started: std::time::Instant::now(),
-            first_step: None,
-        }
-    }
-
-    pub(crate) fn say(&self, what: &str) {
-        if self.on {
-            eprintln!("{} {what}", self.label);
-        }
-    }
-
-    fn step(&mut self, m: &StepMetrics, total: usize) {
-        if !self.on {
-            return;
-        }
-        let first = *self.first_step.get_or_insert(m.step.saturating_sub(1));
-        let due = self.last.is_none_or(|t| t.elapsed() >= self.every) || m.step == total;
-        if !due {
-            return;
-        }
-        self.last = Some(std::time::Instant::now());
-        let done = m.step.saturating_sub(first).max(1) as f64;
-        let per = self.started.elapsed().as_secs_f64() / done;
-        let eta = per * total.saturating_sub(m.step) as f64;
-        eprintln!(
-            "{} step {}/{total} loss {:.4} lr {:.2e} ETA {}",
-            self.label,
-            m.step,
-            m.loss,
-            m.lr,
-            if eta >= 60.0 {
-                format!("{:.0} min", eta / 60.0)
-            } else {
-                format!("{eta:.0} s")
-            }
-        );
-    }
+    /// The display the caller installed for this run.
+    progress: Box<dyn Observer + 'a>,
 }
 
 impl Observer for LabObserver<'_> {
+    fn on_start(&mut self, start: usize, total: usize) {
+        self.progress.on_start(start, total);
+    }
+
+    fn on_end(&mut self, step: usize, finished: bool) {
+        self.progress.on_end(step, finished);
+    }
+
     fn on_step(&mut self, m: &StepMetrics) -> Result<()> {
-        self.progress.step(m, m.total);
+        self.progress.on_step(m)?;
         let s = m.step as i64;
         self.store.log_metrics(
             self.id,
@@ -230,10 +175,6 @@ impl Observer for LabObserver<'_> {
         self.stop.load(Ordering::Relaxed)
     }
 
-    fn progress_label(&self) -> Option<String> {
-        Some(self.progress.label.clone())
-    }
-
     fn on_evaluating(&mut self, sets: usize, images: usize) {
         self.progress.on_evaluating(sets, images);
     }
@@ -245,14 +186,6 @@ impl Observer for LabObserver<'_> {
             .collect();
         let rows: Vec<(&str, i64, f64)> = rows.iter().map(|(k, s, v)| (k.as_str(), *s, *v)).collect();
         self.store.log_metrics(self.id, &rows)
-    }
-}
-
-impl Observer for Progress {
-    fn on_evaluating(&mut self, sets: usize, images: usize) {
-        self.say(&format!(
-            "evaluating {sets} set(s) on {images} validation image(s)"
-        ));
     }
 }
 
@@ -304,6 +237,10 @@ pub fn evaluate_weights(
     crate::eval::evaluate(&net, &val, sets, &dev)
 }
 
+/// Makes the progress display of one run from its label (`[run i/N]
+/// variant seed s`); the binary installs a bar or plain lines.
+pub type MakeProgress = dyn Fn(&str) -> Box<dyn Observer> + Sync;
+
 /// Each planned run's (variant, seed, outcome), in plan order.
 pub type Outcomes = Vec<(String, u64, Outcome)>;
 
@@ -327,8 +264,9 @@ pub fn run_suite(
     suite: &Suite,
     opts: &RunOptions,
     stop: Arc<AtomicBool>,
+    progress: &MakeProgress,
 ) -> Result<Vec<(String, u64, Outcome)>> {
-    let ctx = Ctx::new(store, suite, opts, &stop)?;
+    let ctx = Ctx::new(store, suite, opts, &stop, progress)?;
     let mut out = vec![];
     for r in &suite.runs {
         if stop.load(Ordering::Relaxed) {
@@ -352,8 +290,9 @@ pub fn work(
     opts: &RunOptions,
     w: &WorkerOptions,
     stop: Arc<AtomicBool>,
+    progress: &MakeProgress,
 ) -> Result<(Outcomes, String)> {
-    let ctx = Ctx::new(store, suite, opts, &stop)?;
+    let ctx = Ctx::new(store, suite, opts, &stop, progress)?;
     eprintln!("worker {} on {}", ctx.who, store.url());
     let mut executed = 0usize;
     // Runs this worker saw fail: not retried by it (another worker, or a
@@ -431,6 +370,7 @@ impl<'a> Ctx<'a> {
         suite: &'a Suite,
         opts: &'a RunOptions,
         stop: &'a Arc<AtomicBool>,
+        progress: &'a MakeProgress,
     ) -> Result<Self> {
         let h = &suite.header;
         store.upsert_suite(
@@ -449,6 +389,7 @@ impl<'a> Ctx<'a> {
             who,
             prov,
             stop,
+            progress,
             store_id: store.id()?,
             started,
         })
@@ -509,6 +450,7 @@ struct Ctx<'a> {
     who: String,
     prov: Provenance,
     stop: &'a Arc<AtomicBool>,
+    progress: &'a MakeProgress,
     /// The database's id, written into each run folder's owner file.
     store_id: String,
     /// When this process started (ms): `--force` retrains only runs that
@@ -633,7 +575,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
     let result = (|| -> Result<Outcome> {
         let (outcome, step, weights, evals) = if done && !opts.force {
             let weights = run_dir.join("model.safetensors");
-            let evals = evaluate_weights(&r.config, &weights, &missing, &mut Progress::new(ctx.label(r)))?;
+            let evals = evaluate_weights(&r.config, &weights, &missing, &mut *(ctx.progress)(&ctx.label(r)))?;
             (Outcome::Evaluated, row.step, weights, evals)
         } else {
             let owner = crate::gc::Owner {
@@ -659,7 +601,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
                 id: row.id,
                 who,
                 stop,
-                progress: Progress::new(ctx.label(r)),
+                progress: (ctx.progress)(&ctx.label(r)),
             };
             match train_and_evaluate(&cfg, &run_dir, &mut obs)? {
                 Trained::Interrupted { .. } => {

@@ -44,9 +44,15 @@ pub struct StepMetrics {
     pub secs: f64,
 }
 
-/// Hooks for whoever runs the training (the lab records steps in its
-/// database and stops on Ctrl-C).
+/// Hooks for whoever runs the training: the lab records steps in its
+/// database and stops on Ctrl-C; the binary draws the progress (a bar on
+/// a terminal, plain lines elsewhere). Every hook does nothing by default.
 pub trait Observer {
+    /// Training starts (or resumes) at `start` of `total` steps.
+    fn on_start(&mut self, _start: usize, _total: usize) {}
+    /// Training ended at `step`: `finished`, or stopped by
+    /// [`Observer::should_stop`] with a checkpoint saved.
+    fn on_end(&mut self, _step: usize, _finished: bool) {}
     /// Sees each batch's train-id labels, (B, H, W) u32, before its step
     /// (`step` is the step it will be): what the sampler and the second
     /// source put into the batches.
@@ -59,10 +65,6 @@ pub trait Observer {
     fn on_checkpoint(&mut self, _step: usize, _dir: &Path) -> Result<()> {
         Ok(())
     }
-    /// A label for the progress bar, e.g. the run's place in its suite.
-    fn progress_label(&self) -> Option<String> {
-        None
-    }
     /// The final evaluation of `sets` evaluations on `images` validation
     /// images is about to start (after training).
     fn on_evaluating(&mut self, _sets: usize, _images: usize) {}
@@ -73,6 +75,44 @@ pub trait Observer {
     /// Checked after every step; true saves a checkpoint and returns.
     fn should_stop(&self) -> bool {
         false
+    }
+}
+
+/// Two observers as one: every hook goes to both (`self.0` first); training
+/// stops when either asks.
+pub struct Tee<A, B>(pub A, pub B);
+
+impl<A: Observer, B: Observer> Observer for Tee<A, B> {
+    fn on_start(&mut self, start: usize, total: usize) {
+        self.0.on_start(start, total);
+        self.1.on_start(start, total);
+    }
+    fn on_end(&mut self, step: usize, finished: bool) {
+        self.0.on_end(step, finished);
+        self.1.on_end(step, finished);
+    }
+    fn on_batch(&mut self, step: usize, labels: &Tensor) -> Result<()> {
+        self.0.on_batch(step, labels)?;
+        self.1.on_batch(step, labels)
+    }
+    fn on_step(&mut self, m: &StepMetrics) -> Result<()> {
+        self.0.on_step(m)?;
+        self.1.on_step(m)
+    }
+    fn on_checkpoint(&mut self, step: usize, dir: &Path) -> Result<()> {
+        self.0.on_checkpoint(step, dir)?;
+        self.1.on_checkpoint(step, dir)
+    }
+    fn on_evaluating(&mut self, sets: usize, images: usize) {
+        self.0.on_evaluating(sets, images);
+        self.1.on_evaluating(sets, images);
+    }
+    fn on_eval(&mut self, step: usize, results: &[crate::eval::EvalResult]) -> Result<()> {
+        self.0.on_eval(step, results)?;
+        self.1.on_eval(step, results)
+    }
+    fn should_stop(&self) -> bool {
+        self.0.should_stop() || self.1.should_stop()
     }
 }
 
@@ -218,20 +258,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
     let total = t.epochs.map_or(t.steps, |e| e * per_epoch);
     let sources = Arc::new(sources);
 
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} {bar:30} {pos}/{len} steps {per_sec} {msg} (eta {eta})",
-        )
-        .expect("template"),
-    );
-    if let Some(l) = obs.progress_label() {
-        bar.set_prefix(l);
-    }
-    if std::env::var_os("HMSA_NO_PROGRESS").is_some() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_position(start as u64);
+    obs.on_start(start, total);
 
     let mut report = TrainReport {
         step: start,
@@ -308,8 +335,6 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             };
             obs.on_step(&m)?;
             report.steps.push(m);
-            bar.set_position(step as u64);
-            bar.set_message(format!("loss {value:.4} lr {lr:.2e}"));
             tracing::debug!(step, loss = value, lr, "step");
             let stop = obs.should_stop();
             if step % t.checkpoint_every == 0 || step == total || stop {
@@ -328,7 +353,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             }
             if stop {
                 report.step = step;
-                bar.abandon_with_message(format!("stopped at step {step}"));
+                obs.on_end(step, false);
                 return Ok(report);
             }
             if step >= total {
@@ -336,7 +361,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
             }
         }
     }
-    bar.finish_and_clear();
+    obs.on_end(step, true);
     let weights = run_dir.join("model.safetensors");
     let tmp = run_dir.join("model.safetensors.tmp");
     crate::model::checkpoint::save_varmap(&vm, &tmp)?;

@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod output;
 mod process;
+mod progress;
 
 use anyhow::Result;
 use clap::Parser;

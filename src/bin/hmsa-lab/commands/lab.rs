@@ -3,12 +3,14 @@
 
 use crate::cli::*;
 use crate::process::*;
+use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use hmsa_lab::config::suite::Suite;
 use hmsa_lab::config::RunConfig;
 use hmsa_lab::lab::{run_suite, train_and_evaluate, Outcome, RunOptions, Trained};
 use hmsa_lab::report;
 use hmsa_lab::store::Store;
+use hmsa_lab::train::Tee;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -91,7 +93,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         stale_ms: a.stale_after as i64 * 1000,
         ..Default::default()
     };
-    let out = run_suite(&store, &suite, &opts, stop.clone())?;
+    let out = run_suite(&store, &suite, &opts, stop.clone(), &Progress::boxed)?;
     let failed = out.iter().filter(|o| matches!(o.2, Outcome::Failed(_))).count();
     let busy = out.iter().filter(|o| o.2 == Outcome::Busy).count();
     let removed = out.iter().filter(|o| matches!(o.2, Outcome::Removed(_))).count();
@@ -217,7 +219,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         max_runs: a.max_runs,
         poll_secs: a.poll,
     };
-    let (out, why) = hmsa_lab::lab::work(&store, &suite, &opts, &w, stop.clone())?;
+    let (out, why) = hmsa_lab::lab::work(&store, &suite, &opts, &w, stop.clone(), &Progress::boxed)?;
     if stop.load(Ordering::Relaxed) {
         return Err(Exit::Interrupted(format!("worker interrupted ({why}); its run is resumable")).into());
     }
@@ -239,7 +241,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let rt = runtime()?;
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(&rt, stop.clone());
-    let results = match train_and_evaluate(&cfg, &a.out, &mut UntilSignal(stop))? {
+    let label = format!("[{}]", a.config.display());
+    let mut obs = Tee(UntilSignal(stop), Progress::new(&label));
+    let results = match train_and_evaluate(&cfg, &a.out, &mut obs)? {
         Trained::Interrupted { step } => {
             return Err(Exit::Interrupted(format!(
                 "interrupted at step {step}, checkpoint saved; the same command resumes"
