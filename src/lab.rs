@@ -611,11 +611,17 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
                 Trained::Finished { step, weights, evals } => (Outcome::Trained, step as i64, weights, evals),
             }
         };
-        let arts = vec![(
+        let mut arts = vec![(
             "weights".to_string(),
             weights.display().to_string(),
             digest(&weights),
         )];
+        // the attention maps the report draws
+        for e in &evals {
+            for p in crate::eval::write_attention(&run_dir, e)? {
+                arts.push(("attention".to_string(), p.display().to_string(), digest(&p)));
+            }
+        }
         store.finish_run(row.id, who, step, &evals, &arts)?;
         Ok(outcome)
     })();

@@ -2,6 +2,11 @@
 //! fusions and flips in one pass (each scale's outputs computed once per
 //! image and fused every requested way), metrics, and scoring a folder of
 //! labelIds predictions as the official Cityscapes script does.
+//!
+//! Attention-fused sets also keep the weight maps of the first
+//! [`ATTENTION_IMAGES`] images ([`AttentionSample`]); the lab writes them
+//! into the run folder ([`write_attention`]) and the report draws them
+//! from there ([`read_attention`]), so the report never runs the network.
 
 pub mod folder;
 pub mod infer;
@@ -12,10 +17,13 @@ use crate::data::image::normalize;
 use crate::data::Dataset;
 use crate::meter::{MemoryMeter, Stopwatch};
 use crate::model::{Fusion, HmsaNet, ScaleOutput};
-use crate::Result;
+use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
 use metrics::{Confusion, Metrics};
 use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 /// The outcome of one evaluation set over a split.
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +42,84 @@ pub struct EvalResult {
     /// Peak resident memory of the whole pass (MiB), where measurable.
     pub peak_mib: Option<f64>,
     pub images: usize,
+    /// Hierarchical and explicit sets: the first [`ATTENTION_IMAGES`]
+    /// images with each scale's weight map.
+    #[serde(skip)]
+    pub attention: Vec<AttentionSample>,
+}
+
+/// How many validation images keep their attention maps.
+pub const ATTENTION_IMAGES: usize = 2;
+
+/// A validation image and the weight the fusion gave each scale's
+/// prediction there (scale, (1, 1, h, w) f32 map on the CPU).
+#[derive(Debug, Clone)]
+pub struct AttentionSample {
+    pub name: String,
+    pub image: RgbImage,
+    pub maps: Vec<(f64, Tensor)>,
+}
+
+/// The folder (under a run folder's `attention/`) of one set's maps:
+/// `hierarchical_0.5,1.0`, `explicit_0.5,1.0,2.0_flip`.
+pub fn attention_tag(set: &EvalKey) -> String {
+    format!(
+        "{}_{}{}",
+        set.fusion.name(),
+        set.scales,
+        if set.flip { "_flip" } else { "" }
+    )
+}
+
+/// Writes `r.attention` as `dir/attention/<tag>/<i>_<image>.safetensors`
+/// (tensors `image`, u8 (H, W, 3), and `attn_<scale>`); returns the files.
+pub fn write_attention(dir: &Path, r: &EvalResult) -> Result<Vec<PathBuf>> {
+    let folder = dir.join("attention").join(attention_tag(&r.set));
+    if r.attention.is_empty() {
+        return Ok(vec![]);
+    }
+    std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+    let mut files = vec![];
+    for (i, a) in r.attention.iter().enumerate() {
+        let (w, h) = a.image.dimensions();
+        let mut m: HashMap<String, Tensor> = HashMap::new();
+        let img = Tensor::from_vec(
+            a.image.as_raw().clone(),
+            (h as usize, w as usize, 3),
+            &Device::Cpu,
+        )?;
+        m.insert("image".into(), img);
+        for (s, t) in &a.maps {
+            m.insert(
+                format!("attn_{}", crate::model::scales::format_scale(*s)),
+                t.clone(),
+            );
+        }
+        let p = folder.join(format!("{i}_{}.safetensors", a.name));
+        candle_core::safetensors::save(&m, &p)
+            .map_err(|e| Error::io(&p, std::io::Error::other(e.to_string())))?;
+        files.push(p);
+    }
+    Ok(files)
+}
+
+/// Reads a file of [`write_attention`]: the image's name is the file's
+/// stem after `<i>_`; maps ordered from the highest scale down.
+pub fn read_attention(path: &Path) -> Result<AttentionSample> {
+    let bad = |m: String| Error::invalid(path.display().to_string(), m);
+    let m = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| bad(e.to_string()))?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let name = stem.split_once('_').map_or(stem, |(_, n)| n).to_string();
+    let img = m.get("image").ok_or_else(|| bad("no `image` tensor".into()))?;
+    let (h, w, _) = img.dims3()?;
+    let image = RgbImage::from_raw(w as u32, h as u32, img.flatten_all()?.to_vec1::<u8>()?)
+        .ok_or_else(|| bad("`image` is not (H, W, 3)".into()))?;
+    let mut maps: Vec<(f64, Tensor)> = m
+        .iter()
+        .filter_map(|(k, t)| Some((k.strip_prefix("attn_")?.parse::<f64>().ok()?, t.clone())))
+        .collect();
+    maps.sort_by(|a, b| b.0.total_cmp(&a.0));
+    Ok(AttentionSample { name, image, maps })
 }
 
 fn union_scales(sets: &[EvalKey]) -> Vec<f64> {
@@ -59,6 +145,7 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalKey], device: &Device) 
     type ClassSums = Vec<(f64, Vec<(f64, u64)>)>;
     let mut attn_class: Vec<ClassSums> = sets.iter().map(|_| vec![]).collect();
     let mut ms: Vec<f64> = vec![0.0; sets.len()];
+    let mut attention: Vec<Vec<AttentionSample>> = sets.iter().map(|_| vec![]).collect();
     let mem = MemoryMeter::start(device);
     let mut images = 0;
     for i in 0..ds.len() {
@@ -108,6 +195,18 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalKey], device: &Device) 
             let classes: Vec<u8> = pred.argmax(1)?.flatten_all()?.to_dtype(DType::U8)?.to_vec1()?;
             conf[si].add(label.as_raw(), &classes);
             if set.fusion == Fusion::Hierarchical || set.fusion == Fusion::Explicit {
+                if images <= ATTENTION_IMAGES {
+                    let maps = fused
+                        .attn
+                        .iter()
+                        .map(|(s, a)| Ok((*s, a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+                        .collect::<Result<_>>()?;
+                    attention[si].push(AttentionSample {
+                        name: ds.samples[i].name.clone(),
+                        image: img.clone(),
+                        maps,
+                    });
+                }
                 for (j, (s, a)) in fused.attn.iter().enumerate() {
                     let m = a.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     if attn_sum[si].len() <= j {
@@ -152,6 +251,7 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalKey], device: &Device) 
             ms_per_image: ms[si] / n,
             peak_mib: peak,
             images,
+            attention: std::mem::take(&mut attention[si]),
         })
         .collect())
 }

@@ -3,7 +3,6 @@
 //! attention maps per scale for a few validation images (PNG).
 
 use super::{AggRow, SuiteSummary};
-use crate::config::EvalKey;
 use crate::data::cityscapes::CLASSES;
 use crate::eval::metrics::Confusion;
 use crate::model::Fusion;
@@ -573,13 +572,14 @@ pub fn draw_all(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<PathB
             |r| draw_confusion(r, &data),
         )?);
     }
-    files.extend(attention_maps(s, dir)?);
+    files.extend(attention_maps(store, s, dir)?);
     Ok(files)
 }
 
 /// Attention per scale of the first attention-fused evaluation, from its
-/// first finished run, on the first two validation images.
-fn attention_maps(s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
+/// first finished run, on the first validation images: the maps its
+/// evaluation wrote into the run folder (artifacts of kind `attention`).
+fn attention_maps(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
     let Some(row) = s
         .rows
         .iter()
@@ -594,30 +594,30 @@ fn attention_maps(s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
     else {
         return Ok(vec![]);
     };
-    let cfg: crate::config::RunConfig = serde_json::from_str(&run.config_json).map_err(perr)?;
-    let weights = Path::new(&run.run_dir).join("model.safetensors");
-    if !weights.exists() {
-        return Ok(vec![]);
-    }
-    let dev = candle_core::Device::Cpu;
-    let net = crate::model::checkpoint::load(&cfg.model, &weights, &dev)?;
-    let mut ds = crate::data::val_dataset(&cfg.data)?;
-    ds.samples.truncate(2);
-    let EvalKey { scales, fusion, .. } = row.key.eval.clone();
+    let folder = Path::new(&run.run_dir)
+        .join("attention")
+        .join(crate::eval::attention_tag(&row.key.eval));
+    let mut saved: Vec<PathBuf> = store
+        .artifacts(run.id)?
+        .into_iter()
+        .filter(|(kind, path, _)| kind == "attention" && Path::new(path).parent() == Some(folder.as_path()))
+        .map(|(_, path, _)| PathBuf::from(path))
+        .filter(|p| p.exists())
+        .collect();
+    saved.sort();
     let mut files = vec![];
-    for i in 0..ds.len() {
-        let (img, _) = ds.load(i)?;
-        let x = crate::data::image::normalize(&img, &dev)?;
-        let (fused, _) = net.infer(&x, fusion, &scales, false, false)?;
+    for (i, f) in saved.iter().enumerate() {
+        let a = crate::eval::read_attention(f)?;
+        let img = &a.image;
         // one labelled panel: the input, then each scale's weight map
         let mut maps: Vec<(String, usize, usize, Vec<f32>)> = vec![];
-        for (sc, a) in &fused.attn {
-            let (_, _, h, w) = a.dims4()?;
+        for (sc, t) in &a.maps {
+            let (_, _, h, w) = t.dims4()?;
             maps.push((
                 format!("{}x", crate::model::scales::format_scale(*sc)),
                 h,
                 w,
-                a.flatten_all()?.to_vec1()?,
+                t.flatten_all()?.to_vec1()?,
             ));
         }
         let (iw, ih) = (img.width() as usize, img.height() as usize);
@@ -625,7 +625,7 @@ fn attention_maps(s: &SuiteSummary, dir: &Path) -> Result<Vec<PathBuf>> {
         let cell_h = (cell_w * ih / iw.max(1)).max(40);
         let cols = 1 + maps.len();
         let size = ((cols * cell_w + 20) as u32, (cell_h + 110) as u32);
-        let p = dir.join(format!("attention_{i}_{}.png", ds.samples[i].name));
+        let p = dir.join(format!("attention_{i}_{}.png", a.name));
         {
             let root = BitMapBackend::new(&p, size).into_drawing_area();
             root.fill(&WHITE).map_err(perr)?;

@@ -147,6 +147,56 @@ pub(crate) fn sqlite(db: &Path, sql: &str) -> String {
     ok(o)
 }
 
+/// The attention maps a run's evaluation wrote (which the report draws
+/// without running the network) against the network run again on the
+/// stored image with the run's weights, by `HmsaNet::infer`.
+fn attention_artifacts_are_the_networks_maps(dir: &Path, db: &Path, rep: &Path) {
+    let rows = sqlite(
+        db,
+        "SELECT r.config_json, r.run_dir, a.path FROM artifacts a JOIN runs r ON r.id = a.run_id \
+         WHERE a.kind = 'attention' AND r.variant = 'hierarchical' ORDER BY a.path",
+    );
+    let mut rdr = csv::Reader::from_reader(rows.as_bytes());
+    let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
+    // two images for each of the variant's three hierarchical sets, two seeds
+    assert_eq!(rows.len(), 12, "{rows:?}");
+    let cfg: hmsa_lab::config::RunConfig = serde_json::from_str(&rows[0][0]).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let weights = dir.join(&rows[0][1]).join("model.safetensors");
+    let net = hmsa_lab::model::checkpoint::load(&cfg.model, &weights, &dev).unwrap();
+    let file = dir.join(&rows[0][2]);
+    let a = hmsa_lab::eval::read_attention(&file).unwrap();
+    let tag = file.parent().unwrap().file_name().unwrap().to_str().unwrap();
+    let scales: hmsa_lab::model::Scales = tag.strip_prefix("hierarchical_").unwrap().parse().unwrap();
+    let x = hmsa_lab::data::image::normalize(&a.image, &dev).unwrap();
+    let (fused, _) = net
+        .infer(&x, hmsa_lab::model::Fusion::Hierarchical, &scales, false, false)
+        .unwrap();
+    assert_eq!(a.maps.len(), fused.attn.len());
+    assert!(a.maps.len() >= 1);
+    for ((s0, m0), (s1, m1)) in a.maps.iter().zip(&fused.attn) {
+        assert_eq!(s0, s1);
+        let d = (m0 - m1)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "scale {s0}: maps differ by {d}");
+    }
+    for i in 0..2 {
+        let found = std::fs::read_dir(rep.join("figures")).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("attention_{i}_"))
+        });
+        assert!(found, "attention panel {i} missing");
+    }
+}
+
 #[test]
 fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
     let d = tempfile::tempdir().unwrap();
@@ -267,6 +317,7 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
     let md = std::fs::read_to_string(rep.join("index.md")).unwrap();
     assert!(md.contains("| baseline | 1.0 | single | no |"), "{md}");
     assert!(md.contains("![miou](figures/miou.png)"));
+    attention_artifacts_are_the_networks_maps(d.path(), &db, &rep);
     // Every number the report and the README section show, recomputed
     // from the database by another route.
     let readme = d.path().join("README.md");
