@@ -173,7 +173,7 @@ fn attention_artifacts_are_the_networks_maps(dir: &Path, db: &Path, rep: &Path) 
         .infer(&x, hmsa_lab::model::Fusion::Hierarchical, &scales, false, false)
         .unwrap();
     assert_eq!(a.maps.len(), fused.attn.len());
-    assert!(a.maps.len() >= 1);
+    assert!(!a.maps.is_empty());
     for ((s0, m0), (s1, m1)) in a.maps.iter().zip(&fused.attn) {
         assert_eq!(s0, s1);
         let d = (m0 - m1)
