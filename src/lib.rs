@@ -2,8 +2,13 @@
 //! (Tao, Sapra, Catanzaro 2020, arXiv 2005.10821) in candle, and the harness
 //! that reproduces its ablations.
 //!
-//! Data flows one way: config → data → model → train → eval → store → report.
-//! This crate is the library; `src/main.rs` is the `hmsa-lab` command line.
+//! This crate is the library: `model` (the network), `config` (plain data),
+//! `data`, `eval`, `train`, `store` (the only SQL), `lab` (suites and
+//! workers), `report`, and the tools around them. The CPU kernels are the
+//! `hmsa-kernels` crate; `src/bin/hmsa-lab/` is the command line, which
+//! parses, calls these modules and prints. Imports point one way (config
+//! below data, data below eval and train, the store and lab above them);
+//! `docs/architecture.md` has the measured graph and a parameter's walk.
 
 pub mod autolabel;
 pub mod bench;
@@ -23,31 +28,19 @@ pub mod train;
 
 pub use error::{Error, Result};
 
-/// Fixes candle's CPU thread count for the life of the process; call it
-/// first thing in `main`, before any thread starts.
+/// Process settings for CPU speed; the binary and the benches call it first
+/// thing in `main`, before any thread starts:
 ///
-/// Process settings for CPU speed, called first by the binary and the
-/// benches:
+/// - `RAYON_NUM_THREADS` set once (candle 0.11 otherwise re-reads
+///   `/proc/cpuinfo` before every matmul);
+/// - glibc's mmap and trim thresholds raised and one malloc arena, so that
+///   freed activations are reused instead of returned to the system and
+///   faulted in again (peak memory unchanged; memory is not handed back
+///   before exit);
+/// - `CANDLE_BARRIER_POOL_SPIN_LIMIT=0`, so candle's own pool sleeps
+///   instead of spinning against our rayon workers.
 ///
-/// - candle 0.11 asks for its thread count before every matmul and, when
-///   `RAYON_NUM_THREADS` is unset, recounts the physical cores by reading and
-///   parsing `/proc/cpuinfo` each time (a visible share of a training step in
-///   `perf`). Setting the variable once to the same count removes that cost
-///   and changes nothing else.
-/// - glibc's malloc serves large blocks (every activation) with `mmap` and
-///   returns them to the system on free, so each new tensor costs page
-///   faults and zeroing by the kernel (a tenth of a training step in
-///   `perf`). Raising the mmap and trim thresholds keeps freed blocks in the
-///   heap for the next tensor. Peak memory is unchanged (the peak is live
-///   tensors); memory is not handed back to the system before exit. One
-///   arena for all threads: with per-thread arenas, tensors made on one
-///   pool worker and freed on another fragment the heaps (a hierarchical
-///   step's peak went 317 -> 550 MiB under [`on_pool`]).
-/// - candle's own CPU thread pool (for its element-wise ops) spins 25 000
-///   times before sleeping between jobs: with our passes on rayon's
-///   workers, that spinning thread takes CPU from them (15% of a training
-///   step's samples in `perf`). `CANDLE_BARRIER_POOL_SPIN_LIMIT=0` makes
-///   it sleep at once: training steps 8–12% faster, the small forward 12%.
+/// The measurements behind each are in `docs/performance.md`.
 pub fn setup_cpu() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads();
@@ -69,18 +62,11 @@ pub fn setup_cpu() {
 /// Runs `f` on a worker of rayon's global pool (inline when already on
 /// one) and waits for it.
 ///
-/// Our CPU ops split their passes with rayon. Called from the main thread,
-/// every such pass is injected into the pool and the caller sleeps on a
-/// latch until a worker has run it, for every op of the network, however
-/// small; called from a worker, the pass's pieces go on that worker's own
-/// deque and the other worker steals what is worth stealing. A training
-/// step of the small preset runs 11–17% faster this way (more for
-/// multi-scale, whose low scale has the smallest maps).
-///
-/// Work on another device runs on the calling thread: driven from a pool
-/// worker, candle's CUDA backend raced (f32 multi-scale inference on an
-/// H200 failed with CUDA_ERROR_ILLEGAL_ADDRESS in 4 of 4 runs, and passed
-/// 4 of 4 on the calling thread and 3 of 3 with CUDA_LAUNCH_BLOCKING=1).
+/// Our CPU ops split their passes with rayon: called from a worker, the
+/// pieces go on that worker's own deque instead of being injected into the
+/// pool with the caller asleep on a latch, for every op however small.
+/// Work on another device runs on the calling thread (driven from a pool
+/// worker, candle's CUDA backend raced). Measurements: `docs/performance.md`.
 pub fn on_pool<R: Send>(dev: &candle_core::Device, f: impl FnOnce() -> R + Send) -> R {
     if !dev.is_cpu() {
         return f();
