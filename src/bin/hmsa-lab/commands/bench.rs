@@ -1,8 +1,8 @@
 //! `bench`: runs the benchmark suites, one process per case, and records
 //! them.
 
-use crate::cli::*;
-use crate::process::*;
+use crate::cli::{BenchArgs, TextOrJson};
+use crate::process::machine;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use hmsa_lab::report;

@@ -1,7 +1,7 @@
 //! `synth` and `data check`.
 
-use crate::cli::*;
-use crate::process::*;
+use crate::cli::{CheckArgs, SynthArgs};
+use crate::process::Exit;
 use anyhow::{Context, Result};
 use hmsa_lab::config::suite::Suite;
 use hmsa_lab::config::SynthConfig;

@@ -1,8 +1,8 @@
 //! `run`, `worker` (with `run --slurm`) and `train`: training, into the
 //! results database or a folder.
 
-use crate::cli::*;
-use crate::process::*;
+use crate::cli::{RunArgs, TrainArgs, WorkerArgs};
+use crate::process::{runtime, stop_on_signals, Exit, UntilSignal};
 use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use hmsa_lab::config::suite::Suite;

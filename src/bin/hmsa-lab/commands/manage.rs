@@ -1,8 +1,8 @@
 //! Destructive commands, each showing what it will do and asking first:
 //! `rm`, `restore`, `gc`.
 
-use crate::cli::*;
-use crate::process::*;
+use crate::cli::{GcArgs, RestoreArgs, RmArgs};
+use crate::process::confirm;
 use anyhow::{bail, Context, Result};
 use hmsa_lab::store::{Status, Store};
 

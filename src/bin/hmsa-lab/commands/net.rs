@@ -1,8 +1,8 @@
 //! The network outside the lab: `infer`, `model`, `eval` (scoring a
 //! folder of predictions) and `autolabel`.
 
-use crate::cli::*;
-use crate::process::*;
+use crate::cli::{AutolabelArgs, EvalArgs, InferArgs, ModelArgs, TextOrJson};
+use crate::process::device;
 use anyhow::{Context, Result};
 use hmsa_lab::data::{Dataset, Labels};
 use hmsa_lab::eval::infer::{infer_all, read_inputs, InferOptions};

@@ -2,9 +2,11 @@
 //! mlflow`, and `import-runx` (which writes a suite file, never a
 //! database).
 
-use crate::cli::*;
+use crate::cli::{
+    CompareArgs, ImportRunxArgs, MlflowArgs, QueryArgs, ReportArgs, RunsArgs, ShowArgs, StatusArg, TextOrJson,
+};
 use crate::output::{cell, Listing};
-use crate::process::*;
+use crate::process::resolve_run;
 use anyhow::{bail, Context, Result};
 use hmsa_lab::config::suite::Suite;
 use hmsa_lab::report;
