@@ -23,6 +23,26 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
+/// [`forward_train`] with candle_nn's `BatchNorm` and candle's ops (other
+/// devices).
+pub fn forward_train_slow(
+    bn: &BatchNorm,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    let y = bn.forward_t(x, true)?;
+    let y = match residual {
+        Some(r) => (y + r)?,
+        None => y,
+    };
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
 /// `relu?(batch_norm(x) [+ residual])` on batch statistics, updating `bn`'s
 /// running statistics; gradients flow to `x`, `residual` and `bn`'s weight
 /// and bias.
@@ -37,12 +57,7 @@ pub fn forward_train(bn: &BatchNorm, x: &Tensor, residual: Option<&Tensor>, relu
         return forward_train(bn, &up(x)?, r.as_ref(), relu)?.to_dtype(x.dtype());
     }
     if !x.device().is_cpu() || x.rank() != 4 {
-        let y = bn.forward_t(x, true)?;
-        let y = match residual {
-            Some(r) => (y + r)?,
-            None => y,
-        };
-        return if relu { y.relu() } else { Ok(y) };
+        return forward_train_slow(bn, x, residual, relu);
     }
     let stats = Arc::new(Mutex::new(None));
     let op = BnTrain {
@@ -564,6 +579,26 @@ mod tests {
             } else {
                 assert!(grads.get(sv.as_tensor()).is_none());
             }
+        }
+    }
+
+    /// [`forward_train`] against [`forward_train_slow`] (candle_nn's
+    /// BatchNorm): outputs and the gradients of the input and residual, with
+    /// and without ReLU (f64).
+    #[test]
+    fn matches_the_slow_route() {
+        let dev = Device::Cpu;
+        let x = crate::testing::randn(51, 0f64, 2., (2, 3, 4, 5), &dev).unwrap();
+        let r = crate::testing::randn(52, 0f64, 1., (2, 3, 4, 5), &dev).unwrap();
+        for relu in [false, true] {
+            let make = || bn(3, DType::F64).1;
+            crate::testing::check_against_slow(
+                |t| forward_train(&make(), &t[0], Some(&t[1]), relu),
+                |t| forward_train_slow(&make(), &t[0], Some(&t[1]), relu),
+                &[x.clone(), r.clone()],
+                1e-10,
+            )
+            .unwrap();
         }
     }
 }

@@ -68,9 +68,16 @@ pub fn add_rest_up(l: &Tensor, v: &Tensor, a: &Tensor, out: (usize, usize)) -> R
         };
         return l.contiguous()?.apply_op3(&v.contiguous()?, &a.contiguous()?, op);
     }
+    add_rest_up_slow(l, v, a, out)
+}
+
+/// [`add_rest_up`] as separate ops: [`resize`], [`weight`] and candle's
+/// broadcasts (other devices and dtypes).
+pub fn add_rest_up_slow(l: &Tensor, v: &Tensor, a: &Tensor, out: (usize, usize)) -> Result<Tensor> {
+    let (_, _, ha, wa) = a.dims4()?;
     let up = |t: &Tensor, to: (usize, usize)| resize(t, to.0, to.1);
     let rest = up(v, out)?.broadcast_mul(&up(a, out)?.affine(-1.0, 1.0)?)?;
-    up(&weight(&up(l, from_a)?, a)?, out)? + rest
+    up(&weight(&up(l, (ha, wa))?, a)?, out)? + rest
 }
 
 struct AddRestUp {
@@ -347,7 +354,7 @@ pub fn softmax_channels(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4 {
         x.contiguous()?.apply_op1(SoftmaxChannels)
     } else {
-        softmax_channels_generic(x)
+        softmax_channels_slow(x)
     }
 }
 
@@ -355,7 +362,7 @@ pub fn softmax_channels(x: &Tensor) -> Result<Tensor> {
 /// copy. candle's CUDA max-reduction over dim 1 of an NCHW map reads out
 /// of bounds (compute-sanitizer: `fast_max_f32`, an illegal address on an
 /// H200), while its reductions over the last, contiguous dim are sound.
-fn softmax_channels_generic(x: &Tensor) -> Result<Tensor> {
+pub fn softmax_channels_slow(x: &Tensor) -> Result<Tensor> {
     let y = candle_nn::ops::softmax(&x.permute((0, 2, 3, 1))?.contiguous()?, candle_core::D::Minus1)?;
     y.permute((0, 3, 1, 2))?.contiguous()
 }
@@ -522,11 +529,20 @@ fn apply(kind: Kind, u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
             .contiguous()?
             .apply_op3(&v.contiguous()?, &a.contiguous()?, Blend { kind });
     }
-    let rest = || v.broadcast_mul(&a.affine(-1.0, 1.0)?);
     match kind {
-        Kind::Mix => u.broadcast_mul(a)? + rest()?,
-        Kind::Weight => u.broadcast_mul(a),
+        Kind::Mix => mix_slow(u, v, a),
+        Kind::Weight => weight_slow(u, a),
     }
+}
+
+/// [`mix`] with candle's broadcasts (other devices and dtypes).
+pub fn mix_slow(u: &Tensor, v: &Tensor, a: &Tensor) -> Result<Tensor> {
+    u.broadcast_mul(a)? + v.broadcast_mul(&a.affine(-1.0, 1.0)?)?
+}
+
+/// [`weight`] with candle's broadcasts (other devices and dtypes).
+pub fn weight_slow(u: &Tensor, a: &Tensor) -> Result<Tensor> {
+    u.broadcast_mul(a)
 }
 
 struct Blend {
@@ -872,7 +888,7 @@ mod tests {
             let x = Var::from_tensor(&x0).unwrap();
             let y = match ours {
                 0 => softmax_channels(&x).unwrap(),
-                1 => softmax_channels_generic(&x).unwrap(),
+                1 => softmax_channels_slow(&x).unwrap(),
                 _ => candle_nn::ops::softmax(&x, 1).unwrap(),
             };
             let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -884,5 +900,46 @@ mod tests {
                 assert!((a - b).abs() < 1e-12, "{a} vs {b}");
             }
         }
+    }
+
+    /// Each op against its `*_slow` route: outputs and gradients (f64).
+    #[test]
+    fn ops_match_their_slow_routes() {
+        use crate::testing::check_against_slow as check;
+        let dev = Device::Cpu;
+        let t =
+            |seed, s: (usize, usize, usize, usize)| crate::testing::randn(seed, 0f64, 1., s, &dev).unwrap();
+        let (u, v, a) = (t(40, (2, 3, 5, 7)), t(41, (2, 3, 5, 7)), t(42, (2, 1, 5, 7)));
+        check(
+            |x| mix(&x[0], &x[1], &x[2]),
+            |x| mix_slow(&x[0], &x[1], &x[2]),
+            &[u.clone(), v, a.clone()],
+            1e-12,
+        )
+        .unwrap();
+        check(
+            |x| weight(&x[0], &x[1]),
+            |x| weight_slow(&x[0], &x[1]),
+            &[u.clone(), a],
+            1e-12,
+        )
+        .unwrap();
+        check(softmax_channels_first, softmax_channels_slow_first, &[u], 1e-12).unwrap();
+        let (l, a, v) = (t(43, (1, 3, 4, 5)), t(44, (1, 1, 7, 9)), t(45, (1, 3, 7, 9)));
+        check(
+            |x| add_rest_up(&x[0], &x[1], &x[2], (13, 17)),
+            |x| add_rest_up_slow(&x[0], &x[1], &x[2], (13, 17)),
+            &[l, v, a],
+            1e-12,
+        )
+        .unwrap();
+    }
+
+    fn softmax_channels_first(x: &[Tensor]) -> Result<Tensor> {
+        softmax_channels(&x[0])
+    }
+
+    fn softmax_channels_slow_first(x: &[Tensor]) -> Result<Tensor> {
+        softmax_channels_slow(&x[0])
     }
 }

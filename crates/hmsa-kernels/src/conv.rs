@@ -38,8 +38,13 @@ pub fn add_channel_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     if y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64) && y.rank() == 4 {
         y.contiguous()?.apply_op2(&b.contiguous()?, ChannelBias)
     } else {
-        y.broadcast_add(&b.reshape((1, (), 1, 1))?)
+        add_channel_bias_slow(y, b)
     }
+}
+
+/// [`add_channel_bias`] as candle's broadcast add (other devices).
+pub fn add_channel_bias_slow(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    y.broadcast_add(&b.reshape((1, (), 1, 1))?)
 }
 
 struct ChannelBias;
@@ -122,8 +127,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         x.contiguous()?
             .apply_op2(&w.contiguous()?, Conv2d { padding, stride })
     } else {
-        x.conv2d(w, padding, stride, 1, 1)
+        conv2d_slow(x, w, padding, stride)
     }
+}
+
+/// [`conv2d`] as candle's `conv2d` (other devices). On candle 0.11's CPU
+/// its backward is wrong for stride 2 when height and width differ in
+/// parity (see the module docs).
+pub fn conv2d_slow(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    x.conv2d(w, padding, stride, 1, 1)
 }
 
 /// Inference: `act(conv2d(x, w) + b [+ residual])`, the bias, residual and
@@ -148,16 +160,29 @@ pub fn conv2d_act(
         x.contiguous()?
             .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op)
     } else {
-        let y = conv2d(x, w, padding, stride)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-        let y = match residual {
-            Some(r) => (y + r)?,
-            None => y,
-        };
-        if relu {
-            y.relu()
-        } else {
-            Ok(y)
-        }
+        conv2d_act_slow(x, w, b, padding, stride, residual, relu)
+    }
+}
+
+/// [`conv2d_act`] as separate ops (other devices).
+pub fn conv2d_act_slow(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    padding: usize,
+    stride: usize,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    let y = add_channel_bias_slow(&conv2d_slow(x, w, padding, stride)?, b)?;
+    let y = match residual {
+        Some(r) => (y + r)?,
+        None => y,
+    };
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
     }
 }
 
@@ -1183,5 +1208,46 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(gy, rv);
+    }
+
+    /// The ops against their `*_slow` routes (candle's conv2d and
+    /// broadcasts): outputs and gradients in f64, at sizes where candle's
+    /// strided backward is right (both sides even); the inference epilogue
+    /// forward only (it has no backward).
+    #[test]
+    fn ops_match_their_slow_routes() {
+        use crate::testing::{check_against_slow as check, randn};
+        let dev = Device::Cpu;
+        let x = randn(47, 0f64, 1., (2, 3, 8, 10), &dev).unwrap();
+        for (k, stride) in [(3, 1), (3, 2), (1, 1), (1, 2)] {
+            let w = randn(48, 0f64, 0.5, (4, 3, k, k), &dev).unwrap();
+            check(
+                |t| conv2d(&t[0], &t[1], k / 2, stride),
+                |t| conv2d_slow(&t[0], &t[1], k / 2, stride),
+                &[x.clone(), w.clone()],
+                1e-12,
+            )
+            .unwrap();
+            let b = randn(49, 0f64, 1., 4, &dev).unwrap();
+            let fast = conv2d_act(&x, &w, &b, k / 2, stride, None, true).unwrap();
+            let slow = conv2d_act_slow(&x, &w, &b, k / 2, stride, None, true).unwrap();
+            let d = (fast - slow)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-12, "conv2d_act k {k} stride {stride}: {d}");
+        }
+        let b = randn(50, 0f64, 1., 3, &dev).unwrap();
+        check(
+            |t| add_channel_bias(&t[0], &t[1]),
+            |t| add_channel_bias_slow(&t[0], &t[1]),
+            &[x, b],
+            1e-12,
+        )
+        .unwrap();
     }
 }

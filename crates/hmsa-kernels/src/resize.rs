@@ -40,7 +40,7 @@ pub fn resize(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
             in_w: w,
         })
     } else {
-        resize_by_matrices(x, out_h, out_w)
+        resize_slow(x, out_h, out_w)
     }
 }
 
@@ -175,7 +175,7 @@ fn matrix_t(n_in: usize, n_out: usize) -> Vec<f32> {
 /// one plain 2-D product of contiguous operands (candle's CUDA matmul
 /// rejects, or on some layouts mis-addresses, the broadcast and permuted
 /// batch layouts a 4-D `broadcast_matmul` and its backward produce).
-fn resize_by_matrices(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+pub fn resize_slow(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let dev = x.device();
     let a = |i, o| -> Result<Tensor> { Tensor::from_vec(matrix_t(i, o), (i, o), dev)?.to_dtype(x.dtype()) };
@@ -468,12 +468,7 @@ mod tests {
                     .to_dtype(DType::F64)
                     .unwrap(),
             );
-            let mats = vals(
-                &resize_by_matrices(&x, oh, ow)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap(),
-            );
+            let mats = vals(&resize_slow(&x, oh, ow).unwrap().to_dtype(DType::F64).unwrap());
             close(&ours, &candle, 1e-5);
             close(&ours, &mats, 1e-5);
         }
@@ -576,6 +571,23 @@ mod tests {
                 })
                 .collect();
             close(&analytic, &numeric, 1e-6);
+        }
+    }
+
+    /// [`resize`] against [`resize_slow`] (the dense-matrix route):
+    /// outputs and gradients, enlarging and shrinking (f64; the matrices
+    /// hold their weights in f32, hence 1e-6).
+    #[test]
+    fn matches_the_slow_route() {
+        let x = crate::testing::randn(46, 0f64, 1., (2, 3, 5, 7), &Device::Cpu).unwrap();
+        for (oh, ow) in [(11, 13), (3, 4), (5, 14)] {
+            crate::testing::check_against_slow(
+                |t| resize(&t[0], oh, ow),
+                |t| resize_slow(&t[0], oh, ow),
+                &[x.clone()],
+                1e-6,
+            )
+            .unwrap();
         }
     }
 }
