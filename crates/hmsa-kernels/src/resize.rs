@@ -584,7 +584,7 @@ mod tests {
             crate::testing::check_against_slow(
                 |t| resize(&t[0], oh, ow),
                 |t| resize_slow(&t[0], oh, ow),
-                &[x.clone()],
+                std::slice::from_ref(&x),
                 1e-6,
             )
             .unwrap();
