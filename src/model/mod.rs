@@ -39,7 +39,7 @@ use std::path::Path;
 /// its use (so gradients reach the f32 parameters through the cast), and
 /// batch normalisation runs in f32 on an upcast of its input. Meant for
 /// the GPU: on the CPU the half types take candle's generic kernels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]

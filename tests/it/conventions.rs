@@ -152,6 +152,16 @@ fn exit_codes_and_errors_that_name_the_flag() {
     // 2: a usage error (clap)
     assert_eq!(run_in(p, &["runs", "--format", "yaml"]).status.code(), Some(2));
     assert_eq!(run_in(p, &["nonsense"]).status.code(), Some(2));
+    // closed sets of values are checked by the parser and listed
+    for args in [
+        &["infer", "--fusion", "mean", "x.png"][..],
+        &["model", "--preset", "w99"][..],
+        &["bench", "--precision", "f64"][..],
+    ] {
+        let o = run_in(p, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(text(&o).contains("[possible values:"), "{args:?}: {}", text(&o));
+    }
     // 1: a runtime error; --set names the flag, not a line of the file
     let o = run_in(
         p,

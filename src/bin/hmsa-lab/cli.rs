@@ -325,7 +325,7 @@ pub struct SynthArgs {
 #[derive(Args)]
 pub struct NetArgs {
     /// Named preset: w48 (the paper's), w18, small (CPU experiments).
-    #[arg(long, conflicts_with = "config")]
+    #[arg(long, conflicts_with = "config", value_parser = clap::builder::PossibleValuesParser::new(hmsa_lab::model::PRESETS))]
     pub preset: Option<String>,
     /// TOML model config (fields left out take the w48 values).
     #[arg(long)]
