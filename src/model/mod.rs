@@ -8,6 +8,11 @@
 //!   [`HmsaNet::infer`] any scale set, fusion and flip (evaluation).
 //! - Parameter names are the official state_dict's (`backbone.…`, `ocr.…`,
 //!   `scale_attn.…`), so official checkpoints load without renaming.
+//!
+//! Seams: the arithmetic is `hmsa_kernels`' functions (convolution,
+//! resize, BatchNorm, blends); the network imports nothing else of the
+//! crate, and `train`, `eval` and `autolabel` drive it through `forward`,
+//! `forward_scales`, `fuse` and `infer`.
 
 pub mod checkpoint;
 pub mod flops;

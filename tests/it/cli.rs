@@ -395,4 +395,38 @@ fn synth_train_infer_and_eval_fit_together() {
         "eval {} vs train's evaluation {want}",
         got["miou"]
     );
+    // a hierarchical run keeps the attention maps of its first two
+    // validation images, as a suite's runs do
+    let hier = model
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("num_classes = 3", "num_classes = 19")
+        .replace("[backbone]", "[model.backbone]");
+    std::fs::write(
+        p.join("hier.toml"),
+        format!(
+            "[model]\n{hier}\n\n[data]\nroot = \"a\"\n[data.augment]\ncrop = [64, 128]\n\n[train]\nsteps = 2\nbatch = 1\n\n[[eval.sets]]\nscales = [0.5, 1.0]\nfusion = \"hierarchical\"\n"
+        ),
+    )
+    .unwrap();
+    run(&["train", "--config", "hier.toml", "--out", "hier"]);
+    let dir = p.join("hier/attention/hierarchical_0.5,1.0");
+    let mut saved: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    saved.sort();
+    assert_eq!(saved.len(), 2, "{saved:?}");
+    let val0 = image::open(
+        p.join("a/leftImg8bit/val/synth")
+            .join(&files("a", "leftImg8bit/val/synth")[0]),
+    )
+    .unwrap()
+    .to_rgb8();
+    let a0 = hmsa_lab::eval::read_attention(&saved[0]).unwrap();
+    assert_eq!(a0.image, val0, "the stored input is the first validation image");
+    assert_eq!(a0.maps.len(), 1, "one weight map (0.5x) for {{0.5, 1.0}}");
+    assert_eq!(a0.maps[0].0, 0.5);
 }

@@ -255,6 +255,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let path = a.out.join("eval.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("writing {}", path.display()))?;
+    // the attention maps, as a suite's runs keep them
+    for r in &results {
+        hmsa_lab::eval::write_attention(&a.out, r)?;
+    }
     for r in &results {
         println!(
             "{:<13} {:<20} flip={:<5} mIoU {:.4}  pixel acc {:.4}  {:.0} ms/image",
