@@ -15,7 +15,7 @@ use crate::config::suite::{PlannedRun, Suite};
 use crate::config::{RunConfig, SecondSource};
 use crate::data::{Dataset, Labels};
 use crate::model::checkpoint;
-use crate::store::{Provenance, Status, Store};
+use crate::store::{Artifact, ArtifactKind, Provenance, Status, Store};
 use crate::train::{Observer, StepMetrics};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -611,15 +611,16 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
                 Trained::Finished { step, weights, evals } => (Outcome::Trained, step as i64, weights, evals),
             }
         };
-        let mut arts = vec![(
-            "weights".to_string(),
-            weights.display().to_string(),
-            digest(&weights),
-        )];
+        let artifact = |kind, p: &Path| Artifact {
+            kind,
+            path: p.display().to_string(),
+            digest: digest(p),
+        };
+        let mut arts = vec![artifact(ArtifactKind::Weights, &weights)];
         // the attention maps the report draws
         for e in &evals {
             for p in crate::eval::write_attention(&run_dir, e)? {
-                arts.push(("attention".to_string(), p.display().to_string(), digest(&p)));
+                arts.push(artifact(ArtifactKind::Attention, &p));
             }
         }
         store.finish_run(row.id, who, step, &evals, &arts)?;

@@ -6,7 +6,7 @@ use super::{AggRow, SuiteSummary};
 use crate::data::cityscapes::CLASSES;
 use crate::eval::metrics::Confusion;
 use crate::model::Fusion;
-use crate::store::{Status, Store};
+use crate::store::{ArtifactKind, Status, Store};
 use crate::{Error, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -600,8 +600,10 @@ fn attention_maps(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<Pat
     let mut saved: Vec<PathBuf> = store
         .artifacts(run.id)?
         .into_iter()
-        .filter(|(kind, path, _)| kind == "attention" && Path::new(path).parent() == Some(folder.as_path()))
-        .map(|(_, path, _)| PathBuf::from(path))
+        .filter(|a| {
+            a.kind == ArtifactKind::Attention && Path::new(&a.path).parent() == Some(folder.as_path())
+        })
+        .map(|a| PathBuf::from(a.path))
         .filter(|p| p.exists())
         .collect();
     saved.sort();

@@ -139,6 +139,50 @@ pub struct EvalRow {
     pub images: i64,
 }
 
+/// What a file a run produced is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtifactKind {
+    /// `model.safetensors`, the trained weights.
+    Weights,
+    /// The attention maps of an evaluation (`eval::write_attention`).
+    Attention,
+}
+
+impl ArtifactKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::Weights => "weights",
+            ArtifactKind::Attention => "attention",
+        }
+    }
+}
+
+impl std::fmt::Display for ArtifactKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ArtifactKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "weights" => Ok(ArtifactKind::Weights),
+            "attention" => Ok(ArtifactKind::Attention),
+            _ => Err(format!("unknown artifact kind `{s}`")),
+        }
+    }
+}
+
+/// A file a run produced, with its blake3 digest.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Artifact {
+    pub kind: ArtifactKind,
+    pub path: String,
+    pub digest: String,
+}
+
 /// What a run records about where it ran.
 #[derive(Clone, Debug, Default)]
 pub struct Provenance {
@@ -579,7 +623,7 @@ impl Store {
         who: &str,
         step: i64,
         evals: &[EvalResult],
-        artifacts: &[(String, String, String)],
+        artifacts: &[Artifact],
     ) -> Result<()> {
         self.block(async {
             let fail = |e| self.fail("finishing a run", e);
@@ -619,11 +663,11 @@ impl Store {
                 .await
                 .map_err(fail)?;
             }
-            for (kind, path, digest) in artifacts {
+            for a in artifacts {
                 sqlx::query("DELETE FROM artifacts WHERE run_id = $1 AND kind = $2 AND path = $3")
                     .bind(id)
-                    .bind(kind)
-                    .bind(path)
+                    .bind(a.kind.as_str())
+                    .bind(&a.path)
                     .execute(&mut *tx)
                     .await
                     .map_err(fail)?;
@@ -631,9 +675,9 @@ impl Store {
                     "INSERT INTO artifacts (run_id, kind, path, digest, created_ms) VALUES ($1, $2, $3, $4, $5)",
                 )
                 .bind(id)
-                .bind(kind)
-                .bind(path)
-                .bind(digest)
+                .bind(a.kind.as_str())
+                .bind(&a.path)
+                .bind(&a.digest)
                 .bind(now)
                 .execute(&mut *tx)
                 .await
@@ -733,14 +777,24 @@ impl Store {
         })
     }
 
-    /// Artifacts of a run: (kind, path, digest).
-    pub fn artifacts(&self, run_id: i64) -> Result<Vec<(String, String, String)>> {
+    /// Artifacts of a run, in the order they were recorded.
+    pub fn artifacts(&self, run_id: i64) -> Result<Vec<Artifact>> {
         self.block(async {
-            sqlx::query_as("SELECT kind, path, digest FROM artifacts WHERE run_id = $1 ORDER BY id")
-                .bind(run_id)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| self.fail("reading artifacts", e))
+            let rows: Vec<(String, String, String)> =
+                sqlx::query_as("SELECT kind, path, digest FROM artifacts WHERE run_id = $1 ORDER BY id")
+                    .bind(run_id)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.fail("reading artifacts", e))?;
+            rows.into_iter()
+                .map(|(kind, path, digest)| {
+                    Ok(Artifact {
+                        kind: decode(kind.parse()).map_err(|e| self.fail("reading artifacts", e))?,
+                        path,
+                        digest,
+                    })
+                })
+                .collect()
         })
     }
 

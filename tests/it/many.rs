@@ -81,8 +81,13 @@ fn store_semantics_hold_on_both_engines() {
             s.params(row.id).unwrap(),
             vec![("k".to_string(), "1".to_string())]
         );
-        s.finish_run(row.id, "c", 3, &[], &[("weights".into(), "w".into(), "d".into())])
-            .unwrap();
+        let art = hmsa_lab::store::Artifact {
+            kind: hmsa_lab::store::ArtifactKind::Attention,
+            path: "runs/x/attention/a.safetensors".into(),
+            digest: "d".into(),
+        };
+        s.finish_run(row.id, "c", 3, &[], std::slice::from_ref(&art)).unwrap();
+        assert_eq!(s.artifacts(row.id).unwrap(), vec![art], "{url}");
         let r = s.run(row.id).unwrap().unwrap();
         assert_eq!((r.status, r.step), (Status::Finished, 3), "{url}");
         assert!(!claim("d", 0, None), "{url}: a finished run is not claimed");

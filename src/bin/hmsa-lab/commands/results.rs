@@ -106,11 +106,7 @@ pub fn show(a: ShowArgs) -> Result<()> {
                 })
             })
             .collect();
-        let arts: Vec<serde_json::Value> = store
-            .artifacts(run)?
-            .into_iter()
-            .map(|(k, p, d)| serde_json::json!({"kind": k, "path": p, "digest": d}))
-            .collect();
+        let arts = store.artifacts(run)?;
         let params: serde_json::Map<String, serde_json::Value> = store
             .params(run)?
             .into_iter()
@@ -181,8 +177,13 @@ pub fn show(a: ShowArgs) -> Result<()> {
     ]
     .map(String::from);
     println!("{}", report::terminal_table(&head, &rows));
-    for (k, p, d) in store.artifacts(run)? {
-        println!("artifact {k}: {p} ({})", &d[..d.len().min(12)]);
+    for a in store.artifacts(run)? {
+        println!(
+            "artifact {}: {} ({})",
+            a.kind,
+            a.path,
+            &a.digest[..a.digest.len().min(12)]
+        );
     }
     let loss = store.metric(run, "loss")?;
     if let (Some(f), Some(l)) = (loss.first(), loss.last()) {
