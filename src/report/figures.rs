@@ -514,11 +514,9 @@ pub fn draw_all(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<PathB
         let mut total: Option<Confusion> = None;
         for (run, e) in &s.evals {
             if run.variant == b.key.variant && e.key() == b.key.eval {
-                if let Ok(c) = serde_json::from_str::<Confusion>(&e.confusion) {
-                    match &mut total {
-                        None => total = Some(c),
-                        Some(t) => t.merge(&c),
-                    }
+                match &mut total {
+                    None => total = Some(e.confusion.clone()),
+                    Some(t) => t.merge(&e.confusion),
                 }
             }
         }

@@ -157,10 +157,7 @@ pub fn summarise(store: &Store, suite: &str) -> Result<SuiteSummary> {
             }
             None => (None, None, None),
         };
-        let kcls = es
-            .iter()
-            .map(|e| serde_json::from_str::<Vec<Option<f64>>>(&e.class_iou).unwrap_or_default())
-            .collect::<Vec<_>>();
+        let kcls = es.iter().map(|e| e.class_iou.clone()).collect::<Vec<_>>();
         let ncls = kcls.iter().map(|c| c.len()).max().unwrap_or(0);
         let class_iou = (0..ncls)
             .map(|c| {
@@ -168,10 +165,7 @@ pub fn summarise(store: &Store, suite: &str) -> Result<SuiteSummary> {
                 (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
             })
             .collect();
-        let attn: Vec<Vec<(f64, f64)>> = es
-            .iter()
-            .map(|e| serde_json::from_str(&e.attn_means).unwrap_or_default())
-            .collect();
+        let attn: Vec<Vec<(f64, f64)>> = es.iter().map(|e| e.attn_means.clone()).collect();
         let attn_means = attn
             .first()
             .map(|first| {
@@ -355,11 +349,7 @@ pub fn premise(s: &SuiteSummary) -> (Vec<f64>, Vec<PremiseRow>) {
                     && !e.flip
                     && e.scales.single() == Some(scale)
             })
-            .filter_map(|(_, e)| {
-                serde_json::from_str::<Vec<Option<f64>>>(&e.class_iou)
-                    .ok()
-                    .and_then(|v| v.get(c).copied().flatten())
-            })
+            .filter_map(|(_, e)| e.class_iou.get(c).copied().flatten())
             .collect()
     };
     let mut rows = vec![];
@@ -427,8 +417,8 @@ pub fn attention_table(s: &SuiteSummary) -> Option<TextTable> {
             .evals
             .iter()
             .filter(|(run, e)| run.variant == r.key.variant && e.key() == r.key.eval)
-            .filter_map(|(_, e)| serde_json::from_str(&e.attn_class_means).ok())
-            .filter(|v: &Vec<(f64, Vec<Option<f64>>)>| !v.is_empty())
+            .map(|(_, e)| e.attn_class_means.clone())
+            .filter(|v| !v.is_empty())
             .collect();
         let Some(first) = per_seed.first() else { continue };
         for (j, (scale, _)) in first.iter().enumerate() {

@@ -17,6 +17,7 @@ mod open;
 mod query;
 
 use crate::config::EvalKey;
+use crate::eval::metrics::Confusion;
 use crate::eval::EvalResult;
 use crate::model::{Fusion, Scales};
 use crate::{Error, Result};
@@ -128,12 +129,14 @@ pub struct EvalRow {
     pub pixel_acc: f64,
     pub mean_class_acc: f64,
     pub fw_iou: f64,
-    /// JSON list, one entry per class (null where absent).
-    pub class_iou: String,
-    pub confusion: String,
-    pub attn_means: String,
-    /// JSON: per scale, per class, the mean attention weight.
-    pub attn_class_means: String,
+    /// One entry per class (None where the class is absent). The four
+    /// fields below are JSON text in the database, decoded here.
+    pub class_iou: Vec<Option<f64>>,
+    pub confusion: Confusion,
+    /// Per scale (high to low), the mean weight the fusion gave it.
+    pub attn_means: Vec<(f64, f64)>,
+    /// Per scale, per class, the mean attention weight.
+    pub attn_class_means: Vec<(f64, Vec<Option<f64>>)>,
     pub ms_per_image: f64,
     pub peak_mib: Option<f64>,
     pub images: i64,
@@ -263,6 +266,11 @@ fn decode<T>(v: std::result::Result<T, String>) -> sqlx::Result<T> {
     v.map_err(|e| sqlx::Error::Decode(e.into()))
 }
 
+/// A JSON text column decoded into its type.
+fn json<T: serde::de::DeserializeOwned>(text: String) -> sqlx::Result<T> {
+    serde_json::from_str(&text).map_err(|e| sqlx::Error::Decode(e.into()))
+}
+
 impl EvalRow {
     /// Which evaluation this row is.
     pub fn key(&self) -> EvalKey {
@@ -285,10 +293,10 @@ impl<'r> FromRow<'r, AnyRow> for EvalRow {
             pixel_acc: r.try_get("pixel_acc")?,
             mean_class_acc: r.try_get("mean_class_acc")?,
             fw_iou: r.try_get("fw_iou")?,
-            class_iou: r.try_get("class_iou")?,
-            confusion: r.try_get("confusion")?,
-            attn_means: r.try_get("attn_means")?,
-            attn_class_means: r.try_get("attn_class_means")?,
+            class_iou: json(r.try_get("class_iou")?)?,
+            confusion: json(r.try_get("confusion")?)?,
+            attn_means: json(r.try_get("attn_means")?)?,
+            attn_class_means: json(r.try_get("attn_class_means")?)?,
             ms_per_image: r.try_get("ms_per_image")?,
             peak_mib: r.try_get("peak_mib")?,
             images: r.try_get("images")?,

@@ -86,7 +86,8 @@ fn store_semantics_hold_on_both_engines() {
             path: "runs/x/attention/a.safetensors".into(),
             digest: "d".into(),
         };
-        s.finish_run(row.id, "c", 3, &[], std::slice::from_ref(&art)).unwrap();
+        s.finish_run(row.id, "c", 3, &[], std::slice::from_ref(&art))
+            .unwrap();
         assert_eq!(s.artifacts(row.id).unwrap(), vec![art], "{url}");
         let r = s.run(row.id).unwrap().unwrap();
         assert_eq!((r.status, r.step), (Status::Finished, 3), "{url}");

@@ -92,7 +92,6 @@ pub fn show(a: ShowArgs) -> Result<()> {
     let run = resolve_run(&store, &run)?;
     let r = store.run(run)?.with_context(|| format!("no run {run}"))?;
     if format == TextOrJson::Json {
-        let parse = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap_or(serde_json::Value::Null);
         let evals: Vec<serde_json::Value> = store
             .evaluations(run)?
             .into_iter()
@@ -100,8 +99,8 @@ pub fn show(a: ShowArgs) -> Result<()> {
                 serde_json::json!({
                     "scales": e.scales.to_string(), "fusion": e.fusion, "flip": e.flip,
                     "miou": e.miou, "pixel_acc": e.pixel_acc, "mean_class_acc": e.mean_class_acc,
-                    "fw_iou": e.fw_iou, "class_iou": parse(&e.class_iou),
-                    "attn_means": parse(&e.attn_means), "ms_per_image": e.ms_per_image,
+                    "fw_iou": e.fw_iou, "class_iou": e.class_iou,
+                    "attn_means": e.attn_means, "ms_per_image": e.ms_per_image,
                     "peak_mib": e.peak_mib, "images": e.images,
                 })
             })
@@ -161,7 +160,7 @@ pub fn show(a: ShowArgs) -> Result<()> {
             format!("{:.2}", 100.0 * e.mean_class_acc),
             format!("{:.0}", e.ms_per_image),
             e.peak_mib.map_or("–".into(), |m| format!("{m:.0}")),
-            e.attn_means,
+            serde_json::to_string(&e.attn_means)?,
         ]);
     }
     let head = [
