@@ -91,7 +91,7 @@ impl Plan {
 /// folders, canonical.
 fn suite_folders(runs: &[RunRow]) -> BTreeSet<PathBuf> {
     runs.iter()
-        .filter_map(|r| Path::new(&r.run_dir).parent().map(Path::to_path_buf))
+        .filter_map(|r| r.run_dir.parent().map(Path::to_path_buf))
         .filter_map(|p| std::fs::canonicalize(p).ok())
         .collect()
 }

@@ -667,11 +667,7 @@ fn with_autolabels(
     let marker = out.join("complete");
     if !marker.exists() {
         let dev = crate::device()?;
-        let net = checkpoint::load(
-            &t.config.model,
-            &PathBuf::from(&row.run_dir).join("model.safetensors"),
-            &dev,
-        )?;
+        let net = checkpoint::load(&t.config.model, &row.run_dir.join("model.safetensors"), &dev)?;
         let ds = Dataset::open(&crate::data::root(&cfg.data)?, &spec.split, Labels::None)?;
         let scales = spec
             .scales

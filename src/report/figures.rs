@@ -592,7 +592,8 @@ fn attention_maps(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<Pat
     else {
         return Ok(vec![]);
     };
-    let folder = Path::new(&run.run_dir)
+    let folder = run
+        .run_dir
         .join("attention")
         .join(crate::eval::attention_tag(&row.key.eval));
     let mut saved: Vec<PathBuf> = store

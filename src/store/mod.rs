@@ -26,6 +26,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, FromRow, Row};
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,7 +109,7 @@ pub struct RunRow {
     pub git_dirty: Option<bool>,
     pub host: Option<String>,
     pub versions: Option<String>,
-    pub run_dir: String,
+    pub run_dir: PathBuf,
     pub error: Option<String>,
     /// Who holds (or last held) it: `host:pid:start_ms`.
     pub claimed_by: Option<String>,
@@ -252,7 +253,7 @@ impl<'r> FromRow<'r, AnyRow> for RunRow {
             git_dirty: r.try_get::<Option<i64>, _>("git_dirty")?.map(|v| v != 0),
             host: r.try_get("host")?,
             versions: r.try_get("versions")?,
-            run_dir: r.try_get("run_dir")?,
+            run_dir: PathBuf::from(r.try_get::<String, _>("run_dir")?),
             error: r.try_get("error")?,
             claimed_by: r.try_get("claimed_by")?,
             removed_ms: r.try_get("removed_ms")?,

@@ -138,7 +138,7 @@ pub fn show(a: ShowArgs) -> Result<()> {
         r.host.as_deref().unwrap_or("?"),
         r.versions.as_deref().unwrap_or("")
     );
-    println!("folder {}", r.run_dir);
+    println!("folder {}", r.run_dir.display());
     if let Some(t) = r.removed_ms {
         println!(
             "removed {:.0} s ago: `hmsa-lab restore {}` brings it back until `hmsa-lab gc` purges it",
