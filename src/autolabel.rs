@@ -86,7 +86,7 @@ pub fn autolabel(
             .join(format!("{}_gtFine_labelIds.png", sample.name));
         for d in [&img_dst, &lab_dst] {
             let p = d.parent().expect("has a parent");
-            std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+            std::fs::create_dir_all(p).map_err(|e| Error::io("creating", p, e))?;
         }
         let (h, w) = (img.height(), img.width());
         let label_ids: Vec<u8> = ids.iter().map(|&t| train_to_label(t)).collect();

@@ -509,7 +509,7 @@ fn claims(postgres: Option<&str>, workers: usize, runs: usize) -> Result<(f64, f
     let url = match postgres {
         Some(u) => u.to_string(),
         None => {
-            std::fs::create_dir_all(&tmp).map_err(|e| crate::Error::io(&tmp, e))?;
+            std::fs::create_dir_all(&tmp).map_err(|e| crate::Error::io("creating", &tmp, e))?;
             tmp.join("claims.db").display().to_string()
         }
     };

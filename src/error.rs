@@ -9,11 +9,14 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
-    #[error("{path}: {source}")]
+    /// A file operation failed: `op` is what was being done (`reading`,
+    /// `writing`, `creating`, …). The OS error is part of the message and
+    /// not a `source`, so that a printed chain shows it once.
+    #[error("{op} {path}: {err}")]
     Io {
+        op: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
 
     #[error("{path}: {msg}")]
@@ -58,10 +61,11 @@ impl Error {
         }
     }
 
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
+            op,
             path: path.into(),
-            source,
+            err: source,
         }
     }
 }

@@ -60,12 +60,12 @@ pub fn take_folder(dir: &Path, owner: &Owner) -> Result<()> {
         }
         return Ok(());
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
     let path = dir.join(OWNER_FILE);
     let tmp = dir.join(format!("{OWNER_FILE}.tmp"));
     let text = serde_json::to_string_pretty(owner).expect("serialisable");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    std::fs::write(&tmp, text).map_err(|e| Error::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io("renaming into", &path, e))
 }
 
 /// What `gc` would do.
@@ -120,7 +120,7 @@ pub fn plan(store: &Store) -> Result<Plan> {
         ..Default::default()
     };
     for parent in suite_folders(&runs) {
-        let entries = std::fs::read_dir(&parent).map_err(|e| Error::io(&parent, e))?;
+        let entries = std::fs::read_dir(&parent).map_err(|e| Error::io("listing", &parent, e))?;
         for entry in entries.flatten() {
             let Ok(dir) = std::fs::canonicalize(entry.path()) else {
                 continue;
@@ -167,7 +167,7 @@ pub fn apply(store: &Store, plan: &Plan) -> Result<Done> {
         if keep {
             continue;
         }
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io("removing", dir, e))?;
         folders += 1;
     }
     Ok(Done { runs, folders })

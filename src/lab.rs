@@ -588,7 +588,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
             // The folder must be this run's before anything in it changes.
             crate::gc::take_folder(&run_dir, &owner)?;
             if opts.force && done {
-                std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+                std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io("removing", &run_dir, e))?;
                 crate::gc::take_folder(&run_dir, &owner)?;
             }
             let mut cfg = r.config.clone();
@@ -695,7 +695,7 @@ fn with_autolabels(
         rows.push(("autolabel_images".into(), 0, s.images as f64));
         let rows: Vec<(&str, i64, f64)> = rows.iter().map(|(k, st, v)| (k.as_str(), *st, *v)).collect();
         store.log_metrics(student, &rows)?;
-        std::fs::write(&marker, format!("{}\n", s.images)).map_err(|e| Error::io(&marker, e))?;
+        std::fs::write(&marker, format!("{}\n", s.images)).map_err(|e| Error::io("writing", &marker, e))?;
     }
     cfg.data.second = Some(SecondSource {
         root: out,

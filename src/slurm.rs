@@ -97,14 +97,14 @@ pub fn script(job: &Job, spec: &SlurmSpec) -> String {
 /// Writes `script` into `dir` and submits it with `sbatch --parsable`;
 /// returns the job id and the script's path.
 pub fn submit(script: &str, dir: &Path, name: &str) -> Result<(String, PathBuf)> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
     let path = dir.join(format!("{name}-{}.sbatch", crate::store::now_ms()));
-    std::fs::write(&path, script).map_err(|e| Error::io(&path, e))?;
+    std::fs::write(&path, script).map_err(|e| Error::io("writing", &path, e))?;
     let out = std::process::Command::new("sbatch")
         .arg("--parsable")
         .arg(&path)
         .output()
-        .map_err(|e| Error::io("sbatch", e))?;
+        .map_err(|e| Error::io("running", "sbatch", e))?;
     if !out.status.success() {
         return Err(Error::Input {
             path: path.clone(),

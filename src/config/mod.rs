@@ -174,7 +174,7 @@ impl RunConfig {
     }
 
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
         Self::from_toml_str(&text, path)
     }
 

@@ -196,7 +196,7 @@ fn map_flag(flag: &str, v: &Value) -> std::result::Result<Vec<(String, Value)>, 
 
 /// The suite TOML for the runx recipe at `path`.
 pub fn import(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
     let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| err(path, e.to_string()))?;
     let hp = doc
         .get("HPARAMS")

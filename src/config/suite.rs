@@ -222,7 +222,7 @@ pub fn config_hash(cfg: &RunConfig, teacher_hash: Option<&str>, al: Option<&Auto
 impl Suite {
     /// Reads, validates and expands a suite file; `sets` are `--set` overrides.
     pub fn load(path: &Path, sets: &[(String, Value)]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
         let cfg_err = |line: Option<usize>, msg: String| Error::Config {
             path: match line {
                 Some(l) => PathBuf::from(format!("{}:{l}", path.display())),

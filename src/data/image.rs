@@ -23,9 +23,9 @@ pub fn read_rgb(path: &Path) -> Result<::image::RgbImage> {
         return Err(image_err(path, "no such file"));
     }
     let img = ::image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
+        .map_err(|e| Error::io("opening", path, e))?
         .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
+        .map_err(|e| Error::io("reading", path, e))?
         .decode()
         .map_err(|e| image_err(path, e))?;
     Ok(img.to_rgb8())

@@ -38,7 +38,7 @@ pub fn config_path(root: &Path) -> Option<PathBuf> {
 
 /// The class table of a Vistas config JSON.
 pub fn class_table(path: &Path) -> Result<ClassTable> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
     let cfg: Config = serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.to_path_buf(),
         msg: e.to_string(),
@@ -91,7 +91,7 @@ pub fn open(root: &Path, split: &str, long_edge: Option<u32>) -> Result<Dataset>
     let mut samples = vec![];
     let mut unpaired_images = vec![];
     let mut entries: Vec<PathBuf> = std::fs::read_dir(&images)
-        .map_err(|e| Error::io(&images, e))?
+        .map_err(|e| Error::io("listing", &images, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             matches!(
@@ -117,7 +117,10 @@ pub fn open(root: &Path, split: &str, long_edge: Option<u32>) -> Result<Dataset>
     let mut unpaired_labels = vec![];
     if let Some(d) = &labels_dir {
         let stems: std::collections::HashSet<&str> = samples.iter().map(|s| s.name.as_str()).collect();
-        for e in std::fs::read_dir(d).map_err(|e| Error::io(d, e))?.flatten() {
+        for e in std::fs::read_dir(d)
+            .map_err(|e| Error::io("listing", d, e))?
+            .flatten()
+        {
             let p = e.path();
             let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("");
             if !stems.contains(stem) {

@@ -99,7 +99,7 @@ pub struct Dataset {
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
+        .map_err(|e| Error::io("listing", dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     v.sort();
@@ -255,7 +255,7 @@ pub fn read_label(path: &Path) -> Result<GrayImage> {
     if !path.exists() {
         return Err(err("no such file".into()));
     }
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
     let mut dec = png::Decoder::new(std::io::BufReader::new(file));
     dec.set_transformations(png::Transformations::IDENTITY);
     let mut reader = dec

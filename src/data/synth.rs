@@ -434,14 +434,14 @@ pub fn stem(i: usize) -> String {
 /// never sees half a file.
 fn save(path: &Path, f: impl FnOnce(&Path) -> image::ImageResult<()>) -> Result<()> {
     if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
     }
     let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     f(&tmp).map_err(|e| Error::Image {
         path: path.to_path_buf(),
         msg: e.to_string(),
     })?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("renaming into", path, e))
 }
 
 /// What [`generate`] wrote.
@@ -458,7 +458,7 @@ pub fn generate(cfg: &SynthConfig, root: &Path) -> Result<Written> {
     let stamp = root.join("synth.toml");
     let text = toml::to_string(cfg).expect("serialisable");
     if stamp.exists() {
-        let old = std::fs::read_to_string(&stamp).map_err(|e| Error::io(&stamp, e))?;
+        let old = std::fs::read_to_string(&stamp).map_err(|e| Error::io("reading", &stamp, e))?;
         if old != text {
             return Err(Error::Config {
                 path: stamp,
@@ -467,7 +467,7 @@ pub fn generate(cfg: &SynthConfig, root: &Path) -> Result<Written> {
             });
         }
     } else {
-        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        std::fs::create_dir_all(root).map_err(|e| Error::io("creating", root, e))?;
     }
     let mut n = Written::default();
     let splits: [(&str, usize, Option<&str>); 4] = [
@@ -505,8 +505,8 @@ pub fn generate(cfg: &SynthConfig, root: &Path) -> Result<Written> {
         }
     }
     let tmp = stamp.with_extension(format!("toml.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &stamp).map_err(|e| Error::io(&stamp, e))?;
+    std::fs::write(&tmp, text).map_err(|e| Error::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, &stamp).map_err(|e| Error::io("renaming into", &stamp, e))?;
     Ok(n)
 }
 

@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let p = e.map_err(|e| Error::io(dir, e))?.path();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io("listing", dir, e))? {
+        let p = e.map_err(|e| Error::io("listing", dir, e))?.path();
         if p.is_dir() {
             walk(&p, out)?;
         } else {

@@ -143,7 +143,7 @@ pub fn infer_one(
 /// there are several.
 pub fn infer_all(net: &HmsaNet, inputs: &[InputImage], opts: &InferOptions) -> Result<Vec<PathBuf>> {
     opts.fusion.check_scales(&opts.scales, "--scales")?;
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io("creating", &opts.out_dir, e))?;
     let mut all = vec![];
     for input in inputs {
         let dump = opts.dump.as_ref().map(|d| {

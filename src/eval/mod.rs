@@ -78,7 +78,7 @@ pub fn write_attention(dir: &Path, r: &EvalResult) -> Result<Vec<PathBuf>> {
     if r.attention.is_empty() {
         return Ok(vec![]);
     }
-    std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+    std::fs::create_dir_all(&folder).map_err(|e| Error::io("creating", &folder, e))?;
     let mut files = vec![];
     for (i, a) in r.attention.iter().enumerate() {
         let (w, h) = a.image.dimensions();
@@ -97,7 +97,7 @@ pub fn write_attention(dir: &Path, r: &EvalResult) -> Result<Vec<PathBuf>> {
         }
         let p = folder.join(format!("{i}_{}.safetensors", a.name));
         candle_core::safetensors::save(&m, &p)
-            .map_err(|e| Error::io(&p, std::io::Error::other(e.to_string())))?;
+            .map_err(|e| Error::io("writing", &p, std::io::Error::other(e.to_string())))?;
         files.push(p);
     }
     Ok(files)

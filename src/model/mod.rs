@@ -198,7 +198,7 @@ impl ModelConfig {
 
     /// Reads a TOML model config; unknown keys and wrong types name the line.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
         crate::error::parse_toml(&text, path, Self::validate)
     }
 

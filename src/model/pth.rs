@@ -42,7 +42,7 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let mut head = [0u8; 2];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut head))
-        .map_err(|e| Error::io(path, e))?;
+        .map_err(|e| Error::io("reading", path, e))?;
     if &head == b"PK" {
         read_zip(path)
     } else {
@@ -56,7 +56,7 @@ fn read_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
         _ => candle_core::pickle::read_pth_tensor_info(path, false, None)
             .map_err(|e| err(path, e.to_string()))?,
     };
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
     let mut zip =
         zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| err(path, e.to_string()))?;
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
@@ -90,7 +90,7 @@ fn pickle<R: BufRead>(r: &mut R, path: &Path, what: &str) -> Result<Object> {
 }
 
 fn read_legacy(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
     let mut r = std::io::BufReader::new(file);
     let mut magic = [0u8; 15];
     if r.read_exact(&mut magic).is_err() || magic != MAGIC_PICKLE {

@@ -719,7 +719,7 @@ pub fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBu
     if let Some((text, table)) = autolabel_section(store, &s)? {
         extra.sections.push(("Auto-labelling".into(), text, Some(table)));
     }
-    std::fs::create_dir_all(out.join("figures")).map_err(|e| Error::io(out, e))?;
+    std::fs::create_dir_all(out.join("figures")).map_err(|e| Error::io("creating", out, e))?;
     let figs = figures::draw_all(store, &s, &out.join("figures"))?;
     let (ah, ar) = ablation_table(&s);
     let (ch, cr) = class_table(&s);
@@ -778,8 +778,8 @@ pub fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBu
     let mdp = out.join("index.md");
     let htp = out.join("index.html");
     let jsp = out.join("index.json");
-    std::fs::write(&mdp, md).map_err(|e| Error::io(&mdp, e))?;
-    std::fs::write(&htp, html).map_err(|e| Error::io(&htp, e))?;
+    std::fs::write(&mdp, md).map_err(|e| Error::io("writing", &mdp, e))?;
+    std::fs::write(&htp, html).map_err(|e| Error::io("writing", &htp, e))?;
     let json = serde_json::json!({
         "suite": s.suite,
         "baseline": s.baseline,
@@ -791,7 +791,7 @@ pub fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBu
         &jsp,
         serde_json::to_string_pretty(&json).expect("serialisable") + "\n",
     )
-    .map_err(|e| Error::io(&jsp, e))?;
+    .map_err(|e| Error::io("writing", &jsp, e))?;
     let mut files = vec![mdp, htp, jsp];
     files.extend(figs);
     Ok(files)
@@ -835,7 +835,7 @@ pub fn readme_section(
 
 /// Writes `section` between the markers of `readme` (which must have them).
 pub fn update_readme(readme: &Path, section: &str) -> Result<()> {
-    let text = std::fs::read_to_string(readme).map_err(|e| Error::io(readme, e))?;
+    let text = std::fs::read_to_string(readme).map_err(|e| Error::io("reading", readme, e))?;
     let (Some(a), Some(b)) = (text.find(README_BEGIN), text.find(README_END)) else {
         return Err(Error::Input {
             path: readme.to_path_buf(),
@@ -844,8 +844,8 @@ pub fn update_readme(readme: &Path, section: &str) -> Result<()> {
     };
     let new = format!("{}{}{}", &text[..a], section, &text[b + README_END.len()..]);
     let tmp = readme.with_extension("md.tmp");
-    std::fs::write(&tmp, new).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, readme).map_err(|e| Error::io(readme, e))
+    std::fs::write(&tmp, new).map_err(|e| Error::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, readme).map_err(|e| Error::io("renaming into", readme, e))
 }
 
 #[cfg(test)]

@@ -158,9 +158,9 @@ async fn open_sqlite(url: &str, mode: Mode) -> Result<AnyPool> {
                     .filter(|d| !d.as_os_str().is_empty())
                     .unwrap_or(Path::new("."))
                     .to_path_buf();
-                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-                let lock = std::fs::File::open(&dir).map_err(|e| Error::io(&dir, e))?;
-                lock.lock().map_err(|e| Error::io(&dir, e))?;
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+                let lock = std::fs::File::open(&dir).map_err(|e| Error::io("opening", &dir, e))?;
+                lock.lock().map_err(|e| Error::io("locking", &dir, e))?;
                 Some(lock)
             }
             None => None,

@@ -148,7 +148,7 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(usize, PathBuf)>> {
     let name = match std::fs::read_to_string(&latest) {
         Ok(n) => n,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&latest, e)),
+        Err(e) => return Err(Error::io("reading", &latest, e)),
     };
     let dir = run_dir.join("ckpt").join(name.trim());
     let state = dir.join("state.json");
@@ -167,15 +167,15 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(usize, PathBuf)>> {
 fn write_checkpoint(run_dir: &Path, step: usize, vm: &VarMap, opt: &Sgd) -> Result<PathBuf> {
     let ck = run_dir.join("ckpt");
     let dir = ck.join(format!("step-{step:07}"));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
     crate::model::checkpoint::save_varmap(vm, &dir.join("model.safetensors"))?;
     opt.save(&dir.join("optim.safetensors"))?;
     let st = serde_json::to_string(&CkptState { step }).expect("serialisable");
     let state = dir.join("state.json");
-    std::fs::write(&state, st).map_err(|e| Error::io(&state, e))?;
+    std::fs::write(&state, st).map_err(|e| Error::io("writing", &state, e))?;
     let tmp = ck.join("latest.tmp");
-    std::fs::write(&tmp, format!("step-{step:07}")).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, ck.join("latest")).map_err(|e| Error::io(&ck, e))?;
+    std::fs::write(&tmp, format!("step-{step:07}")).map_err(|e| Error::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, ck.join("latest")).map_err(|e| Error::io("renaming into", &ck, e))?;
     // Older checkpoints are no longer needed.
     if let Ok(rd) = std::fs::read_dir(&ck) {
         for e in rd.flatten() {
@@ -195,7 +195,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
     let dev = crate::device()?;
     let precision = cfg.train.precision;
     precision.check(&dev, true, "train.precision")?;
-    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io("creating", run_dir, e))?;
     let mut vm = VarMap::new();
     let net = HmsaNet::new(&cfg.model, seeded_varbuilder(&vm, t.seed, &dev))?;
     let vars: Vec<_> = vm
@@ -222,7 +222,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
         let path = run_dir.join("init.json");
         let text = serde_json::to_string_pretty(&serde_json::json!({"init": init, "report": r}))
             .expect("serialisable");
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| Error::io("writing", &path, e))?;
     }
     if let Some((step, dir)) = &resumed_from {
         vm.load(dir.join("model.safetensors"))
@@ -365,7 +365,7 @@ pub fn train(cfg: &RunConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<
     let weights = run_dir.join("model.safetensors");
     let tmp = run_dir.join("model.safetensors.tmp");
     crate::model::checkpoint::save_varmap(&vm, &tmp)?;
-    std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
+    std::fs::rename(&tmp, &weights).map_err(|e| Error::io("renaming into", &weights, e))?;
     report.step = step;
     report.finished = true;
     report.weights = Some(weights);

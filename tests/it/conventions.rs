@@ -152,6 +152,12 @@ fn exit_codes_and_errors_that_name_the_flag() {
     // 2: a usage error (clap)
     assert_eq!(run_in(p, &["runs", "--format", "yaml"]).status.code(), Some(2));
     assert_eq!(run_in(p, &["nonsense"]).status.code(), Some(2));
+    // a file error names the operation and the path, and the OS's reason once
+    let o = run_in(p, &["train", "--config", "missing.toml", "--out", "o"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = text(&o);
+    assert!(e.contains("reading missing.toml: "), "{e}");
+    assert_eq!(e.matches("os error 2").count(), 1, "{e}");
     // closed sets of values are checked by the parser and listed
     for args in [
         &["infer", "--fusion", "mean", "x.png"][..],
