@@ -51,8 +51,58 @@ pub struct EvalResult {
 /// How many validation images keep their attention maps.
 pub const ATTENTION_IMAGES: usize = 2;
 
+/// The longest side an image or map is kept at (a preview for the report:
+/// at Cityscapes' 1024x2048 the full maps of three scale sets would take
+/// about 100 MB per run).
+pub const ATTENTION_PREVIEW: usize = 512;
+
+/// `(h, w)` shrunk so that its longer side is at most [`ATTENTION_PREVIEW`].
+fn preview_size(h: usize, w: usize) -> (usize, usize) {
+    let long = h.max(w);
+    if long <= ATTENTION_PREVIEW {
+        return (h, w);
+    }
+    (
+        (h * ATTENTION_PREVIEW / long).max(1),
+        (w * ATTENTION_PREVIEW / long).max(1),
+    )
+}
+
+/// Nearest-neighbour indices from `n` to `m` samples (`i·n/m`, no
+/// interpolation: every kept value is one the network produced).
+fn nearest(n: usize, m: usize) -> Vec<u32> {
+    (0..m).map(|i| (i * n / m) as u32).collect()
+}
+
+/// An (N, C, H, W) map at [`preview_size`], by [`nearest`].
+fn preview_map(t: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = t.dims4()?;
+    let (ph, pw) = preview_size(h, w);
+    if (ph, pw) == (h, w) {
+        return Ok(t.clone());
+    }
+    let dev = t.device();
+    let rows = Tensor::new(nearest(h, ph), dev)?;
+    let cols = Tensor::new(nearest(w, pw), dev)?;
+    Ok(t.index_select(&rows, 2)?.index_select(&cols, 3)?)
+}
+
+/// An image at [`preview_size`], by [`nearest`].
+fn preview_image(img: &RgbImage) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (ph, pw) = preview_size(h, w);
+    if (ph, pw) == (h, w) {
+        return img.clone();
+    }
+    let (ys, xs) = (nearest(h, ph), nearest(w, pw));
+    RgbImage::from_fn(pw as u32, ph as u32, |x, y| {
+        *img.get_pixel(xs[x as usize], ys[y as usize])
+    })
+}
+
 /// A validation image and the weight the fusion gave each scale's
-/// prediction there (scale, (1, 1, h, w) f32 map on the CPU).
+/// prediction there (scale, (1, 1, h, w) f32 map on the CPU), both kept at
+/// most [`ATTENTION_PREVIEW`] pixels on the longer side.
 #[derive(Debug, Clone)]
 pub struct AttentionSample {
     pub name: String,
@@ -199,11 +249,16 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalKey], device: &Device) 
                     let maps = fused
                         .attn
                         .iter()
-                        .map(|(s, a)| Ok((*s, a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+                        .map(|(s, a)| {
+                            Ok((
+                                *s,
+                                preview_map(&a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?,
+                            ))
+                        })
                         .collect::<Result<_>>()?;
                     attention[si].push(AttentionSample {
                         name: ds.samples[i].name.clone(),
-                        image: img.clone(),
+                        image: preview_image(&img),
                         maps,
                     });
                 }
@@ -264,4 +319,50 @@ pub fn val_metric(set: &crate::config::EvalKey) -> String {
         set.scales,
         if set.flip { " flip" } else { "" }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previews_keep_the_long_side_at_most_512_and_pick_values() {
+        assert_eq!(preview_size(1024, 2048), (256, 512));
+        assert_eq!(preview_size(64, 128), (64, 128));
+        assert_eq!(preview_size(2048, 1000), (512, 250));
+        // each value names its source: row·10000 + column
+        let (h, w) = (1030usize, 600usize);
+        let v: Vec<f32> = (0..h * w).map(|i| ((i / w) * 10000 + i % w) as f32).collect();
+        let t = Tensor::from_vec(v, (1, 1, h, w), &Device::Cpu).unwrap();
+        let p = preview_map(&t).unwrap();
+        let (_, _, ph, pw) = p.dims4().unwrap();
+        assert_eq!((ph, pw), (512, 298));
+        let got: Vec<Vec<f32>> = p.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let rows: Vec<usize> = got.iter().map(|r| r[0] as usize / 10000).collect();
+        let cols: Vec<usize> = got[0].iter().map(|&c| c as usize % 10000).collect();
+        // picked, not interpolated: whole source rows and columns, in order,
+        // spread over the whole map
+        assert!(got.iter().all(|r| r.iter().all(|&x| x.fract() == 0.0)));
+        assert!(rows.windows(2).all(|p| p[1] > p[0]) && cols.windows(2).all(|p| p[1] > p[0]));
+        assert_eq!((rows[0], cols[0]), (0, 0));
+        assert!(
+            rows[ph - 1] >= h - 3 && cols[pw - 1] >= w - 3,
+            "{} {}",
+            rows[ph - 1],
+            cols[pw - 1]
+        );
+        let img = RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 0])
+        });
+        let pi = preview_image(&img);
+        assert_eq!((pi.width(), pi.height()), (298, 512));
+        for (y, &r) in rows.iter().enumerate().step_by(37) {
+            for (x, &c) in cols.iter().enumerate().step_by(23) {
+                assert_eq!(
+                    pi.get_pixel(x as u32, y as u32),
+                    img.get_pixel(c as u32, r as u32)
+                );
+            }
+        }
+    }
 }
