@@ -2,7 +2,8 @@
 //! results store.
 //!
 //! - A FINISHED run with the same config hash and seed is not trained again
-//!   (`force` retrains); evaluations it lacks are added.
+//!   (`force` retrains); evaluations it lacks are added, and attention
+//!   maps the report needs but the run folder lacks.
 //! - A run is claimed in the database before it starts, so two `hmsa-lab
 //!   run` processes never execute it twice; a RUNNING run whose heartbeat is
 //!   stale is taken over and resumes from its last checkpoint.
@@ -14,7 +15,7 @@
 use crate::config::suite::{PlannedRun, Suite};
 use crate::config::{RunConfig, SecondSource};
 use crate::data::{Dataset, Labels};
-use crate::model::checkpoint;
+use crate::model::{checkpoint, Fusion};
 use crate::store::{Artifact, ArtifactKind, Provenance, Status, Store};
 use crate::train::{Observer, StepMetrics};
 use crate::{Error, Result};
@@ -482,15 +483,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
         return Ok(Outcome::Removed(row.id));
     }
     let done = row.status == Status::Finished;
-    let evaluated = store.evaluated(row.id)?;
-    let missing: Vec<_> = r
-        .config
-        .eval
-        .sets
-        .iter()
-        .filter(|s| !evaluated.contains(s))
-        .cloned()
-        .collect();
+    let missing = lacking(store, row.id, &r.config.eval.sets)?;
     if done && !opts.force && missing.is_empty() {
         return Ok(Outcome::Done);
     }
@@ -528,9 +521,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
         return Ok(match now {
             Some(x) if x.removed_ms.is_some() => Outcome::Removed(x.id),
             Some(x) if x.status == Status::Finished => {
-                let have = store.evaluated(x.id)?;
-                let complete = r.config.eval.sets.iter().all(|s| have.contains(s));
-                if complete {
+                if lacking(store, x.id, &r.config.eval.sets)?.is_empty() {
                     Outcome::Done
                 } else {
                     Outcome::Busy
@@ -629,6 +620,34 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
     beating.store(false, Ordering::Relaxed);
     let _ = hb.join();
     result
+}
+
+/// The evaluations of `sets` run `id` still lacks: those not recorded,
+/// and attention-fused ones recorded without their attention maps (runs
+/// evaluated before the maps were kept, or whose files are gone), so that
+/// the report can draw every run's maps.
+fn lacking(store: &Store, id: i64, sets: &[crate::config::EvalKey]) -> Result<Vec<crate::config::EvalKey>> {
+    let rows = store.evaluations(id)?;
+    let arts = store.artifacts(id)?;
+    let has_maps = |s: &crate::config::EvalKey| {
+        let tag = crate::eval::attention_tag(s);
+        arts.iter().any(|a| {
+            let p = Path::new(&a.path);
+            a.kind == ArtifactKind::Attention
+                && p.parent().and_then(|d| d.file_name()) == Some(std::ffi::OsStr::new(&tag))
+                && p.exists()
+        })
+    };
+    Ok(sets
+        .iter()
+        .filter(|s| match rows.iter().find(|e| e.key() == **s) {
+            None => true,
+            Some(e) => {
+                matches!(s.fusion, Fusion::Hierarchical | Fusion::Explicit) && e.images > 0 && !has_maps(s)
+            }
+        })
+        .cloned()
+        .collect())
 }
 
 /// Labels the teacher's images into `run_dir/autolabel` (skipped when a

@@ -318,6 +318,39 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
     assert!(md.contains("| baseline | 1.0 | single | no |"), "{md}");
     assert!(md.contains("![miou](figures/miou.png)"));
     attention_artifacts_are_the_networks_maps(d.path(), &db, &rep);
+    // a run whose attention maps are gone (or that was evaluated before
+    // they were kept) is evaluated again for them, once
+    let folder = sqlite(
+        &db,
+        "SELECT path FROM artifacts WHERE kind = 'attention' ORDER BY path LIMIT 1",
+    );
+    let folder = csv::Reader::from_reader(folder.as_bytes())
+        .records()
+        .next()
+        .unwrap()
+        .unwrap()[0]
+        .to_string();
+    let folder = d.path().join(folder).parent().unwrap().to_path_buf();
+    std::fs::remove_dir_all(&folder).unwrap();
+    let third = ok(bin()
+        .current_dir(d.path())
+        .args(["run", suite.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(
+        third.contains("0 trained, 1 evaluated, 9 already done"),
+        "{third}"
+    );
+    assert_eq!(std::fs::read_dir(&folder).unwrap().count(), 2);
+    let fourth = ok(bin()
+        .current_dir(d.path())
+        .args(["run", suite.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(
+        fourth.contains("0 trained, 0 evaluated, 10 already done"),
+        "{fourth}"
+    );
     // Every number the report and the README section show, recomputed
     // from the database by another route.
     let readme = d.path().join("README.md");
