@@ -12,7 +12,7 @@
 //! (the default memory pool's high-water mark; the CUDA context and
 //! cuBLAS workspaces not counted). GPU times end at a device synchronise.
 
-use crate::meter::MemoryMeter;
+use crate::meter::{MemoryMeter, Stopwatch};
 use crate::model::init::seeded_varbuilder;
 use crate::model::{Fusion, HmsaNet, ModelConfig, Precision, Scales};
 use crate::Result;
@@ -71,13 +71,11 @@ pub fn time_forward(
     )?;
     let x = Tensor::zeros((1, 3, size.0, size.1), precision.dtype(), &dev)?;
     net.infer(&x, fusion, scales, flip, false)?; // warm-up
-    crate::sync(&dev)?;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
-        let t = Instant::now();
+        let t = Stopwatch::start(&dev)?;
         net.infer(&x, fusion, scales, flip, false)?;
-        crate::sync(&dev)?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
+        times.push(t.ms()?);
     }
     times.sort_by(f64::total_cmp);
     Ok(ForwardRow {
@@ -200,16 +198,12 @@ pub fn training_ratios(ms: &[Measured]) -> Vec<String> {
 }
 
 fn timed(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()> + Send) -> Result<(f64, f64)> {
-    let mut g = || {
-        crate::on_pool(dev, &mut f)?;
-        crate::sync(dev)
-    };
-    g()?; // warm-up
+    crate::on_pool(dev, &mut f)?; // warm-up
     let mut t = Vec::with_capacity(reps.max(1));
     for _ in 0..reps.max(1) {
-        let s = Instant::now();
-        g()?;
-        t.push(s.elapsed().as_secs_f64() * 1e3);
+        let s = Stopwatch::start(dev)?;
+        crate::on_pool(dev, &mut f)?;
+        t.push(s.ms()?);
     }
     t.sort_by(f64::total_cmp);
     Ok((t[0], t[t.len() / 2]))

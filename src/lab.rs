@@ -13,7 +13,7 @@
 //!   images into its run folder, then trains with them as a second source.
 
 use crate::config::suite::{PlannedRun, Suite};
-use crate::config::{RunConfig, SecondSource};
+use crate::config::{EvalKey, RunConfig, SecondSource};
 use crate::data::{Dataset, Labels};
 use crate::model::{checkpoint, Fusion};
 use crate::store::{Artifact, ArtifactKind, Provenance, Status, Store};
@@ -228,7 +228,7 @@ pub fn train_and_evaluate(cfg: &RunConfig, dir: &Path, obs: &mut dyn Observer) -
 pub fn evaluate_weights(
     cfg: &RunConfig,
     weights: &Path,
-    sets: &[crate::config::EvalKey],
+    sets: &[EvalKey],
     obs: &mut dyn Observer,
 ) -> Result<Vec<crate::eval::EvalResult>> {
     let dev = crate::device()?;
@@ -626,24 +626,17 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
 /// and attention-fused ones recorded without their attention maps (runs
 /// evaluated before the maps were kept, or whose files are gone), so that
 /// the report can draw every run's maps.
-fn lacking(store: &Store, id: i64, sets: &[crate::config::EvalKey]) -> Result<Vec<crate::config::EvalKey>> {
-    let rows = store.evaluations(id)?;
+pub fn lacking(store: &Store, id: i64, sets: &[EvalKey]) -> Result<Vec<EvalKey>> {
+    let have = store.evaluated(id)?;
     let arts = store.artifacts(id)?;
-    let has_maps = |s: &crate::config::EvalKey| {
-        let tag = crate::eval::attention_tag(s);
-        arts.iter().any(|a| {
-            let p = Path::new(&a.path);
-            a.kind == ArtifactKind::Attention
-                && p.parent().and_then(|d| d.file_name()) == Some(std::ffi::OsStr::new(&tag))
-                && p.exists()
-        })
-    };
     Ok(sets
         .iter()
-        .filter(|s| match rows.iter().find(|e| e.key() == **s) {
+        .filter(|s| match have.iter().find(|(k, _)| k == *s) {
             None => true,
-            Some(e) => {
-                matches!(s.fusion, Fusion::Hierarchical | Fusion::Explicit) && e.images > 0 && !has_maps(s)
+            Some((_, images)) => {
+                matches!(s.fusion, Fusion::Hierarchical | Fusion::Explicit)
+                    && *images > 0
+                    && !arts.iter().any(|a| a.is_attention_of(s))
             }
         })
         .cloned()

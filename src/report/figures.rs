@@ -6,7 +6,7 @@ use super::{AggRow, SuiteSummary};
 use crate::data::cityscapes::CLASSES;
 use crate::eval::metrics::Confusion;
 use crate::model::Fusion;
-use crate::store::{ArtifactKind, Status, Store};
+use crate::store::{Status, Store};
 use crate::{Error, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -592,18 +592,11 @@ fn attention_maps(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<Pat
     else {
         return Ok(vec![]);
     };
-    let folder = run
-        .run_dir
-        .join("attention")
-        .join(crate::eval::attention_tag(&row.key.eval));
     let mut saved: Vec<PathBuf> = store
         .artifacts(run.id)?
         .into_iter()
-        .filter(|a| {
-            a.kind == ArtifactKind::Attention && Path::new(&a.path).parent() == Some(folder.as_path())
-        })
+        .filter(|a| a.is_attention_of(&row.key.eval))
         .map(|a| PathBuf::from(a.path))
-        .filter(|p| p.exists())
         .collect();
     saved.sort();
     let mut files = vec![];

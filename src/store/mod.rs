@@ -187,6 +187,19 @@ pub struct Artifact {
     pub digest: String,
 }
 
+impl Artifact {
+    /// Whether this is one of the attention-map files of evaluation `key`
+    /// (`…/attention/<tag>/<i>_<image>.safetensors`, see
+    /// `eval::write_attention`) and the file is still there.
+    pub fn is_attention_of(&self, key: &EvalKey) -> bool {
+        let p = std::path::Path::new(&self.path);
+        self.kind == ArtifactKind::Attention
+            && p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str())
+                == Some(crate::eval::attention_tag(key).as_str())
+            && p.exists()
+    }
+}
+
 /// What a run records about where it ran.
 #[derive(Clone, Debug, Default)]
 pub struct Provenance {
@@ -603,22 +616,24 @@ impl Store {
         })
     }
 
-    /// Evaluations already recorded for a run.
-    pub fn evaluated(&self, id: i64) -> Result<Vec<EvalKey>> {
+    /// Evaluations already recorded for a run, with the number of images
+    /// each was scored on (a light read: no metrics decoded).
+    pub fn evaluated(&self, id: i64) -> Result<Vec<(EvalKey, i64)>> {
         self.block(async {
-            let rows: Vec<(String, String, i64)> =
-                sqlx::query_as("SELECT scales, fusion, flip FROM evaluations WHERE run_id = $1")
+            let rows: Vec<(String, String, i64, i64)> =
+                sqlx::query_as("SELECT scales, fusion, flip, images FROM evaluations WHERE run_id = $1")
                     .bind(id)
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| self.fail("reading evaluations", e))?;
             rows.into_iter()
-                .map(|(s, f, fl)| {
-                    Ok(EvalKey {
+                .map(|(s, f, fl, images)| {
+                    let key = EvalKey {
                         scales: decode(s.parse()).map_err(|e| self.fail("reading evaluations", e))?,
                         fusion: decode(f.parse()).map_err(|e| self.fail("reading evaluations", e))?,
                         flip: fl != 0,
-                    })
+                    };
+                    Ok((key, images))
                 })
                 .collect()
         })

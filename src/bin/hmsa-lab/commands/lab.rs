@@ -40,9 +40,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         let mut rows = vec![];
         for r in &suite.runs {
             let row = store.find_run(&suite.header.name, &r.variant, &r.hash, r.seed)?;
-            let have = match &row {
-                Some(x) => store.evaluated(x.id)?,
-                None => vec![],
+            // what `run` would still do for it
+            let lacking = match &row {
+                Some(x) => hmsa_lab::lab::lacking(&store, x.id, &r.config.eval.sets)?,
+                None => r.config.eval.sets.clone(),
             };
             // each evaluation, ✓ where it is already recorded
             let evals: Vec<String> = r
@@ -51,7 +52,7 @@ pub fn run(a: RunArgs) -> Result<()> {
                 .sets
                 .iter()
                 .map(|e| {
-                    let done = have.contains(e);
+                    let done = !lacking.contains(e);
                     format!(
                         "{} {}{} {}",
                         e.fusion.name(),
