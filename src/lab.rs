@@ -147,6 +147,23 @@ struct LabObserver<'a> {
     progress: Box<dyn Observer + 'a>,
 }
 
+impl LabObserver<'_> {
+    /// Records each result's mIoU at `step` under the metric `name` gives.
+    fn log_mious(
+        &mut self,
+        step: usize,
+        results: &[crate::eval::EvalResult],
+        name: fn(&EvalKey) -> String,
+    ) -> Result<()> {
+        let rows: Vec<(String, i64, f64)> = results
+            .iter()
+            .map(|e| (name(&e.set), step as i64, e.metrics.miou))
+            .collect();
+        let rows: Vec<(&str, i64, f64)> = rows.iter().map(|(k, s, v)| (k.as_str(), *s, *v)).collect();
+        self.store.log_metrics(self.id, &rows)
+    }
+}
+
 impl Observer for LabObserver<'_> {
     fn on_start(&mut self, start: usize, total: usize) {
         self.progress.on_start(start, total);
@@ -181,12 +198,11 @@ impl Observer for LabObserver<'_> {
     }
 
     fn on_eval(&mut self, step: usize, results: &[crate::eval::EvalResult]) -> Result<()> {
-        let rows: Vec<(String, i64, f64)> = results
-            .iter()
-            .map(|e| (crate::eval::val_metric(&e.set), step as i64, e.metrics.miou))
-            .collect();
-        let rows: Vec<(&str, i64, f64)> = rows.iter().map(|(k, s, v)| (k.as_str(), *s, *v)).collect();
-        self.store.log_metrics(self.id, &rows)
+        self.log_mious(step, results, crate::eval::val_metric)
+    }
+
+    fn on_fit(&mut self, step: usize, results: &[crate::eval::EvalResult]) -> Result<()> {
+        self.log_mious(step, results, crate::eval::fit_metric)
     }
 }
 
@@ -216,6 +232,13 @@ pub fn train_and_evaluate(cfg: &RunConfig, dir: &Path, obs: &mut dyn Observer) -
         .weights
         .ok_or_else(|| Error::invalid("train", "finished without weights"))?;
     let evals = evaluate_weights(cfg, &weights, &cfg.eval.sets, obs)?;
+    if let (true, Some(set)) = (cfg.eval.fit, cfg.eval.sets.first()) {
+        let dev = crate::device()?;
+        let net = checkpoint::load(&cfg.model, &weights, &dev)?;
+        let train = crate::data::train_dataset(&cfg.data)?;
+        let fit = crate::eval::evaluate(&net, &train, std::slice::from_ref(set), &dev)?;
+        obs.on_fit(rep.step, &fit)?;
+    }
     Ok(Trained::Finished {
         step: rep.step,
         weights,
@@ -680,13 +703,24 @@ fn with_autolabels(
     if !marker.exists() {
         let dev = crate::device()?;
         let net = checkpoint::load(&t.config.model, &row.run_dir.join("model.safetensors"), &dev)?;
-        let ds = Dataset::open(&crate::data::root(&cfg.data)?, &spec.split, Labels::None)?;
+        let root = crate::data::root(&cfg.data)?;
+        let ds = Dataset::open(&root, &spec.split, Labels::None)?;
+        let truth = crate::autolabel::truth_of(&root, &spec.split)?;
         let scales = spec
             .scales
             .clone()
             .unwrap_or_else(|| t.config.model.scales.clone());
         let fusion = spec.fusion.unwrap_or(t.config.model.fusion);
-        let s = crate::autolabel::autolabel(&net, &ds, &scales, fusion, spec.threshold, &out, &dev)?;
+        let s = crate::autolabel::autolabel(
+            &net,
+            &ds,
+            truth.as_ref(),
+            &scales,
+            fusion,
+            spec.threshold,
+            &out,
+            &dev,
+        )?;
         tracing::info!(images = s.images, "auto-labelled");
         // What the threshold kept, per class, as the student's metrics
         // (step 0); the marker is written last.
@@ -696,6 +730,15 @@ fn with_autolabels(
             .map(|(c, &k)| (format!("autolabel_kept/{}", c.name), 0, k as f64))
             .collect();
         rows.push(("autolabel_dropped".into(), 0, s.dropped as f64));
+        for (c, (&ok, &t)) in crate::data::cityscapes::CLASSES
+            .iter()
+            .zip(s.correct.iter().zip(&s.truth))
+        {
+            if t > 0 || ok > 0 {
+                rows.push((format!("autolabel_correct/{}", c.name), 0, ok as f64));
+                rows.push((format!("autolabel_truth/{}", c.name), 0, t as f64));
+            }
+        }
         // The teacher's validation mIoU at the labelling scales and fusion.
         if let Some(e) = store
             .evaluations(row.id)?

@@ -98,10 +98,36 @@ pub struct SynthConfig {
     pub train_extra: usize,
     /// Images with no labels at all.
     pub unlabeled: usize,
-    /// Largest semi-axis of the context regions.
+    /// Largest width (and, in layout v2, height) of a context field.
     pub blob_radius: u32,
     /// Erosion (pixels) of coarse labels.
     pub coarse_erosion: u32,
+    /// How the context fields are laid out (`data::synth` says what each
+    /// layout draws). Left out of the serialised config while v2, so the
+    /// config hashes and dataset stamps made before v3 are unchanged.
+    #[serde(skip_serializing_if = "Layout::is_v2")]
+    pub layout: Layout,
+}
+
+/// The synthetic benchmark's layout of the context fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// One field per half, its top at 45–55% of the height, at most
+    /// `blob_radius` tall, a 4 px cue band on top.
+    #[default]
+    V2,
+    /// One field per half as tall as the image (top at 5–12%, bottom at
+    /// 93–98% of the height), an 8 px cue band on top: most of a field's
+    /// pixels lie beyond a short-reach network's view of the cue at 1.0x
+    /// and within it at 0.5x (docs/ablation-tuning.md).
+    V3,
+}
+
+impl Layout {
+    pub fn is_v2(&self) -> bool {
+        *self == Layout::V2
+    }
 }
 
 impl Default for SynthConfig {
@@ -116,6 +142,7 @@ impl Default for SynthConfig {
             unlabeled: 0,
             blob_radius: 100,
             coarse_erosion: 6,
+            layout: Layout::V2,
         }
     }
 }

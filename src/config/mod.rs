@@ -10,7 +10,7 @@ pub mod suite;
 
 use crate::model::{Fusion, ModelConfig, Precision, Scales};
 use crate::{Error, Result};
-pub use data::{AugmentConfig, SamplerConfig, SynthConfig};
+pub use data::{AugmentConfig, Layout, SamplerConfig, SynthConfig};
 pub use recipe::{LossConfig, MainLoss, OptimConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -153,6 +153,12 @@ pub struct EvalConfig {
     /// training (recorded as `val_miou/<fusion> <scales>` step metrics).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub every: Option<usize>,
+    /// After training, also evaluate the first set on the training split
+    /// (its fine labels, no augmentation), recorded as the metric
+    /// `train_miou/<fusion> <scales>`: beside the validation score, it
+    /// says whether a run is limited by its data (a gap) or by its steps.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fit: bool,
 }
 
 impl Default for EvalConfig {
@@ -164,6 +170,7 @@ impl Default for EvalConfig {
                 flip: false,
             }],
             every: None,
+            fit: false,
         }
     }
 }

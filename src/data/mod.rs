@@ -306,13 +306,18 @@ pub fn root(cfg: &DataConfig) -> Result<PathBuf> {
     }
 }
 
+/// The training split with its fine labels.
+pub fn train_dataset(cfg: &DataConfig) -> Result<Dataset> {
+    let mut ds = Dataset::open(&root(cfg)?, &cfg.train_split, Labels::Fine)?;
+    if cfg.long_edge.is_some() {
+        ds.long_edge = cfg.long_edge;
+    }
+    Ok(ds)
+}
+
 /// The training split and the second source, if any.
 pub fn train_sources(cfg: &DataConfig) -> Result<Vec<Dataset>> {
-    let mut first = Dataset::open(&root(cfg)?, &cfg.train_split, Labels::Fine)?;
-    if cfg.long_edge.is_some() {
-        first.long_edge = cfg.long_edge;
-    }
-    let mut v = vec![first];
+    let mut v = vec![train_dataset(cfg)?];
     if let Some(s) = &cfg.second {
         let labels = if s.labels == "coarse" {
             Labels::Coarse

@@ -1,4 +1,4 @@
-//! The synthetic street-scene benchmark (v2): deterministic from a seed,
+//! The synthetic street-scene benchmark: deterministic from a seed,
 //! written in the Cityscapes layout with real labelIds, and built so that
 //! the paper's question (which scale is best for which pixel) has an
 //! answer whose premise can be measured (`synth --stats`, [`stats`]).
@@ -15,19 +15,26 @@
 //!   solid `traffic sign`s 8–12 px square in their own hue. Distant
 //!   `person`s (13–23 px) and `car`s are small objects too.
 //! - **Context classes**: exactly one `vegetation` and one `terrain` field
-//!   per image, one in each half, from below the horizon towards the
-//!   bottom (up to `blob_radius` px wide and tall), filled with the *same*
-//!   texture law; only a 4 px band along the field's top edge (dark
-//!   blue-green for vegetation, ochre for terrain) tells them apart, so a
-//!   field's lower pixels are tens of pixels from their cue. With one
-//!   field of each class, the image-level pooling of OCR cannot settle the
-//!   class from which classes are present. (Whether the low scale helps
-//!   them is what the premise table measures; docs/ablation-tuning.md
-//!   records the designs tried.)
+//!   per image, one in each half, filled with the *same* texture law; only
+//!   a band along the field's top edge (dark blue-green for vegetation,
+//!   ochre for terrain) tells them apart, so a field's lower pixels are
+//!   far from their cue. With one field of each class, the image-level
+//!   pooling of OCR cannot settle the class from which classes are
+//!   present. The [`Layout`] sets the geometry:
+//!   - **v3** (the ablation's): fields as tall as the image, top at 5–12%
+//!     and bottom at 93–98% of the height, 0.8–1.0 x `blob_radius` wide
+//!     (at most 45% of the width), an 8 px band. Most of a field's pixels
+//!     are 50–110 px from their cue at 1.0x: beyond the reach of a
+//!     short-reach backbone (the `small-short` preset) at 1.0x, within it
+//!     at 0.5x, so the context classes need the low scale.
+//!   - **v2**: fields from 45–55% of the height down, at most
+//!     `blob_radius` tall, a 4 px band; a network that sees the whole
+//!     image at 1.0x needs no low scale for them (kept so that
+//!     docs/ablation-tuning.md's history can be rerun).
 //! - The rest (sky, buildings, sidewalk, road) is easy scenery.
 
 use super::cityscapes::{label_to_train, CLASSES};
-use crate::config::SynthConfig;
+use crate::config::{Layout, SynthConfig};
 use crate::{Error, Result};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use rand::rngs::StdRng;
@@ -68,9 +75,21 @@ const COARSE_CLASSES: [u8; 6] = [
 /// Scenes are drawn at this many times their size, then box-filtered down.
 const SUPERSAMPLE: u32 = 2;
 
-/// Height (pixels, at 1.0x) of the band along a context field's top edge
-/// that is its class's only cue.
-const BAND: f32 = 4.0;
+/// Where a v3 context field's top and bottom edges lie, as shares of the
+/// image height (ranges drawn uniformly).
+pub const V3_TOP: (f32, f32) = (0.05, 0.12);
+pub const V3_BOTTOM: (f32, f32) = (0.93, 0.98);
+
+impl Layout {
+    /// Height (pixels, at 1.0x) of the band along a context field's top
+    /// edge that is its class's only cue.
+    pub fn band(self) -> f32 {
+        match self {
+            Layout::V2 => 4.0,
+            Layout::V3 => 8.0,
+        }
+    }
+}
 
 /// One rendered scene: the image, the same scene without the detail
 /// classes (poles, signs), the labelIds map, and per pixel the distance
@@ -280,10 +299,11 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
         }
     }
     // Context: one vegetation and one terrain field, one in each half,
-    // from below the horizon towards the bottom, one texture law for both;
-    // only a band along the field's top edge differs.
+    // one texture law for both; only a band along the field's top edge
+    // differs. The layout sets how tall the fields are and how wide the
+    // band (v2's draws keep their order, so its scenes are unchanged).
     let veg_left = rng.random_bool(0.5);
-    let band = BAND * kf;
+    let band = cfg.layout.band() * kf;
     for half in 0..2u32 {
         let veg = (half == 0) == veg_left;
         let (id, cue) = if veg {
@@ -294,8 +314,16 @@ pub fn render(cfg: &SynthConfig, split: &str, index: usize) -> Scene {
         let rmax = cfg.blob_radius as f32 * kf;
         let fw = rng.random_range(0.8 * rmax..rmax).min(0.45 * w as f32);
         let x0 = (half as f32 * 0.5 + 0.25) * w as f32 - fw / 2.0 + rng.random_range(-0.02..0.02) * w as f32;
-        let top = rng.random_range(0.45 * hf..0.55 * hf);
-        let bottom = (top + rng.random_range(0.7 * rmax..rmax)).min(0.97 * hf);
+        let (top, bottom) = match cfg.layout {
+            Layout::V2 => {
+                let top = rng.random_range(0.45 * hf..0.55 * hf);
+                (top, (top + rng.random_range(0.7 * rmax..rmax)).min(0.97 * hf))
+            }
+            Layout::V3 => {
+                let top = rng.random_range(V3_TOP.0 * hf..V3_TOP.1 * hf);
+                (top, rng.random_range(V3_BOTTOM.0 * hf..V3_BOTTOM.1 * hf))
+            }
+        };
         let corner = 6.0 * kf;
         let tex = Texture::new(&mut rng, [95.0, 130.0, 70.0], 7.0 * kf, 22.0, 10.0, w, h);
         for y in top as u32..bottom as u32 {
@@ -470,26 +498,29 @@ pub fn generate(cfg: &SynthConfig, root: &Path) -> Result<Written> {
         std::fs::create_dir_all(root).map_err(|e| Error::io("creating", root, e))?;
     }
     let mut n = Written::default();
-    let splits: [(&str, usize, Option<&str>); 4] = [
-        ("train", cfg.train, Some("gtFine")),
-        ("val", cfg.val, Some("gtFine")),
-        ("train_extra", cfg.train_extra, Some("gtCoarse")),
-        ("unlabeled", cfg.unlabeled, None),
+    // train_extra carries gtCoarse (what a student may use) and its full
+    // truth in gtFine, which only the measurement of the teacher's labels
+    // reads (the synthetic benchmark knows the truth; Cityscapes does not).
+    let splits: [(&str, usize, &[&str]); 4] = [
+        ("train", cfg.train, &["gtFine"]),
+        ("val", cfg.val, &["gtFine"]),
+        ("train_extra", cfg.train_extra, &["gtCoarse", "gtFine"]),
+        ("unlabeled", cfg.unlabeled, &[]),
     ];
-    for (split, count, gt) in splits {
+    for (split, count, gts) in splits {
         for i in 0..count {
             let s = stem(i);
             let img_path = root.join(format!("leftImg8bit/{split}/synth/{s}_leftImg8bit.png"));
-            let lab_path: Option<PathBuf> =
-                gt.map(|g| root.join(format!("{g}/{split}/synth/{s}_{g}_labelIds.png")));
-            let have_img = img_path.exists();
-            let have_lab = lab_path.as_ref().is_none_or(|p| p.exists());
-            if have_img && have_lab {
+            let lab_paths: Vec<(&str, PathBuf)> = gts
+                .iter()
+                .map(|g| (*g, root.join(format!("{g}/{split}/synth/{s}_{g}_labelIds.png"))))
+                .collect();
+            if img_path.exists() && lab_paths.iter().all(|(_, p)| p.exists()) {
                 continue;
             }
             let scene = render(cfg, split, i);
-            if let Some(lp) = &lab_path {
-                let lab = if gt == Some("gtCoarse") {
+            for (g, lp) in &lab_paths {
+                let lab = if *g == "gtCoarse" {
                     coarse(&scene.label_ids, cfg.coarse_erosion)
                 } else {
                     scene.label_ids.clone()
@@ -497,7 +528,7 @@ pub fn generate(cfg: &SynthConfig, root: &Path) -> Result<Written> {
                 save(lp, |p| lab.save_with_format(p, image::ImageFormat::Png))?;
                 n.labels += 1;
             }
-            // The image goes last: its presence marks the pair complete.
+            // The image goes last: its presence marks the set complete.
             save(&img_path, |p| {
                 scene.image.save_with_format(p, image::ImageFormat::Png)
             })?;
@@ -537,6 +568,10 @@ pub struct CueStats {
     /// Median distance from a context-class pixel to its region's cue, in
     /// output pixels of the stride-4 network.
     pub context_cue_px: f64,
+    /// The 10th, 25th, 75th and 90th percentiles of that distance: how
+    /// much of a field lies beyond a network's reach (measured in output
+    /// pixels, which a network's reach is fixed in).
+    pub context_cue_spread: [f64; 4],
     /// Per detail class (labelId): the share of its pixels whose colour
     /// differs by more than 8 levels from the same scene without the
     /// detail classes (visible), and its median width in output pixels
@@ -691,6 +726,14 @@ impl CueAcc {
             v[v.len() / 2] as f64
         };
         let context_cue_px = median(&mut self.dists);
+        // sorted by `median`
+        let q = |p: f64| -> f64 {
+            if self.dists.is_empty() {
+                return f64::NAN;
+            }
+            self.dists[((self.dists.len() - 1) as f64 * p).round() as usize] as f64
+        };
+        let context_cue_spread = [q(0.10), q(0.25), q(0.75), q(0.90)];
         let detail = DETAIL
             .iter()
             .enumerate()
@@ -705,6 +748,7 @@ impl CueAcc {
         CueStats {
             at,
             context_cue_px,
+            context_cue_spread,
             detail,
         }
     }

@@ -313,8 +313,17 @@ pub fn evaluate(net: &HmsaNet, ds: &Dataset, sets: &[EvalKey], device: &Device) 
 
 /// The step metric of `[eval] every` for one evaluation set.
 pub fn val_metric(set: &crate::config::EvalKey) -> String {
+    split_metric("val_miou", set)
+}
+
+/// The metric of `[eval] fit`: the set's mIoU on the training split.
+pub fn fit_metric(set: &crate::config::EvalKey) -> String {
+    split_metric("train_miou", set)
+}
+
+fn split_metric(prefix: &str, set: &crate::config::EvalKey) -> String {
     format!(
-        "val_miou/{} {}{}",
+        "{prefix}/{} {}{}",
         set.fusion.name(),
         set.scales,
         if set.flip { " flip" } else { "" }

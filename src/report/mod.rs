@@ -499,13 +499,6 @@ fn html_escape(s: &str) -> String {
 /// A table as header and rows of text cells.
 pub type TextTable = (Vec<String>, Vec<Vec<String>>);
 
-/// Extra sections a caller adds to a report (e.g. the paper comparison).
-#[derive(Default, Clone, Debug)]
-pub struct Extra {
-    /// (title, Markdown body, optional table)
-    pub sections: Vec<(String, String, Option<TextTable>)>,
-}
-
 /// One variant's training cost, from its runs' `step_secs` metrics.
 #[derive(Clone, Debug, Serialize)]
 pub struct Cost {
@@ -708,21 +701,275 @@ pub fn autolabel_section(store: &Store, s: &SuiteSummary) -> Result<Option<(Stri
     Ok(Some((text, (head, rows))))
 }
 
+/// The teacher's kept labels against the truth, where the students
+/// recorded it (the synthetic benchmark knows the truth of `train_extra`):
+/// per class, the truth's pixels, the pixels the threshold kept with that
+/// label, their precision, and the share of the class's truth kept with
+/// the right label. From the first student variant that has it, mean over
+/// seeds (the students of one seed share their teacher's labels).
+pub fn teacher_truth_section(store: &Store, s: &SuiteSummary) -> Result<Option<(String, TextTable)>> {
+    for v in variant_order(&s.runs) {
+        // per class: (truth, kept, correct) summed over seeds
+        let mut sums = vec![[0f64; 3]; CLASSES.len()];
+        let mut seeds = 0usize;
+        for r in s
+            .runs
+            .iter()
+            .filter(|r| r.variant == v && r.status == Status::Finished)
+        {
+            let mut any = false;
+            for (c, cls) in CLASSES.iter().enumerate() {
+                let Some(t) = first_metric(store, r.id, &format!("autolabel_truth/{}", cls.name))? else {
+                    continue;
+                };
+                any = true;
+                let kept = first_metric(store, r.id, &format!("autolabel_kept/{}", cls.name))?.unwrap_or(0.0);
+                let ok =
+                    first_metric(store, r.id, &format!("autolabel_correct/{}", cls.name))?.unwrap_or(0.0);
+                for (a, b) in sums[c].iter_mut().zip([t, kept, ok]) {
+                    *a += b;
+                }
+            }
+            seeds += usize::from(any);
+        }
+        if seeds == 0 {
+            continue;
+        }
+        let head = [
+            "class",
+            "truth (kpx)",
+            "kept (kpx)",
+            "precision of kept %",
+            "truth kept and right %",
+        ]
+        .map(String::from)
+        .to_vec();
+        let pct = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.1}", 100.0 * a / b)
+            } else {
+                "–".into()
+            }
+        };
+        let row = |name: &str, [t, k, ok]: [f64; 3]| {
+            let n = seeds as f64;
+            vec![
+                name.to_string(),
+                format!("{:.1}", t / n / 1e3),
+                format!("{:.1}", k / n / 1e3),
+                pct(ok, k),
+                pct(ok, t),
+            ]
+        };
+        let mut rows: Vec<Vec<String>> = CLASSES
+            .iter()
+            .zip(&sums)
+            .filter(|(_, x)| x[0] > 0.0 || x[1] > 0.0)
+            .map(|(c, x)| row(c.name, *x))
+            .collect();
+        let all = sums
+            .iter()
+            .fold([0f64; 3], |a, x| [a[0] + x[0], a[1] + x[1], a[2] + x[2]]);
+        rows.push(row("all", all));
+        let text = format!(
+            "The teacher's labels of `{v}` scored against the generator's truth of the images it labelled (thousands of pixels per labelling, mean over {seeds} seed(s)). \
+             Precision: the share of kept pixels whose label is right; truth kept and right: the share of the class's pixels that reach the student with the right label."
+        );
+        return Ok(Some((text, (head, rows))));
+    }
+    Ok(None)
+}
+
+/// How well each variant fits its own training images against the
+/// validation images (`[eval] fit`): a student limited by its data shows a
+/// gap (validation below training), one limited by its steps does not.
+pub fn fit_section(store: &Store, s: &SuiteSummary) -> Result<Option<(String, TextTable)>> {
+    let mut rows = vec![];
+    for v in variant_order(&s.runs) {
+        let (mut train, mut val, mut gap) = (vec![], vec![], vec![]);
+        let mut label = String::new();
+        for r in s
+            .runs
+            .iter()
+            .filter(|r| r.variant == v && r.status == Status::Finished)
+        {
+            let Ok(c) = serde_json::from_str::<crate::config::RunConfig>(&r.config_json) else {
+                continue;
+            };
+            let Some(set) = c.eval.sets.first() else { continue };
+            let Some(t) = first_metric(store, r.id, &crate::eval::fit_metric(set))? else {
+                continue;
+            };
+            let Some(e) = s
+                .evals
+                .iter()
+                .find(|(run, e)| run.id == r.id && e.key() == *set)
+                .map(|(_, e)| e.miou)
+            else {
+                continue;
+            };
+            label = format!("{} {}", set.fusion, set.scales);
+            train.push(t);
+            val.push(e);
+            gap.push(t - e);
+        }
+        if train.is_empty() {
+            continue;
+        }
+        let pct = |xs: &[f64]| {
+            let (m, sd, _) = stats::mean_std(xs);
+            pm(m, sd)
+        };
+        rows.push(vec![
+            v,
+            label,
+            pct(&train),
+            pct(&val),
+            pct(&gap),
+            train.len().to_string(),
+        ]);
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let head = [
+        "variant",
+        "evaluation",
+        "training images mIoU %",
+        "validation mIoU %",
+        "gap (points)",
+        "seeds",
+    ]
+    .map(String::from)
+    .to_vec();
+    let text = "Each run's first evaluation on its own training images (fine labels, no augmentation) beside the same evaluation on the validation images (mean ± std over seeds). \
+                A student whose validation score falls well below its training score is limited by its data, which auto-labelled images can help; one that scores alike on both is limited by its steps."
+        .to_string();
+    Ok(Some((text, (head, rows))))
+}
+
+/// One titled part of a report: Markdown text and a table (either may be
+/// empty).
+#[derive(Clone, Debug)]
+pub struct Section {
+    pub title: String,
+    pub text: String,
+    pub table: Option<TextTable>,
+}
+
+/// A suite's report, built once from the store: the Markdown/HTML files,
+/// the terminal and the README are renderings of it.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub summary: SuiteSummary,
+    /// In reading order: the premise, the paper's effects beside ours,
+    /// where the attention looks, the ablation and per-class tables, then
+    /// efficiency, fit and auto-labelling.
+    pub sections: Vec<Section>,
+    pub costs: Vec<Cost>,
+}
+
+/// Titles of the sections the README shows (the per-class table stays in
+/// the report).
+const README_SECTIONS: [&str; 8] = [
+    "Premise",
+    "The paper's ablations beside ours",
+    "Attention by class",
+    "Ablation",
+    "Efficiency",
+    "Fit: training images against validation",
+    "Auto-labelling",
+    "Auto-labelling: the teacher's labels against the truth",
+];
+
+impl Report {
+    pub fn build(store: &Store, suite: &str) -> Result<Self> {
+        let s = summarise(store, suite)?;
+        let mut sections = vec![];
+        let mut push = |title: &str, text: &str, table: Option<TextTable>| {
+            sections.push(Section {
+                title: title.into(),
+                text: text.into(),
+                table,
+            })
+        };
+        if let Some(t) = premise_table(&s) {
+            push("Premise", PREMISE_TEXT, Some(t));
+        }
+        if let Some((text, t)) = paper::comparison(&s) {
+            push("The paper's ablations beside ours", &text, Some(t));
+        }
+        if let Some(t) = attention_table(&s) {
+            push("Attention by class", ATTENTION_TEXT, Some(t));
+        }
+        push("Ablation", "", Some(ablation_table(&s)));
+        push("Per-class IoU (%)", "", Some(class_table(&s)));
+        type Make = fn(&Store, &SuiteSummary) -> Result<Option<(String, TextTable)>>;
+        let more: [(&str, Make); 4] = [
+            ("Efficiency", efficiency),
+            ("Fit: training images against validation", fit_section),
+            ("Auto-labelling", autolabel_section),
+            (
+                "Auto-labelling: the teacher's labels against the truth",
+                teacher_truth_section,
+            ),
+        ];
+        for (title, make) in more {
+            if let Some((text, t)) = make(store, &s)? {
+                push(title, &text, Some(t));
+            }
+        }
+        let costs = costs(store, &s)?;
+        Ok(Self {
+            summary: s,
+            sections,
+            costs,
+        })
+    }
+
+    /// The section titled `title`, if the suite has it.
+    pub fn section(&self, title: &str) -> Option<&Section> {
+        self.sections.iter().find(|x| x.title == title)
+    }
+
+    /// What a finished suite says, on a terminal: each section's table, then
+    /// its text.
+    pub fn terminal(&self) -> String {
+        let mut out = String::new();
+        for x in &self.sections {
+            out.push_str(&format!("{}\n", x.title));
+            if let Some((h, r)) = &x.table {
+                out.push_str(&format!("{}\n", terminal_table(h, r)));
+            }
+            if !x.text.is_empty() {
+                out.push_str(&format!("{}\n", x.text));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    fn markdown_sections(&self, which: impl Fn(&Section) -> bool, level: &str) -> String {
+        let mut md = String::new();
+        for x in self.sections.iter().filter(|x| which(x)) {
+            md.push_str(&format!("{level} {}\n\n", x.title));
+            if !x.text.is_empty() {
+                md.push_str(&format!("{}\n\n", x.text));
+            }
+            if let Some((h, r)) = &x.table {
+                md.push_str(&format!("{}\n", markdown_table(h, r)));
+            }
+        }
+        md
+    }
+}
+
 /// Writes `index.md`, `index.html` and the figures into `out`; returns the
 /// files written.
-pub fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBuf>> {
-    let s = summarise(store, suite)?;
-    let mut extra = paper::extra(&s);
-    if let Some((text, table)) = efficiency(store, &s)? {
-        extra.sections.push(("Efficiency".into(), text, Some(table)));
-    }
-    if let Some((text, table)) = autolabel_section(store, &s)? {
-        extra.sections.push(("Auto-labelling".into(), text, Some(table)));
-    }
+pub fn write_report(report: &Report, store: &Store, out: &Path) -> Result<Vec<PathBuf>> {
+    let s = &report.summary;
     std::fs::create_dir_all(out.join("figures")).map_err(|e| Error::io("creating", out, e))?;
-    let figs = figures::draw_all(store, &s, &out.join("figures"))?;
-    let (ah, ar) = ablation_table(&s);
-    let (ch, cr) = class_table(&s);
+    let figs = figures::draw_all(store, s, &out.join("figures"))?;
     let finished = s.runs.iter().filter(|r| r.status == Status::Finished).count();
     let intro = format!(
         "Suite `{}`: {} runs ({} finished). Baseline variant: `{}`. mIoU in %, mean ± sample std over seeds; \
@@ -732,31 +979,8 @@ pub fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBu
         finished,
         s.baseline
     );
-    let premise = premise_table(&s);
     let mut md = format!("# Report: {}\n\n{intro}\n", s.suite);
-    if let Some((h, r)) = &premise {
-        md.push_str(&format!(
-            "## Premise\n\n{PREMISE_TEXT}\n\n{}\n",
-            markdown_table(h, r)
-        ));
-    }
-    md.push_str(&format!("## Ablation\n\n{}\n", markdown_table(&ah, &ar)));
-    for (title, body, table) in &extra.sections {
-        md.push_str(&format!("\n## {title}\n\n{body}\n"));
-        if let Some((h, r)) = table {
-            md.push_str(&format!("\n{}\n", markdown_table(h, r)));
-        }
-    }
-    md.push_str(&format!(
-        "\n## Per-class IoU (%)\n\n{}\n",
-        markdown_table(&ch, &cr)
-    ));
-    if let Some((h, r)) = attention_table(&s) {
-        md.push_str(&format!(
-            "\n## Attention by class\n\n{ATTENTION_TEXT}\n\n{}\n",
-            markdown_table(&h, &r)
-        ));
-    }
+    md.push_str(&report.markdown_sections(|_| true, "##"));
     md.push_str("\n## Figures\n\n");
     for f in &figs {
         if f.extension().and_then(|e| e.to_str()) == Some("png") {
@@ -784,8 +1008,8 @@ pub fn write_report(store: &Store, suite: &str, out: &Path) -> Result<Vec<PathBu
         "suite": s.suite,
         "baseline": s.baseline,
         "evaluations": s.rows,
-        "effects": paper::effects(&s),
-        "costs": costs(store, &s)?,
+        "effects": paper::effects(s),
+        "costs": report.costs,
     });
     std::fs::write(
         &jsp,
@@ -804,31 +1028,18 @@ pub const PREMISE_TEXT: &str = "The paper's premise, measured on the baseline be
 pub const README_BEGIN: &str = "<!-- results:begin (generated by `hmsa-lab report --readme`) -->";
 pub const README_END: &str = "<!-- results:end -->";
 
-/// Replaces the text between the README markers with the suite's tables,
-/// the comparison with the paper and the main figure (a path relative to the
-/// README).
-pub fn readme_section(
-    s: &SuiteSummary,
-    paper: Option<&(String, TextTable)>,
-    eff: Option<&(String, TextTable)>,
-    figure: &str,
-) -> String {
-    let (ah, ar) = ablation_table(s);
+/// The README's results section (between the markers): the premise, the
+/// paper's effects, where the attention looks, the ablation, efficiency,
+/// fit and auto-labelling, and the main figure (`figure`, a path relative
+/// to the README).
+pub fn readme_section(report: &Report, figure: &str) -> String {
+    let s = &report.summary;
     let mut out = format!(
         "{README_BEGIN}\n\nSuite `{}`, {} finished runs; mIoU in % on the synthetic validation split, mean ± std over seeds.\n\n",
         s.suite,
         s.runs.iter().filter(|r| r.status == Status::Finished).count(),
     );
-    if let Some((h, r)) = premise_table(s) {
-        out.push_str(&format!("{PREMISE_TEXT}\n\n{}\n", markdown_table(&h, &r)));
-    }
-    out.push_str(&markdown_table(&ah, &ar));
-    if let Some((text, (h, r))) = paper {
-        out.push_str(&format!("\n{}\n{text}\n", markdown_table(h, r)));
-    }
-    if let Some((text, (h, r))) = eff {
-        out.push_str(&format!("\n{text}\n\n{}", markdown_table(h, r)));
-    }
+    out.push_str(&report.markdown_sections(|x| README_SECTIONS.contains(&x.title.as_str()), "####"));
     out.push_str(&format!("\n![mIoU per evaluation]({figure})\n\n{README_END}"));
     out
 }

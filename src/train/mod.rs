@@ -72,6 +72,11 @@ pub trait Observer {
     fn on_eval(&mut self, _step: usize, _results: &[crate::eval::EvalResult]) -> Result<()> {
         Ok(())
     }
+    /// The final weights (after `step`s) evaluated on the training split
+    /// (`[eval] fit`): how well the run fits the images it learned from.
+    fn on_fit(&mut self, _step: usize, _results: &[crate::eval::EvalResult]) -> Result<()> {
+        Ok(())
+    }
     /// Checked after every step; true saves a checkpoint and returns.
     fn should_stop(&self) -> bool {
         false
@@ -110,6 +115,10 @@ impl<A: Observer, B: Observer> Observer for Tee<A, B> {
     fn on_eval(&mut self, step: usize, results: &[crate::eval::EvalResult]) -> Result<()> {
         self.0.on_eval(step, results)?;
         self.1.on_eval(step, results)
+    }
+    fn on_fit(&mut self, step: usize, results: &[crate::eval::EvalResult]) -> Result<()> {
+        self.0.on_fit(step, results)?;
+        self.1.on_fit(step, results)
     }
     fn should_stop(&self) -> bool {
         self.0.should_stop() || self.1.should_stop()

@@ -149,6 +149,93 @@ fn synth_poses_the_scale_question_on_validation_images_and_training_crops() {
     assert!(p1.pixels > 0 && p1.contrast > 20.0, "{p1:?}");
 }
 
+#[test]
+fn synth_v3_fields_are_as_tall_as_the_image_and_deterministic() {
+    use hmsa_lab::config::Layout;
+    use hmsa_lab::data::synth::ids;
+    let cfg = SynthConfig {
+        height: 128,
+        width: 256,
+        blob_radius: 100,
+        layout: Layout::V3,
+        ..Default::default()
+    };
+    let (h, w) = (128f32, 256f32);
+    for i in 0..12 {
+        let a = synth::render(&cfg, "train", i);
+        let b = synth::render(&cfg, "train", i);
+        assert_eq!(
+            a.image, b.image,
+            "scene {i} is a function of (seed, split, index)"
+        );
+        assert_eq!(a.label_ids, b.label_ids);
+        let other = synth::render(
+            &SynthConfig {
+                seed: 1,
+                ..cfg.clone()
+            },
+            "train",
+            i,
+        );
+        assert_ne!(a.image, other.image, "another seed, another scene");
+        let mut halves = vec![];
+        for (id, cue) in [(ids::VEGETATION, [30u8, 70, 95]), (ids::TERRAIN, [205, 170, 60])] {
+            let px: Vec<(u32, u32)> = a
+                .label_ids
+                .enumerate_pixels()
+                .filter(|(_, _, p)| p[0] == id)
+                .map(|(x, y, _)| (x, y))
+                .collect();
+            let top = px.iter().map(|p| p.1).min().unwrap() as f32;
+            let bottom = px.iter().map(|p| p.1).max().unwrap() as f32 + 1.0;
+            let left = px.iter().map(|p| p.0).min().unwrap() as f32;
+            let right = px.iter().map(|p| p.0).max().unwrap() as f32 + 1.0;
+            // top at 5–12% of the height, bottom at 93–98% (one pixel of
+            // slack for the 2x2 box filter), 80–100 px wide
+            assert!(
+                (0.05 * h - 1.0..=0.12 * h + 1.0).contains(&top),
+                "scene {i} class {id}: top {top}"
+            );
+            assert!(
+                (0.93 * h - 1.0..=0.98 * h + 1.0).contains(&bottom),
+                "scene {i} class {id}: bottom {bottom}"
+            );
+            assert!(
+                (79.0..=101.0).contains(&(right - left)),
+                "scene {i} class {id}: width {}",
+                right - left
+            );
+            halves.push(((left + right) / 2.0 >= w / 2.0) as u8);
+            // the cue: the band's 8 rows hold the class's colour, the rest
+            // of the field does not
+            let (mut band, mut cued, mut below_cued) = (0, 0, 0);
+            for &(x, y) in &px {
+                let is_cue = a.image.get_pixel(x, y).0 == cue;
+                // (the band's first row may blend with what lies above)
+                if (y as f32) > top && (y as f32) < top + 7.0 {
+                    band += 1;
+                    cued += usize::from(is_cue);
+                } else if (y as f32) > top + 9.0 {
+                    below_cued += usize::from(is_cue);
+                }
+                // the distance to the cue: rows below the band
+                let d = a.cue_distance[(y * 256 + x) as usize];
+                let want = (y as f32 + 0.5 - (top + 8.0)).max(0.0);
+                assert!(
+                    (d - want).abs() <= 1.5,
+                    "scene {i} ({x}, {y}): distance {d}, {want} expected"
+                );
+            }
+            assert!(
+                cued as f32 > 0.9 * band as f32,
+                "scene {i} class {id}: {cued} of {band} band pixels cued"
+            );
+            assert_eq!(below_cued, 0, "scene {i} class {id}: the cue below the band");
+        }
+        assert_ne!(halves[0], halves[1], "scene {i}: one field in each half");
+    }
+}
+
 fn write_gray(p: &Path, img: &GrayImage) {
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     img.save(p).unwrap();

@@ -384,6 +384,54 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         "{section}"
     );
     super::report::check_report_numbers(&db, &rep, &section, "baseline");
+    // [eval] fit: every run scored its first evaluation on its own
+    // training images; the baseline's (seed 0) equals its network
+    // evaluated here on the train split's 8 images.
+    assert_eq!(
+        sqlite(&db, "SELECT COUNT(*) FROM metrics WHERE key LIKE 'train_miou/%'")
+            .lines()
+            .nth(1)
+            .unwrap(),
+        "10"
+    );
+    {
+        let one = |sql: &str| sqlite(&db, sql).lines().nth(1).unwrap().to_string();
+        let base = one("SELECT id FROM runs WHERE variant = 'baseline' AND seed = 0");
+        let cfg: hmsa_lab::config::RunConfig = serde_json::from_str(
+            &one(&format!("SELECT config_json FROM runs WHERE id = {base}"))
+                .trim_matches('"')
+                .replace("\"\"", "\""),
+        )
+        .unwrap();
+        let dir = one(&format!("SELECT run_dir FROM runs WHERE id = {base}"));
+        let dev = candle_core::Device::Cpu;
+        let net = hmsa_lab::model::checkpoint::load(
+            &cfg.model,
+            &d.path().join(&dir).join("model.safetensors"),
+            &dev,
+        )
+        .unwrap();
+        let train = hmsa_lab::data::Dataset::cityscapes(
+            &d.path().join("data/quick-synth"),
+            "train",
+            hmsa_lab::data::Labels::Fine,
+        )
+        .unwrap();
+        assert_eq!(train.len(), 8);
+        let want = hmsa_lab::eval::evaluate(&net, &train, &cfg.eval.sets[..1], &dev).unwrap()[0]
+            .metrics
+            .miou;
+        let got: f64 = one(&format!(
+            "SELECT value FROM metrics WHERE run_id = {base} AND key = 'train_miou/single 1.0'"
+        ))
+        .parse()
+        .unwrap();
+        assert!(
+            (got - want).abs() < 1e-9,
+            "train mIoU {got} recorded, {want} recomputed"
+        );
+        assert!(md.contains("## Fit: training images against validation"), "{md}");
+    }
     // The premise table: the baseline's single-scale IoU per class, its
     // cells recomputed here from the evaluations table (seed mean, %).
     assert!(md.contains("## Premise"), "{md}");
@@ -453,6 +501,12 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
     .unwrap();
     let extra = d.path().join("data/quick-synth/leftImg8bit/train_extra/synth");
     let (mut compared, mut kept, mut dropped) = (0, 0, 0);
+    // kept pixels whose label equals the generator's truth (gtFine of
+    // train_extra), and truth pixels, per labelId
+    let (mut right, mut truth) = (
+        std::collections::BTreeMap::<u8, u64>::new(),
+        std::collections::BTreeMap::<u8, u64>::new(),
+    );
     for e in std::fs::read_dir(&extra).unwrap() {
         let img_path = e.unwrap().path();
         let name = img_path
@@ -481,13 +535,23 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         .unwrap()
         .to_luma8()
         .into_raw();
-        for ((t, a), g) in top.iter().zip(&arg).zip(&got) {
+        let true_ids = image::open(d.path().join(format!(
+            "data/quick-synth/gtFine/train_extra/synth/{name}_gtFine_labelIds.png"
+        )))
+        .unwrap()
+        .to_luma8()
+        .into_raw();
+        for (((t, a), g), tr) in top.iter().zip(&arg).zip(&got).zip(&true_ids) {
             let want = if *t >= 0.5 {
                 hmsa_lab::data::cityscapes::CLASSES[*a as usize].label_id
             } else {
                 0
             };
             assert_eq!(*g, want, "{name}");
+            *truth.entry(*tr).or_default() += 1;
+            if want != 0 && want == *tr {
+                *right.entry(*tr).or_default() += 1;
+            }
             kept += usize::from(want != 0);
             dropped += usize::from(want == 0);
         }
@@ -497,6 +561,32 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
     assert!(
         kept > 0 && dropped > 0,
         "kept {kept}, dropped {dropped}: the threshold must matter"
+    );
+    // The student recorded the teacher's labels against that truth.
+    for c in hmsa_lab::data::cityscapes::CLASSES.iter() {
+        let rec = |k: &str| {
+            let v = sqlite(
+                &db,
+                &format!(
+                    "SELECT value FROM metrics WHERE run_id = {student} AND key = 'autolabel_{k}/{}'",
+                    c.name
+                ),
+            );
+            v.lines().nth(1).map(|x| x.parse::<f64>().unwrap() as u64)
+        };
+        let t = truth.get(&c.label_id).copied().unwrap_or(0);
+        let r = right.get(&c.label_id).copied().unwrap_or(0);
+        if t == 0 {
+            assert_eq!(rec("truth"), None, "{}", c.name);
+        } else {
+            assert_eq!(rec("truth"), Some(t), "{}", c.name);
+            assert_eq!(rec("correct"), Some(r), "{}", c.name);
+        }
+    }
+    assert!(right.values().sum::<u64>() > 0, "some kept labels are right");
+    assert!(
+        md.contains("## Auto-labelling: the teacher's labels against the truth"),
+        "{md}"
     );
     // a write through `query` is refused
     let o = bin()

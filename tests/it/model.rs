@@ -35,6 +35,61 @@ fn w48_state_dict_equals_the_official_list() {
 }
 
 #[test]
+fn small_short_is_small_without_the_modules_of_stages_3_and_4() {
+    // The preset keeps HRNet's names: the stem, layer1, every transition
+    // (stages 3 and 4 still create their branch) and stage2's module; no
+    // `stage3.*` or `stage4.*` key. So its listing is the small preset's
+    // with exactly those keys removed, every shape unchanged.
+    let small = checkpoint::state_dict_listing(&ModelConfig::small()).unwrap();
+    let short = checkpoint::state_dict_listing(&ModelConfig::small_short()).unwrap();
+    let want: Vec<_> = small
+        .iter()
+        .filter(|(n, _)| !n.starts_with("backbone.stage3.") && !n.starts_with("backbone.stage4."))
+        .cloned()
+        .collect();
+    assert!(
+        want.len() < small.len(),
+        "the small preset has stage 3 and 4 modules"
+    );
+    assert_eq!(short, want);
+    for t in ["transition1", "transition2", "transition3", "stage2.0"] {
+        assert!(
+            short
+                .iter()
+                .any(|(n, _)| n.starts_with(&format!("backbone.{t}."))),
+            "{t} missing"
+        );
+    }
+    // 0.41M parameters (docs/ablation-tuning.md), against 1.14M for small
+    let (a, b) = (
+        checkpoint::parameter_count(&short),
+        checkpoint::parameter_count(&small),
+    );
+    assert!(
+        (400_000..420_000).contains(&a) && (1_130_000..1_150_000).contains(&b),
+        "{a} {b}"
+    );
+    // the presets by name
+    assert_eq!(
+        ModelConfig::preset("small-short").unwrap(),
+        ModelConfig::small_short()
+    );
+    assert!(hmsa_lab::model::PRESETS.contains(&"small-short"));
+    // and the network runs with empty stages
+    let (_, net) = fresh(
+        &ModelConfig {
+            num_classes: 3,
+            ..ModelConfig::small_short()
+        },
+        1,
+    );
+    let (f, _) = net
+        .infer(&image(64, 96, 1), Fusion::Hierarchical, &[0.5, 1.0], false, false)
+        .unwrap();
+    assert_eq!(f.pred.dims(), &[1, 3, 64, 96]);
+}
+
+#[test]
 fn outputs_have_the_input_size_for_every_fusion_and_odd_sizes() {
     let cfg = tiny();
     let (_, net) = fresh(&cfg, 1);

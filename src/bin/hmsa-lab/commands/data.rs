@@ -52,7 +52,8 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         t.load_preset(comfy_table::presets::ASCII_MARKDOWN);
         let mut header = vec![
             "measured on".to_string(),
-            "context: cue distance (output px)".into(),
+            "context: cue distance (output px), median".into(),
+            "10% / 25% / 75% / 90%".into(),
         ];
         for d in &st.cues[0].detail {
             header.push(format!("{}: visible", d.class));
@@ -61,7 +62,12 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         }
         t.set_header(header);
         for c in &st.cues {
-            let mut row = vec![c.at.to_string(), format!("{:.1}", c.context_cue_px)];
+            let q = c.context_cue_spread;
+            let mut row = vec![
+                c.at.to_string(),
+                format!("{:.1}", c.context_cue_px),
+                format!("{:.1} / {:.1} / {:.1} / {:.1}", q[0], q[1], q[2], q[3]),
+            ];
             for d in &c.detail {
                 row.push(format!("{:.3}", d.visible));
                 row.push(format!("{:.0}", d.contrast));

@@ -95,12 +95,37 @@ pub fn autolabel(a: AutolabelArgs) -> Result<()> {
     let ds = Dataset::open(&a.data, &a.split, Labels::None)?;
     let scales = a.scales.unwrap_or_else(|| cfg.scales.clone());
     let fusion = a.fusion.unwrap_or(cfg.fusion);
-    let s = hmsa_lab::autolabel::autolabel(&net, &ds, &scales, fusion, a.threshold, &a.out, &dev)?;
+    let truth = hmsa_lab::autolabel::truth_of(&a.data, &a.split)?;
+    let s = hmsa_lab::autolabel::autolabel(
+        &net,
+        &ds,
+        truth.as_ref(),
+        &scales,
+        fusion,
+        a.threshold,
+        &a.out,
+        &dev,
+    )?;
     let total = (s.kept.iter().sum::<u64>() + s.dropped).max(1) as f64;
     println!("{} images labelled into {}", s.images, a.out.display());
-    for (c, k) in hmsa_lab::data::cityscapes::CLASSES.iter().zip(&s.kept) {
-        if *k > 0 {
-            println!("  {:<14} {:>6.2}% of pixels", c.name, 100.0 * *k as f64 / total);
+    if truth.is_some() {
+        println!(
+            "  (scored against gtFine/{}: precision of the kept labels, share of the truth kept right)",
+            a.split
+        );
+    }
+    let pct = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.1}%", 100.0 * v));
+    for ((c, k), (precision, right)) in hmsa_lab::data::cityscapes::CLASSES
+        .iter()
+        .zip(&s.kept)
+        .zip(s.quality())
+    {
+        if *k > 0 || right.is_some() {
+            print!("  {:<14} {:>6.2}% of pixels", c.name, 100.0 * *k as f64 / total);
+            if truth.is_some() {
+                print!(", precision {}, truth kept right {}", pct(precision), pct(right));
+            }
+            println!();
         }
     }
     println!(

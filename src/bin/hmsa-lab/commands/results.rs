@@ -270,29 +270,14 @@ pub fn report(a: ReportArgs) -> Result<()> {
     } = a;
     let store = Store::open_read_only(&db.url(Some(&suite))?)?;
     let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&suite));
-    let files = report::write_report(&store, &suite, &out)?;
-    let s = report::summarise(&store, &suite)?;
-    if let Some((h, r)) = report::premise_table(&s) {
-        println!("{}", report::terminal_table(&h, &r));
-    }
-    let (h, r) = report::ablation_table(&s);
-    println!("{}", report::terminal_table(&h, &r));
-    let (h, r) = report::class_table(&s);
-    println!("{}", report::terminal_table(&h, &r));
-    let paper = report::paper::comparison(&s);
-    if let Some((text, (h, r))) = &paper {
-        println!("{}\n{text}", report::terminal_table(h, r));
-    }
-    let eff = report::efficiency(&store, &s)?;
-    if let Some((text, (h, r))) = &eff {
-        println!("{}\n{text}", report::terminal_table(h, r));
-    }
+    let rep = report::Report::build(&store, &suite)?;
+    let files = report::write_report(&rep, &store, &out)?;
+    print!("{}", rep.terminal());
     if let Some(readme) = readme {
         let base = readme.parent().unwrap_or(std::path::Path::new(""));
         let fig = out.join("figures/miou.png");
         let rel = fig.strip_prefix(base).unwrap_or(&fig).display().to_string();
-        let section = report::readme_section(&s, paper.as_ref(), eff.as_ref(), &rel);
-        report::update_readme(&readme, &section)?;
+        report::update_readme(&readme, &report::readme_section(&rep, &rel))?;
         println!("updated {}", readme.display());
     }
     println!("wrote {} files into {}", files.len(), out.display());
