@@ -129,7 +129,7 @@ pub struct Effect {
 pub fn seeds_needed(delta: f64, sa: f64, sb: f64) -> Option<usize> {
     const Z: f64 = 1.959_963_984_540_054 + 0.841_621_233_572_914_3;
     let var = sa * sa + sb * sb;
-    if delta == 0.0 || !delta.is_finite() || !(var > 0.0) {
+    if delta == 0.0 || !delta.is_finite() || var.is_nan() || var <= 0.0 {
         return None;
     }
     Some(((Z * Z * var / (delta * delta)).ceil() as usize).max(2))
