@@ -869,16 +869,15 @@ pub struct Report {
     pub costs: Vec<Cost>,
 }
 
-/// Titles of the sections the README shows (the per-class table stays in
-/// the report).
-const README_SECTIONS: [&str; 8] = [
+/// Titles of the sections the README shows (the per-class and the
+/// kept-pixels tables stay in the report).
+const README_SECTIONS: [&str; 7] = [
     "Premise",
     "The paper's ablations beside ours",
     "Attention by class",
     "Ablation",
     "Efficiency",
     "Fit: training images against validation",
-    "Auto-labelling",
     "Auto-labelling: the teacher's labels against the truth",
 ];
 

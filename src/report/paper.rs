@@ -178,6 +178,23 @@ pub fn effects(s: &SuiteSummary) -> Vec<Effect> {
     out
 }
 
+/// The premise of the 0.25x effects: the classes whose baseline IoU at
+/// 0.25x alone is above their IoU at 0.5x alone (mean over seeds); None
+/// when the baseline lacks either single-scale evaluation.
+pub fn better_at_quarter(s: &SuiteSummary) -> Option<Vec<&'static str>> {
+    let (scales, rows) = super::premise(s);
+    if !scales.contains(&0.25) || !scales.contains(&0.5) {
+        return None;
+    }
+    let at = |r: &super::PremiseRow, x: f64| r.at.iter().find(|a| a.0 == x && a.3 > 0).map(|a| a.1);
+    Some(
+        rows.iter()
+            .filter(|r| matches!((at(r, 0.25), at(r, 0.5)), (Some(q), Some(h)) if q > h))
+            .map(|r| crate::data::cityscapes::CLASSES[r.class].name)
+            .collect(),
+    )
+}
+
 /// The comparison table and a paragraph in words; None when the suite
 /// lacks the variants (not an ablation suite).
 pub fn comparison(s: &SuiteSummary) -> Option<(String, TextTable)> {
@@ -225,7 +242,14 @@ pub fn comparison(s: &SuiteSummary) -> Option<(String, TextTable)> {
          for 80% power (normal approximation; – where the sign is not the paper's). {}.",
         words.join("; ")
     );
-    Some((text, (head, rows)))
+    let quarter = match better_at_quarter(s) {
+        Some(v) if v.is_empty() => {
+            " No class of the baseline is better at 0.25x than at 0.5x (premise table): adding 0.25x offers no class anything on this benchmark, whatever the fusion.".to_string()
+        }
+        Some(v) => format!(" Better at 0.25x than at 0.5x (premise table): {}.", v.join(", ")),
+        None => String::new(),
+    };
+    Some((text + &quarter, (head, rows)))
 }
 
 #[cfg(test)]

@@ -597,8 +597,13 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         let (a, b) = (d.path().join("self-a"), d.path().join("self-b"));
         let first =
             hmsa_lab::autolabel::autolabel(&teacher, &ds, None, &[0.5, 1.0], fusion, 0.0, &a, &dev).unwrap();
-        assert!(first.correct.is_empty() && first.truth.is_empty(), "no truth, no counts");
-        let own = hmsa_lab::autolabel::truth_of(&a, "train_extra").unwrap().expect("gtFine written");
+        assert!(
+            first.correct.is_empty() && first.truth.is_empty(),
+            "no truth, no counts"
+        );
+        let own = hmsa_lab::autolabel::truth_of(&a, "train_extra")
+            .unwrap()
+            .expect("gtFine written");
         let second =
             hmsa_lab::autolabel::autolabel(&teacher, &ds, Some(&own), &[0.5, 1.0], fusion, 0.0, &b, &dev)
                 .unwrap();
@@ -901,4 +906,52 @@ fn bench_model_and_train_cases_measure_what_they_name() {
     assert_eq!(t["params"], "small single 1.0 batch 1 crop 64x128");
     assert!(t["min_ms"].as_f64().unwrap() <= t["median_ms"].as_f64().unwrap());
     assert!(t["peak_mib"].as_f64().unwrap() > 0.0);
+}
+
+/// The shipped synthetic suites plan what their comments say: the
+/// ablation on benchmark v3 with the small-short network, explicit at
+/// hierarchical's compute, every run scored on its training images; the
+/// auto-labelling suite at 8 labelled and 56 unlabelled images.
+#[test]
+fn the_shipped_synthetic_suites_plan_what_they_say() {
+    use hmsa_lab::config::Layout;
+    use hmsa_lab::model::{Fusion, ModelConfig};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let ab = Suite::load(&root.join("ablation.toml"), &[]).unwrap();
+    let seeds = ab.header.seeds.len();
+    assert_eq!(ab.runs.len(), 6 * seeds);
+    for r in &ab.runs {
+        let c = &r.config;
+        assert_eq!(c.data.synth.layout, Layout::V3, "{}", r.variant);
+        assert_eq!(
+            c.model.backbone,
+            ModelConfig::small_short().backbone,
+            "{}",
+            r.variant
+        );
+        assert!(c.eval.fit, "{}", r.variant);
+        let steps = if r.variant == "explicit-equal-compute" {
+            122
+        } else {
+            380
+        };
+        assert_eq!(c.train.steps, steps, "{}", r.variant);
+        if r.variant.starts_with("explicit") {
+            assert_eq!(c.model.fusion, Fusion::Explicit);
+        }
+    }
+    let al = Suite::load(&root.join("autolabel.toml"), &[]).unwrap();
+    assert_eq!(al.runs.len(), 5 * al.header.seeds.len());
+    for r in &al.runs {
+        let s = &r.config.data.synth;
+        assert_eq!((s.train, s.train_extra, s.layout), (8, 56, Layout::V3));
+        assert_eq!(r.teacher.is_some(), r.variant.contains("+auto"), "{}", r.variant);
+        if let Some(t) = r.teacher {
+            assert_eq!(al.runs[t].variant, "hierarchical");
+            assert_eq!(
+                al.runs[t].config.train.steps, r.config.train.steps,
+                "the teacher trains as long"
+            );
+        }
+    }
 }

@@ -192,6 +192,13 @@ pub(crate) fn check_report_numbers(db: &Path, rep: &Path, readme: &str, baseline
         if let Some(p) = welch_p(&va, &vb) {
             close(e["p"].as_f64().unwrap(), p, 1e-6, name);
         }
+        // seeds a side for p < 0.05 at 80% power, where given: the
+        // two-sample size (1.959964 + 0.841621)² (sa² + sb²) / δ², in points
+        if let Some(n) = e["seeds_needed"].as_u64() {
+            let var = 1e4 * (sd(&va).powi(2) + sd(&vb).powi(2));
+            let want = ((2.8015852f64).powi(2) * var / delta.powi(2)).ceil().max(2.0);
+            assert_eq!(n as f64, want, "{name}");
+        }
         let cell = format!("{delta:+.2} ± {se:.2}");
         let line = md
             .lines()
