@@ -131,6 +131,31 @@ fn plan_expands_sweeps_and_seeds_in_dependency_order() {
     assert_eq!(s.baseline, "student");
 }
 
+/// The resolved config and trained network of run `variant`/`seed` in the
+/// database `db` of a suite run from `dir`.
+fn run_network(
+    dir: &Path,
+    db: &Path,
+    variant: &str,
+    seed: u64,
+) -> (hmsa_lab::config::RunConfig, hmsa_lab::model::HmsaNet) {
+    let one = |col: &str| {
+        sqlite(
+            db,
+            &format!("SELECT {col} FROM runs WHERE variant = '{variant}' AND seed = {seed}"),
+        )
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string()
+    };
+    let cfg: hmsa_lab::config::RunConfig =
+        serde_json::from_str(&one("config_json").trim_matches('"').replace("\"\"", "\"")).unwrap();
+    let weights = dir.join(one("run_dir")).join("model.safetensors");
+    let net = hmsa_lab::model::checkpoint::load(&cfg.model, &weights, &candle_core::Device::Cpu).unwrap();
+    (cfg, net)
+}
+
 /// Copies quick.toml into `dir` and runs commands from there, so data,
 /// runs and the database land in the temporary folder.
 pub(crate) fn quick_in(dir: &Path) -> PathBuf {
@@ -395,22 +420,8 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         "10"
     );
     {
-        let one = |sql: &str| sqlite(&db, sql).lines().nth(1).unwrap().to_string();
-        let base = one("SELECT id FROM runs WHERE variant = 'baseline' AND seed = 0");
-        let cfg: hmsa_lab::config::RunConfig = serde_json::from_str(
-            &one(&format!("SELECT config_json FROM runs WHERE id = {base}"))
-                .trim_matches('"')
-                .replace("\"\"", "\""),
-        )
-        .unwrap();
-        let dir = one(&format!("SELECT run_dir FROM runs WHERE id = {base}"));
+        let (cfg, net) = run_network(d.path(), &db, "baseline", 0);
         let dev = candle_core::Device::Cpu;
-        let net = hmsa_lab::model::checkpoint::load(
-            &cfg.model,
-            &d.path().join(&dir).join("model.safetensors"),
-            &dev,
-        )
-        .unwrap();
         let train = hmsa_lab::data::Dataset::cityscapes(
             &d.path().join("data/quick-synth"),
             "train",
@@ -421,9 +432,14 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         let want = hmsa_lab::eval::evaluate(&net, &train, &cfg.eval.sets[..1], &dev).unwrap()[0]
             .metrics
             .miou;
-        let got: f64 = one(&format!(
-            "SELECT value FROM metrics WHERE run_id = {base} AND key = 'train_miou/single 1.0'"
-        ))
+        let got: f64 = sqlite(
+            &db,
+            "SELECT m.value FROM metrics m JOIN runs r ON r.id = m.run_id \
+             WHERE r.variant = 'baseline' AND r.seed = 0 AND m.key = 'train_miou/single 1.0'",
+        )
+        .lines()
+        .nth(1)
+        .unwrap()
         .parse()
         .unwrap();
         assert!(
@@ -473,7 +489,6 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
     // (unlabelled) elsewhere, recomputed here
     // from the teacher's weights; the student trains on them at share 0.5.
     let one = |sql: &str| sqlite(&db, sql).lines().nth(1).unwrap().to_string();
-    let teacher_dir = one("SELECT run_dir FROM runs WHERE variant = 'hierarchical' AND seed = 0");
     let student = one("SELECT id FROM runs WHERE variant = 'hierarchical+auto' AND seed = 0");
     let student_dir = one(&format!("SELECT run_dir FROM runs WHERE id = {student}"));
     let second = one(&format!(
@@ -486,19 +501,8 @@ fn quick_suite_end_to_end_rerun_does_nothing_and_reports() {
         )),
         "0.5"
     );
-    let tcfg: hmsa_lab::config::RunConfig = serde_json::from_str(
-        &one("SELECT config_json FROM runs WHERE variant = 'hierarchical' AND seed = 0")
-            .trim_matches('"')
-            .replace("\"\"", "\""),
-    )
-    .unwrap();
+    let (_, teacher) = run_network(d.path(), &db, "hierarchical", 0);
     let dev = candle_core::Device::Cpu;
-    let teacher = hmsa_lab::model::checkpoint::load(
-        &tcfg.model,
-        &d.path().join(&teacher_dir).join("model.safetensors"),
-        &dev,
-    )
-    .unwrap();
     let extra = d.path().join("data/quick-synth/leftImg8bit/train_extra/synth");
     let (mut compared, mut kept, mut dropped) = (0, 0, 0);
     // kept pixels whose label equals the generator's truth (gtFine of
