@@ -6,7 +6,9 @@
 //! - Stages 2–4 add one lower-resolution branch each (`transition1..3`); each
 //!   stage repeats a high-resolution module: BasicBlocks per branch, then every
 //!   branch fused into every other (`fuse_layers`: 1x1 conv + bilinear up, or
-//!   chains of 3x3 stride-2 convs down).
+//!   chains of 3x3 stride-2 convs down). A stage may run no module
+//!   (`modules = [1, 0, 0]`, the `small-short` preset): its transition still
+//!   creates its branch, and the state_dict has no `stageN.*` entries.
 //! - The four branch outputs are upsampled to 1/4 and concatenated
 //!   (48+96+192+384 = 720 channels for W48).
 
@@ -28,7 +30,8 @@ pub struct BackboneConfig {
     pub layer1_blocks: usize,
     /// Branch widths; stage 2 uses the first two, stage 3 three, stage 4 all.
     pub widths: [usize; 4],
-    /// High-resolution modules in stages 2, 3, 4 (1, 4, 3).
+    /// High-resolution modules in stages 2, 3, 4 (1, 4, 3); 0 leaves a
+    /// stage with its transition only.
     pub modules: [usize; 3],
     /// BasicBlocks per branch in stages 2, 3, 4 (4, 4, 4).
     pub blocks: [usize; 3],
