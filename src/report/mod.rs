@@ -848,13 +848,14 @@ pub fn fit_section(store: &Store, s: &SuiteSummary) -> Result<Option<(String, Te
     Ok(Some((text, (head, rows))))
 }
 
-/// One titled part of a report: Markdown text and a table (either may be
-/// empty).
+/// One titled table of a report with its Markdown text (may be empty),
+/// and whether the README shows it.
 #[derive(Clone, Debug)]
 pub struct Section {
     pub title: String,
     pub text: String,
-    pub table: Option<TextTable>,
+    pub table: TextTable,
+    pub in_readme: bool,
 }
 
 /// A suite's report, built once from the store: the Markdown/HTML files,
@@ -869,53 +870,44 @@ pub struct Report {
     pub costs: Vec<Cost>,
 }
 
-/// Titles of the sections the README shows (the per-class and the
-/// kept-pixels tables stay in the report).
-const README_SECTIONS: [&str; 7] = [
-    "Premise",
-    "The paper's ablations beside ours",
-    "Attention by class",
-    "Ablation",
-    "Efficiency",
-    "Fit: training images against validation",
-    "Auto-labelling: the teacher's labels against the truth",
-];
-
 impl Report {
     pub fn build(store: &Store, suite: &str) -> Result<Self> {
         let s = summarise(store, suite)?;
         let mut sections = vec![];
-        let mut push = |title: &str, text: &str, table: Option<TextTable>| {
+        // the README shows all but the per-class and kept-pixels tables
+        let mut push = |title: &str, text: &str, table: TextTable, in_readme: bool| {
             sections.push(Section {
                 title: title.into(),
                 text: text.into(),
                 table,
+                in_readme,
             })
         };
         if let Some(t) = premise_table(&s) {
-            push("Premise", PREMISE_TEXT, Some(t));
+            push("Premise", PREMISE_TEXT, t, true);
         }
         if let Some((text, t)) = paper::comparison(&s) {
-            push("The paper's ablations beside ours", &text, Some(t));
+            push("The paper's ablations beside ours", &text, t, true);
         }
         if let Some(t) = attention_table(&s) {
-            push("Attention by class", ATTENTION_TEXT, Some(t));
+            push("Attention by class", ATTENTION_TEXT, t, true);
         }
-        push("Ablation", "", Some(ablation_table(&s)));
-        push("Per-class IoU (%)", "", Some(class_table(&s)));
+        push("Ablation", "", ablation_table(&s), true);
+        push("Per-class IoU (%)", "", class_table(&s), false);
         type Make = fn(&Store, &SuiteSummary) -> Result<Option<(String, TextTable)>>;
-        let more: [(&str, Make); 4] = [
-            ("Efficiency", efficiency),
-            ("Fit: training images against validation", fit_section),
-            ("Auto-labelling", autolabel_section),
+        let more: [(&str, Make, bool); 4] = [
+            ("Efficiency", efficiency, true),
+            ("Fit: training images against validation", fit_section, true),
+            ("Auto-labelling", autolabel_section, false),
             (
                 "Auto-labelling: the teacher's labels against the truth",
                 teacher_truth_section,
+                true,
             ),
         ];
-        for (title, make) in more {
+        for (title, make, in_readme) in more {
             if let Some((text, t)) = make(store, &s)? {
-                push(title, &text, Some(t));
+                push(title, &text, t, in_readme);
             }
         }
         let costs = costs(store, &s)?;
@@ -926,20 +918,13 @@ impl Report {
         })
     }
 
-    /// The section titled `title`, if the suite has it.
-    pub fn section(&self, title: &str) -> Option<&Section> {
-        self.sections.iter().find(|x| x.title == title)
-    }
-
     /// What a finished suite says, on a terminal: each section's table, then
     /// its text.
     pub fn terminal(&self) -> String {
         let mut out = String::new();
         for x in &self.sections {
             out.push_str(&format!("{}\n", x.title));
-            if let Some((h, r)) = &x.table {
-                out.push_str(&format!("{}\n", terminal_table(h, r)));
-            }
+            out.push_str(&format!("{}\n", terminal_table(&x.table.0, &x.table.1)));
             if !x.text.is_empty() {
                 out.push_str(&format!("{}\n", x.text));
             }
@@ -955,9 +940,7 @@ impl Report {
             if !x.text.is_empty() {
                 md.push_str(&format!("{}\n\n", x.text));
             }
-            if let Some((h, r)) = &x.table {
-                md.push_str(&format!("{}\n", markdown_table(h, r)));
-            }
+            md.push_str(&format!("{}\n", markdown_table(&x.table.0, &x.table.1)));
         }
         md
     }
@@ -1038,7 +1021,7 @@ pub fn readme_section(report: &Report, figure: &str) -> String {
         s.suite,
         s.runs.iter().filter(|r| r.status == Status::Finished).count(),
     );
-    out.push_str(&report.markdown_sections(|x| README_SECTIONS.contains(&x.title.as_str()), "####"));
+    out.push_str(&report.markdown_sections(|x| x.in_readme, "####"));
     out.push_str(&format!("\n![mIoU per evaluation]({figure})\n\n{README_END}"));
     out
 }
