@@ -11,6 +11,7 @@
 pub mod folder;
 pub mod infer;
 pub mod metrics;
+pub mod reach;
 
 use crate::config::EvalKey;
 use crate::data::image::normalize;

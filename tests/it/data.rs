@@ -688,3 +688,74 @@ fn mapillary_v1_2_layout_jpegs_and_unpaired_files() {
         "{named:?}"
     );
 }
+
+/// `eval::reach` counts every context pixel of the validation scenes in
+/// its distance bin (a histogram recounted here from the generator's
+/// labels and distances) and scores it by the two context classes'
+/// logits (recounted here by an argmax over that two-channel slice of the
+/// network's output).
+#[test]
+fn reach_bins_every_context_pixel_by_its_cue_distance() {
+    use hmsa_lab::config::Layout;
+    use hmsa_lab::data::synth::ids;
+    use hmsa_lab::model::{Fusion, ModelConfig};
+    let cfg = SynthConfig {
+        height: 64,
+        width: 128,
+        val: 2,
+        blob_radius: 50,
+        layout: Layout::V3,
+        ..Default::default()
+    };
+    let net_cfg = ModelConfig {
+        num_classes: 19,
+        ..super::tiny()
+    };
+    let (_, net) = super::fresh(&net_cfg, 5);
+    let dev = candle_core::Device::Cpu;
+    let rows = hmsa_lab::eval::reach::reach(&net, &cfg, &[0.5, 1.0], 2, &dev).unwrap();
+    assert_eq!(rows.iter().map(|r| r.scale).collect::<Vec<_>>(), vec![0.5, 1.0]);
+    let bin = hmsa_lab::eval::reach::BIN;
+    let mut count = vec![0usize; rows[1].bins.len()];
+    let mut right = vec![0usize; rows[1].bins.len()];
+    for i in 0..2 {
+        let s = synth::render(&cfg, "val", i);
+        let x = hmsa_lab::data::image::normalize(&s.image, &dev).unwrap();
+        let (f, _) = net.infer(&x, Fusion::Single, &[1.0], false, false).unwrap();
+        // train ids 8 (vegetation) and 9 (terrain): 0 = vegetation wins
+        let pick: Vec<u32> = f
+            .pred
+            .narrow(1, 8, 2)
+            .unwrap()
+            .argmax(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (p, l) in s.label_ids.pixels().enumerate() {
+            let veg = match l[0] {
+                ids::VEGETATION => true,
+                ids::TERRAIN => false,
+                _ => continue,
+            };
+            let k = (s.cue_distance[p] / bin) as usize;
+            count[k] += 1;
+            right[k] += usize::from((pick[p] == 0) == veg);
+        }
+    }
+    assert!(count.iter().filter(|&&n| n > 0).count() >= 3, "{count:?}");
+    for r in &rows {
+        for (k, &(n, acc)) in r.bins.iter().enumerate() {
+            assert_eq!(n, count[k], "scale {} bin {k}", r.scale);
+            if n > 0 {
+                assert!((0.0..=1.0).contains(&acc));
+            }
+        }
+    }
+    for (k, &(n, acc)) in rows[1].bins.iter().enumerate() {
+        if n > 0 {
+            assert!((acc - right[k] as f64 / n as f64).abs() < 1e-12, "bin {k}");
+        }
+    }
+}

@@ -319,6 +319,12 @@ pub struct SynthArgs {
     /// Measure the benchmark's properties on N scenes instead of writing.
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "20")]
     pub stats: Option<usize>,
+    /// Measure a trained network's reach instead of writing: context
+    /// accuracy by distance from the cue on the validation scenes, at
+    /// 0.25x, 0.5x, 1.0x and 2.0x alone. WEIGHTS are a run's
+    /// model.safetensors; the network is the suite's first run's.
+    #[arg(long, value_name = "WEIGHTS", requires = "suite", conflicts_with = "stats")]
+    pub reach: Option<PathBuf>,
 }
 
 /// Which network: a named preset or a TOML model config.

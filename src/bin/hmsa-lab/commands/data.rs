@@ -10,6 +10,7 @@ use hmsa_lab::data::{check, Dataset, Labels};
 
 pub fn synth(a: SynthArgs) -> Result<()> {
     let mut augment = hmsa_lab::config::AugmentConfig::default();
+    let mut model = None;
     let mut cfg = match (&a.config, &a.suite) {
         (Some(p), _) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -25,6 +26,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
                 .first()
                 .with_context(|| format!("{}: the suite plans no runs", p.display()))?;
             augment = first.config.data.augment.clone();
+            model = Some(first.config.model.clone());
             first.config.data.synth.clone()
         }
         (None, None) => SynthConfig::default(),
@@ -40,6 +42,33 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     }
     if let Some(v) = a.train_extra {
         cfg.train_extra = v;
+    }
+    if let (Some(weights), Some(model)) = (&a.reach, &model) {
+        let dev = hmsa_lab::device()?;
+        let net = hmsa_lab::model::checkpoint::load(model, weights, &dev)?;
+        let rows = hmsa_lab::eval::reach::reach(&net, &cfg, &[0.25, 0.5, 1.0, 2.0], cfg.val, &dev)?;
+        println!(
+            "{}: share of vegetation and terrain pixels whose own class scores above the other, by distance (px at 1.0x) from the cue; {} validation scenes",
+            weights.display(),
+            cfg.val
+        );
+        let bin = hmsa_lab::eval::reach::BIN;
+        let used = rows[0].bins.iter().rposition(|b| b.0 > 0).map_or(0, |k| k + 1);
+        let mut t = comfy_table::Table::new();
+        t.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+        let mut header = vec!["scale".to_string()];
+        header.extend((0..used).map(|k| format!("{}–{}", k as f32 * bin, (k + 1) as f32 * bin)));
+        t.set_header(header);
+        for r in &rows {
+            let mut row = vec![format!("{}x", r.scale)];
+            row.extend(r.bins[..used].iter().map(|b| format!("{:.0}", 100.0 * b.1)));
+            t.add_row(row);
+        }
+        let mut row = vec!["pixels".to_string()];
+        row.extend(rows[0].bins[..used].iter().map(|b| b.0.to_string()));
+        t.add_row(row);
+        println!("{t}");
+        return Ok(());
     }
     if let Some(n) = a.stats {
         let st = synth::stats(&cfg, &augment, n);
