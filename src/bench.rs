@@ -312,12 +312,12 @@ impl Case {
                     opt.step(&g, 1e-3)?;
                     if split {
                         crate::sync(&dev)?;
-                        eprintln!(
-                            "fwd {:?} loss {:?} bwd {:?} opt {:?}",
-                            t1 - t0,
-                            t2 - t1,
-                            t3 - t2,
-                            t3.elapsed()
+                        tracing::info!(
+                            forward = ?(t1 - t0),
+                            loss = ?(t2 - t1),
+                            backward = ?(t3 - t2),
+                            optimiser = ?t3.elapsed(),
+                            "training step split"
                         );
                     }
                     Ok(())

@@ -268,6 +268,24 @@ pub type MakeProgress = dyn Fn(&str) -> Box<dyn Observer> + Sync;
 /// Each planned run's (variant, seed, outcome), in plan order.
 pub type Outcomes = Vec<(String, u64, Outcome)>;
 
+/// What the lab tells its caller as it goes (the library does not print;
+/// the binary renders these).
+#[derive(Debug)]
+pub enum LabEvent<'a> {
+    /// A worker starts on a database.
+    Worker { who: &'a str, url: &'a str },
+    /// A run's attempt ended; `worker` is set for `work`'s runs.
+    Outcome {
+        worker: Option<&'a str>,
+        variant: &'a str,
+        seed: u64,
+        outcome: &'a Outcome,
+    },
+}
+
+/// Receives [`LabEvent`]s.
+pub type Tell = dyn Fn(LabEvent) + Sync;
+
 /// How a worker goes on when nothing is runnable.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerOptions {
@@ -289,6 +307,7 @@ pub fn run_suite(
     opts: &RunOptions,
     stop: Arc<AtomicBool>,
     progress: &MakeProgress,
+    tell: &Tell,
 ) -> Result<Vec<(String, u64, Outcome)>> {
     let ctx = Ctx::new(store, suite, opts, &stop, progress)?;
     let mut out = vec![];
@@ -297,7 +316,12 @@ pub fn run_suite(
             break;
         }
         let outcome = ctx.attempt(r)?;
-        eprintln!("{} seed {}: {:?}", r.variant, r.seed, outcome);
+        tell(LabEvent::Outcome {
+            worker: None,
+            variant: &r.variant,
+            seed: r.seed,
+            outcome: &outcome,
+        });
         out.push((r.variant.clone(), r.seed, outcome));
     }
     Ok(out)
@@ -315,9 +339,21 @@ pub fn work(
     w: &WorkerOptions,
     stop: Arc<AtomicBool>,
     progress: &MakeProgress,
+    tell: &Tell,
 ) -> Result<(Outcomes, String)> {
     let ctx = Ctx::new(store, suite, opts, &stop, progress)?;
-    eprintln!("worker {} on {}", ctx.who, store.url());
+    tell(LabEvent::Worker {
+        who: &ctx.who,
+        url: store.url(),
+    });
+    let said = |r: &PlannedRun, o: &Outcome| {
+        tell(LabEvent::Outcome {
+            worker: Some(&ctx.who),
+            variant: &r.variant,
+            seed: r.seed,
+            outcome: o,
+        })
+    };
     let mut executed = 0usize;
     // Runs this worker saw fail: not retried by it (another worker, or a
     // later invocation, may).
@@ -341,11 +377,11 @@ pub fn work(
                 Outcome::Trained | Outcome::Evaluated => {
                     executed += 1;
                     progressed = true;
-                    eprintln!("worker {}: {} seed {}: {:?}", ctx.who, r.variant, r.seed, o);
+                    said(r, &o);
                 }
                 Outcome::Failed(_) => {
                     failed.insert(i);
-                    eprintln!("worker {}: {} seed {}: {:?}", ctx.who, r.variant, r.seed, o);
+                    said(r, &o);
                 }
                 Outcome::Busy => waiting = true,
                 Outcome::Killed => break 'passes "interrupted".to_string(),

@@ -108,13 +108,7 @@ fn infer_writes_pngs_attention_maps_and_a_consistent_dump() {
     assert_eq!(m["attn_0.5"].dims(), &[1, 1, 20, 28]);
     assert_eq!(m["attn_1.0"].dims(), &[1, 1, 40, 56]);
     // The labelIds PNG is the argmax of the dumped prediction, in official ids.
-    let cls: Vec<u32> = m["pred"]
-        .argmax(1)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let cls = super::argmax_ids(&m["pred"]);
     let ids = ::image::open(out.join("street_labelIds.png"))
         .unwrap()
         .to_luma8()

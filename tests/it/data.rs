@@ -723,16 +723,7 @@ fn reach_bins_every_context_pixel_by_its_cue_distance() {
         let x = hmsa_lab::data::image::normalize(&s.image, &dev).unwrap();
         let (f, _) = net.infer(&x, Fusion::Single, &[1.0], false, false).unwrap();
         // train ids 8 (vegetation) and 9 (terrain): 0 = vegetation wins
-        let pick: Vec<u32> = f
-            .pred
-            .narrow(1, 8, 2)
-            .unwrap()
-            .argmax(1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let pick = super::argmax_ids(&f.pred.narrow(1, 8, 2).unwrap());
         for (p, l) in s.label_ids.pixels().enumerate() {
             let veg = match l[0] {
                 ids::VEGETATION => true,

@@ -56,6 +56,11 @@ pub fn image(h: usize, w: usize, seed: u64) -> Tensor {
     noise((1, 3, h, w), seed)
 }
 
+/// The class (argmax over dimension 1) of every pixel, flattened.
+pub fn argmax_ids(t: &Tensor) -> Vec<u32> {
+    t.argmax(1).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
 pub fn vals(t: &Tensor) -> Vec<f32> {
     t.flatten_all()
         .unwrap()

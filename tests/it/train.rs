@@ -364,14 +364,7 @@ fn evaluation_sets_share_one_pass_and_match_single_runs() {
             let (img, lab) = ds.load(j).unwrap();
             let x = hmsa_lab::data::image::normalize(&img, &dev).unwrap();
             let (f, _) = net.infer(&x, s.fusion, &s.scales, s.flip, false).unwrap();
-            let pred: Vec<u32> = f
-                .pred
-                .argmax(1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let pred = super::argmax_ids(&f.pred);
             // `load` gives train ids (255 ignored); m[gt][pred], K + 1 columns
             for (p, g) in pred.iter().zip(lab.unwrap().pixels()) {
                 if (g[0] as usize) < k {

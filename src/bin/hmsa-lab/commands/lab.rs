@@ -7,7 +7,7 @@ use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use hmsa_lab::config::suite::Suite;
 use hmsa_lab::config::RunConfig;
-use hmsa_lab::lab::{run_suite, train_and_evaluate, Outcome, RunOptions, Trained};
+use hmsa_lab::lab::{run_suite, train_and_evaluate, LabEvent, Outcome, RunOptions, Trained};
 use hmsa_lab::report;
 use hmsa_lab::store::Store;
 use hmsa_lab::train::Tee;
@@ -94,7 +94,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         stale_ms: a.stale_after as i64 * 1000,
         ..Default::default()
     };
-    let out = run_suite(&store, &suite, &opts, stop.clone(), &Progress::boxed)?;
+    let out = run_suite(&store, &suite, &opts, stop.clone(), &Progress::boxed, &tell)?;
     let failed = out.iter().filter(|o| matches!(o.2, Outcome::Failed(_))).count();
     let busy = out.iter().filter(|o| o.2 == Outcome::Busy).count();
     let removed = out.iter().filter(|o| matches!(o.2, Outcome::Removed(_))).count();
@@ -220,7 +220,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         max_runs: a.max_runs,
         poll_secs: a.poll,
     };
-    let (out, why) = hmsa_lab::lab::work(&store, &suite, &opts, &w, stop.clone(), &Progress::boxed)?;
+    let (out, why) = hmsa_lab::lab::work(&store, &suite, &opts, &w, stop.clone(), &Progress::boxed, &tell)?;
     if stop.load(Ordering::Relaxed) {
         return Err(Exit::Interrupted(format!("worker interrupted ({why}); its run is resumable")).into());
     }
@@ -272,4 +272,21 @@ pub fn train(a: TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Renders the lab's events on stderr, a line each (what scripts and the
+/// tests read: `variant seed s: Outcome`).
+fn tell(e: LabEvent) {
+    match e {
+        LabEvent::Worker { who, url } => eprintln!("worker {who} on {url}"),
+        LabEvent::Outcome {
+            worker,
+            variant,
+            seed,
+            outcome,
+        } => match worker {
+            Some(w) => eprintln!("worker {w}: {variant} seed {seed}: {outcome:?}"),
+            None => eprintln!("{variant} seed {seed}: {outcome:?}"),
+        },
+    }
 }
