@@ -274,6 +274,22 @@ pub type Outcomes = Vec<(String, u64, Outcome)>;
 pub enum LabEvent<'a> {
     /// A worker starts on a database.
     Worker { who: &'a str, url: &'a str },
+    /// `who` claimed run `id` and works in `dir`; `takeover` names the
+    /// holder it took the run from, and why (empty for a fresh claim).
+    Claimed {
+        who: &'a str,
+        id: i64,
+        variant: &'a str,
+        seed: u64,
+        dir: &'a Path,
+        takeover: String,
+    },
+    /// A worker stops after `executed` runs, for the reason given.
+    Stopped {
+        who: &'a str,
+        executed: usize,
+        why: &'a str,
+    },
     /// A run's attempt ended; `worker` is set for `work`'s runs.
     Outcome {
         worker: Option<&'a str>,
@@ -309,7 +325,7 @@ pub fn run_suite(
     progress: &MakeProgress,
     tell: &Tell,
 ) -> Result<Vec<(String, u64, Outcome)>> {
-    let ctx = Ctx::new(store, suite, opts, &stop, progress)?;
+    let ctx = Ctx::new(store, suite, opts, &stop, progress, tell)?;
     let mut out = vec![];
     for r in &suite.runs {
         if stop.load(Ordering::Relaxed) {
@@ -341,7 +357,7 @@ pub fn work(
     progress: &MakeProgress,
     tell: &Tell,
 ) -> Result<(Outcomes, String)> {
-    let ctx = Ctx::new(store, suite, opts, &stop, progress)?;
+    let ctx = Ctx::new(store, suite, opts, &stop, progress, tell)?;
     tell(LabEvent::Worker {
         who: &ctx.who,
         url: store.url(),
@@ -414,7 +430,11 @@ pub fn work(
             )
         };
     };
-    eprintln!("worker {} stops after {executed} run(s): {why}", ctx.who);
+    tell(LabEvent::Stopped {
+        who: &ctx.who,
+        executed,
+        why: &why,
+    });
     let out = suite
         .runs
         .iter()
@@ -431,6 +451,7 @@ impl<'a> Ctx<'a> {
         opts: &'a RunOptions,
         stop: &'a Arc<AtomicBool>,
         progress: &'a MakeProgress,
+        tell: &'a Tell,
     ) -> Result<Self> {
         let h = &suite.header;
         store.upsert_suite(
@@ -450,6 +471,7 @@ impl<'a> Ctx<'a> {
             prov,
             stop,
             progress,
+            tell,
             store_id: store.id()?,
             started,
         })
@@ -511,6 +533,7 @@ struct Ctx<'a> {
     prov: Provenance,
     stop: &'a Arc<AtomicBool>,
     progress: &'a MakeProgress,
+    tell: &'a Tell,
     /// The database's id, written into each run folder's owner file.
     store_id: String,
     /// When this process started (ms): `--force` retrains only runs that
@@ -589,21 +612,20 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
             _ => Outcome::Busy,
         });
     }
-    eprintln!(
-        "{who} claimed run {} ({} seed {}) in {}{}",
-        row.id,
-        r.variant,
-        r.seed,
-        run_dir.display(),
-        match (dead, row.status) {
-            (Some(d), _) => format!(", taken over from {d} (gone)"),
-            (None, Status::Running) => format!(
-                ", taken over from {} (heartbeat stale)",
-                row.claimed_by.as_deref().unwrap_or("?")
-            ),
+    (ctx.tell)(LabEvent::Claimed {
+        who,
+        id: row.id,
+        variant: &r.variant,
+        seed: r.seed,
+        dir: &run_dir,
+        takeover: match (dead, row.status) {
+            (Some(d), _) => format!("{d} (gone)"),
+            (None, Status::Running) => {
+                format!("{} (heartbeat stale)", row.claimed_by.as_deref().unwrap_or("?"))
+            }
             _ => String::new(),
-        }
-    );
+        },
+    });
     // Heartbeat while this run is held (a thread; stopped below).
     let beating = Arc::new(AtomicBool::new(true));
     let hb = {

@@ -279,6 +279,27 @@ pub fn train(a: TrainArgs) -> Result<()> {
 fn tell(e: LabEvent) {
     match e {
         LabEvent::Worker { who, url } => eprintln!("worker {who} on {url}"),
+        LabEvent::Claimed {
+            who,
+            id,
+            variant,
+            seed,
+            dir,
+            takeover,
+        } => {
+            let from = if takeover.is_empty() {
+                String::new()
+            } else {
+                format!(", taken over from {takeover}")
+            };
+            eprintln!(
+                "{who} claimed run {id} ({variant} seed {seed}) in {}{from}",
+                dir.display()
+            )
+        }
+        LabEvent::Stopped { who, executed, why } => {
+            eprintln!("worker {who} stops after {executed} run(s): {why}")
+        }
         LabEvent::Outcome {
             worker,
             variant,
