@@ -2,8 +2,9 @@
 //! latency, peak memory and GFLOP/s per preset, fusion and scale set; a
 //! training step; the loader; matmul and convolution kernels), each run in
 //! its own process by the binary, which stores the rows.
-//! `HMSA_STEP_TIMES=1` makes a training-step case print its forward, loss,
-//! backward and optimiser times per repetition on stderr.
+//! A training-step case with `profile` set also returns where its time
+//! went ([`StepProfile`]: each phase's wall time, and in it the exclusive
+//! time of each of our ops from `hmsa_kernels::profile`).
 //!
 //! Peak memory is the process's peak resident set (`VmHWM`), reset before
 //! each case through `/proc/self/clear_refs` on Linux, so each row is the
@@ -105,7 +106,9 @@ pub enum Case {
         reps: usize,
     },
     /// One training step (forward, CE + 0.4 aux CE as the ablation trains,
-    /// backward, SGD) of a preset on a (batch, crop) batch.
+    /// backward, SGD) of a preset on a (batch, crop) batch; with `profile`,
+    /// where its time went (the scales' backwards then run one after the
+    /// other, so the ops' times add up).
     TrainStep {
         preset: String,
         fusion: Fusion,
@@ -115,6 +118,8 @@ pub enum Case {
         #[serde(default)]
         precision: Precision,
         reps: usize,
+        #[serde(default)]
+        profile: bool,
     },
     /// f32 matmul (n x n x n).
     Matmul { n: usize, reps: usize },
@@ -158,6 +163,137 @@ pub struct Measured {
     /// A derived figure (GFLOP/s for kernels), with its unit.
     pub value: Option<f64>,
     pub unit: String,
+    /// Where a profiled training step's time went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<StepProfile>,
+}
+
+/// Where a training step's time went, per step (means over the measured
+/// repetitions, the warm-up left out).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepProfile {
+    pub steps: usize,
+    pub phases: Vec<PhaseProfile>,
+}
+
+/// One phase of a step (forward, loss, backward, optimiser): its wall
+/// time, and the exclusive time of each of our ops in it; the rest is
+/// candle's own ops, its gradient store and glue.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PhaseProfile {
+    pub phase: String,
+    pub wall_ms: f64,
+    pub ops: Vec<OpTime>,
+}
+
+/// An op kind's calls and exclusive milliseconds per step.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OpTime {
+    pub op: String,
+    pub calls: f64,
+    pub ms: f64,
+}
+
+impl PhaseProfile {
+    /// The phase's time outside our ops (never below zero).
+    pub fn rest_ms(&self) -> f64 {
+        (self.wall_ms - self.ops.iter().map(|o| o.ms).sum::<f64>()).max(0.0)
+    }
+}
+
+impl StepProfile {
+    /// One step's wall time.
+    pub fn step_ms(&self) -> f64 {
+        self.phases.iter().map(|p| p.wall_ms).sum()
+    }
+
+    /// Rows for a table: phase, op (or "outside our ops"), calls, ms per
+    /// step and share of the step, the largest first within each phase.
+    pub fn rows(&self) -> Vec<[String; 5]> {
+        let total = self.step_ms().max(f64::MIN_POSITIVE);
+        let mut rows = vec![];
+        for p in &self.phases {
+            let mut ops = p.ops.clone();
+            ops.push(OpTime {
+                op: "outside our ops".into(),
+                calls: f64::NAN,
+                ms: p.rest_ms(),
+            });
+            ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+            for o in ops {
+                rows.push([
+                    p.phase.clone(),
+                    o.op,
+                    if o.calls.is_nan() { String::new() } else { format!("{:.0}", o.calls) },
+                    format!("{:.2}", o.ms),
+                    format!("{:.1}%", 100.0 * o.ms / total),
+                ]);
+            }
+            rows.push([
+                p.phase.clone(),
+                "(phase)".into(),
+                String::new(),
+                format!("{:.2}", p.wall_ms),
+                format!("{:.1}%", 100.0 * p.wall_ms / total),
+            ]);
+        }
+        rows
+    }
+}
+
+/// Accumulates a profile over repetitions.
+#[derive(Default)]
+struct ProfileSum {
+    steps: usize,
+    phases: Vec<(&'static str, std::time::Duration, std::collections::BTreeMap<&'static str, hmsa_kernels::profile::Entry>)>,
+}
+
+impl ProfileSum {
+    /// Adds one phase's wall time and the ops recorded in it.
+    fn phase(
+        &mut self,
+        phase: &'static str,
+        wall: std::time::Duration,
+        ops: std::collections::BTreeMap<&'static str, hmsa_kernels::profile::Entry>,
+    ) {
+        let i = match self.phases.iter().position(|p| p.0 == phase) {
+            Some(i) => i,
+            None => {
+                self.phases.push((phase, Default::default(), Default::default()));
+                self.phases.len() - 1
+            }
+        };
+        let p = &mut self.phases[i];
+        p.1 += wall;
+        for (k, e) in ops {
+            let t = p.2.entry(k).or_default();
+            t.calls += e.calls;
+            t.time += e.time;
+        }
+    }
+
+    fn finish(self) -> StepProfile {
+        let n = self.steps.max(1) as f64;
+        StepProfile {
+            steps: self.steps,
+            phases: self
+                .phases
+                .into_iter()
+                .map(|(phase, wall, ops)| PhaseProfile {
+                    phase: phase.into(),
+                    wall_ms: wall.as_secs_f64() * 1e3 / n,
+                    ops: ops
+                        .into_iter()
+                        .map(|(op, e)| OpTime {
+                            op: op.into(),
+                            calls: e.calls as f64 / n,
+                            ms: e.time.as_secs_f64() * 1e3 / n,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The paper's cost ratios from `train` measurements, one line per preset
@@ -217,6 +353,7 @@ impl Case {
             _ => crate::device()?,
         };
         let mem = MemoryMeter::start(&dev);
+        let mut prof = None;
         let (name, params, (min, med), value, unit) = match self {
             Case::Claims {
                 postgres,
@@ -271,6 +408,7 @@ impl Case {
                 batch,
                 precision,
                 reps,
+                profile,
             } => {
                 precision.check(&dev, true, "--precision")?;
                 let mut cfg = ModelConfig::preset(preset)?;
@@ -293,35 +431,42 @@ impl Case {
                     main: crate::config::MainLoss::Ce,
                     ..Default::default()
                 };
-                let split = std::env::var_os("HMSA_STEP_TIMES").is_some();
-                // the split's clocks need the device idle on a GPU
+                // the phases' clocks need the device idle on a GPU
                 let now = || -> Result<Instant> {
-                    if split {
+                    if *profile {
                         crate::sync(&dev)?;
                     }
                     Ok(Instant::now())
                 };
+                let mut sum = ProfileSum::default();
+                let mut warm = true;
+                hmsa_kernels::profile::enable(*profile);
+                let ops = hmsa_kernels::profile::take;
                 let t = timed(&dev, *reps, || {
                     let t0 = now()?;
+                    ops();
                     let f = crate::train::step::forward(&net, &x, *fusion, scales)?;
-                    let t1 = now()?;
+                    let (t1, fwd) = (now()?, ops());
                     let l = crate::train::loss::combined(&loss_cfg, &f.fused, &f.outs, &y)?;
-                    let t2 = now()?;
+                    let (t2, loss) = (now()?, ops());
                     let g = f.backward(&l.total)?;
-                    let t3 = now()?;
+                    let (t3, bwd) = (now()?, ops());
                     opt.step(&g, 1e-3)?;
-                    if split {
-                        crate::sync(&dev)?;
-                        tracing::info!(
-                            forward = ?(t1 - t0),
-                            loss = ?(t2 - t1),
-                            backward = ?(t3 - t2),
-                            optimiser = ?t3.elapsed(),
-                            "training step split"
-                        );
+                    if *profile {
+                        let (t4, upd) = (now()?, ops());
+                        // the warm-up is not counted
+                        if !std::mem::take(&mut warm) {
+                            sum.steps += 1;
+                            sum.phase("forward", t1 - t0, fwd);
+                            sum.phase("loss", t2 - t1, loss);
+                            sum.phase("backward", t3 - t2, bwd);
+                            sum.phase("optimiser", t4 - t3, upd);
+                        }
                     }
                     Ok(())
                 })?;
+                hmsa_kernels::profile::enable(false);
+                prof = profile.then(|| sum.finish());
                 let p = format!(
                     "{preset} {fusion} {} batch {batch} crop {}x{}{}",
                     scales,
@@ -403,6 +548,7 @@ impl Case {
             peak_mib: mem.peak_mib(),
             value,
             unit,
+            profile: prof,
         })
     }
 }
@@ -592,6 +738,7 @@ pub fn suite_cases(suite: &str, full: bool, precision: Precision) -> Option<Vec<
             batch,
             precision,
             reps: 3,
+            profile: false,
         })
     };
     Some(match suite {
@@ -671,7 +818,44 @@ mod tests {
             peak_mib: peak,
             value: None,
             unit: String::new(),
+            profile: None,
         }
+    }
+
+    /// A profile's rows by hand: ops largest first, the time outside our
+    /// ops as the phase's wall time minus theirs, shares of the whole step.
+    #[test]
+    fn profile_rows_by_hand() {
+        let op = |op: &str, calls: f64, ms: f64| OpTime {
+            op: op.into(),
+            calls,
+            ms,
+        };
+        let p = StepProfile {
+            steps: 2,
+            phases: vec![
+                PhaseProfile {
+                    phase: "forward".into(),
+                    wall_ms: 30.0,
+                    ops: vec![op("a", 2.0, 5.0), op("b", 1.0, 20.0)],
+                },
+                PhaseProfile {
+                    phase: "backward".into(),
+                    wall_ms: 70.0,
+                    ops: vec![op("c", 3.0, 75.0)],
+                },
+            ],
+        };
+        assert_eq!(p.step_ms(), 100.0);
+        assert_eq!(p.phases[0].rest_ms(), 5.0);
+        // concurrent ops can sum past the wall time: never below zero
+        assert_eq!(p.phases[1].rest_ms(), 0.0);
+        let rows = p.rows();
+        let names: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
+        assert_eq!(names, ["b", "a", "outside our ops", "(phase)", "c", "outside our ops", "(phase)"]);
+        assert_eq!(rows[0], ["forward", "b", "1", "20.00", "20.0%"].map(String::from));
+        assert_eq!(rows[2][2], "");
+        assert_eq!(rows[3][3..], ["30.00".to_string(), "30.0%".to_string()]);
     }
 
     #[test]

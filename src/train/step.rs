@@ -79,10 +79,18 @@ impl StepForward {
         };
         let head = &grads;
         let stores = crate::on_pool(total.device(), || {
-            nets.par_iter()
-                .zip(&self.outs)
-                .map(|(net, cut)| net_backward(net, cut, head))
-                .collect::<Result<Vec<_>>>()
+            if hmsa_kernels::profile::enabled() {
+                // one after the other, so that a profile's op times add up
+                nets.iter()
+                    .zip(&self.outs)
+                    .map(|(net, cut)| net_backward(net, cut, head))
+                    .collect::<Result<Vec<_>>>()
+            } else {
+                nets.par_iter()
+                    .zip(&self.outs)
+                    .map(|(net, cut)| net_backward(net, cut, head))
+                    .collect::<Result<Vec<_>>>()
+            }
         })?;
         for s in stores.into_iter().flatten() {
             grads.extend(s)?;

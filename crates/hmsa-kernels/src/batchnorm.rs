@@ -247,6 +247,7 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span("batch-norm-train");
         let d = cpu::nc_hw(l1)?;
         if l2.shape().dims() != [2, d.1] || l3.shape() != l1.shape() {
             candle_core::bail!(
@@ -273,6 +274,7 @@ impl CustomOp3 for BnTrain {
         y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = crate::profile::span("batch-norm-train backward");
         let gy = gy.contiguous()?;
         let stats = self.stats.lock().expect("stats lock");
         let stats = stats.as_ref().map(|s| (s.mean.as_slice(), s.var.as_slice()));

@@ -310,6 +310,7 @@ impl CustomOp3 for AddRestUp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span("add-rest-up");
         self.check(l1, l2, l3)?;
         cpu::with_real!("add_rest_up", s1, T => self.run::<T>((s1, l1), (s2, l2), (s3, l3)))
     }
@@ -322,6 +323,7 @@ impl CustomOp3 for AddRestUp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = crate::profile::span("add-rest-up backward");
         let g = g.contiguous()?;
         let c = l.dim(1)?;
         fn run<T: WithDType>(op: &AddRestUp, ts: [&Tensor; 4], c: usize) -> Result<[Tensor; 3]> {
@@ -495,12 +497,14 @@ impl candle_core::CustomOp1 for SoftmaxChannels {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span("softmax-channels");
         let (n, c, h, w) = l.shape().dims4()?;
         let out = cpu::with_real!("softmax", s, T => T::to_cpu_storage_owned(Self::fwd::<T>(cpu::slice(s, l)?, n, c, h * w)));
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let _span = crate::profile::span("softmax-channels backward");
         let g = g.contiguous()?;
         let (n, c, h, w) = y.dims4()?;
         let (sy, ly) = y.storage_and_layout();
@@ -653,6 +657,7 @@ impl CustomOp3 for Blend {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span("blend");
         let (n, c, h, w) = l1.shape().dims4()?;
         if l2.shape() != l1.shape() || l3.shape().dims() != [n, 1, h, w] {
             candle_core::bail!(
@@ -684,6 +689,7 @@ impl CustomOp3 for Blend {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = crate::profile::span("blend backward");
         let g = g.contiguous()?;
         let c = u.dim(1)?;
         let guards = [u, v, a, &g].map(|t| t.storage_and_layout());

@@ -135,6 +135,7 @@ impl candle_core::CustomOp2 for CrossEntropy {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let _span = crate::profile::span("cross-entropy");
         let d = cpu::nc_hw(l1)?;
         let t: &[u32] = cpu::slice(s2, l2)?;
         let out = cpu::with_real!("cross-entropy", s1, T => {
@@ -152,6 +153,7 @@ impl candle_core::CustomOp2 for CrossEntropy {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _span = crate::profile::span("cross-entropy backward");
         use candle_core::CpuStorage as S;
         let g = g.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let (ts, tl) = labels.storage_and_layout();

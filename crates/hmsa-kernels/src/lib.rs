@@ -11,6 +11,7 @@
 //! - [`blend`]: the per-pixel blends of scale fusion and the channel
 //!   softmax;
 //! - [`cross_entropy`]: weighted cross-entropy with an ignore label;
+//! - [`profile`]: per-op wall time of a step, when enabled;
 //! - [`cpu`]: what the ops share (storage access, the SIMD wrapper, `exp`
 //!   in f32, the f32/f64 dispatch).
 //!
@@ -27,6 +28,7 @@ pub mod blend;
 pub mod conv;
 pub mod cpu;
 pub mod cross_entropy;
+pub mod profile;
 pub mod resize;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -345,6 +345,7 @@ impl<const N: usize> CustomOp1 for Bilinear<N> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span("bilinear-resize");
         let (_, _, h, w) = l.shape().dims4()?;
         if (h, w) != (self.in_h, self.in_w) {
             candle_core::bail!(
@@ -360,6 +361,7 @@ impl<const N: usize> CustomOp1 for Bilinear<N> {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _span = crate::profile::span("bilinear-resize backward");
         let g = grad.contiguous()?.apply_op1_no_bwd(&BilinearGrad {
             ty: self.ty.clone(),
             tx: self.tx.clone(),
@@ -398,6 +400,7 @@ impl<const N: usize> CustomOp1 for BilinearGrad<N> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span("bilinear-resize-grad");
         crate::cpu::with_real!("bilinear resize grad", s, T => {
             let (d, sh) = self.run::<T>(T::cpu_storage_as_slice(s)?, l)?;
             Ok((T::to_cpu_storage_owned(d), sh))

@@ -80,6 +80,12 @@ pub struct BenchArgs {
     /// steps of batch 1 on 512x1024 crops (minutes each on 2 cores).
     #[arg(long)]
     pub full: bool,
+    /// With the train suite: where each step's time goes (forward, loss,
+    /// backward, optimiser, and in each the time of every op); the scales'
+    /// backwards run one after the other. Profiled steps are printed, not
+    /// stored.
+    #[arg(long)]
+    pub profile: bool,
     /// Arithmetic of the forward and training cases: f32, or mixed
     /// precision bf16 / f16 (for a GPU; see docs/performance.md).
     #[arg(long, default_value = "f32")]

@@ -27,6 +27,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             .map(|s| s.to_possible_value().expect("named").get_name().to_string())
             .collect()
     };
+    if a.profile && !suites.iter().any(|s| s == "train") {
+        bail!("--profile profiles training steps: name the train suite (`bench train --profile`)");
+    }
     let threads = rayon::current_num_threads();
     let mach = machine();
     let store = Store::open(&a.db.url(None)?)?;
@@ -34,6 +37,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let mut rows = vec![];
     let mut all = vec![];
     let mut failed = 0;
+    let mut profiles = vec![];
     for suite in &suites {
         let cases = if suite == "store" {
             hmsa_lab::bench::store_cases(a.pg.as_deref())
@@ -42,7 +46,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 format!("unknown bench suite `{suite}` (model, train, data, kernels, store)")
             })?
         };
-        for c in cases {
+        for mut c in cases {
+            if let hmsa_lab::bench::Case::TrainStep { profile, .. } = &mut c {
+                *profile = a.profile;
+            }
             let out = std::process::Command::new(&exe)
                 .args(["bench", "--case", &serde_json::to_string(&c)?])
                 .output()?;
@@ -55,6 +62,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 continue;
             }
             let m: hmsa_lab::bench::Measured = serde_json::from_slice(&out.stdout)?;
+            if let Some(p) = &m.profile {
+                profiles.push((m.params.clone(), p.clone()));
+                continue;
+            }
             store.add_benchmark(&hmsa_lab::store::BenchRow {
                 suite: suite.clone(),
                 name: m.name.clone(),
@@ -78,7 +89,23 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             all.push((suite.clone(), m));
         }
     }
-    if a.format == TextOrJson::Json {
+    if a.format == TextOrJson::Json && !profiles.is_empty() {
+        let v: Vec<serde_json::Value> = profiles
+            .iter()
+            .map(|(c, p)| serde_json::json!({"case": c, "profile": p, "threads": threads, "machine": mach}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if !profiles.is_empty() {
+        for (case, p) in &profiles {
+            println!("{case}: {:.1} ms per step (mean of {} profiled steps)", p.step_ms(), p.steps);
+            let head = ["phase", "op", "calls", "ms/step", "share"].map(String::from);
+            let rows: Vec<Vec<String>> = p.rows().into_iter().map(Vec::from).collect();
+            println!("{}", report::terminal_table(&head, &rows));
+        }
+        println!(
+            "{threads} threads; {mach}; exclusive wall time of each of our ops; \"outside our ops\" is candle's own ops, its gradient store and glue; not stored"
+        );
+    } else if a.format == TextOrJson::Json {
         let v: Vec<serde_json::Value> = all
             .iter()
             .map(|(s, m)| serde_json::json!({"suite": s, "case": m, "threads": threads, "machine": mach}))
