@@ -186,12 +186,15 @@ pub struct PhaseProfile {
     pub ops: Vec<OpTime>,
 }
 
-/// An op kind's calls and exclusive milliseconds per step.
+/// An op kind's calls, exclusive milliseconds and GFLOP per step (the
+/// GFLOP where the op counts them: the convolutions).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OpTime {
     pub op: String,
     pub calls: f64,
     pub ms: f64,
+    #[serde(default)]
+    pub gflop: f64,
 }
 
 impl PhaseProfile {
@@ -208,8 +211,9 @@ impl StepProfile {
     }
 
     /// Rows for a table: phase, op (or "outside our ops"), calls, ms per
-    /// step and share of the step, the largest first within each phase.
-    pub fn rows(&self) -> Vec<[String; 5]> {
+    /// step, share of the step and GFLOP/s where the op counts its FLOPs,
+    /// the largest first within each phase.
+    pub fn rows(&self) -> Vec<[String; 6]> {
         let total = self.step_ms().max(f64::MIN_POSITIVE);
         let mut rows = vec![];
         for p in &self.phases {
@@ -218,6 +222,7 @@ impl StepProfile {
                 op: "outside our ops".into(),
                 calls: f64::NAN,
                 ms: p.rest_ms(),
+                gflop: 0.0,
             });
             ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
             for o in ops {
@@ -227,6 +232,11 @@ impl StepProfile {
                     if o.calls.is_nan() { String::new() } else { format!("{:.0}", o.calls) },
                     format!("{:.2}", o.ms),
                     format!("{:.1}%", 100.0 * o.ms / total),
+                    if o.gflop > 0.0 && o.ms > 0.0 {
+                        format!("{:.0}", o.gflop / (o.ms * 1e-3))
+                    } else {
+                        String::new()
+                    },
                 ]);
             }
             rows.push([
@@ -235,6 +245,7 @@ impl StepProfile {
                 String::new(),
                 format!("{:.2}", p.wall_ms),
                 format!("{:.1}%", 100.0 * p.wall_ms / total),
+                String::new(),
             ]);
         }
         rows
@@ -269,6 +280,7 @@ impl ProfileSum {
             let t = p.2.entry(k).or_default();
             t.calls += e.calls;
             t.time += e.time;
+            t.flops += e.flops;
         }
     }
 
@@ -288,6 +300,7 @@ impl ProfileSum {
                             op: op.into(),
                             calls: e.calls as f64 / n,
                             ms: e.time.as_secs_f64() * 1e3 / n,
+                            gflop: e.flops as f64 / 1e9 / n,
                         })
                         .collect(),
                 })
@@ -830,6 +843,7 @@ mod tests {
             op: op.into(),
             calls,
             ms,
+            gflop: if op == "b" { 3.0 } else { 0.0 },
         };
         let p = StepProfile {
             steps: 2,
@@ -853,9 +867,11 @@ mod tests {
         let rows = p.rows();
         let names: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
         assert_eq!(names, ["b", "a", "outside our ops", "(phase)", "c", "outside our ops", "(phase)"]);
-        assert_eq!(rows[0], ["forward", "b", "1", "20.00", "20.0%"].map(String::from));
+        // 3 GFLOP in 20 ms
+        assert_eq!(rows[0], ["forward", "b", "1", "20.00", "20.0%", "150"].map(String::from));
+        assert_eq!(rows[1][5], "");
         assert_eq!(rows[2][2], "");
-        assert_eq!(rows[3][3..], ["30.00".to_string(), "30.0%".to_string()]);
+        assert_eq!(rows[3][3..5], ["30.00".to_string(), "30.0%".to_string()]);
     }
 
     #[test]

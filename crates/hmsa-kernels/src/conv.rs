@@ -237,6 +237,12 @@ impl Geom {
         (self.cin * self.k * self.k, self.ho * self.wo)
     }
 
+    /// The direct convolution's FLOPs (two per multiply-add); its input
+    /// and weight gradients do as many.
+    fn flops(&self) -> u64 {
+        2 * (self.n * self.cout * self.cin * self.k * self.k * self.ho * self.wo) as u64
+    }
+
     /// 1x1, stride 1, no padding: `col` is the input itself.
     fn is_pointwise(&self) -> bool {
         self.k == 1 && self.s == 1 && self.p == 0
@@ -446,7 +452,8 @@ fn mat<T>(s: &[T], rs: usize, cs: usize) -> Mat<T> {
     }
 }
 
-/// `dst (m×n, row stride dst_rs) = [dst +] a (m×k) · b (k×n)`.
+/// `dst (m×n, row stride dst_rs) = [dst +] a (m×k) · b (k×n)`, on every
+/// thread when `par` and the product is large enough.
 #[allow(clippy::too_many_arguments)]
 fn gemm<T: WithDType>(
     dst: &mut [T],
@@ -457,6 +464,7 @@ fn gemm<T: WithDType>(
     a: Mat<T>,
     b: Mat<T>,
     accumulate: bool,
+    par: bool,
 ) {
     assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
     // SAFETY: `dst` holds the m×n block at row stride dst_rs (asserted) and
@@ -471,7 +479,7 @@ fn gemm<T: WithDType>(
             a,
             b,
             accumulate,
-            threads_for(m, n, kk),
+            if par { threads_for(m, n, kk) } else { gemm::Parallelism::None },
         )
     }
 }
@@ -597,10 +605,11 @@ impl<T: WithDType> Epilogue<'_, T> {
 /// instructions in callgrind).
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogue<T>>) -> Vec<T> {
     if winograd::applies(g) {
-        let _span = crate::profile::span("conv2d winograd");
+        let _span = crate::profile::flops_span("conv2d winograd", g.flops());
         winograd::forward(g, x, w, epi)
     } else {
-        let _span = crate::profile::span(if g.is_pointwise() { "conv2d 1x1" } else { "conv2d im2col" });
+        let kind = if g.is_pointwise() { "conv2d 1x1" } else { "conv2d im2col" };
+        let _span = crate::profile::flops_span(kind, g.flops());
         forward_direct(g, x, w, epi)
     }
 }
@@ -614,15 +623,14 @@ fn forward_direct<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogu
     let len = g.n * g.cout * l;
     let mut y: Vec<T> = Vec::with_capacity(len);
     let base = cpu::SyncPtr(y.as_mut_ptr());
-    let mut col = Scratch::take();
-    for (b, xb) in x.chunks(g.cin * g.h * g.w).enumerate() {
+    let item = |b: usize, xb: &[T], col: &mut Scratch<T>, par: bool| {
+        let threads = |m, n, k| if par { threads_for(m, n, k) } else { gemm::Parallelism::None };
         // SAFETY: item b's Cout·L outputs lie within y's capacity.
         let yb = cpu::SyncPtr(unsafe { base.get().add(b * g.cout * l) });
         if g.is_pointwise() {
             // SAFETY: one gemm writes all Cout×L outputs of the item (row
             // stride L), then the epilogue reads them.
             unsafe {
-                let threads = threads_for(g.cout, l, kk);
                 gemm_raw(
                     yb.get(),
                     l,
@@ -632,13 +640,13 @@ fn forward_direct<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogu
                     mat(w, kk, 1),
                     mat(xb, l, 1),
                     false,
-                    threads,
+                    threads(g.cout, l, kk),
                 );
                 if let Some(e) = epi {
                     e.apply(g, b, yb, 0..l);
                 }
             }
-            continue;
+            return;
         }
         for rows in row_tiles(g) {
             let lt = rows.len() * g.wo;
@@ -658,18 +666,40 @@ fn forward_direct<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogu
                     mat(w, kk, 1),
                     mat(col, lt, 1),
                     false,
-                    threads_for(g.cout, lt, kk),
+                    threads(g.cout, lt, kk),
                 );
                 if let Some(e) = epi {
                     e.apply(g, b, yb, cols);
                 }
             }
         }
+    };
+    if by_items(g) {
+        // items on separate threads, each single-threaded: no threaded
+        // gemm's packing and joins per small product (items write disjoint
+        // outputs)
+        x.par_chunks(g.cin * g.h * g.w)
+            .enumerate()
+            .for_each(|(b, xb)| item(b, xb, &mut Scratch::take(), false));
+    } else {
+        let mut col = Scratch::take();
+        for (b, xb) in x.chunks(g.cin * g.h * g.w).enumerate() {
+            item(b, xb, &mut col, true);
+        }
     }
     // SAFETY: the row tiles cover all output rows of every item and each
     // gemm wrote every channel of its rows: all `len` elements are set.
     unsafe { y.set_len(len) };
     y
+}
+
+/// Whether a layer's items run on separate threads, each with
+/// single-threaded products, rather than one after the other with
+/// threaded ones: when there are at least as many items as threads, in
+/// whole rounds.
+fn by_items(g: &Geom) -> bool {
+    let t = rayon::current_num_threads();
+    g.n >= t && g.n % t == 0
 }
 
 impl CustomOp2 for Conv2d {
@@ -797,14 +827,15 @@ struct InputGrad {
 
 fn input_grad<T: WithDType>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
     if winograd::applies(&winograd::transposed(g)) {
-        let _span = crate::profile::span("conv2d-input-grad winograd");
+        let _span = crate::profile::flops_span("conv2d-input-grad winograd", g.flops());
         winograd::input_grad(g, gy, w)
     } else {
-        let _span = crate::profile::span(if g.is_pointwise() {
+        let kind = if g.is_pointwise() {
             "conv2d-input-grad 1x1"
         } else {
             "conv2d-input-grad im2col"
-        });
+        };
+        let _span = crate::profile::flops_span(kind, g.flops());
         input_grad_direct(g, gy, w)
     }
 }
@@ -813,20 +844,29 @@ fn input_grad<T: WithDType>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
 fn input_grad_direct<T: WithDType>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
     let (kk, l) = g.kl();
     let mut gx = vec![T::from_f64(0.0); g.n * g.cin * g.h * g.w];
-    let mut gcol = Scratch::take();
-    for (gyb, gxb) in gy.chunks(g.cout * l).zip(gx.chunks_mut(g.cin * g.h * g.w)) {
+    let item = |gyb: &[T], gxb: &mut [T], gcol: &mut Scratch<T>, par: bool| {
         // Wᵀ (K × Cout): element (i, j) = W[j·K + i]
         if g.is_pointwise() {
-            gemm(gxb, l, kk, l, g.cout, mat(w, 1, kk), mat(gyb, l, 1), false);
-            continue;
+            gemm(gxb, l, kk, l, g.cout, mat(w, 1, kk), mat(gyb, l, 1), false, par);
+            return;
         }
         for rows in row_tiles(g) {
             let lt = rows.len() * g.wo;
             let gcol = gcol.get(kk * lt);
             let src = &gyb[rows.start * g.wo..];
-            gemm(gcol, lt, kk, lt, g.cout, mat(w, 1, kk), mat(src, l, 1), false);
+            gemm(gcol, lt, kk, lt, g.cout, mat(w, 1, kk), mat(src, l, 1), false, par);
             col2im(g, gcol, rows, gxb);
         }
+    };
+    let items = gy.chunks(g.cout * l).zip(gx.chunks_mut(g.cin * g.h * g.w));
+    if by_items(g) {
+        let items: Vec<_> = items.collect();
+        items
+            .into_par_iter()
+            .for_each(|(gyb, gxb)| item(gyb, gxb, &mut Scratch::take(), false));
+    } else {
+        let mut gcol = Scratch::take();
+        items.for_each(|(gyb, gxb)| item(gyb, gxb, &mut gcol, true));
     }
     gx
 }
@@ -861,14 +901,15 @@ struct WeightGrad {
 
 fn weight_grad<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
     if winograd::applies(g) {
-        let _span = crate::profile::span("conv2d-weight-grad winograd");
+        let _span = crate::profile::flops_span("conv2d-weight-grad winograd", g.flops());
         winograd::weight_grad(g, x, gy)
     } else {
-        let _span = crate::profile::span(if g.is_pointwise() {
+        let kind = if g.is_pointwise() {
             "conv2d-weight-grad 1x1"
         } else {
             "conv2d-weight-grad im2col"
-        });
+        };
+        let _span = crate::profile::flops_span(kind, g.flops());
         weight_grad_direct(g, x, gy)
     }
 }
@@ -882,12 +923,11 @@ fn weight_grad<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
 /// and `colᵀ` row-major, the layouts the gemm packs by rows.
 fn weight_grad_direct<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
     let (kk, l) = g.kl();
-    let mut gw = vec![T::from_f64(0.0); g.cout * kk];
-    let mut scratch = Scratch::take();
-    let mut first = true;
     // pixels per product: the transposed tiles in about 2 MB
     let chunk = ((1usize << 19) / (kk + g.cout)).max(64);
-    for (xb, gyb) in x.chunks(g.cin * g.h * g.w).zip(gy.chunks(g.cout * l)) {
+    // item b's gradient added into (or, when `first`, written to) gw
+    let item = |xb: &[T], gyb: &[T], gw: &mut [T], first: bool, scratch: &mut Scratch<T>, par: bool| {
+        let mut first = first;
         if g.is_pointwise() {
             // col is x itself (Cin × L)
             for p0 in (0..l).step_by(chunk) {
@@ -896,10 +936,10 @@ fn weight_grad_direct<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
                 let (gyt, xt) = buf.split_at_mut(lt * g.cout);
                 transpose(&gyb[p0..], g.cout, lt, l, gyt);
                 transpose(&xb[p0..], kk, lt, l, xt);
-                gemm(&mut gw, kk, g.cout, kk, lt, mat(gyt, 1, g.cout), mat(xt, kk, 1), !first);
+                gemm(gw, kk, g.cout, kk, lt, mat(gyt, 1, g.cout), mat(xt, kk, 1), !first, par);
                 first = false;
             }
-            continue;
+            return;
         }
         for rows in row_tiles(g) {
             let lt = rows.len() * g.wo;
@@ -909,8 +949,39 @@ fn weight_grad_direct<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
             im2col(g, xb, rows.clone(), col);
             transpose(col, kk, lt, lt, colt);
             transpose(&gyb[rows.start * g.wo..], g.cout, lt, l, gyt);
-            gemm(&mut gw, kk, g.cout, kk, lt, mat(gyt, 1, g.cout), mat(colt, kk, 1), !first);
+            gemm(gw, kk, g.cout, kk, lt, mat(gyt, 1, g.cout), mat(colt, kk, 1), !first, par);
             first = false;
+        }
+    };
+    let items = x.chunks(g.cin * g.h * g.w).zip(gy.chunks(g.cout * l));
+    let mut gw = vec![T::from_f64(0.0); g.cout * kk];
+    if by_items(g) {
+        // one partial gradient per thread's share of the items, summed in
+        // a fixed order (the same result on every run)
+        let t = rayon::current_num_threads();
+        let items: Vec<_> = items.collect();
+        let parts: Vec<Vec<T>> = items
+            .par_chunks(g.n / t)
+            .map(|share| {
+                let mut part = vec![T::from_f64(0.0); g.cout * kk];
+                let mut scratch = Scratch::take();
+                for (i, (xb, gyb)) in share.iter().enumerate() {
+                    item(xb, gyb, &mut part, i == 0, &mut scratch, false);
+                }
+                part
+            })
+            .collect();
+        for (i, p) in parts.into_iter().enumerate() {
+            if i == 0 {
+                gw = p;
+            } else {
+                gw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            }
+        }
+    } else {
+        let mut scratch = Scratch::take();
+        for (i, (xb, gyb)) in items.enumerate() {
+            item(xb, gyb, &mut gw, i == 0, &mut scratch, true);
         }
     }
     gw

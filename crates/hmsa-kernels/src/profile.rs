@@ -29,11 +29,14 @@ thread_local! {
     static NESTED: RefCell<Vec<Duration>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Calls and exclusive wall time of one kind of op.
+/// Calls, exclusive wall time and (where the op states them) the
+/// arithmetic of one kind of op: multiply-adds count two FLOPs, as the
+/// direct convolution would do them (an equivalent count for Winograd).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Entry {
     pub calls: u64,
     pub time: Duration,
+    pub flops: u64,
 }
 
 /// Starts or stops recording (the table is kept; see [`take`]).
@@ -55,10 +58,16 @@ pub fn take() -> BTreeMap<&'static str, Entry> {
 pub struct Span {
     kind: &'static str,
     start: Instant,
+    flops: u64,
 }
 
 /// Opens a span of `kind` until the value is dropped.
 pub fn span(kind: &'static str) -> Option<Span> {
+    flops_span(kind, 0)
+}
+
+/// [`span`] of an op that does `flops` floating-point operations.
+pub fn flops_span(kind: &'static str, flops: u64) -> Option<Span> {
     if !enabled() {
         return None;
     }
@@ -66,6 +75,7 @@ pub fn span(kind: &'static str) -> Option<Span> {
     Some(Span {
         kind,
         start: Instant::now(),
+        flops,
     })
 }
 
@@ -84,6 +94,7 @@ impl Drop for Span {
         let e = t.entry(self.kind).or_default();
         e.calls += 1;
         e.time += total.saturating_sub(nested);
+        e.flops += self.flops;
     }
 }
 
@@ -98,7 +109,7 @@ mod tests {
     fn nested_time_is_exclusive() {
         enable(true);
         {
-            let _outer = span("test-outer");
+            let _outer = flops_span("test-outer", 7);
             std::thread::sleep(Duration::from_millis(10));
             {
                 let _inner = span("test-inner");
@@ -109,6 +120,7 @@ mod tests {
         let t = take();
         let (o, i) = (t["test-outer"], t["test-inner"]);
         assert_eq!((o.calls, i.calls), (1, 1));
+        assert_eq!((o.flops, i.flops), (7, 0));
         assert!(i.time >= Duration::from_millis(100), "{i:?}");
         assert!(o.time >= Duration::from_millis(10) && o.time < i.time, "{o:?} {i:?}");
         assert!(span("off").is_none());

@@ -98,7 +98,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     } else if !profiles.is_empty() {
         for (case, p) in &profiles {
             println!("{case}: {:.1} ms per step (mean of {} profiled steps)", p.step_ms(), p.steps);
-            let head = ["phase", "op", "calls", "ms/step", "share"].map(String::from);
+            let head = ["phase", "op", "calls", "ms/step", "share", "GFLOP/s"].map(String::from);
             let rows: Vec<Vec<String>> = p.rows().into_iter().map(Vec::from).collect();
             println!("{}", report::terminal_table(&head, &rows));
         }
