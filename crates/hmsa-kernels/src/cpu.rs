@@ -139,7 +139,9 @@ impl Real for f64 {
 pub fn exp_f32(x: f32) -> f32 {
     const HI: f32 = 88.722_83;
     const LO: f32 = -87.336_55;
-    let xc = x.clamp(LO, HI);
+    // never NaN (`max` ignores a NaN), so `n` below is a whole number in
+    // [−126, 128]
+    let xc = x.max(LO).min(HI);
     let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
     // ln 2 in two parts, so that `n·ln2_hi` is exact
     let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
@@ -152,7 +154,9 @@ pub fn exp_f32(x: f32) -> f32 {
     let e = p * r * r + r + 1.0;
     // 2^n for n in [−126, 128): the biased exponent in the float's bits;
     // n = 128 (x near the top) as 2·2^127
-    let k = n as i32;
+    // SAFETY: `n` is finite and within i32 (above); the unchecked cast,
+    // unlike `as` (saturating, NaN to 0), vectorises.
+    let k: i32 = unsafe { n.to_int_unchecked() };
     let big = k > 127;
     let two_n = f32::from_bits(((k - big as i32 + 127) as u32) << 23);
     let y = e * two_n * if big { 2.0 } else { 1.0 };
