@@ -25,48 +25,114 @@ pub fn lr_at(cfg: &OptimConfig, step: usize, total: usize) -> f64 {
     cfg.lr * poly * warm
 }
 
-/// One variable's update in one pass over contiguous f32 CPU tensors (the
-/// candle ops above take six passes and as many allocations per variable:
-/// 1.5–2% of a small training step): `(θ − lr·buf, buf)` with `buf = μ·prev
-/// + d` (`d` where there is no `prev`), `d = g + wd·θ`, each product and
-/// sum rounded to f32 in the order the candle ops round them. `None` on
-/// other devices, dtypes and layouts.
-fn fused(
+/// One variable's update in place, over contiguous f32 CPU tensors (the
+/// candle ops below take six passes and as many new tensors per variable):
+/// `buf = μ·buf + d` (`d` on the first step), `d = g + wd·θ`, then `θ −=
+/// lr·buf`, each product and sum rounded to f32 in the order the candle
+/// ops round them; without momentum `θ −= lr·d` in one pass. Returns the
+/// buffer to keep (`None` without momentum), or `None` for the whole update
+/// on other devices, dtypes and layouts.
+#[allow(clippy::type_complexity)]
+fn in_place(
     theta: &Tensor,
     g: &Tensor,
     prev: Option<&Tensor>,
     lr: f64,
     momentum: f64,
     wd: f64,
-) -> Result<Option<(Tensor, Tensor)>> {
+) -> Result<Option<Option<Tensor>>> {
     use candle_core::DType;
-    use hmsa_kernels::cpu::{elems, read};
     let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
     if !fits(theta) || !fits(g) || !prev.is_none_or(fits) {
         return Ok(None);
     }
-    let (ts, tl) = read(theta)?;
-    let (gs, gl) = read(g)?;
-    let (th, gr) = (elems::<f32>(&ts, tl)?, elems::<f32>(&gs, gl)?);
-    let pr = prev.map(read).transpose()?;
-    let pr = pr.as_ref().map(|(s, l)| elems::<f32>(s, l)).transpose()?;
     let (lr, mu, wd) = (lr as f32, momentum as f32, wd as f32);
-    let mut next = Vec::with_capacity(th.len());
-    let mut buf = Vec::with_capacity(th.len());
-    for (i, (&t, &g)) in th.iter().zip(gr).enumerate() {
-        let d = if wd != 0.0 { g + t * wd } else { g };
-        let b = match pr {
-            Some(p) => p[i] * mu + d,
-            None => d,
-        };
-        next.push(t - b * lr);
-        buf.push(b);
+    if momentum == 0.0 {
+        theta.inplace_op2(g, &Descend { lr, wd })?;
+        return Ok(Some(None));
     }
-    let shape = theta.shape();
-    Ok(Some((
-        Tensor::from_vec(next, shape, theta.device())?,
-        Tensor::from_vec(buf, shape, theta.device())?,
-    )))
+    let buf = match prev {
+        Some(b) => {
+            b.inplace_op3(g, theta, &Momentum { mu, wd })?;
+            b.clone()
+        }
+        // the first step: buf = d
+        None => (g + (theta * wd as f64)?)?,
+    };
+    theta.inplace_op2(&buf, &Descend { lr, wd: 0.0 })?;
+    Ok(Some(Some(buf)))
+}
+
+/// `θ = θ − lr·(v + wd·θ)` in place (operands θ, v).
+struct Descend {
+    lr: f32,
+    wd: f32,
+}
+
+impl candle_core::InplaceOp2 for Descend {
+    fn name(&self) -> &'static str {
+        "sgd-descend"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let v = hmsa_kernels::cpu::slice::<f32>(s2, l2)?;
+        let th = slice_mut(s1, l1)?;
+        if th.len() != v.len() {
+            candle_core::bail!("sgd-descend: {} values, {} updates", th.len(), v.len());
+        }
+        for (t, &v) in th.iter_mut().zip(v) {
+            let d = if self.wd != 0.0 { v + *t * self.wd } else { v };
+            *t -= d * self.lr;
+        }
+        Ok(())
+    }
+}
+
+/// `buf = μ·buf + (g + wd·θ)` in place (operands buf, g, θ).
+struct Momentum {
+    mu: f32,
+    wd: f32,
+}
+
+impl candle_core::InplaceOp3 for Momentum {
+    fn name(&self) -> &'static str {
+        "sgd-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let g = hmsa_kernels::cpu::slice::<f32>(s2, l2)?;
+        let th = hmsa_kernels::cpu::slice::<f32>(s3, l3)?;
+        let b = slice_mut(s1, l1)?;
+        if b.len() != g.len() || b.len() != th.len() {
+            candle_core::bail!("sgd-momentum: {} buffer values for {} gradients of {} values", b.len(), g.len(), th.len());
+        }
+        for ((b, &g), &t) in b.iter_mut().zip(g).zip(th) {
+            *b = *b * self.mu + (g + t * self.wd);
+        }
+        Ok(())
+    }
+}
+
+/// The f32 elements of a contiguous CPU storage, mutably.
+fn slice_mut<'a>(s: &'a mut candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("sgd: contiguous f32 CPU tensors only"),
+    }
 }
 
 /// SGD with momentum over named variables.
@@ -96,8 +162,8 @@ impl Sgd {
             };
             let theta = var.as_tensor();
             let prev = self.bufs.get(name).filter(|_| self.momentum != 0.0);
-            let (next, buf) = match fused(theta, g, prev, lr, self.momentum, self.weight_decay)? {
-                Some(done) => done,
+            let buf = match in_place(theta, g, prev, lr, self.momentum, self.weight_decay)? {
+                Some(buf) => buf,
                 None => {
                     let d = if self.weight_decay != 0.0 {
                         (g + (theta * self.weight_decay)?)?
@@ -108,11 +174,11 @@ impl Sgd {
                         Some(b) => ((b * self.momentum)? + d)?,
                         None => d,
                     };
-                    ((theta - (&buf * lr)?)?, buf)
+                    var.set(&(theta - (&buf * lr)?)?)?;
+                    (self.momentum != 0.0).then_some(buf)
                 }
             };
-            var.set(&next)?;
-            if self.momentum != 0.0 {
+            if let Some(buf) = buf {
                 self.bufs.insert(name.clone(), buf.detach());
             }
         }
