@@ -229,7 +229,11 @@ impl StepProfile {
                 rows.push([
                     p.phase.clone(),
                     o.op,
-                    if o.calls.is_nan() { String::new() } else { format!("{:.0}", o.calls) },
+                    if o.calls.is_nan() {
+                        String::new()
+                    } else {
+                        format!("{:.0}", o.calls)
+                    },
                     format!("{:.2}", o.ms),
                     format!("{:.1}%", 100.0 * o.ms / total),
                     if o.gflop > 0.0 && o.ms > 0.0 {
@@ -256,7 +260,11 @@ impl StepProfile {
 #[derive(Default)]
 struct ProfileSum {
     steps: usize,
-    phases: Vec<(&'static str, std::time::Duration, std::collections::BTreeMap<&'static str, hmsa_kernels::profile::Entry>)>,
+    phases: Vec<(
+        &'static str,
+        std::time::Duration,
+        std::collections::BTreeMap<&'static str, hmsa_kernels::profile::Entry>,
+    )>,
 }
 
 impl ProfileSum {
@@ -866,9 +874,23 @@ mod tests {
         assert_eq!(p.phases[1].rest_ms(), 0.0);
         let rows = p.rows();
         let names: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
-        assert_eq!(names, ["b", "a", "outside our ops", "(phase)", "c", "outside our ops", "(phase)"]);
+        assert_eq!(
+            names,
+            [
+                "b",
+                "a",
+                "outside our ops",
+                "(phase)",
+                "c",
+                "outside our ops",
+                "(phase)"
+            ]
+        );
         // 3 GFLOP in 20 ms
-        assert_eq!(rows[0], ["forward", "b", "1", "20.00", "20.0%", "150"].map(String::from));
+        assert_eq!(
+            rows[0],
+            ["forward", "b", "1", "20.00", "20.0%", "150"].map(String::from)
+        );
         assert_eq!(rows[1][5], "");
         assert_eq!(rows[2][2], "");
         assert_eq!(rows[3][3..5], ["30.00".to_string(), "30.0%".to_string()]);

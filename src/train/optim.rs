@@ -118,7 +118,12 @@ impl candle_core::InplaceOp3 for Momentum {
         let th = hmsa_kernels::cpu::slice::<f32>(s3, l3)?;
         let b = slice_mut(s1, l1)?;
         if b.len() != g.len() || b.len() != th.len() {
-            candle_core::bail!("sgd-momentum: {} buffer values for {} gradients of {} values", b.len(), g.len(), th.len());
+            candle_core::bail!(
+                "sgd-momentum: {} buffer values for {} gradients of {} values",
+                b.len(),
+                g.len(),
+                th.len()
+            );
         }
         for ((b, &g), &t) in b.iter_mut().zip(g).zip(th) {
             *b = *b * self.mu + (g + t * self.wd);
@@ -128,7 +133,10 @@ impl candle_core::InplaceOp3 for Momentum {
 }
 
 /// The f32 elements of a contiguous CPU storage, mutably.
-fn slice_mut<'a>(s: &'a mut candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a mut [f32]> {
+fn slice_mut<'a>(
+    s: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a mut [f32]> {
     match (s, l.contiguous_offsets()) {
         (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
         _ => candle_core::bail!("sgd: contiguous f32 CPU tensors only"),
@@ -262,13 +270,19 @@ mod tests {
                 let c = Tensor::randn(0f64, 1., (3, 5), &dev).unwrap();
                 let c32 = c.to_dtype(candle_core::DType::F32).unwrap();
                 let l64 = (v64.as_tensor().sqr().unwrap() * &c).unwrap().sum_all().unwrap();
-                let l32 = (v32.as_tensor().sqr().unwrap() * &c32).unwrap().sum_all().unwrap();
+                let l32 = (v32.as_tensor().sqr().unwrap() * &c32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
                 o64.step(&l64.backward().unwrap(), 0.05).unwrap();
                 o32.step(&l32.backward().unwrap(), 0.05).unwrap();
                 let a: Vec<f32> = v32.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
                 let b: Vec<f64> = v64.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
                 for (a, b) in a.iter().zip(&b) {
-                    assert!((*a as f64 - b).abs() < 1e-5 * b.abs().max(1.0), "step {step}: {a} vs {b}");
+                    assert!(
+                        (*a as f64 - b).abs() < 1e-5 * b.abs().max(1.0),
+                        "step {step}: {a} vs {b}"
+                    );
                 }
                 assert_eq!(o32.bufs.len(), usize::from(momentum != 0.0));
             }

@@ -479,7 +479,11 @@ fn gemm<T: WithDType>(
             a,
             b,
             accumulate,
-            if par { threads_for(m, n, kk) } else { gemm::Parallelism::None },
+            if par {
+                threads_for(m, n, kk)
+            } else {
+                gemm::Parallelism::None
+            },
         )
     }
 }
@@ -608,7 +612,11 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogue<T>>) 
         let _span = crate::profile::flops_span("conv2d winograd", g.flops());
         winograd::forward(g, x, w, epi)
     } else {
-        let kind = if g.is_pointwise() { "conv2d 1x1" } else { "conv2d im2col" };
+        let kind = if g.is_pointwise() {
+            "conv2d 1x1"
+        } else {
+            "conv2d im2col"
+        };
         let _span = crate::profile::flops_span(kind, g.flops());
         forward_direct(g, x, w, epi)
     }
@@ -624,7 +632,13 @@ fn forward_direct<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogu
     let mut y: Vec<T> = Vec::with_capacity(len);
     let base = cpu::SyncPtr(y.as_mut_ptr());
     let item = |b: usize, xb: &[T], col: &mut Scratch<T>, par: bool| {
-        let threads = |m, n, k| if par { threads_for(m, n, k) } else { gemm::Parallelism::None };
+        let threads = |m, n, k| {
+            if par {
+                threads_for(m, n, k)
+            } else {
+                gemm::Parallelism::None
+            }
+        };
         // SAFETY: item b's Cout·L outputs lie within y's capacity.
         let yb = cpu::SyncPtr(unsafe { base.get().add(b * g.cout * l) });
         if g.is_pointwise() {
@@ -854,7 +868,17 @@ fn input_grad_direct<T: WithDType>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
             let lt = rows.len() * g.wo;
             let gcol = gcol.get(kk * lt);
             let src = &gyb[rows.start * g.wo..];
-            gemm(gcol, lt, kk, lt, g.cout, mat(w, 1, kk), mat(src, l, 1), false, par);
+            gemm(
+                gcol,
+                lt,
+                kk,
+                lt,
+                g.cout,
+                mat(w, 1, kk),
+                mat(src, l, 1),
+                false,
+                par,
+            );
             col2im(g, gcol, rows, gxb);
         }
     };
@@ -936,7 +960,17 @@ fn weight_grad_direct<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
                 let (gyt, xt) = buf.split_at_mut(lt * g.cout);
                 transpose(&gyb[p0..], g.cout, lt, l, gyt);
                 transpose(&xb[p0..], kk, lt, l, xt);
-                gemm(gw, kk, g.cout, kk, lt, mat(gyt, 1, g.cout), mat(xt, kk, 1), !first, par);
+                gemm(
+                    gw,
+                    kk,
+                    g.cout,
+                    kk,
+                    lt,
+                    mat(gyt, 1, g.cout),
+                    mat(xt, kk, 1),
+                    !first,
+                    par,
+                );
                 first = false;
             }
             return;
@@ -949,7 +983,17 @@ fn weight_grad_direct<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
             im2col(g, xb, rows.clone(), col);
             transpose(col, kk, lt, lt, colt);
             transpose(&gyb[rows.start * g.wo..], g.cout, lt, l, gyt);
-            gemm(gw, kk, g.cout, kk, lt, mat(gyt, 1, g.cout), mat(colt, kk, 1), !first, par);
+            gemm(
+                gw,
+                kk,
+                g.cout,
+                kk,
+                lt,
+                mat(gyt, 1, g.cout),
+                mat(colt, kk, 1),
+                !first,
+                par,
+            );
             first = false;
         }
     };
@@ -1208,7 +1252,11 @@ mod tests {
             transpose(&src, rows, cols, rs, &mut dst);
             for i in 0..rows {
                 for j in 0..cols {
-                    assert_eq!(dst[j * rows + i], src[i * rs + j], "{rows}x{cols} rs {rs} at ({i}, {j})");
+                    assert_eq!(
+                        dst[j * rows + i],
+                        src[i * rs + j],
+                        "{rows}x{cols} rs {rs} at ({i}, {j})"
+                    );
                 }
             }
         }

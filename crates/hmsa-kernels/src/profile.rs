@@ -122,7 +122,10 @@ mod tests {
         assert_eq!((o.calls, i.calls), (1, 1));
         assert_eq!((o.flops, i.flops), (7, 0));
         assert!(i.time >= Duration::from_millis(100), "{i:?}");
-        assert!(o.time >= Duration::from_millis(10) && o.time < i.time, "{o:?} {i:?}");
+        assert!(
+            o.time >= Duration::from_millis(10) && o.time < i.time,
+            "{o:?} {i:?}"
+        );
         assert!(span("off").is_none());
     }
 }

@@ -97,7 +97,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if !profiles.is_empty() {
         for (case, p) in &profiles {
-            println!("{case}: {:.1} ms per step (mean of {} profiled steps)", p.step_ms(), p.steps);
+            println!(
+                "{case}: {:.1} ms per step (mean of {} profiled steps)",
+                p.step_ms(),
+                p.steps
+            );
             let head = ["phase", "op", "calls", "ms/step", "share", "GFLOP/s"].map(String::from);
             let rows: Vec<Vec<String>> = p.rows().into_iter().map(Vec::from).collect();
             println!("{}", report::terminal_table(&head, &rows));
