@@ -713,7 +713,7 @@ fn forward_direct<T: WithDType>(g: &Geom, x: &[T], w: &[T], epi: Option<&Epilogu
 /// whole rounds.
 fn by_items(g: &Geom) -> bool {
     let t = rayon::current_num_threads();
-    g.n >= t && g.n % t == 0
+    g.n >= t && g.n.is_multiple_of(t)
 }
 
 impl CustomOp2 for Conv2d {

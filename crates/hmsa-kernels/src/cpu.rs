@@ -139,8 +139,9 @@ impl Real for f64 {
 pub fn exp_f32(x: f32) -> f32 {
     const HI: f32 = 88.722_83;
     const LO: f32 = -87.336_55;
-    // never NaN (`max` ignores a NaN), so `n` below is a whole number in
-    // [−126, 128]
+    // never NaN (`max` ignores a NaN; `clamp` would keep it), so `n` below
+    // is a whole number in [−126, 128]
+    #[allow(clippy::manual_clamp)]
     let xc = x.max(LO).min(HI);
     let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
     // ln 2 in two parts, so that `n·ln2_hi` is exact
