@@ -61,11 +61,8 @@ pub fn take_folder(dir: &Path, owner: &Owner) -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-    let path = dir.join(OWNER_FILE);
-    let tmp = dir.join(format!("{OWNER_FILE}.tmp"));
     let text = serde_json::to_string_pretty(owner).expect("serialisable");
-    std::fs::write(&tmp, text).map_err(|e| Error::io("writing", &tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io("renaming into", &path, e))
+    crate::atomic::write(&dir.join(OWNER_FILE), text)
 }
 
 /// What `gc` would do.

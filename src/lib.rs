@@ -10,6 +10,7 @@
 //! below data, data below eval and train, the store and lab above them);
 //! `docs/architecture.md` has the measured graph and a parameter's walk.
 
+pub mod atomic;
 pub mod autolabel;
 pub mod bench;
 pub mod config;

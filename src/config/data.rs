@@ -37,10 +37,10 @@ impl Default for AugmentConfig {
 impl AugmentConfig {
     pub fn validate(&self, field: &str) -> Result<()> {
         let bad = |k: &str, m: &str| Err(Error::invalid(format!("{field}.{k}"), m));
-        if self.crop.iter().any(|&c| c == 0 || c % 32 != 0) {
+        if self.crop.iter().any(|&c| c == 0 || c % 32 != 0 || c > 8192) {
             return bad(
                 "crop",
-                "must be positive multiples of 32 (HRNet's lowest branch has stride 32)",
+                "must be positive multiples of 32 (HRNet's lowest branch has stride 32), at most 8192",
             );
         }
         if !(self.scale_min > 0.0 && self.scale_min <= self.scale_max) {
@@ -165,6 +165,14 @@ impl SynthConfig {
                 return Err(Error::invalid(
                     format!("{field}.{k}"),
                     format!("{v} is above 8192 pixels"),
+                ));
+            }
+        }
+        for (k, v) in [("train", self.train), ("val", self.val)] {
+            if !(1..=1_000_000).contains(&v) {
+                return Err(Error::invalid(
+                    format!("{field}.{k}"),
+                    format!("{v} scenes is not in 1..=1000000"),
                 ));
             }
         }

@@ -189,11 +189,30 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate().map_err(|e| prefix("model", e))?;
         self.data.augment.validate("data.augment")?;
-        if self.train.batch == 0 {
-            return Err(Error::invalid("train.batch", "must be at least 1"));
+        // Ranges wide enough for any real run, narrow enough that a typo
+        // is refused here rather than failing an allocation mid-run.
+        let within = |k: &str, v: usize, lo: usize, hi: usize| -> Result<()> {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::invalid(k, format!("{v} is not in {lo}..={hi}")))
+            }
+        };
+        within("train.batch", self.train.batch, 1, 1024)?;
+        within("train.steps", self.train.steps, 1, 100_000_000)?;
+        if let Some(e) = self.train.epochs {
+            within("train.epochs", e, 1, 1_000_000)?;
         }
-        if self.train.steps == 0 || self.train.epochs == Some(0) {
-            return Err(Error::invalid("train.steps", "must be at least 1"));
+        within("data.workers", self.data.workers, 0, 64)?;
+        within("data.prefetch", self.data.prefetch, 0, 1024)?;
+        within("data.sampler.tile", self.data.sampler.tile as usize, 1, 8192)?;
+        for (k, v) in [
+            ("train.loss.aux_weight", self.train.loss.aux_weight),
+            ("train.loss.scale_weight", self.train.loss.scale_weight),
+        ] {
+            if !(v.is_finite() && (0.0..=100.0).contains(&v)) {
+                return Err(Error::invalid(k, format!("{v} is not a weight in 0..=100")));
+            }
         }
         let lr = self.train.optim.lr;
         if !(lr.is_finite() && lr > 0.0) {

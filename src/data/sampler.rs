@@ -93,14 +93,8 @@ impl Centroids {
             }
         }
         let c = Self::compute(ds, tile)?;
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
-        }
-        // A name of this process's own: two runs may compute it at once.
-        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_string(&c).expect("serialisable"))
-            .map_err(|e| Error::io("writing", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io("renaming into", path, e))?;
+        // two runs may compute it at once: each writes its own temporary
+        crate::atomic::write(path, serde_json::to_string(&c).expect("serialisable"))?;
         Ok(c)
     }
 

@@ -461,15 +461,12 @@ pub fn stem(i: usize) -> String {
 /// rename), so a reader, or a second process generating the same folder,
 /// never sees half a file.
 fn save(path: &Path, f: impl FnOnce(&Path) -> image::ImageResult<()>) -> Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
-    }
-    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-    f(&tmp).map_err(|e| Error::Image {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("renaming into", path, e))
+    crate::atomic::write_with(path, |tmp| {
+        f(tmp).map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    })
 }
 
 /// What [`generate`] wrote.
@@ -535,9 +532,7 @@ pub fn generate(cfg: &SynthConfig, root: &Path) -> Result<Written> {
             n.images += 1;
         }
     }
-    let tmp = stamp.with_extension(format!("toml.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, text).map_err(|e| Error::io("writing", &tmp, e))?;
-    std::fs::rename(&tmp, &stamp).map_err(|e| Error::io("renaming into", &stamp, e))?;
+    crate::atomic::write(&stamp, text)?;
     Ok(n)
 }
 

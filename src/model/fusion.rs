@@ -75,6 +75,9 @@ impl Fusion {
                     format!("scale {s} is not a positive number"),
                 ));
             }
+            if !(1.0 / 64.0..=8.0).contains(&s) {
+                return Err(Error::invalid(field, format!("scale {s} is not in 1/64..=8")));
+            }
             if scales[..i].contains(&s) {
                 return Err(Error::invalid(field, format!("scale {s} is listed twice")));
             }

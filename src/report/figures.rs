@@ -48,18 +48,18 @@ fn both(
 ) -> Result<Vec<PathBuf>> {
     let png = dir.join(format!("{stem}.png"));
     let svg = dir.join(format!("{stem}.svg"));
-    {
-        let root = BitMapBackend::new(&png, size).into_drawing_area();
+    crate::atomic::write_with(&png, |tmp| {
+        let root = BitMapBackend::new(tmp, size).into_drawing_area();
         root.fill(&WHITE).map_err(perr)?;
         png_fn(&root)?;
-        root.present().map_err(perr)?;
-    }
-    {
-        let root = SVGBackend::new(&svg, size).into_drawing_area();
+        root.present().map_err(perr)
+    })?;
+    crate::atomic::write_with(&svg, |tmp| {
+        let root = SVGBackend::new(tmp, size).into_drawing_area();
         root.fill(&WHITE).map_err(perr)?;
         svg_fn(&root)?;
-        root.present().map_err(perr)?;
-    }
+        root.present().map_err(perr)
+    })?;
     Ok(vec![png, svg])
 }
 
@@ -620,8 +620,8 @@ fn attention_maps(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<Pat
         let cols = 1 + maps.len();
         let size = ((cols * cell_w + 20) as u32, (cell_h + 110) as u32);
         let p = dir.join(format!("attention_{i}_{}.png", a.name));
-        {
-            let root = BitMapBackend::new(&p, size).into_drawing_area();
+        crate::atomic::write_with(&p, |tmp| {
+            let root = BitMapBackend::new(tmp, size).into_drawing_area();
             root.fill(&WHITE).map_err(perr)?;
             root.draw(&Text::new(
                 format!(
@@ -666,8 +666,8 @@ fn attention_maps(store: &Store, s: &SuiteSummary, dir: &Path) -> Result<Vec<Pat
                 ))
                 .map_err(perr)?;
             }
-            root.present().map_err(perr)?;
-        }
+            root.present().map_err(perr)
+        })?;
         files.push(p);
     }
     Ok(files)

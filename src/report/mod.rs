@@ -984,8 +984,9 @@ pub fn write_report(report: &Report, store: &Store, out: &Path) -> Result<Vec<Pa
     let mdp = out.join("index.md");
     let htp = out.join("index.html");
     let jsp = out.join("index.json");
-    std::fs::write(&mdp, md).map_err(|e| Error::io("writing", &mdp, e))?;
-    std::fs::write(&htp, html).map_err(|e| Error::io("writing", &htp, e))?;
+    // each file replaced whole: a kill leaves the last report or this one
+    crate::atomic::write(&mdp, md)?;
+    crate::atomic::write(&htp, html)?;
     let json = serde_json::json!({
         "suite": s.suite,
         "baseline": s.baseline,
@@ -993,11 +994,10 @@ pub fn write_report(report: &Report, store: &Store, out: &Path) -> Result<Vec<Pa
         "effects": paper::effects(s),
         "costs": report.costs,
     });
-    std::fs::write(
+    crate::atomic::write(
         &jsp,
         serde_json::to_string_pretty(&json).expect("serialisable") + "\n",
-    )
-    .map_err(|e| Error::io("writing", &jsp, e))?;
+    )?;
     let mut files = vec![mdp, htp, jsp];
     files.extend(figs);
     Ok(files)
@@ -1036,9 +1036,7 @@ pub fn update_readme(readme: &Path, section: &str) -> Result<()> {
         });
     };
     let new = format!("{}{}{}", &text[..a], section, &text[b + README_END.len()..]);
-    let tmp = readme.with_extension("md.tmp");
-    std::fs::write(&tmp, new).map_err(|e| Error::io("writing", &tmp, e))?;
-    std::fs::rename(&tmp, readme).map_err(|e| Error::io("renaming into", readme, e))
+    crate::atomic::write(readme, new)
 }
 
 #[cfg(test)]

@@ -936,6 +936,25 @@ impl Store {
         })
     }
 
+    /// Moves everything in SQLite's write-ahead log into the database file
+    /// and empties the log (`wal_checkpoint(TRUNCATE)`), so that the `.db`
+    /// file alone holds every result (a copy of it misses nothing). The
+    /// writing commands call it when they finish; a reader or writer still
+    /// busy elsewhere makes it a partial checkpoint, which is harmless.
+    /// Nothing to do on PostgreSQL.
+    pub fn checkpoint(&self) -> Result<()> {
+        if self.engine != Engine::Sqlite {
+            return Ok(());
+        }
+        self.block(async {
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await
+                .map(|_| ())
+                .map_err(|e| self.fail("checkpointing its write-ahead log", e))
+        })
+    }
+
     /// Runs read-only SQL (`hmsa-lab query`): column names and rows as
     /// text. Writes are refused; a query still running after `timeout` is
     /// stopped (`query.rs` says how on each engine).

@@ -153,7 +153,9 @@ fn render_any(r: &AnyRow, n: usize) -> Vec<serde_json::Value> {
 }
 
 /// The first statement of `sql` that SQLite does not call read-only, as
-/// written; statements are prepared (never run) one after another.
+/// written; statements are prepared (never run) one after another. More
+/// than one statement is an error: their rows would share the first one's
+/// header.
 fn writing_statement(
     db: std::ptr::NonNull<libsqlite3_sys::sqlite3>,
     sql: &str,
@@ -162,6 +164,7 @@ fn writing_statement(
     use std::os::raw::{c_char, c_int};
     let bytes = sql.as_bytes();
     let mut at = 0usize;
+    let mut count = 0usize;
     while at < bytes.len() {
         let mut stmt: *mut ffi::sqlite3_stmt = std::ptr::null_mut();
         let mut tail: *const c_char = std::ptr::null();
@@ -190,6 +193,13 @@ fn writing_statement(
             if !read_only {
                 let text = String::from_utf8_lossy(&rest[..used]).trim().to_string();
                 return Ok(Some(text));
+            }
+            count += 1;
+            if count > 1 {
+                let text = String::from_utf8_lossy(&rest[..used]).trim().to_string();
+                return Err(format!(
+                    "one statement at a time (the second: `{text}`); run each with its own `hmsa-lab query`"
+                ));
             }
             at += used.max(1);
         }

@@ -424,3 +424,94 @@ fn synth_train_infer_and_eval_fit_together() {
     assert_eq!(a0.maps.len(), 1, "one weight map (0.5x) for {{0.5, 1.0}}");
     assert_eq!(a0.maps[0].0, 0.5);
 }
+
+/// Standard output that goes away is not a crash: a closed pipe ends the
+/// command quietly (exit 0, nothing on stderr; `model --preset w48`'s
+/// listing is larger than a pipe's buffer), a full disk is an error that
+/// names standard output (exit 1). Numbers out of range are refused by
+/// name and range before anything runs (exit 2, nothing written).
+#[test]
+fn closed_pipes_full_disks_and_numbers_out_of_range() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hmsa-lab"))
+        .args(["model", "--preset", "w48"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(!first.is_empty());
+    // the reader is dropped here: the pipe is closed
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
+
+    let full = Command::new(env!("CARGO_BIN_EXE_hmsa-lab"))
+        .args(["model", "--preset", "small"])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(full.status.code(), Some(1), "{}", stderr(&full));
+    assert!(
+        stderr(&full).contains("writing to standard output"),
+        "{}",
+        stderr(&full)
+    );
+    assert!(!stderr(&full).contains("panicked"), "{}", stderr(&full));
+
+    let dir = tempfile::tempdir().unwrap();
+    for (args, flag, range) in [
+        (
+            &["query", "SELECT 1", "--timeout", "99999999999999999999"][..],
+            "--timeout",
+            "0.01..=86400",
+        ),
+        (&["worker", "s.toml", "--poll", "1e30"], "--poll", "0.05..=3600"),
+        (&["worker", "s.toml", "--poll", "NaN"], "--poll", "0.05..=3600"),
+        (
+            &["worker", "s.toml", "--stale-after", "0"],
+            "--stale-after",
+            "15..=604800",
+        ),
+        (
+            &["run", "s.toml", "--stale-after", "14"],
+            "--stale-after",
+            "15..=604800",
+        ),
+        (
+            &["rm", "1", "--force", "--stale-after", "18446744073709551615"],
+            "--stale-after",
+            "15..=604800",
+        ),
+        (
+            &["run", "s.toml", "--slurm", "--tasks", "0"],
+            "--tasks",
+            "1..=10000",
+        ),
+        (&["synth", "--stats", "0"], "--stats", "1..=100000"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_hmsa-lab"))
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+        assert!(e.contains(flag) && e.contains(range), "{args:?}: {e}");
+    }
+    for size in ["0x0", "1x70000", "x", "12"] {
+        let o = hmsa(&["model", "--preset", "small", "--size", size]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{size}: {e}");
+        assert!(e.contains("--size") && !e.contains("panicked"), "{size}: {e}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "a refused command wrote"
+    );
+}

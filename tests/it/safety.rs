@@ -6,6 +6,7 @@
 
 use super::lab::{bin, ok, sqlite, wait_for, write};
 use hmsa_lab::config::suite::Suite;
+use proptest::strategy::Strategy;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -377,11 +378,24 @@ fn read_commands_create_nothing_and_foreign_files_stay_as_they_were() {
 }
 
 #[test]
-fn query_refuses_vacuum_into_and_interrupts_a_runaway_query() {
+fn query_refuses_vacuum_into_and_second_statements_and_interrupts_a_runaway_query() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     let s = write(p, "m.toml", &mini("m", "runs", "[0]", 2, ONE));
     ok(run_in(p, &["run", s.to_str().unwrap()]));
+    // `run` checkpointed its write-ahead log: the .db file alone, copied
+    // without its -wal, has every result
+    let wal = p.join("m.db-wal");
+    assert!(
+        !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
+        "{} bytes left in the WAL",
+        std::fs::metadata(&wal).unwrap().len()
+    );
+    std::fs::create_dir(p.join("alone")).unwrap();
+    std::fs::copy(p.join("m.db"), p.join("alone/m.db")).unwrap();
+    let q = "SELECT COUNT(*) FROM evaluations";
+    assert_eq!(one_value(&p.join("alone/m.db"), q), one_value(&p.join("m.db"), q));
+    assert_ne!(one_value(&p.join("alone/m.db"), q), "0");
     for sql in [
         "VACUUM INTO 'copy.db'",
         "SELECT 1; VACUUM INTO 'copy.db'",
@@ -395,6 +409,24 @@ fn query_refuses_vacuum_into_and_interrupts_a_runaway_query() {
     }
     assert!(!p.join("copy.db").exists());
     assert_eq!(one_value(&p.join("m.db"), "SELECT step FROM runs"), "2");
+    // two result sets would share the first one's header: refused
+    let o = run_in(
+        p,
+        &[
+            "query",
+            "SELECT id FROM runs; SELECT suite, seed FROM runs",
+            "--db",
+            "m.db",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("one statement at a time"), "{}", text(&o));
+    // one statement with a trailing semicolon and comment is one statement
+    let o = run_in(
+        p,
+        &["query", "SELECT COUNT(*) AS n FROM runs; -- done", "--db", "m.db"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let t = std::time::Instant::now();
     let o = run_in(
         p,
@@ -604,6 +636,35 @@ fn bad_values_are_refused_before_anything_trains() {
         ),
         ("[0]", "data = { synth = { height = 16 } }", "data.synth.height"),
         ("[0]", "data = { synth = { width = 0 } }", "data.synth.width"),
+        // ranges: refused by key and range before anything is allocated
+        (
+            "[0]",
+            "train = { batch = 1000000000 }",
+            "`train.batch`: 1000000000 is not in 1..=1024",
+        ),
+        ("[0]", "train = { steps = 9223372036854775807 }", "train.steps"),
+        (
+            "[0]",
+            "train = { loss = { aux_weight = -1.0 } }",
+            "train.loss.aux_weight",
+        ),
+        (
+            "[0]",
+            "data = { augment = { crop = [65536, 131072] } }",
+            "at most 8192",
+        ),
+        (
+            "[0]",
+            "data = { sampler = { tile = 0 } }",
+            "`data.sampler.tile`: 0 is not in 1..=8192",
+        ),
+        ("[0]", "data = { workers = 100000 }", "data.workers"),
+        ("[0]", "data = { synth = { train = 0 } }", "data.synth.train"),
+        (
+            "[0]",
+            "eval = [{ scales = [1e9], fusion = \"single\" }]",
+            "not in 1/64..=8",
+        ),
     ];
     for (seeds, extra, want) in cases {
         let v = format!("[[variant]]\nname = \"v\"\n{extra}\n");
@@ -668,4 +729,53 @@ fn a_run_that_cannot_write_its_folder_is_recorded_failed_and_resumes() {
         one_value(&p.join("m.db"), "SELECT status FROM runs WHERE id = 1"),
         "FINISHED"
     );
+}
+
+/// A float as TOML writes it (`nan`, `inf`, `-inf`, else Rust's shortest
+/// round-trip form, which TOML reads back).
+fn toml_f64(f: f64) -> String {
+    if f.is_nan() {
+        "nan".into()
+    } else if f.is_infinite() {
+        if f > 0.0 { "inf" } else { "-inf" }.into()
+    } else {
+        format!("{f:?}")
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 96, ..Default::default() })]
+
+    /// The suite loader given any value of a numeric key's own type (any
+    /// integer TOML holds for a count, any u32 for a crop or tile, any
+    /// float): the suite loads, or it is refused with the file and the
+    /// key; never a panic. (Values outside the type, such as a negative
+    /// count, are refused naming the section: the reliability issue's
+    /// item 6.)
+    #[test]
+    fn suite_numbers_load_or_are_refused_by_key(
+        (key, table) in proptest::prop_oneof![
+            (0u64..=i64::MAX as u64).prop_map(|v| ("train.batch", format!("train = {{ batch = {v} }}"))),
+            (0u64..=i64::MAX as u64).prop_map(|v| ("train.steps", format!("train = {{ steps = {v} }}"))),
+            (0u64..=i64::MAX as u64).prop_map(|v| ("train.checkpoint_every", format!("train = {{ checkpoint_every = {v} }}"))),
+            (0u64..=i64::MAX as u64).prop_map(|v| ("data.workers", format!("data = {{ workers = {v} }}"))),
+            (0u64..=i64::MAX as u64).prop_map(|v| ("data.prefetch", format!("data = {{ prefetch = {v} }}"))),
+            proptest::num::u32::ANY.prop_map(|v| ("data.sampler.tile", format!("data = {{ sampler = {{ tile = {v} }} }}"))),
+            proptest::num::u32::ANY.prop_map(|v| ("data.augment.crop", format!("data = {{ augment = {{ crop = [{v}, 64] }} }}"))),
+            (0u64..=i64::MAX as u64).prop_map(|v| ("data.synth.train", format!("data = {{ synth = {{ train = {v} }} }}"))),
+            proptest::num::f64::ANY.prop_map(|f| ("train.loss.aux_weight", format!("train = {{ loss = {{ aux_weight = {} }} }}", toml_f64(f)))),
+            proptest::num::f64::ANY.prop_map(|f| ("train.optim.lr", format!("train = {{ optim = {{ lr = {} }} }}", toml_f64(f)))),
+            proptest::num::f64::ANY.prop_map(|f| ("train.optim.momentum", format!("train = {{ optim = {{ momentum = {} }} }}", toml_f64(f)))),
+            proptest::num::f64::ANY.prop_map(|f| ("data.sampler.class_uniform", format!("data = {{ sampler = {{ class_uniform = {} }} }}", toml_f64(f)))),
+            proptest::num::f64::ANY.prop_map(|f| ("eval.sets[0].scales", format!("eval = [{{ scales = [{}], fusion = \"single\" }}]", toml_f64(f)))),
+        ]
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let v = format!("[[variant]]\nname = \"v\"\n{table}\n");
+        let p = write(d.path(), "p.toml", &mini("p", "runs", "[0]", 2, &v));
+        if let Err(e) = Suite::load(&p, &[]) {
+            let e = e.to_string();
+            proptest::prop_assert!(e.contains(key) && e.contains("p.toml"), "{table}: {e}");
+        }
+    }
 }

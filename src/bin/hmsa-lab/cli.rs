@@ -3,6 +3,7 @@
 //! default-database rule of [`DbArg::url`].
 
 use anyhow::{bail, Result};
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 use hmsa_lab::model::{Fusion, ModelConfig, Scales};
 use hmsa_lab::store::Status;
@@ -158,8 +159,9 @@ pub struct RunArgs {
     /// Stop at the first failing run.
     #[arg(long)]
     pub fail_fast: bool,
-    /// Seconds without a heartbeat after which a RUNNING run is taken over.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds without a heartbeat after which a RUNNING run is taken over
+    /// (15 to 604800: a holder beats every 5 s).
+    #[arg(long, default_value_t = 60, value_parser = whole(STALE_MIN, STALE_MAX))]
     pub stale_after: u64,
     /// Submit the suite to Slurm as a job array of workers (options from
     /// the suite's [slurm] table, overridden by the flags below); with
@@ -185,8 +187,8 @@ pub struct SlurmArgs {
     /// Generic resources per task, e.g. gpu:1.
     #[arg(long, requires = "slurm")]
     pub gres: Option<String>,
-    /// Tasks in the array: workers running at once.
-    #[arg(long, requires = "slurm")]
+    /// Tasks in the array: workers running at once (1 to 10000).
+    #[arg(long, requires = "slurm", value_parser = whole(1, 10_000).map(|n| n as u32))]
     pub tasks: Option<u32>,
 }
 
@@ -215,11 +217,12 @@ pub struct WorkerArgs {
     /// Stop after executing this many runs.
     #[arg(long)]
     pub max_runs: Option<usize>,
-    /// Seconds without a heartbeat after which a RUNNING run is taken over.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds without a heartbeat after which a RUNNING run is taken over
+    /// (15 to 604800: a holder beats every 5 s).
+    #[arg(long, default_value_t = 60, value_parser = whole(STALE_MIN, STALE_MAX))]
     pub stale_after: u64,
-    /// Seconds between passes while waiting.
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds between passes while waiting (0.05 to 3600).
+    #[arg(long, default_value_t = 5.0, value_parser = seconds(0.05, 3600.0))]
     pub poll: f64,
 }
 
@@ -322,8 +325,10 @@ pub struct SynthArgs {
     /// Override the number of coarse-labelled train_extra images.
     #[arg(long)]
     pub train_extra: Option<usize>,
-    /// Measure the benchmark's properties on N scenes instead of writing.
-    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "20")]
+    /// Measure the benchmark's properties on N scenes instead of writing
+    /// (1 to 100000).
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "20",
+          value_parser = whole(1, 100_000).map(|n| n as usize))]
     pub stats: Option<usize>,
     /// Measure a trained network's reach instead of writing: context
     /// accuracy by distance from the cue on the validation scenes, at
@@ -489,8 +494,8 @@ pub struct QueryArgs {
     /// Output: table or md for people, csv or json for programs.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
-    /// Seconds after which the query is interrupted.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds after which the query is interrupted (0.01 to 86400).
+    #[arg(long, default_value_t = 10.0, value_parser = seconds(0.01, 86_400.0))]
     pub timeout: f64,
 }
 
@@ -507,8 +512,9 @@ pub struct RmArgs {
     /// Also remove RUNNING runs whose heartbeat is older than --stale-after.
     #[arg(long)]
     pub force: bool,
-    /// Seconds without a heartbeat after which a RUNNING run counts as stale.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds without a heartbeat after which a RUNNING run counts as stale
+    /// (15 to 604800: a holder beats every 5 s).
+    #[arg(long, default_value_t = 60, value_parser = whole(STALE_MIN, STALE_MAX))]
     pub stale_after: u64,
 }
 
@@ -570,4 +576,27 @@ pub struct CheckArgs {
     /// Splits to check (default: every split found).
     #[arg(long)]
     pub split: Vec<String>,
+}
+
+/// `--stale-after`'s range in seconds: above a holder's 5 s heartbeat with
+/// room for two missed beats, and at most a week.
+pub const STALE_MIN: u64 = 15;
+pub const STALE_MAX: u64 = 604_800;
+
+/// A parser of a number of seconds within `[min, max]` (finite): clap
+/// names the flag, this the range, whatever was given.
+fn seconds(min: f64, max: f64) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (min..=max).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds in {min}..={max}")),
+    }
+}
+
+/// A parser of a whole number within `[lo, hi]`, refusing anything else
+/// with the range.
+fn whole(lo: u64, hi: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().parse::<u64>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a whole number in {lo}..={hi}")),
+    }
 }

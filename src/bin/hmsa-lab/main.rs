@@ -52,6 +52,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Cli::parse()) {
+        if output::is_closed_pipe(&e) {
+            // the reader has what it wanted (`| head`): nothing to report
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(match e.downcast_ref::<Exit>() {
             Some(Exit::Unfinished(_)) => 3,
@@ -65,6 +69,7 @@ fn main() {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use proptest::strategy::Strategy;
 
     /// Every argument of every subcommand says what it is in `--help`.
     #[test]
@@ -93,5 +98,41 @@ mod tests {
             "arguments without help:\n{}",
             missing.join("\n")
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 256, ..Default::default() })]
+
+        /// Any text given to a numeric flag either parses into its range
+        /// or is refused naming the flag and the range: numbers of every
+        /// size and sign, NaN and infinities, and junk.
+        #[test]
+        fn numeric_flags_parse_or_name_the_flag_and_range(
+            v in proptest::prop_oneof![
+                proptest::num::f64::ANY.prop_map(|f| f.to_string()),
+                proptest::num::i128::ANY.prop_map(|i| i.to_string()),
+                (0u64..700_000).prop_map(|i| i.to_string()),
+                "[-+0-9eE.a-z ]{0,24}",
+            ]
+        ) {
+            use proptest::prelude::*;
+            for (args, flag, range) in [
+                (&["worker", "s.toml"][..], "--poll", "0.05..=3600"),
+                (&["worker", "s.toml"], "--stale-after", "15..=604800"),
+                (&["run", "s.toml"], "--stale-after", "15..=604800"),
+                (&["rm", "1"], "--stale-after", "15..=604800"),
+                (&["query", "SELECT 1"], "--timeout", "0.01..=86400"),
+                (&["run", "s.toml", "--slurm"], "--tasks", "1..=10000"),
+                (&["synth"], "--stats", "1..=100000"),
+            ] {
+                let mut a = vec!["hmsa-lab".to_string()];
+                a.extend(args.iter().map(|s| s.to_string()));
+                a.push(format!("{flag}={v}"));
+                if let Err(e) = Cli::try_parse_from(&a) {
+                    let m = e.to_string();
+                    prop_assert!(m.contains(flag) && m.contains(range), "{a:?}: {m}");
+                }
+            }
+        }
     }
 }

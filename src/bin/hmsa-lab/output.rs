@@ -1,9 +1,51 @@
 //! Printing for people and programs: [`Listing`] (table, markdown, CSV
-//! or JSON from the same rows).
+//! or JSON from the same rows), and [`outln!`]/[`out!`], the binary's only
+//! way to standard output.
 
 use crate::cli::Format;
 use anyhow::Result;
 use hmsa_lab::report;
+
+/// `println!` that returns an error instead of panicking when standard
+/// output fails: a closed pipe (`hmsa-lab runs | head -1`) ends the
+/// command quietly in `main` (as coreutils and ripgrep do), anything else
+/// (a full disk) is an error naming standard output.
+macro_rules! outln {
+    () => {
+        $crate::output::write_out(format_args!("\n"))
+    };
+    ($($t:tt)*) => {
+        $crate::output::write_out(format_args!("{}\n", format_args!($($t)*)))
+    };
+}
+
+/// `print!` as [`outln!`] does it.
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::output::write_out(format_args!($($t)*))
+    };
+}
+pub(crate) use {out, outln};
+
+/// Writes and flushes to standard output.
+pub fn write_out(args: std::fmt::Arguments) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    o.write_fmt(args)
+        .and_then(|()| o.flush())
+        .map_err(|e| anyhow::Error::new(e).context("writing to standard output"))
+}
+
+/// Whether `e` is, at its root, a write to a pipe whose reader has gone.
+pub fn is_closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<csv::Error>().is_some_and(
+                |c| matches!(c.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe),
+            )
+    })
+}
 
 /// A listing: text cells for people and typed values for programs, row by row.
 pub struct Listing {
@@ -30,8 +72,8 @@ impl Listing {
 
     pub fn print(&self, format: Format) -> Result<()> {
         match format {
-            Format::Table => println!("{}", report::terminal_table(&self.head, &self.text)),
-            Format::Md => print!("{}", report::markdown_table(&self.head, &self.text)),
+            Format::Table => outln!("{}", report::terminal_table(&self.head, &self.text))?,
+            Format::Md => out!("{}", report::markdown_table(&self.head, &self.text))?,
             Format::Csv => {
                 let mut w = csv::Writer::from_writer(std::io::stdout());
                 w.write_record(&self.keys)?;
@@ -50,7 +92,7 @@ impl Listing {
                     .iter()
                     .map(|r| self.keys.iter().cloned().zip(r.iter().cloned()).collect())
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?)?;
             }
         }
         Ok(())

@@ -2,6 +2,7 @@
 //! them.
 
 use crate::cli::{BenchArgs, TextOrJson};
+use crate::output::outln;
 use crate::process::machine;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
@@ -11,7 +12,7 @@ use hmsa_lab::store::Store;
 pub fn bench(a: BenchArgs) -> Result<()> {
     if let Some(c) = a.case {
         let case: hmsa_lab::bench::Case = serde_json::from_str(&c)?;
-        println!("{}", serde_json::to_string(&case.run()?)?);
+        outln!("{}", serde_json::to_string(&case.run()?)?)?;
         return Ok(());
     }
     let suites: Vec<String> = if a.suites.is_empty() {
@@ -94,40 +95,40 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             .iter()
             .map(|(c, p)| serde_json::json!({"case": c, "profile": p, "threads": threads, "machine": mach}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
     } else if !profiles.is_empty() {
         for (case, p) in &profiles {
-            println!(
+            outln!(
                 "{case}: {:.1} ms per step (mean of {} profiled steps)",
                 p.step_ms(),
                 p.steps
-            );
+            )?;
             let head = ["phase", "op", "calls", "ms/step", "share", "GFLOP/s"].map(String::from);
             let rows: Vec<Vec<String>> = p.rows().into_iter().map(Vec::from).collect();
-            println!("{}", report::terminal_table(&head, &rows));
+            outln!("{}", report::terminal_table(&head, &rows))?;
         }
-        println!(
+        outln!(
             "{threads} threads; {mach}; exclusive wall time of each of our ops; \"outside our ops\" is candle's own ops, its gradient store and glue; not stored"
-        );
+        )?;
     } else if a.format == TextOrJson::Json {
         let v: Vec<serde_json::Value> = all
             .iter()
             .map(|(s, m)| serde_json::json!({"suite": s, "case": m, "threads": threads, "machine": mach}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         let head = ["suite", "case", "min ms", "median ms", "peak MiB", "rate"].map(String::from);
-        println!("{}", report::terminal_table(&head, &rows));
-        println!(
+        outln!("{}", report::terminal_table(&head, &rows))?;
+        outln!(
             "{threads} threads; {mach}; warm-up 1, min and median of the repetitions; one process per case"
-        );
+        )?;
         let train: Vec<_> = all
             .iter()
             .filter(|(s, _)| s == "train")
             .map(|(_, m)| m.clone())
             .collect();
         for line in hmsa_lab::bench::training_ratios(&train) {
-            println!("{line}");
+            outln!("{line}")?;
         }
     }
     if failed > 0 {

@@ -1,6 +1,7 @@
 //! `synth` and `data check`.
 
 use crate::cli::{CheckArgs, SynthArgs};
+use crate::output::outln;
 use crate::process::Exit;
 use anyhow::{Context, Result};
 use hmsa_lab::config::suite::Suite;
@@ -47,11 +48,11 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         let dev = hmsa_lab::device()?;
         let net = hmsa_lab::model::checkpoint::load(model, weights, &dev)?;
         let rows = hmsa_lab::eval::reach::reach(&net, &cfg, &[0.25, 0.5, 1.0, 2.0], cfg.val, &dev)?;
-        println!(
+        outln!(
             "{}: share of vegetation and terrain pixels whose own class scores above the other, by distance (px at 1.0x) from the cue; {} validation scenes",
             weights.display(),
             cfg.val
-        );
+        )?;
         let bin = hmsa_lab::eval::reach::BIN;
         let used = rows[0].bins.iter().rposition(|b| b.0 > 0).map_or(0, |k| k + 1);
         let mut t = comfy_table::Table::new();
@@ -67,16 +68,16 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         let mut row = vec!["pixels".to_string()];
         row.extend(rows[0].bins[..used].iter().map(|b| b.0.to_string()));
         t.add_row(row);
-        println!("{t}");
+        outln!("{t}")?;
         return Ok(());
     }
     if let Some(n) = a.stats {
         let st = synth::stats(&cfg, &augment, n);
-        println!("{n} training scenes (classifier fit, training crops) and {n} validation scenes");
-        println!(
+        outln!("{n} training scenes (classifier fit, training crops) and {n} validation scenes")?;
+        outln!(
             "context classes (vegetation vs terrain): local 7x7 nearest-mean accuracy {:.3} (chance 0.5)",
             st.local_accuracy
-        );
+        )?;
         let mut t = comfy_table::Table::new();
         t.load_preset(comfy_table::presets::ASCII_MARKDOWN);
         let mut header = vec![
@@ -104,11 +105,11 @@ pub fn synth(a: SynthArgs) -> Result<()> {
             }
             t.add_row(row);
         }
-        println!("{t}");
+        outln!("{t}")?;
         return Ok(());
     }
     let w = synth::generate(&cfg, &a.out)?;
-    println!(
+    outln!(
         "{}: wrote {} images and {} label maps ({} train, {} val, {} train_extra, {} unlabeled requested)",
         a.out.display(),
         w.images,
@@ -117,7 +118,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         cfg.val,
         cfg.train_extra,
         cfg.unlabeled
-    );
+    )?;
     Ok(())
 }
 
@@ -157,12 +158,13 @@ pub fn data_check(dir: &std::path::Path, splits: &[String]) -> Result<bool> {
         };
         let ds = Dataset::open(dir, split, labels)?;
         let r = check::check(&ds);
-        println!(
+        outln!(
             "== {split}: {} images, {} labelled ({labels:?} labels)",
-            r.images, r.labelled
-        );
+            r.images,
+            r.labelled
+        )?;
         for p in &r.problems {
-            println!("  problem: {}: {}", p.path.display(), p.msg);
+            outln!("  problem: {}: {}", p.path.display(), p.msg)?;
         }
         clean &= r.problems.is_empty();
         if r.labelled > 0 {
@@ -183,7 +185,7 @@ pub fn data_check(dir: &std::path::Path, splits: &[String]) -> Result<bool> {
                 format!("{:.3}", 100.0 * r.ignore_pixels as f64 / total),
                 String::new(),
             ]);
-            println!("{t}");
+            outln!("{t}")?;
         }
     }
     Ok(clean)

@@ -2,6 +2,7 @@
 //! results database or a folder.
 
 use crate::cli::{RunArgs, TrainArgs, WorkerArgs};
+use crate::output::{out, outln};
 use crate::process::{runtime, stop_on_signals, Exit, UntilSignal};
 use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
@@ -82,8 +83,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             "run folder",
         ]
         .map(String::from);
-        println!("{}", report::terminal_table(&head, &rows));
-        println!("database: {url}");
+        outln!("{}", report::terminal_table(&head, &rows))?;
+        outln!("database: {url}")?;
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -95,10 +96,12 @@ pub fn run(a: RunArgs) -> Result<()> {
         ..Default::default()
     };
     let out = run_suite(&store, &suite, &opts, stop.clone(), &Progress::boxed, &tell)?;
+    // the .db file alone holds every result from here on
+    store.checkpoint()?;
     let failed = out.iter().filter(|o| matches!(o.2, Outcome::Failed(_))).count();
     let busy = out.iter().filter(|o| o.2 == Outcome::Busy).count();
     let removed = out.iter().filter(|o| matches!(o.2, Outcome::Removed(_))).count();
-    println!(
+    outln!(
         "{}: {} runs, {} trained, {} evaluated, {} already done, {} held elsewhere, {} failed{}{}",
         suite.header.name,
         out.len(),
@@ -117,7 +120,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         } else {
             ""
         }
-    );
+    )?;
     if stop.load(Ordering::Relaxed) {
         return Err(Exit::Interrupted("interrupted; run the same command again to resume".into()).into());
     }
@@ -185,7 +188,7 @@ pub fn submit_slurm(a: &RunArgs, suite: &Suite, url: &str) -> Result<()> {
     };
     let script = hmsa_lab::slurm::script(&job, &spec);
     if a.dry_run {
-        print!("{script}");
+        out!("{script}")?;
         return Ok(());
     }
     // The database and the data exist before any task starts.
@@ -194,13 +197,13 @@ pub fn submit_slurm(a: &RunArgs, suite: &Suite, url: &str) -> Result<()> {
         hmsa_lab::data::root(&r.config.data)?;
     }
     let (id, path) = hmsa_lab::slurm::submit(&script, &log_dir, &suite.header.name)?;
-    println!(
+    outln!(
         "submitted job {id}: {} worker task(s) on {url} (script {}, logs {}/{id}_*.out)",
         spec.task_count(),
         path.display(),
         log_dir.display()
-    );
-    println!("watch: hmsa-lab runs --db {url}    squeue -j {id}");
+    )?;
+    outln!("watch: hmsa-lab runs --db {url}    squeue -j {id}")?;
     Ok(())
 }
 
@@ -221,6 +224,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         poll_secs: a.poll,
     };
     let (out, why) = hmsa_lab::lab::work(&store, &suite, &opts, &w, stop.clone(), &Progress::boxed, &tell)?;
+    store.checkpoint()?;
     if stop.load(Ordering::Relaxed) {
         return Err(Exit::Interrupted(format!("worker interrupted ({why}); its run is resumable")).into());
     }
@@ -261,7 +265,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         hmsa_lab::eval::write_attention(&a.out, r)?;
     }
     for r in &results {
-        println!(
+        outln!(
             "{:<13} {:<20} flip={:<5} mIoU {:.4}  pixel acc {:.4}  {:.0} ms/image",
             r.set.fusion.name(),
             r.set.scales,
@@ -269,7 +273,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             r.metrics.miou,
             r.metrics.pixel_acc,
             r.ms_per_image
-        );
+        )?;
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! `rm`, `restore`, `gc`.
 
 use crate::cli::{GcArgs, RestoreArgs, RmArgs};
+use crate::output::outln;
 use crate::process::confirm;
 use anyhow::{bail, Context, Result};
 use hmsa_lab::store::{Status, Store};
@@ -54,10 +55,10 @@ pub fn rm(a: RmArgs) -> Result<()> {
             refused.join("\n")
         );
     }
-    println!(
+    outln!(
         "to remove (restorable until `hmsa-lab gc`):\n{}",
         lines.join("\n")
-    );
+    )?;
     confirm(yes, &format!("remove {} run(s)", runs.len()))?;
     let done = store.remove_runs(&runs, force.then_some(stale_before))?;
     if done.len() != runs.len() {
@@ -73,11 +74,11 @@ pub fn rm(a: RmArgs) -> Result<()> {
         );
     }
     let ids: Vec<String> = done.iter().map(i64::to_string).collect();
-    println!(
+    outln!(
         "removed {} run(s); `hmsa-lab restore {}` brings them back until `hmsa-lab gc` purges them",
         done.len(),
         ids.join(" ")
-    );
+    )?;
     Ok(())
 }
 
@@ -90,7 +91,7 @@ pub fn restore(a: RestoreArgs) -> Result<()> {
         .filter(|i| !done.contains(i))
         .map(i64::to_string)
         .collect();
-    println!("restored {} run(s)", done.len());
+    outln!("restored {} run(s)", done.len())?;
     if !missed.is_empty() {
         bail!(
             "not restored: {} (not removed, or purged by gc)",
@@ -105,33 +106,37 @@ pub fn gc(a: GcArgs) -> Result<()> {
     let store = Store::open_existing(&db.url(None)?)?;
     let plan = hmsa_lab::gc::plan(&store)?;
     for r in &plan.purge {
-        println!(
+        outln!(
             "purge run {} ({} {} seed {}, {}) and its rows",
-            r.id, r.suite, r.variant, r.seed, r.status
-        );
+            r.id,
+            r.suite,
+            r.variant,
+            r.seed,
+            r.status
+        )?;
     }
     for d in &plan.folders {
-        println!("delete folder {}", d.display());
+        outln!("delete folder {}", d.display())?;
     }
     if !plan.foreign.is_empty() {
-        println!(
+        outln!(
             "left alone: {} folder(s) another database owns",
             plan.foreign.len()
-        );
+        )?;
     }
     if !plan.unowned.is_empty() {
-        println!(
+        outln!(
             "left alone: {} folder(s) without {} (made before owners were recorded, or not by hmsa-lab)",
             plan.unowned.len(),
             hmsa_lab::gc::OWNER_FILE
-        );
+        )?;
     }
     if plan.is_empty() {
-        println!("nothing to remove");
+        outln!("nothing to remove")?;
         return Ok(());
     }
     if dry_run {
-        println!("(dry run: nothing changed)");
+        outln!("(dry run: nothing changed)")?;
         return Ok(());
     }
     confirm(
@@ -143,9 +148,10 @@ pub fn gc(a: GcArgs) -> Result<()> {
         ),
     )?;
     let done = hmsa_lab::gc::apply(&store, &plan)?;
-    println!(
+    outln!(
         "purged {} run(s) and deleted {} folder(s)",
-        done.runs, done.folders
-    );
+        done.runs,
+        done.folders
+    )?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! folder of predictions) and `autolabel`.
 
 use crate::cli::{AutolabelArgs, EvalArgs, InferArgs, ModelArgs, TextOrJson};
+use crate::output::{out, outln};
 use crate::process::device;
 use anyhow::{Context, Result};
 use hmsa_lab::data::{Dataset, Labels};
@@ -24,7 +25,7 @@ pub fn infer(a: InferArgs) -> Result<()> {
         inputs.extend(read_inputs(p, &dev)?);
     }
     for p in infer_all(&net, &inputs, &opts)? {
-        println!("{}", p.display());
+        outln!("{}", p.display())?;
     }
     Ok(())
 }
@@ -36,21 +37,21 @@ pub fn model(a: ModelArgs) -> Result<()> {
     for (name, shape) in &listing {
         let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
         if dims.is_empty() {
-            println!("{name}");
+            outln!("{name}")?;
         } else {
-            println!("{name} {}", dims.join(","));
+            outln!("{name} {}", dims.join(","))?;
         }
     }
     let params = checkpoint::parameter_count(&listing);
     let f = flops::count(&cfg, h, w)?;
-    println!("parameters: {params}");
-    println!(
+    outln!("parameters: {params}")?;
+    outln!(
         "GFLOPs at {h}x{w}: {:.1} per forward at 1.0x; {:.1} for {} fusion on {}",
         f.single as f64 / 1e9,
         f.fused as f64 / 1e9,
         cfg.fusion,
         cfg.scales
-    );
+    )?;
     Ok(())
 }
 
@@ -68,7 +69,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                 .map(|(n, v)| (n.to_string(), v.map_or(serde_json::Value::Null, |v| v.into())))
                 .collect();
             let out = serde_json::json!({"miou": m.miou, "images": n, "pixel_acc": m.pixel_acc, "iou": per});
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            outln!("{}", serde_json::to_string_pretty(&out)?)?;
         }
         TextOrJson::Table => {
             let mut t = comfy_table::Table::new();
@@ -79,10 +80,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                     v.map_or("-".into(), |v| format!("{:.4}", v)),
                 ]);
             }
-            println!(
+            outln!(
                 "{t}\nmIoU {:.4} over {n} images (pixel accuracy {:.4})",
-                m.miou, m.pixel_acc
-            );
+                m.miou,
+                m.pixel_acc
+            )?;
         }
     }
     Ok(())
@@ -107,12 +109,12 @@ pub fn autolabel(a: AutolabelArgs) -> Result<()> {
         &dev,
     )?;
     let total = (s.kept.iter().sum::<u64>() + s.dropped).max(1) as f64;
-    println!("{} images labelled into {}", s.images, a.out.display());
+    outln!("{} images labelled into {}", s.images, a.out.display())?;
     if truth.is_some() {
-        println!(
+        outln!(
             "  (scored against gtFine/{}: precision of the kept labels, share of the truth kept right)",
             a.split
-        );
+        )?;
     }
     let pct = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.1}%", 100.0 * v));
     for ((c, k), (precision, right)) in hmsa_lab::data::cityscapes::CLASSES
@@ -121,32 +123,33 @@ pub fn autolabel(a: AutolabelArgs) -> Result<()> {
         .zip(s.quality())
     {
         if *k > 0 || right.is_some() {
-            print!("  {:<14} {:>6.2}% of pixels", c.name, 100.0 * *k as f64 / total);
+            out!("  {:<14} {:>6.2}% of pixels", c.name, 100.0 * *k as f64 / total)?;
             if truth.is_some() {
-                print!(", precision {}, truth kept right {}", pct(precision), pct(right));
+                out!(", precision {}, truth kept right {}", pct(precision), pct(right))?;
             }
-            println!();
+            outln!()?;
         }
     }
-    println!(
+    outln!(
         "  {:<14} {:>6.2}% of pixels (below {})",
         "ignored",
         100.0 * s.dropped as f64 / total,
         a.threshold
-    );
+    )?;
     Ok(())
 }
 
+/// `HxW`, each side 1 to 65536 pixels.
 pub fn parse_size(s: &str) -> Result<(usize, usize)> {
     let (h, w) = s
         .split_once('x')
         .with_context(|| format!("--size `{s}`: expected HxW, e.g. 1024x2048"))?;
-    Ok((
-        h.trim()
+    let side = |v: &str, what: &str| -> Result<usize> {
+        v.trim()
             .parse()
-            .with_context(|| format!("--size `{s}`: bad height"))?,
-        w.trim()
-            .parse()
-            .with_context(|| format!("--size `{s}`: bad width"))?,
-    ))
+            .ok()
+            .filter(|n| (1..=65_536).contains(n))
+            .with_context(|| format!("--size `{s}`: the {what} must be 1 to 65536 pixels"))
+    };
+    Ok((side(h, "height")?, side(w, "width")?))
 }

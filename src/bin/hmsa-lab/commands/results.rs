@@ -6,6 +6,7 @@ use crate::cli::{
     CompareArgs, ImportRunxArgs, MlflowArgs, QueryArgs, ReportArgs, RunsArgs, ShowArgs, StatusArg, TextOrJson,
 };
 use crate::output::{cell, Listing};
+use crate::output::{out, outln};
 use crate::process::resolve_run;
 use anyhow::{bail, Context, Result};
 use hmsa_lab::config::suite::Suite;
@@ -120,34 +121,39 @@ pub fn show(a: ShowArgs) -> Result<()> {
             "loss": {"first": loss.first().map(|x| serde_json::json!({"step": x.0, "value": x.1})),
                      "last": loss.last().map(|x| serde_json::json!({"step": x.0, "value": x.1}))},
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "run {} — suite {}, variant {}, seed {}",
-        r.id, r.suite, r.variant, r.seed
-    );
-    println!(
+        r.id,
+        r.suite,
+        r.variant,
+        r.seed
+    )?;
+    outln!(
         "status {} at step {}; config hash {}",
-        r.status, r.step, r.config_hash
-    );
-    println!(
+        r.status,
+        r.step,
+        r.config_hash
+    )?;
+    outln!(
         "git {} {}; host {}; {}",
         r.git_commit.as_deref().unwrap_or("?"),
         if r.git_dirty == Some(true) { "(dirty)" } else { "" },
         r.host.as_deref().unwrap_or("?"),
         r.versions.as_deref().unwrap_or("")
-    );
-    println!("folder {}", r.run_dir.display());
+    )?;
+    outln!("folder {}", r.run_dir.display())?;
     if let Some(t) = r.removed_ms {
-        println!(
+        outln!(
             "removed {:.0} s ago: `hmsa-lab restore {}` brings it back until `hmsa-lab gc` purges it",
             (hmsa_lab::store::now_ms() - t) as f64 / 1000.0,
             r.id
-        );
+        )?;
     }
     if let Some(e) = &r.error {
-        println!("error: {e}");
+        outln!("error: {e}")?;
     }
     let mut rows = vec![];
     for e in store.evaluations(run)? {
@@ -175,21 +181,21 @@ pub fn show(a: ShowArgs) -> Result<()> {
         "mean attention",
     ]
     .map(String::from);
-    println!("{}", report::terminal_table(&head, &rows));
+    outln!("{}", report::terminal_table(&head, &rows))?;
     for a in store.artifacts(run)? {
-        println!(
+        outln!(
             "artifact {}: {} ({})",
             a.kind,
             a.path,
             &a.digest[..a.digest.len().min(12)]
-        );
+        )?;
     }
     let loss = store.metric(run, "loss")?;
     if let (Some(f), Some(l)) = (loss.first(), loss.last()) {
-        println!("loss {:.4} at step {} -> {:.4} at step {}", f.1, f.0, l.1, l.0);
+        outln!("loss {:.4} at step {} -> {:.4} at step {}", f.1, f.0, l.1, l.0)?;
     }
     for (k, v) in store.params(run)? {
-        println!("  {k} = {v}");
+        outln!("  {k} = {v}")?;
     }
     Ok(())
 }
@@ -203,7 +209,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     let c = report::compare::compare(&store, &runs)?;
     if format == TextOrJson::Json {
-        println!("{}", serde_json::to_string_pretty(&c)?);
+        outln!("{}", serde_json::to_string_pretty(&c)?)?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = c
@@ -217,7 +223,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         .collect();
     let mut head = vec!["param".to_string()];
     head.extend(runs.iter().map(|r| format!("run {r}")));
-    println!("{}", report::terminal_table(&head, &rows));
+    outln!("{}", report::terminal_table(&head, &rows))?;
     let mut erows = vec![];
     for e in &c.evaluations {
         let mut row = vec![format!("{} {} flip={}", e.fusion, e.scales, e.flip)];
@@ -236,7 +242,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     }
     let mut head = vec!["evaluation".to_string(), format!("run {} mIoU %", runs[0])];
     head.extend(runs[1..].iter().map(|r| format!("run {r} (Δ)")));
-    println!("{}", report::terminal_table(&head, &erows));
+    outln!("{}", report::terminal_table(&head, &erows))?;
     Ok(())
 }
 
@@ -272,15 +278,15 @@ pub fn report(a: ReportArgs) -> Result<()> {
     let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&suite));
     let rep = report::Report::build(&store, &suite)?;
     let files = report::write_report(&rep, &store, &out)?;
-    print!("{}", rep.terminal());
+    out!("{}", rep.terminal())?;
     if let Some(readme) = readme {
         let base = readme.parent().unwrap_or(std::path::Path::new(""));
         let fig = out.join("figures/miou.png");
         let rel = fig.strip_prefix(base).unwrap_or(&fig).display().to_string();
         report::update_readme(&readme, &report::readme_section(&rep, &rel))?;
-        println!("updated {}", readme.display());
+        outln!("updated {}", readme.display())?;
     }
-    println!("wrote {} files into {}", files.len(), out.display());
+    outln!("wrote {} files into {}", files.len(), out.display())?;
     Ok(())
 }
 
@@ -293,10 +299,14 @@ pub fn export_mlflow(a: MlflowArgs) -> Result<()> {
     } = a;
     let store = Store::open_read_only(&db.url(suite.as_deref())?)?;
     let e = hmsa_lab::mlflow::export(&store, &tracking_uri, suite.as_deref(), experiment.as_deref())?;
-    println!(
+    outln!(
         "{tracking_uri}: {} run(s) created, {} updated; {} metric value(s), {} param(s), {} artifact(s) sent",
-        e.created, e.updated, e.metrics, e.params, e.artifacts
-    );
+        e.created,
+        e.updated,
+        e.metrics,
+        e.params,
+        e.artifacts
+    )?;
     Ok(())
 }
 
@@ -311,9 +321,9 @@ pub fn import_runx(a: ImportRunxArgs) -> Result<()> {
             std::fs::write(&p, &text).with_context(|| format!("writing {}", p.display()))?;
             // what was written must load as a suite
             Suite::load(&p, &[]).with_context(|| format!("{} (as written)", p.display()))?;
-            println!("wrote {}", p.display());
+            outln!("wrote {}", p.display())?;
         }
-        None => print!("{text}"),
+        None => out!("{text}")?,
     }
     Ok(())
 }
