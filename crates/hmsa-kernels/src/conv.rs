@@ -957,20 +957,7 @@ fn weight_grad_direct<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
             for p0 in (0..l).step_by(chunk) {
                 let lt = chunk.min(l - p0);
                 let buf = scratch.get(lt * (kk + g.cout));
-                let (gyt, xt) = buf.split_at_mut(lt * g.cout);
-                transpose(&gyb[p0..], g.cout, lt, l, gyt);
-                transpose(&xb[p0..], kk, lt, l, xt);
-                gemm(
-                    gw,
-                    kk,
-                    g.cout,
-                    kk,
-                    lt,
-                    mat(gyt, 1, g.cout),
-                    mat(xt, kk, 1),
-                    !first,
-                    par,
-                );
+                weight_grad_tile(g, gw, (&gyb[p0..], l), (&xb[p0..], l), lt, buf, !first, par);
                 first = false;
             }
             return;
@@ -979,21 +966,9 @@ fn weight_grad_direct<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
             let lt = rows.len() * g.wo;
             let buf = scratch.get(lt * (2 * kk + g.cout));
             let (col, rest) = buf.split_at_mut(kk * lt);
-            let (colt, gyt) = rest.split_at_mut(kk * lt);
             im2col(g, xb, rows.clone(), col);
-            transpose(col, kk, lt, lt, colt);
-            transpose(&gyb[rows.start * g.wo..], g.cout, lt, l, gyt);
-            gemm(
-                gw,
-                kk,
-                g.cout,
-                kk,
-                lt,
-                mat(gyt, 1, g.cout),
-                mat(colt, kk, 1),
-                !first,
-                par,
-            );
+            let gyt = (&gyb[rows.start * g.wo..], l);
+            weight_grad_tile(g, gw, gyt, (col, lt), lt, rest, !first, par);
             first = false;
         }
     };
@@ -1029,6 +1004,38 @@ fn weight_grad_direct<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
         }
     }
     gw
+}
+
+/// `gw (Cout × K) [+]= gY·colᵀ` over one tile of `lt` pixels, from `gy`
+/// (Cout rows) and `col` (K rows), each given with its row stride; both
+/// are transposed into `buf` (at least `lt·(K + Cout)` elements) first, so
+/// that the gemm packs rows (see [`weight_grad_direct`]).
+#[allow(clippy::too_many_arguments)]
+fn weight_grad_tile<T: WithDType>(
+    g: &Geom,
+    gw: &mut [T],
+    (gy, gy_rs): (&[T], usize),
+    (col, col_rs): (&[T], usize),
+    lt: usize,
+    buf: &mut [T],
+    accumulate: bool,
+    par: bool,
+) {
+    let kk = gw.len() / g.cout;
+    let (colt, gyt) = buf.split_at_mut(kk * lt);
+    transpose(col, kk, lt, col_rs, colt);
+    transpose(gy, g.cout, lt, gy_rs, gyt);
+    gemm(
+        gw,
+        kk,
+        g.cout,
+        kk,
+        lt,
+        mat(gyt, 1, g.cout),
+        mat(colt, kk, 1),
+        accumulate,
+        par,
+    );
 }
 
 /// `dst[j·rows + i] = src[i·rs + j]` for `i < rows`, `j < cols`: the
