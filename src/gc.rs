@@ -8,7 +8,11 @@
 //! other databases, folders without an owner file (made before owners were
 //! recorded, or not by hmsa-lab) and folders of live runs are never
 //! touched. Paths are compared after canonicalisation, so `./runs`,
-//! `runs` and an absolute path are the same folder.
+//! `runs` and an absolute path are the same folder. Symbolic links are
+//! never followed: a link in a runs folder is left alone (its target may be
+//! anywhere), and only a real folder directly inside the runs folder is
+//! ever deleted (`rm -r` semantics: the folder's own links are removed,
+//! not their targets).
 
 use crate::store::{RunFilter, RunRow, Store};
 use crate::{Error, Result};
@@ -76,6 +80,8 @@ pub struct Plan {
     pub foreign: Vec<PathBuf>,
     /// Folders left alone: no owner file.
     pub unowned: Vec<PathBuf>,
+    /// Symbolic links left alone (never followed).
+    pub links: Vec<PathBuf>,
 }
 
 impl Plan {
@@ -119,10 +125,14 @@ pub fn plan(store: &Store) -> Result<Plan> {
     for parent in suite_folders(&runs) {
         let entries = std::fs::read_dir(&parent).map_err(|e| Error::io("listing", &parent, e))?;
         for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                plan.links.push(entry.path());
+                continue;
+            }
             let Ok(dir) = std::fs::canonicalize(entry.path()) else {
                 continue;
             };
-            if !dir.is_dir() || live_dirs.contains(&dir) {
+            if !is_real_folder_in(&dir, &parent) || live_dirs.contains(&dir) {
                 continue;
             }
             match read_owner(&dir) {
@@ -134,6 +144,12 @@ pub fn plan(store: &Store) -> Result<Plan> {
         }
     }
     Ok(plan)
+}
+
+/// Whether `dir` (canonical) is a folder itself, not a link, directly
+/// inside `parent` (canonical).
+fn is_real_folder_in(dir: &Path, parent: &Path) -> bool {
+    dir.parent() == Some(parent) && std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir())
 }
 
 /// What `gc` did.
@@ -160,7 +176,11 @@ pub fn apply(store: &Store, plan: &Plan) -> Result<Done> {
     let mut folders = 0;
     for dir in &plan.folders {
         let owner = read_owner(dir);
-        let keep = live_dirs.contains(dir) || owner.as_ref().is_none_or(|o| held.contains(&o.run));
+        // checked again: a folder (or a folder above it) swapped for a link
+        // since the plan no longer canonicalises to itself, and stays
+        let inside = std::fs::canonicalize(dir).is_ok_and(|c| &c == dir)
+            && dir.parent().is_some_and(|p| is_real_folder_in(dir, p));
+        let keep = !inside || live_dirs.contains(dir) || owner.as_ref().is_none_or(|o| held.contains(&o.run));
         if keep {
             continue;
         }

@@ -161,6 +161,19 @@ fn gc_removes_only_what_its_database_proves_unreferenced() {
     std::fs::create_dir_all(p.join("runs/alpha/by-hand")).unwrap();
     std::fs::write(p.join("runs/alpha/by-hand/notes.txt"), "mine").unwrap();
 
+    // A link in the runs folder to a copy of a run folder elsewhere (its
+    // owner file names this database and run 2, which is removed below):
+    // never followed, its target survives gc.
+    let dir2 = one_value(&p.join("alpha.db"), "SELECT run_dir FROM runs WHERE id = 2");
+    std::fs::create_dir_all(p.join("elsewhere/victim")).unwrap();
+    std::fs::copy(
+        p.join(&dir2).join("owner.json"),
+        p.join("elsewhere/victim/owner.json"),
+    )
+    .unwrap();
+    std::fs::write(p.join("elsewhere/victim/precious.txt"), "keep").unwrap();
+    std::os::unix::fs::symlink(p.join("elsewhere/victim"), p.join("runs/alpha/link")).unwrap();
+
     // rm + gc: a dry run lists, off a terminal gc asks for --yes, then
     // exactly the removed run's folder goes.
     let dir1 = one_value(&p.join("alpha.db"), "SELECT run_dir FROM runs WHERE id = 1");
@@ -187,6 +200,19 @@ fn gc_removes_only_what_its_database_proves_unreferenced() {
     );
     assert!(p.join("runs/alpha/by-hand/notes.txt").exists());
     assert_eq!(one_value(&p.join("alpha.db"), "SELECT COUNT(*) FROM runs"), "1");
+    // run 2 removed too: its real folder goes, the link and its target stay
+    ok(run_in(p, &["rm", "2", "--db", "alpha.db", "--yes"]));
+    let g = ok(run_in(p, &["gc", "--db", "alpha.db", "--yes"]));
+    assert!(g.contains("1 symbolic link(s)"), "{g}");
+    assert!(!p.join(&dir2).exists(), "{g}");
+    assert_eq!(
+        std::fs::read_to_string(p.join("elsewhere/victim/precious.txt")).unwrap(),
+        "keep"
+    );
+    assert!(std::fs::symlink_metadata(p.join("runs/alpha/link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
 
 #[test]

@@ -131,6 +131,12 @@ pub fn gc(a: GcArgs) -> Result<()> {
             hmsa_lab::gc::OWNER_FILE
         )?;
     }
+    if !plan.links.is_empty() {
+        outln!(
+            "left alone: {} symbolic link(s) (never followed)",
+            plan.links.len()
+        )?;
+    }
     if plan.is_empty() {
         outln!("nothing to remove")?;
         return Ok(());
