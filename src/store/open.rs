@@ -197,9 +197,14 @@ async fn open_sqlite(url: &str, mode: Mode) -> Result<AnyPool> {
 async fn any_sqlite(url: &str, read_only: bool, max: u32) -> Result<AnyPool> {
     let any_url = match file_of(url) {
         Some(p) => format!(
-            "sqlite://{}?mode={}",
+            "sqlite://{}?mode={}{}",
             p.display(),
-            if read_only { "ro" } else { "rw" }
+            if read_only { "ro" } else { "rw" },
+            if read_only && immutable(&p) {
+                "&immutable=true"
+            } else {
+                ""
+            }
         ),
         None => "sqlite::memory:".to_string(),
     };
@@ -215,6 +220,18 @@ async fn any_sqlite(url: &str, read_only: bool, max: u32) -> Result<AnyPool> {
         .connect(&any_url)
         .await
         .map_err(|e| Error::Store(format!("{url}: opening: {e}")))
+}
+
+/// Whether a reader may open the SQLite file `db` as immutable: no
+/// write-ahead log beside it, so no writer has it open (a WAL database
+/// keeps its `-wal` while any connection does). Opened so, a reader
+/// creates nothing (a plain read-only open of a WAL database makes the
+/// `-wal` and `-shm` files); with a writer present it reads through the
+/// writer's log, whose files exist.
+pub(super) fn immutable(db: &Path) -> bool {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    !Path::new(&wal).exists()
 }
 
 async fn open_postgres(url: &str, mode: Mode) -> Result<AnyPool> {

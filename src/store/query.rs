@@ -26,6 +26,7 @@ pub(super) async fn sqlite(url: &str, sql: &str, timeout: Duration) -> Result<Ta
     let mut conn = SqliteConnectOptions::new()
         .filename(&path)
         .read_only(true)
+        .immutable(super::open::immutable(&path))
         .connect()
         .await
         .map_err(|e| fail(e.to_string()))?;

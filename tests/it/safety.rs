@@ -401,6 +401,36 @@ fn read_commands_create_nothing_and_foreign_files_stay_as_they_were() {
         .filter(|k| !before.contains_key(*k) && !k.starts_with(p.join("data")))
         .collect();
     assert!(new.is_empty(), "created: {new:?}");
+    // Our own WAL database, its writer gone (`run` checkpointed and left no
+    // log): the read commands create nothing beside it, no -wal, no -shm.
+    ok(run_in(p, &["run", s.to_str().unwrap()]));
+    let wal = p.join("m.db-wal");
+    if wal.exists() {
+        // (an empty log: everything is in m.db, so closing is safe)
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        std::fs::remove_file(wal).unwrap();
+    }
+    let _ = std::fs::remove_file(p.join("m.db-shm"));
+    let names = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let listed = names();
+    for c in [
+        vec!["runs"],
+        vec!["show", "1"],
+        vec!["compare", "1", "1"],
+        vec!["query", "SELECT COUNT(*) FROM runs"],
+    ] {
+        let mut a = c.clone();
+        a.extend(["--db", "m.db"]);
+        ok(run_in(p, &a));
+        assert_eq!(names(), listed, "{c:?} created files beside the database");
+    }
 }
 
 #[test]
