@@ -355,6 +355,31 @@ fn synth_train_infer_and_eval_fit_together() {
     )
     .unwrap();
     run(&["train", "--config", "run.toml", "--out", "run"]);
+    // a suite's run folder (it has an owner file) is refused, untouched
+    std::fs::create_dir(p.join("owned")).unwrap();
+    std::fs::write(
+        p.join("owned/owner.json"),
+        r#"{"store": "some-db", "run": 7, "suite": "s", "variant": "v", "seed": 0}"#,
+    )
+    .unwrap();
+    std::fs::write(p.join("owned/model.safetensors"), "recorded").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_hmsa-lab"))
+        .current_dir(p)
+        .env("HMSA_NO_PROGRESS", "1")
+        .args(["train", "--config", "run.toml", "--out", "owned"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("run 7") && stderr(&o).contains("owner.json"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(p.join("owned/model.safetensors")).unwrap(),
+        "recorded"
+    );
+    assert_eq!(std::fs::read_dir(p.join("owned")).unwrap().count(), 2);
     let ev: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(p.join("run/eval.json")).unwrap()).unwrap();
     let want = ev[0]["metrics"]["miou"].as_f64().unwrap();

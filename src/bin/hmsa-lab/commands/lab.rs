@@ -243,6 +243,19 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let cfg = RunConfig::from_toml_file(&a.config)?;
+    // a suite's run folder belongs to its database: training into it would
+    // resume from its checkpoint and replace its recorded weights
+    if let Some(o) = hmsa_lab::gc::read_owner(&a.out) {
+        bail!(
+            "--out {}: the folder of run {} ({} {} seed {}) of another results database ({}); `train` writes only into folders without one",
+            a.out.display(),
+            o.run,
+            o.suite,
+            o.variant,
+            o.seed,
+            hmsa_lab::gc::OWNER_FILE
+        );
+    }
     let rt = runtime()?;
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(&rt, stop.clone());
