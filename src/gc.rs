@@ -33,6 +33,24 @@ pub struct Owner {
     pub suite: String,
     pub variant: String,
     pub seed: u64,
+    /// Where the database's SQLite file was when it took the folder
+    /// ([`Store::location`]); absent for PostgreSQL and in folders taken
+    /// before it was recorded. A copy of a database file keeps the id but
+    /// not the place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db: Option<String>,
+}
+
+impl Owner {
+    /// Whether the database with `id` at `location` took the folder: the
+    /// same id, and the same place where both have one.
+    pub fn is_of(&self, id: &str, location: Option<&str>) -> bool {
+        self.store == id
+            && match (self.db.as_deref(), location) {
+                (Some(d), Some(l)) => d == l,
+                _ => true,
+            }
+    }
 }
 
 /// The owner recorded in `dir`, if it has a readable owner file.
@@ -46,7 +64,7 @@ pub fn read_owner(dir: &Path) -> Option<Owner> {
 /// two runs never share a folder.
 pub fn take_folder(dir: &Path, owner: &Owner) -> Result<()> {
     if let Some(o) = read_owner(dir) {
-        if o.store != owner.store || o.run != owner.run {
+        if !o.is_of(&owner.store, owner.db.as_deref()) || o.run != owner.run {
             return Err(Error::Store(format!(
                 "{} belongs to run {} ({} {} seed {}) of another {}: two runs never share a folder \
                  (the same suite recorded in a second database? give one of them another `runs_dir`)",
@@ -55,10 +73,15 @@ pub fn take_folder(dir: &Path, owner: &Owner) -> Result<()> {
                 o.suite,
                 o.variant,
                 o.seed,
-                if o.store == owner.store {
-                    "run of this database"
+                if o.store != owner.store {
+                    "database".to_string()
+                } else if o.run != owner.run {
+                    "run of this database".to_string()
                 } else {
-                    "database"
+                    format!(
+                        "copy of this database (recorded at {})",
+                        o.db.as_deref().unwrap_or("?")
+                    )
                 }
             )));
         }
@@ -76,7 +99,8 @@ pub struct Plan {
     pub purge: Vec<RunRow>,
     /// Folders this database owns for runs it no longer holds.
     pub folders: Vec<PathBuf>,
-    /// Folders left alone: another database owns them.
+    /// Folders left alone: another database owns them, or this
+    /// database's file at another place (a copy, or the original moved).
     pub foreign: Vec<PathBuf>,
     /// Folders left alone: no owner file.
     pub unowned: Vec<PathBuf>,
@@ -113,6 +137,7 @@ fn live(runs: &[RunRow]) -> (HashSet<PathBuf>, HashSet<i64>) {
 /// Works out what `gc` would remove; changes nothing.
 pub fn plan(store: &Store) -> Result<Plan> {
     let id = store.id()?;
+    let location = store.location();
     let runs = store.runs(&RunFilter {
         removed: true,
         ..Default::default()
@@ -137,7 +162,7 @@ pub fn plan(store: &Store) -> Result<Plan> {
             }
             match read_owner(&dir) {
                 None => plan.unowned.push(dir),
-                Some(o) if o.store != id => plan.foreign.push(dir),
+                Some(o) if !o.is_of(&id, location.as_deref()) => plan.foreign.push(dir),
                 Some(o) if live_ids.contains(&o.run) => {}
                 Some(_) => plan.folders.push(dir),
             }
@@ -163,6 +188,7 @@ pub struct Done {
 /// then removes the folders, each checked again against the database (a
 /// run restored meanwhile keeps its folder).
 pub fn apply(store: &Store, plan: &Plan) -> Result<Done> {
+    let (id, location) = (store.id()?, store.location());
     let ids: Vec<i64> = plan.purge.iter().map(|r| r.id).collect();
     let runs = store.purge_removed(&ids)?;
     let now = store.runs(&RunFilter {
@@ -180,7 +206,11 @@ pub fn apply(store: &Store, plan: &Plan) -> Result<Done> {
         // since the plan no longer canonicalises to itself, and stays
         let inside = std::fs::canonicalize(dir).is_ok_and(|c| &c == dir)
             && dir.parent().is_some_and(|p| is_real_folder_in(dir, p));
-        let keep = !inside || live_dirs.contains(dir) || owner.as_ref().is_none_or(|o| held.contains(&o.run));
+        let keep = !inside
+            || live_dirs.contains(dir)
+            || owner
+                .as_ref()
+                .is_none_or(|o| !o.is_of(&id, location.as_deref()) || held.contains(&o.run));
         if keep {
             continue;
         }

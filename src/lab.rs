@@ -473,6 +473,7 @@ impl<'a> Ctx<'a> {
             progress,
             tell,
             store_id: store.id()?,
+            store_location: store.location(),
             started,
         })
     }
@@ -536,6 +537,7 @@ struct Ctx<'a> {
     tell: &'a Tell,
     /// The database's id, written into each run folder's owner file.
     store_id: String,
+    store_location: Option<String>,
     /// When this process started (ms): `--force` retrains only runs that
     /// finished before it.
     started: i64,
@@ -656,6 +658,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
                 suite: h.name.clone(),
                 variant: r.variant.clone(),
                 seed: r.seed,
+                db: ctx.store_location.clone(),
             };
             // The folder must be this run's before anything in it changes.
             crate::gc::take_folder(&run_dir, &owner)?;

@@ -409,6 +409,15 @@ impl Store {
         Error::Store(format!("{}: {op}: {e}", self.url))
     }
 
+    /// Where a SQLite database lives: its file's canonical path. Run
+    /// folders record it beside the id, so that a copy of the file (same
+    /// id, another path) is told apart from the original. `None` for
+    /// PostgreSQL, whose workers may spell one server's URL differently.
+    pub fn location(&self) -> Option<String> {
+        let p = open::file_of(&self.raw_url).filter(|_| self.engine == Engine::Sqlite)?;
+        Some(std::fs::canonicalize(&p).unwrap_or(p).display().to_string())
+    }
+
     /// This database's identity (written once by its first migration);
     /// run folders name it in their owner file.
     pub fn id(&self) -> Result<String> {

@@ -157,6 +157,16 @@ fn gc_removes_only_what_its_database_proves_unreferenced() {
     assert!(g.contains("another database owns"), "{g}");
     assert_eq!(fingerprint(&p.join("runs")), before);
 
+    // A copy of alpha's database file has alpha's id: removing and
+    // collecting a run there leaves the original's folder alone (the owner
+    // files record the original's place).
+    std::fs::copy(p.join("alpha.db"), p.join("copy.db")).unwrap();
+    ok(run_in(p, &["rm", "1", "--db", "copy.db", "--yes"]));
+    let g = ok(run_in(p, &["gc", "--db", "copy.db", "--yes"]));
+    assert!(g.contains("another database owns") && g.contains("a copy"), "{g}");
+    assert_eq!(fingerprint(&p.join("runs")), before);
+    std::fs::remove_file(p.join("copy.db")).unwrap();
+
     // A folder without an owner file is never touched.
     std::fs::create_dir_all(p.join("runs/alpha/by-hand")).unwrap();
     std::fs::write(p.join("runs/alpha/by-hand/notes.txt"), "mine").unwrap();

@@ -120,7 +120,7 @@ pub fn gc(a: GcArgs) -> Result<()> {
     }
     if !plan.foreign.is_empty() {
         outln!(
-            "left alone: {} folder(s) another database owns",
+            "left alone: {} folder(s) another database owns (or this database's file at another place: a copy, or moved)",
             plan.foreign.len()
         )?;
     }
