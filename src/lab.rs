@@ -69,16 +69,32 @@ impl Outcome {
     }
 }
 
-/// Is the process that wrote `holder` (`host:pid:start_ms`) known to be
-/// gone? Only a holder on this host can be checked; elsewhere the
-/// heartbeat decides.
-pub fn holder_is_gone(holder: &str, host: &str) -> bool {
+/// Where this process can prove another is gone: the host name, this
+/// boot of the machine (`/proc/sys/kernel/random/boot_id`) and the PID
+/// namespace (`/proc/self/ns/pid`), as `host/boot/pidns`. Two machines that
+/// share a host name, or two containers on one machine with their own PID
+/// namespaces, differ in it; a PID is only meaningful within it.
+pub fn here(host: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let pidns = std::fs::metadata("/proc/self/ns/pid").map_or_else(|_| "?".into(), |m| m.ino().to_string());
+    format!("{host}/{boot}/{pidns}")
+}
+
+/// Is the process that wrote `holder` (`here:pid:start_ms`, see [`here`])
+/// known to be gone? Only a holder with this process's `here` can be
+/// checked (its PID means the same process here); any other holder,
+/// including one whose place could not be read (`?`), is left to its
+/// heartbeat.
+pub fn holder_is_gone(holder: &str, here: &str) -> bool {
     let mut parts = holder.rsplitn(3, ':');
     let (_, pid, h) = (parts.next(), parts.next(), parts.next());
     let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) else {
         return false;
     };
-    if h != Some(host) || pid <= 0 || pid as u32 == std::process::id() {
+    if h != Some(here) || here.contains('?') || pid <= 0 || pid as u32 == std::process::id() {
         return false;
     }
     // SAFETY: signal 0 only checks that the process exists.
@@ -462,7 +478,7 @@ impl<'a> Ctx<'a> {
         )?;
         let prov = provenance();
         let started = crate::store::now_ms();
-        let who = format!("{}:{}:{}", prov.host, std::process::id(), started);
+        let who = format!("{}:{}:{}", here(&prov.host), std::process::id(), started);
         Ok(Ctx {
             store,
             suite,
@@ -591,7 +607,7 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
     let dead = (row.status == Status::Running)
         .then_some(row.claimed_by.as_deref())
         .flatten()
-        .filter(|holder| holder_is_gone(holder, &prov.host));
+        .filter(|holder| holder_is_gone(holder, &here(&prov.host)));
     let claim = crate::store::Claim {
         who,
         stale_ms: opts.stale_ms,
@@ -823,4 +839,34 @@ fn with_autolabels(
         .map_err(|m| Error::invalid("autolabel.boost_classes", m))?;
     cfg.data.sampler.second_share = spec.share.unwrap_or(0.5);
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dead PID proves its holder gone only where the holder's place
+    /// (host name, boot, PID namespace) is this process's: the same host
+    /// name from another PID namespace (a container) or another boot
+    /// (another machine) is left to the heartbeat, and so are a holder
+    /// written before places were recorded, an unreadable place, this
+    /// process and a live one.
+    #[test]
+    fn a_holder_is_gone_only_where_its_pid_means_the_same_process() {
+        let me = here("box");
+        // above Linux's largest pid_max (2^22): no such process anywhere
+        let dead = (1 << 22) + 1;
+        assert!(holder_is_gone(&format!("{me}:{dead}:1"), &me), "{me}");
+        let (host_boot, _) = me.rsplit_once('/').unwrap();
+        assert!(!holder_is_gone(&format!("{host_boot}/1:{dead}:1"), &me));
+        let pidns = me.rsplit('/').next().unwrap();
+        assert!(!holder_is_gone(
+            &format!("box/another-boot/{pidns}:{dead}:1"),
+            &me
+        ));
+        assert!(!holder_is_gone(&format!("box:{dead}:1"), &me));
+        assert!(!holder_is_gone(&format!("{me}:{}:1", std::process::id()), &me));
+        assert!(!holder_is_gone(&format!("{me}:1:1"), &me));
+        assert!(!holder_is_gone(&format!("box/?/?:{dead}:1"), "box/?/?"));
+    }
 }
