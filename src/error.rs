@@ -29,6 +29,14 @@ pub enum Error {
     #[error("invalid `{field}`: {msg}")]
     Invalid { field: String, msg: String },
 
+    /// A run this process was training was taken over by another (its
+    /// heartbeat had gone stale, e.g. while the process was stopped); this
+    /// process stopped before writing anything more.
+    #[error(
+        "run {run}: another process holds it now (this one's heartbeat went stale); stopped without writing"
+    )]
+    LostClaim { run: i64 },
+
     #[error("checkpoint {path} does not fit the model:\n{report}")]
     CheckpointMismatch { path: PathBuf, report: String },
 

@@ -180,6 +180,18 @@ impl LabObserver<'_> {
     }
 }
 
+impl LabObserver<'_> {
+    /// A heartbeat that fails with [`Error::LostClaim`] when the run is no
+    /// longer this process's.
+    fn still_held(&self, step: Option<i64>) -> Result<()> {
+        if self.store.heartbeat(self.id, self.who, step)? {
+            Ok(())
+        } else {
+            Err(Error::LostClaim { run: self.id })
+        }
+    }
+}
+
 impl Observer for LabObserver<'_> {
     fn on_start(&mut self, start: usize, total: usize) {
         self.progress.on_start(start, total);
@@ -202,7 +214,9 @@ impl Observer for LabObserver<'_> {
                 ("step_secs", s, m.secs),
             ],
         )?;
-        self.store.heartbeat(self.id, self.who, Some(s))
+        // the claim is checked every step: a process that lost it (frozen
+        // past --stale-after, then resumed) stops before its next write
+        self.still_held(Some(s))
     }
 
     fn should_stop(&self) -> bool {
@@ -525,6 +539,11 @@ impl<'a> Ctx<'a> {
             });
         Ok(match result {
             Ok(o) => o,
+            // its new holder carries on; nothing of this process's is recorded
+            Err(Error::LostClaim { run }) => {
+                tracing::warn!(variant = %r.variant, seed = r.seed, run, "lost the run to another process");
+                Outcome::Busy
+            }
             Err(e) => {
                 if let Some(row) = self.store.find_run(&h.name, &r.variant, &r.hash, r.seed)? {
                     self.store
@@ -707,6 +726,10 @@ fn run_one(ctx: &Ctx, r: &PlannedRun) -> Result<Outcome> {
             path: p.display().to_string(),
             digest: digest(p),
         };
+        // still this process's run? (the last write into its folder follows)
+        if !store.heartbeat(row.id, who, None)? {
+            return Err(Error::LostClaim { run: row.id });
+        }
         let mut arts = vec![artifact(ArtifactKind::Weights, &weights)];
         // the attention maps the report draws
         for e in &evals {
@@ -868,5 +891,50 @@ mod tests {
         assert!(!holder_is_gone(&format!("{me}:{}:1", std::process::id()), &me));
         assert!(!holder_is_gone(&format!("{me}:1:1"), &me));
         assert!(!holder_is_gone(&format!("box/?/?:{dead}:1"), "box/?/?"));
+    }
+
+    /// A training process whose run was taken over (its heartbeat went
+    /// stale while it was stopped) learns it at its next step and stops
+    /// with `LostClaim`, which the lab reports as held elsewhere, not as a
+    /// failure; the holder itself carries on.
+    #[test]
+    fn a_holder_that_lost_its_run_stops_at_the_next_step() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(&d.path().join("l.db").display().to_string()).unwrap();
+        store.upsert_suite("t", "", "t.toml", "v").unwrap();
+        let row = store.ensure_run("t", "v", "{}", "h", 0, "runs/t/v").unwrap();
+        let claim = |who: &str, stale_ms: i64| {
+            let c = crate::store::Claim {
+                who,
+                stale_ms,
+                dead_holder: None,
+                refinish_before_ms: None,
+            };
+            store.claim(row.id, &c, &Provenance::default()).unwrap()
+        };
+        assert!(claim("first", 60_000));
+        let stop = AtomicBool::new(false);
+        let observer = |who: &'static str| LabObserver {
+            store: &store,
+            id: row.id,
+            who,
+            stop: &stop,
+            progress: Box::new(crate::train::Quiet),
+        };
+        let m = StepMetrics {
+            step: 1,
+            total: 2,
+            loss: 1.0,
+            main: 1.0,
+            aux: 1.0,
+            lr: 0.1,
+            secs: 0.1,
+        };
+        assert!(observer("first").on_step(&m).is_ok());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(claim("second", 0));
+        let e = observer("first").on_step(&m).unwrap_err();
+        assert!(matches!(e, Error::LostClaim { run } if run == row.id), "{e}");
+        assert!(observer("second").on_step(&m).is_ok());
     }
 }

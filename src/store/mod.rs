@@ -543,8 +543,10 @@ impl Store {
         })
     }
 
-    /// Refreshes the heartbeat (and step) of a run this process holds.
-    pub fn heartbeat(&self, id: i64, who: &str, step: Option<i64>) -> Result<()> {
+    /// Refreshes the heartbeat (and step) of a run this process holds;
+    /// `false` when it no longer holds it (another process took it over, or
+    /// it was ended): the holder must then stop before writing anything.
+    pub fn heartbeat(&self, id: i64, who: &str, step: Option<i64>) -> Result<bool> {
         self.block(async {
             sqlx::query(
                 "UPDATE runs SET heartbeat_ms = $1, step = COALESCE($2, step) WHERE id = $3 AND claimed_by = $4 AND status = 'RUNNING'",
@@ -555,8 +557,8 @@ impl Store {
             .bind(who)
             .execute(&self.pool)
             .await
-            .map_err(|e| self.fail("writing a heartbeat", e))?;
-            Ok(())
+            .map_err(|e| self.fail("writing a heartbeat", e))
+            .map(|r| r.rows_affected() == 1)
         })
     }
 

@@ -66,6 +66,9 @@ fn store_semantics_hold_on_both_engines() {
         );
         std::thread::sleep(Duration::from_millis(5));
         assert!(claim("c", 0, None), "{url}: a stale heartbeat is taken over");
+        // the old holder learns it at its next heartbeat, the new one holds
+        assert!(!s.heartbeat(row.id, "b", Some(2)).unwrap(), "{url}");
+        assert!(s.heartbeat(row.id, "c", Some(2)).unwrap(), "{url}");
         // the old holder can no longer finish it
         assert!(s.finish_run(row.id, "b", 3, &[], &[]).is_err(), "{url}");
         s.log_metrics(row.id, &[("loss", 1, 2.0), ("loss", 2, f64::NAN)])
