@@ -370,7 +370,27 @@ pub fn run_suite(
         });
         out.push((r.variant.clone(), r.seed, outcome));
     }
+    // A run another process held (or whose teacher it was training) when
+    // this one passed it may have finished since: the summary says what
+    // the database says now, not what it said then.
+    for (r, o) in suite.runs.iter().zip(out.iter_mut()) {
+        if matches!(o.2, Outcome::Busy | Outcome::Blocked(_)) && done_now(store, suite, r)? {
+            o.2 = Outcome::Done;
+        }
+    }
     Ok(out)
+}
+
+/// Whether `r` is FINISHED with every evaluation it asks for recorded.
+fn done_now(store: &Store, suite: &Suite, r: &PlannedRun) -> Result<bool> {
+    Ok(
+        match store.find_run(&suite.header.name, &r.variant, &r.hash, r.seed)? {
+            Some(row) if row.status == Status::Finished => {
+                lacking(store, row.id, &r.config.eval.sets)?.is_empty()
+            }
+            _ => false,
+        },
+    )
 }
 
 /// A worker (`hmsa-lab worker`, and each task of a Slurm array): claims

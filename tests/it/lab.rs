@@ -781,6 +781,16 @@ fn two_processes_never_run_the_same_run_twice() {
     };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    // The one that finishes last sees every run done, those the other
+    // finished included (no stale "held by another process"): status 0.
+    let codes = [a.status.code(), b.status.code()];
+    assert!(codes.iter().all(|c| matches!(c, Some(0) | Some(3))), "{codes:?}");
+    assert!(
+        codes.contains(&Some(0)),
+        "{codes:?}\na: {}\nb: {}",
+        String::from_utf8_lossy(&a.stdout),
+        String::from_utf8_lossy(&b.stdout)
+    );
     for o in [&a, &b] {
         assert!(
             !String::from_utf8_lossy(&o.stderr).contains("Failed"),
