@@ -43,22 +43,26 @@ pub fn normalize(img: &::image::RgbImage, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (1, 3, h, w), device)?)
 }
 
+/// Saves an image whole (`crate::atomic`: a temporary name, then a
+/// rename), its format from `path`'s extension.
+fn save_whole(path: &Path, save: impl FnOnce(&Path) -> ::image::ImageResult<()>) -> Result<()> {
+    crate::atomic::write_with(path, |tmp| save(tmp).map_err(|e| image_err(path, e)))
+}
+
 /// Writes an (H, W) train-id map as an official labelIds PNG (8-bit grey).
 pub fn write_label_ids(path: &Path, classes: &[u8], h: usize, w: usize) -> Result<()> {
     let ids: Vec<u8> = classes.iter().map(|&t| train_to_label(t)).collect();
-    ::image::GrayImage::from_raw(w as u32, h as u32, ids)
-        .ok_or_else(|| image_err(path, "label buffer does not match its size"))?
-        .save(path)
-        .map_err(|e| image_err(path, e))
+    let img = ::image::GrayImage::from_raw(w as u32, h as u32, ids)
+        .ok_or_else(|| image_err(path, "label buffer does not match its size"))?;
+    save_whole(path, |p| img.save(p))
 }
 
 /// Writes an (H, W) train-id map with the Cityscapes colours.
 pub fn write_color(path: &Path, classes: &[u8], h: usize, w: usize) -> Result<()> {
     let rgb: Vec<u8> = classes.iter().flat_map(|&t| train_color(t)).collect();
-    ::image::RgbImage::from_raw(w as u32, h as u32, rgb)
-        .ok_or_else(|| image_err(path, "colour buffer does not match its size"))?
-        .save(path)
-        .map_err(|e| image_err(path, e))
+    let img = ::image::RgbImage::from_raw(w as u32, h as u32, rgb)
+        .ok_or_else(|| image_err(path, "colour buffer does not match its size"))?;
+    save_whole(path, |p| img.save(p))
 }
 
 /// Writes an (H, W) map of values in [0, 1] as grey (1 -> white).
@@ -67,10 +71,9 @@ pub fn write_unit_map(path: &Path, values: &[f32], h: usize, w: usize) -> Result
         .iter()
         .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
         .collect();
-    ::image::GrayImage::from_raw(w as u32, h as u32, g)
-        .ok_or_else(|| image_err(path, "map buffer does not match its size"))?
-        .save(path)
-        .map_err(|e| image_err(path, e))
+    let img = ::image::GrayImage::from_raw(w as u32, h as u32, g)
+        .ok_or_else(|| image_err(path, "map buffer does not match its size"))?;
+    save_whole(path, |p| img.save(p))
 }
 
 #[cfg(test)]

@@ -147,8 +147,10 @@ pub fn write_attention(dir: &Path, r: &EvalResult) -> Result<Vec<PathBuf>> {
             );
         }
         let p = folder.join(format!("{i}_{}.safetensors", a.name));
-        candle_core::safetensors::save(&m, &p)
-            .map_err(|e| Error::io("writing", &p, std::io::Error::other(e.to_string())))?;
+        crate::atomic::write_with(&p, |tmp| {
+            candle_core::safetensors::save(&m, tmp)
+                .map_err(|e| Error::io("writing", tmp, std::io::Error::other(e.to_string())))
+        })?;
         files.push(p);
     }
     Ok(files)
